@@ -1,0 +1,465 @@
+//! Table changes with minimal disruption: rebalance to a profile, add or remove a TM, failover tables.
+//!
+//! Every operation is a pure function from a table to a new table plus the
+//! exact list of moved buckets. A rebalance from counts `c` to targets `t`
+//! moves exactly `Σ max(0, c_i − t_i)` buckets — the minimum, since every
+//! TM above its target must lose that many and nothing else needs to move —
+//! and the released and received buckets are spread evenly over the table.
+
+use crate::error::TableError;
+use crate::profile::{largest_remainder, Profile};
+use crate::table::{largest_target, profile_targets, AllocationTable, Buckets, Group, Tm, TmIndex};
+use crate::TABLE_SIZE;
+
+/// One bucket that changed owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    /// Group index.
+    pub group: usize,
+    /// Bucket number.
+    pub bucket: u16,
+    /// Previous owner.
+    pub from: TmIndex,
+    /// New owner.
+    pub to: TmIndex,
+}
+
+/// A new table and the buckets that moved to get there.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// The new table.
+    pub table: AllocationTable,
+    /// Every moved bucket, by group then bucket number.
+    pub moves: Vec<Move>,
+    /// The fewest moves any table with the new counts could need from the old one.
+    pub optimum: usize,
+}
+
+/// A sequence of `Σ count` owners in which each owner's occurrences are
+/// spread evenly: smooth weighted round-robin (as in nginx and pingora).
+/// Each step every owner's credit grows by its count, the owner with the
+/// most credit (ties: earlier in the list) takes the slot and pays the
+/// total. Integer arithmetic only; O(slots × owners), control path only.
+pub(crate) fn interleave(counts: &[(TmIndex, u32)]) -> Vec<TmIndex> {
+    let active: Vec<(TmIndex, i64)> = counts.iter().filter(|&&(_, c)| c > 0).map(|&(tm, c)| (tm, i64::from(c))).collect();
+    let total: i64 = active.iter().map(|&(_, c)| c).sum();
+    let mut credit = vec![0i64; active.len()];
+    let mut out = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, &(_, c)) in active.iter().enumerate() {
+            credit[i] += c;
+            if credit[i] > credit[best] {
+                best = i;
+            }
+        }
+        credit[best] -= total;
+        out.push(active[best].0);
+    }
+    out
+}
+
+/// Moves buckets of `buckets` so that TM `i` owns exactly `targets[i]`,
+/// moving only `Σ max(0, count_i − target_i)` buckets. `targets` has one
+/// entry per TM index and sums to 4096 (checked by the caller).
+fn rebalance_buckets(buckets: &Buckets, targets: &[u32], group: usize) -> (Vec<TmIndex>, Vec<Move>) {
+    let mut owners = buckets.as_slice().to_vec();
+    let mut positions: Vec<Vec<u16>> = vec![Vec::new(); targets.len()];
+    for (b, &o) in owners.iter().enumerate() {
+        positions[usize::from(o)].push(b as u16);
+    }
+    // Release evenly spaced buckets from every TM above its target.
+    let mut freed: Vec<(u16, TmIndex)> = Vec::new();
+    for (tm, pos) in positions.iter().enumerate() {
+        let (c, t) = (pos.len(), targets[tm] as usize);
+        if c > t {
+            let s = c - t;
+            for m in 0..s {
+                freed.push((pos[(2 * m + 1) * c / (2 * s)], tm as TmIndex));
+            }
+        }
+    }
+    freed.sort_unstable();
+    // Hand them out, in bucket order, to the TMs below target, interleaved.
+    let deficits: Vec<(TmIndex, u32)> = positions
+        .iter()
+        .enumerate()
+        .filter(|(tm, pos)| (targets[*tm] as usize) > pos.len())
+        .map(|(tm, pos)| (tm as TmIndex, targets[tm] - pos.len() as u32))
+        .collect();
+    let receivers = interleave(&deficits);
+    let moves = freed
+        .iter()
+        .zip(receivers)
+        .map(|(&(b, from), to)| {
+            owners[usize::from(b)] = to;
+            Move {
+                group,
+                bucket: b,
+                from,
+                to,
+            }
+        })
+        .collect();
+    (owners, moves)
+}
+
+/// `Σ max(0, count_i − target_i)`.
+pub fn minimum_moves(counts: &[u32], targets: &[u32]) -> usize {
+    counts
+        .iter()
+        .zip(targets)
+        .map(|(&c, &t)| c.saturating_sub(t) as usize)
+        .sum()
+}
+
+impl AllocationTable {
+    /// Rebalances group `g` to `profile` with the fewest moves; the new table
+    /// has version + 1 and records `profile` as the group's profile.
+    pub fn rebalance(&self, g: usize, profile: &Profile) -> Result<Change, TableError> {
+        let targets = self.targets(g, profile)?;
+        self.rebalance_to_targets(g, &targets, Some(profile.clone()))
+    }
+
+    /// Rebalances group `g` to explicit per-TM-index `targets` (zero for
+    /// non-members, summing to 4096). Version + 1.
+    pub fn rebalance_to_targets(
+        &self,
+        g: usize,
+        targets: &[u32],
+        profile: Option<Profile>,
+    ) -> Result<Change, TableError> {
+        let tms = self.tms().to_vec();
+        let mut groups = self.groups().to_vec();
+        let moves = apply(&mut groups, &tms, g, targets)?;
+        if let Some(p) = profile {
+            groups[g].profile = p;
+        }
+        let optimum = moves.len();
+        Ok(Change {
+            table: self.rebuilt(self.version() + 1, tms, groups)?,
+            moves,
+            optimum,
+        })
+    }
+
+    /// Adds `tm` (its `group` field names the group) and rebalances that
+    /// group to its profile over the new member set. Version + 1.
+    pub fn add_tm(&self, tm: Tm) -> Result<Change, TableError> {
+        let g = tm.group;
+        let mut tms = self.tms().to_vec();
+        tms.push(tm);
+        if tms.len() > crate::table::MAX_TMS {
+            return Err(TableError::TmCount {
+                found: tms.len(),
+                max: crate::table::MAX_TMS,
+            });
+        }
+        let mut groups = self.groups().to_vec();
+        let group = groups.get(g).ok_or_else(|| TableError::UnknownGroup {
+            tm: tms.last().map(|t| t.name.clone()).unwrap_or_default(),
+            group: format!("#{g}"),
+        })?;
+        let members: Vec<TmIndex> = (0..tms.len()).filter(|&i| tms[i].group == g).map(|i| i as TmIndex).collect();
+        let targets = spread_targets(&profile_targets(&group.profile, &tms, &members, &group.name)?, &members, tms.len());
+        let moves = apply(&mut groups, &tms, g, &targets)?;
+        let optimum = moves.len();
+        Ok(Change {
+            table: self.rebuilt(self.version() + 1, tms, groups)?,
+            moves,
+            optimum,
+        })
+    }
+
+    /// Removes the TM at `index`: its group is rebalanced to its profile over
+    /// the remaining members (only the removed TM's buckets and the buckets
+    /// the profile requires move), then the TM leaves the list and later
+    /// indexes shift down by one. Version + 1.
+    pub fn remove_tm(&self, index: TmIndex) -> Result<Change, TableError> {
+        let tms = self.tms();
+        let gone = tms.get(usize::from(index)).ok_or(TableError::NoSuchTm(usize::from(index)))?;
+        let g = gone.group;
+        let mut groups = self.groups().to_vec();
+        let group = &groups[g];
+        let members: Vec<TmIndex> = self.members(g).into_iter().filter(|&m| m != index).collect();
+        if members.is_empty() {
+            return Err(TableError::NoSurvivors { group: group.name.clone() });
+        }
+        let targets = spread_targets(&profile_targets(&group.profile, tms, &members, &group.name)?, &members, tms.len());
+        let mut moves = apply(&mut groups, tms, g, &targets)?;
+        // Renumber: drop the TM, shift later indexes down.
+        let shift = |i: TmIndex| if i > index { i - 1 } else { i };
+        let mut new_tms = tms.to_vec();
+        new_tms.remove(usize::from(index));
+        for grp in groups.iter_mut() {
+            let owners: Vec<TmIndex> = grp.buckets.as_slice().iter().map(|&o| shift(o)).collect();
+            grp.buckets = Buckets::from_vec(owners, &grp.name)?;
+            grp.equal_ports_tm = shift(grp.equal_ports_tm);
+        }
+        for m in moves.iter_mut() {
+            m.from = shift(m.from);
+            m.to = shift(m.to);
+        }
+        let optimum = moves.len();
+        Ok(Change {
+            table: self.rebuilt(self.version() + 1, new_tms, groups)?,
+            moves,
+            optimum,
+        })
+    }
+
+    /// The failover table for the set `failed` (any order, duplicates
+    /// ignored): in each affected group, the failed TMs' buckets go to the
+    /// survivors in proportion to the survivors' current entry counts (the
+    /// active profile as the table holds it; by capacity weight, then
+    /// uniformly, if all survivors hold none). No other bucket moves. The
+    /// result depends only on (table, set): distributors that detect the same
+    /// failures in a different order compute the same table. The version is
+    /// unchanged: a failover table is identified by (version, failed set).
+    pub fn failover(&self, failed: &[TmIndex]) -> Result<Change, TableError> {
+        let mut set: Vec<TmIndex> = failed.to_vec();
+        set.sort_unstable();
+        set.dedup();
+        for &k in &set {
+            if self.tm(k).is_none() {
+                return Err(TableError::NoSuchTm(usize::from(k)));
+            }
+        }
+        let tms = self.tms().to_vec();
+        let mut groups = self.groups().to_vec();
+        let mut moves = Vec::new();
+        for g in 0..groups.len() {
+            let members = self.members(g);
+            if !members.iter().any(|m| set.binary_search(m).is_ok()) {
+                continue;
+            }
+            let survivors: Vec<TmIndex> = members.iter().copied().filter(|m| set.binary_search(m).is_err()).collect();
+            if survivors.is_empty() {
+                return Err(TableError::NoSurvivors {
+                    group: groups[g].name.clone(),
+                });
+            }
+            let counts = self.counts(g);
+            let lost: u32 = set.iter().map(|&k| counts[usize::from(k)]).sum();
+            let by_counts: Vec<u64> = survivors.iter().map(|&s| u64::from(counts[usize::from(s)])).collect();
+            let by_weight: Vec<u64> = survivors.iter().map(|&s| u64::from(tms[usize::from(s)].weight)).collect();
+            let shares = [by_counts, by_weight, vec![1; survivors.len()]]
+                .iter()
+                .find_map(|w| largest_remainder(w, lost).ok())
+                .unwrap_or_else(|| vec![0; survivors.len()]);
+            let mut targets = vec![0u32; tms.len()];
+            for (&s, &extra) in survivors.iter().zip(&shares) {
+                targets[usize::from(s)] = counts[usize::from(s)] + extra;
+            }
+            moves.extend(apply(&mut groups, &tms, g, &targets)?);
+        }
+        let optimum = moves.len();
+        Ok(Change {
+            table: self.rebuilt(self.version(), tms, groups)?,
+            moves,
+            optimum,
+        })
+    }
+}
+
+/// Member targets (in member order) as a per-TM-index vector of length `n`.
+fn spread_targets(member_targets: &[u32], members: &[TmIndex], n: usize) -> Vec<u32> {
+    let mut out = vec![0u32; n];
+    for (&m, &t) in members.iter().zip(member_targets) {
+        out[usize::from(m)] = t;
+    }
+    out
+}
+
+/// Rebalances `groups[g]` in place to `targets`; re-elects the equal-ports
+/// TM if its target is now zero. Returns the moves.
+fn apply(groups: &mut [Group], tms: &[Tm], g: usize, targets: &[u32]) -> Result<Vec<Move>, TableError> {
+    let sum: u64 = targets.iter().map(|&t| u64::from(t)).sum();
+    let group = groups.get_mut(g).ok_or_else(|| TableError::Groups(format!("no group #{g}")))?;
+    if targets.len() != tms.len() || sum != TABLE_SIZE as u64 {
+        return Err(TableError::Targets {
+            sum,
+            len: targets.len(),
+            tms: tms.len(),
+        });
+    }
+    if let Some(i) = (0..tms.len()).find(|&i| targets[i] > 0 && tms[i].group != g) {
+        return Err(TableError::ForeignTm {
+            group: group.name.clone(),
+            bucket: 0,
+            tm: tms[i].name.clone(),
+            tm_group: format!("#{}", tms[i].group),
+        });
+    }
+    let (owners, moves) = rebalance_buckets(&group.buckets, targets, g);
+    group.buckets = Buckets::from_vec(owners, &group.name)?;
+    if targets[usize::from(group.equal_ports_tm)] == 0 {
+        let members: Vec<TmIndex> = (0..tms.len()).filter(|&i| tms[i].group == g).map(|i| i as TmIndex).collect();
+        let member_targets: Vec<u32> = members.iter().map(|&m| targets[usize::from(m)]).collect();
+        if let Some(tm) = largest_target(&members, &member_targets) {
+            group.equal_ports_tm = tm;
+        }
+    }
+    Ok(moves)
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use crate::mac::MacAddr;
+    use crate::table::test::{test_key, uniform};
+    use crate::table::GroupSpec;
+    use proptest::prelude::*;
+
+    fn weighted(weights: &[u32]) -> AllocationTable {
+        let tms = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| Tm {
+                id: i as u32 * 10,
+                name: format!("tm{i}"),
+                mac: MacAddr([2, 0, 0, 0, (i >> 8) as u8, i as u8]),
+                weight: w,
+                group: 0,
+            })
+            .collect();
+        AllocationTable::new(7, test_key(), tms, vec![GroupSpec::default_group(Profile::Weighted)]).expect("table")
+    }
+
+    /// The shortest possible longest run for a TM owning `t` of 4096 buckets.
+    fn best_run(t: u32) -> usize {
+        let others = TABLE_SIZE as u32 - t;
+        if others == 0 {
+            TABLE_SIZE
+        } else {
+            t.div_ceil(others) as usize
+        }
+    }
+
+    fn check_change(before: &AllocationTable, change: &Change, g: usize) {
+        let after = &change.table;
+        let (b, a) = (&before.groups()[g].buckets, &after.groups()[g].buckets);
+        let changed = (0..TABLE_SIZE).filter(|&i| b.get(i) != a.get(i)).count();
+        assert_eq!(changed, change.moves.len(), "moves list every changed bucket");
+        for m in &change.moves {
+            assert_eq!(b.get(usize::from(m.bucket)), m.from);
+            assert_eq!(a.get(usize::from(m.bucket)), m.to);
+        }
+    }
+
+    #[test]
+    fn uniform_to_gaussian_moves_the_minimum() {
+        let t = uniform(8);
+        let g = Profile::Gaussian { mean: None, sigma: None };
+        let c = t.rebalance(0, &g).expect("rebalance");
+        let targets = t.targets(0, &g).expect("targets");
+        assert_eq!(c.table.counts(0), targets);
+        assert_eq!(c.moves.len(), minimum_moves(&t.counts(0), &targets));
+        assert_eq!(c.table.version(), 2);
+        assert_eq!(c.table.groups()[0].profile, g);
+        check_change(&t, &c, 0);
+        // And back: the same minimum in the other direction.
+        let back = c.table.rebalance(0, &Profile::Uniform).expect("rebalance");
+        assert_eq!(back.table.counts(0), vec![512; 8]);
+        assert_eq!(back.moves.len(), c.moves.len());
+    }
+
+    #[test]
+    fn add_and_remove_move_the_minimum() {
+        let t = uniform(4);
+        let tm = Tm {
+            id: 99,
+            name: "new".into(),
+            mac: "02:aa:00:00:00:01".parse().expect("mac"),
+            weight: 1,
+            group: 0,
+        };
+        let added = t.add_tm(tm).expect("add");
+        assert_eq!(added.table.counts(0), vec![820, 819, 819, 819, 819]);
+        assert_eq!(added.moves.len(), 819);
+        assert!(added.moves.iter().all(|m| m.to == 4));
+        let removed = added.table.remove_tm(1).expect("remove");
+        assert_eq!(removed.table.tms().len(), 4);
+        assert_eq!(removed.table.counts(0), vec![1024; 4]);
+        // Only TM 1's 819 buckets moved (TM 0 gave up none of its extra one: 820 -> 1024).
+        assert_eq!(removed.moves.len(), 819);
+        assert!(removed.moves.iter().all(|m| m.from == 1));
+        assert_eq!(removed.table.tms()[1].id, 2, "later TMs shift down");
+        assert!(matches!(uniform(1).remove_tm(0), Err(TableError::NoSurvivors { .. })));
+        assert!(matches!(t.remove_tm(9), Err(TableError::NoSuchTm(9))));
+    }
+
+    #[test]
+    fn failover_moves_only_the_failed_tms_buckets_and_ignores_order() {
+        let t = weighted(&[1, 2, 3, 4, 5, 6]);
+        let f = t.failover(&[2]).expect("failover");
+        assert_eq!(f.moves.len(), t.counts(0)[2] as usize);
+        assert!(f.moves.iter().all(|m| m.from == 2));
+        assert_eq!(f.table.counts(0)[2], 0);
+        assert_eq!(f.table.version(), t.version());
+        check_change(&t, &f, 0);
+        // Survivors grow in proportion to what they held.
+        let before = t.counts(0);
+        let after = f.table.counts(0);
+        for i in [0, 1, 3, 4, 5] {
+            let share = f64::from(after[i] - before[i]) / f64::from(before[2]);
+            let want = f64::from(before[i]) / f64::from(4096 - before[2]);
+            assert!((share - want).abs() < 0.01, "tm {i}: {share} vs {want}");
+        }
+        let ab = t.failover(&[1, 4]).expect("failover");
+        let ba = t.failover(&[4, 1, 4]).expect("failover");
+        assert_eq!(ab.table, ba.table);
+        assert!(matches!(uniform(2).failover(&[0, 1]), Err(TableError::NoSurvivors { .. })));
+    }
+
+    #[test]
+    fn equal_ports_tm_is_reelected_when_it_loses_everything() {
+        let t = uniform(4);
+        let ep = t.groups()[0].equal_ports_tm;
+        let f = t.failover(&[ep]).expect("failover");
+        assert_ne!(f.table.groups()[0].equal_ports_tm, ep);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn rebalance_is_exact_minimal_and_spread(
+            from in prop::collection::vec(1u32..100, 1..=64),
+            to in prop::collection::vec(0u32..100, 64),
+        ) {
+            let t = weighted(&from);
+            let n = from.len();
+            let to: Vec<f64> = to[..n].iter().map(|&w| f64::from(w)).collect();
+            prop_assume!(to.iter().any(|&w| w > 0.0));
+            let p = Profile::Custom { weights: to };
+            let c = t.rebalance(0, &p).expect("rebalance");
+            let targets = t.targets(0, &p).expect("targets");
+            prop_assert_eq!(c.table.counts(0), targets.clone());
+            prop_assert_eq!(c.moves.len(), minimum_moves(&t.counts(0), &targets));
+            check_change(&t, &c, 0);
+            // Fresh tables are spread optimally; rebalanced ones within a small factor.
+            let fresh = AllocationTable::new(1, test_key(), t.tms().to_vec(), vec![GroupSpec::default_group(p.clone())]).expect("table");
+            let (tm, run) = fresh.groups()[0].buckets.longest_run();
+            prop_assert!(run <= best_run(targets[usize::from(tm)]) + 1, "fresh run {} for target {}", run, targets[usize::from(tm)]);
+            let (tm, run) = c.table.groups()[0].buckets.longest_run();
+            let t_tm = c.table.counts(0)[usize::from(tm)];
+            prop_assert!(run <= 2 * best_run(t_tm) + 2, "rebalanced run {} for count {}", run, t_tm);
+        }
+
+        #[test]
+        fn failover_is_deterministic_and_touches_only_the_failed(
+            weights in prop::collection::vec(1u32..50, 2..=32),
+            pick in any::<prop::sample::Index>(),
+        ) {
+            let t = weighted(&weights);
+            let k = pick.index(weights.len()) as TmIndex;
+            let a = t.failover(&[k]).expect("failover");
+            let b = t.failover(&[k]).expect("failover");
+            prop_assert_eq!(&a.table, &b.table);
+            prop_assert_eq!(a.moves.len(), t.counts(0)[usize::from(k)] as usize);
+            prop_assert!(a.moves.iter().all(|m| m.from == k && m.to != k));
+            check_change(&t, &a, 0);
+        }
+    }
+}

@@ -1,0 +1,536 @@
+//! Self-source port tables and the SNAT port allocator (the design's process 900).
+//!
+//! For a SNAT address `A` and TM `k`, the self-source ports are the ports `p`
+//! of the configured range whose reply — a server sending to `A:p` from a
+//! lower port — the table steers to `k`. [`SelfPorts`] holds them as a
+//! 65,536-bit set built once per table version; [`PortAllocator`] hands them
+//! out in O(1) (a two-level bitmap: 1024 words and a 16-word summary of the
+//! words that still have a free port) from a rotating cursor, so a released
+//! port is reused last; [`SnatAllocator`] walks several SNAT addresses.
+
+use std::net::IpAddr;
+
+use bitvec::prelude::*;
+
+use crate::error::PortError;
+use crate::hash::{bucket, hash_endpoint};
+use crate::rules::PortRange;
+use crate::table::{AllocationTable, HashMode, TmIndex};
+
+const WORDS: usize = 65536 / 64;
+const SUMMARY: usize = WORDS / 64;
+
+/// The self-source ports of one (SNAT address, TM) pair under one table (or,
+/// intersected, under two).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SelfPorts {
+    addr: IpAddr,
+    tm: TmIndex,
+    bits: BitBox<u64, Lsb0>,
+}
+
+impl std::fmt::Debug for SelfPorts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SelfPorts({} for TM {}: {} ports)", self.addr, self.tm, self.count())
+    }
+}
+
+impl SelfPorts {
+    /// The self-source ports of `tm` for SNAT address `addr` within `range`.
+    ///
+    /// A port qualifies when the TM's group hashes (`addr`, port) to a bucket
+    /// owned by `tm`, and the port is not named by any rule of another group
+    /// (such a port could move the reply into that group's table).
+    pub fn build(table: &AllocationTable, addr: IpAddr, tm: TmIndex, range: PortRange) -> Result<Self, PortError> {
+        let mut all = Self::build_all(table, addr, range);
+        if usize::from(tm) >= all.len() {
+            return Err(PortError::Mismatch);
+        }
+        Ok(all.swap_remove(usize::from(tm)))
+    }
+
+    /// The self-source port sets of every TM for `addr`, indexed by TM: one
+    /// hash per port in the range.
+    pub fn build_all(table: &AllocationTable, addr: IpAddr, range: PortRange) -> Vec<Self> {
+        let n = table.tms().len();
+        let mut words = vec![[0u64; WORDS]; n];
+        for (g, group) in table.groups().iter().enumerate() {
+            let members = table.members(g);
+            if members.is_empty() {
+                continue;
+            }
+            let excluded = excluded_ports(table, g);
+            match group.hash {
+                HashMode::Endpoint => {
+                    for p in range.lo..=range.hi {
+                        if excluded.iter().any(|r| r.contains(p)) {
+                            continue;
+                        }
+                        let owner = usize::from(group.buckets.get(bucket(hash_endpoint(table.key(), addr, p))));
+                        words[owner][usize::from(p) / 64] |= 1 << (p % 64);
+                    }
+                }
+                HashMode::Address { .. } => {
+                    // Every port of the address shares one bucket: all or nothing.
+                    let owner = usize::from(group.buckets.get(table.endpoint_bucket(g, addr, 0)));
+                    for p in range.lo..=range.hi {
+                        if !excluded.iter().any(|r| r.contains(p)) {
+                            words[owner][usize::from(p) / 64] |= 1 << (p % 64);
+                        }
+                    }
+                }
+            }
+        }
+        words
+            .into_iter()
+            .enumerate()
+            .map(|(tm, w)| SelfPorts {
+                addr,
+                tm: tm as TmIndex,
+                bits: BitBox::from_bitslice(w.view_bits::<Lsb0>()),
+            })
+            .collect()
+    }
+
+    /// The SNAT address.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The TM index.
+    pub fn tm(&self) -> TmIndex {
+        self.tm
+    }
+
+    /// True if `port` is a self-source port.
+    pub fn contains(&self, port: u16) -> bool {
+        self.bits[usize::from(port)]
+    }
+
+    /// How many self-source ports there are.
+    pub fn count(&self) -> usize {
+        self.bits.count_ones()
+    }
+
+    /// How many self-source ports are above `port`.
+    pub fn count_above(&self, port: u16) -> usize {
+        self.bits[usize::from(port) + 1..].count_ones()
+    }
+
+    /// The ports, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
+        self.bits.iter_ones().map(|p| p as u16)
+    }
+
+    /// The ports valid under both `self` and `other` (the dual-table mode of
+    /// a transition: valid under the current and the next table).
+    pub fn intersect(&self, other: &SelfPorts) -> Result<SelfPorts, PortError> {
+        if self.addr != other.addr || self.tm != other.tm {
+            return Err(PortError::Mismatch);
+        }
+        let mut bits = self.bits.clone();
+        bits &= &other.bits[..];
+        Ok(SelfPorts {
+            addr: self.addr,
+            tm: self.tm,
+            bits,
+        })
+    }
+
+    fn words(&self) -> &[u64] {
+        self.bits.as_raw_slice()
+    }
+}
+
+/// Port ranges named by rules of groups other than `g`.
+fn excluded_ports(table: &AllocationTable, g: usize) -> Vec<PortRange> {
+    table
+        .groups()
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != g)
+        .flat_map(|(_, grp)| grp.rules.iter().filter_map(|r| r.ports))
+        .collect()
+}
+
+/// Hands out the self-source ports of one SNAT address. Not thread-safe: a
+/// TM keeps one per worker or behind its own lock.
+#[derive(Clone)]
+pub struct PortAllocator {
+    addr: IpAddr,
+    tm: TmIndex,
+    valid: Box<[u64; WORDS]>,
+    used: Box<[u64; WORDS]>,
+    /// Bit `w` set: word `w` has a port that is valid and free.
+    summary: [u64; SUMMARY],
+    cursor: u32,
+    in_use: u32,
+}
+
+impl std::fmt::Debug for PortAllocator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PortAllocator({} TM {}: {} in use, {} free)",
+            self.addr,
+            self.tm,
+            self.in_use,
+            self.free()
+        )
+    }
+}
+
+impl PortAllocator {
+    /// An allocator over `ports`, all free.
+    pub fn new(ports: &SelfPorts) -> Self {
+        let mut a = PortAllocator {
+            addr: ports.addr,
+            tm: ports.tm,
+            valid: Box::new([0; WORDS]),
+            used: Box::new([0; WORDS]),
+            summary: [0; SUMMARY],
+            cursor: 0,
+            in_use: 0,
+        };
+        a.set_ports(ports);
+        a
+    }
+
+    /// The SNAT address.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// Replaces the valid set (a new table, or a transition's dual set).
+    /// Ports in use stay reserved until released, valid or not.
+    pub fn set_ports(&mut self, ports: &SelfPorts) {
+        self.valid.copy_from_slice(ports.words());
+        self.tm = ports.tm;
+        for w in 0..WORDS {
+            self.refresh(w);
+        }
+    }
+
+    #[inline(always)]
+    fn refresh(&mut self, w: usize) {
+        let bit = 1u64 << (w % 64);
+        if self.valid[w] & !self.used[w] != 0 {
+            self.summary[w / 64] |= bit;
+        } else {
+            self.summary[w / 64] &= !bit;
+        }
+    }
+
+    /// The first valid free port in `lo..=hi`, if any.
+    #[inline]
+    fn find(&self, lo: u32, hi: u32) -> Option<u32> {
+        if lo > hi {
+            return None;
+        }
+        let (wl, wh) = ((lo / 64) as usize, (hi / 64) as usize);
+        let mask_lo = u64::MAX << (lo % 64);
+        let mask_hi = u64::MAX >> (63 - hi % 64);
+        let word = |w: usize| self.valid[w] & !self.used[w];
+        let first = word(wl) & mask_lo & if wl == wh { mask_hi } else { u64::MAX };
+        if first != 0 {
+            return Some(wl as u32 * 64 + first.trailing_zeros());
+        }
+        // Next word after wl with a free port, through the summary.
+        let mut w = wl + 1;
+        while w <= wh {
+            let s = self.summary[w / 64] & (u64::MAX << (w % 64));
+            if s == 0 {
+                w = (w / 64 + 1) * 64;
+                continue;
+            }
+            let found = (w / 64) * 64 + s.trailing_zeros() as usize;
+            if found > wh {
+                return None;
+            }
+            let bits = word(found) & if found == wh { mask_hi } else { u64::MAX };
+            return (bits != 0).then(|| found as u32 * 64 + bits.trailing_zeros());
+        }
+        None
+    }
+
+    /// A free self-source port greater than `above` (the server's port):
+    /// the first one at or after the cursor, wrapping to the lowest.
+    #[inline]
+    pub fn allocate(&mut self, above: u16) -> Option<u16> {
+        let lo = u32::from(above) + 1;
+        let start = self.cursor.max(lo);
+        let port = self.find(start, 65535).or_else(|| self.find(lo, start.saturating_sub(1)))?;
+        let w = (port / 64) as usize;
+        self.used[w] |= 1 << (port % 64);
+        self.refresh(w);
+        self.cursor = port + 1;
+        self.in_use += 1;
+        Some(port as u16)
+    }
+
+    /// Marks `port` as in use (a connection that already holds it, e.g. kept
+    /// across a restart). Returns false if it was already in use.
+    pub fn reserve(&mut self, port: u16) -> bool {
+        let (w, bit) = (usize::from(port) / 64, 1u64 << (port % 64));
+        if self.used[w] & bit != 0 {
+            return false;
+        }
+        self.used[w] |= bit;
+        self.in_use += 1;
+        self.refresh(w);
+        true
+    }
+
+    /// Returns `port` to the free set.
+    #[inline]
+    pub fn release(&mut self, port: u16) -> Result<(), PortError> {
+        let (w, bit) = (usize::from(port) / 64, 1u64 << (port % 64));
+        if self.used[w] & bit == 0 {
+            return Err(PortError::NotAllocated { addr: self.addr, port });
+        }
+        self.used[w] &= !bit;
+        self.in_use -= 1;
+        self.refresh(w);
+        Ok(())
+    }
+
+    /// True if `port` is currently allocated.
+    pub fn is_used(&self, port: u16) -> bool {
+        self.used[usize::from(port) / 64] & (1 << (port % 64)) != 0
+    }
+
+    /// Ports in use.
+    pub fn in_use(&self) -> usize {
+        self.in_use as usize
+    }
+
+    /// Valid ports that are free.
+    pub fn free(&self) -> usize {
+        self.valid
+            .iter()
+            .zip(self.used.iter())
+            .map(|(v, u)| (v & !u).count_ones() as usize)
+            .sum()
+    }
+}
+
+/// The allocators of one TM over its SNAT addresses, tried in order.
+#[derive(Debug, Clone)]
+pub struct SnatAllocator {
+    tm: TmIndex,
+    pools: Vec<PortAllocator>,
+}
+
+impl SnatAllocator {
+    /// Builds the self-port sets of `tm` for every address under `table`.
+    pub fn new(table: &AllocationTable, tm: TmIndex, addrs: &[IpAddr], range: PortRange) -> Result<Self, PortError> {
+        let pools = addrs
+            .iter()
+            .map(|&a| SelfPorts::build(table, a, tm, range).map(|p| PortAllocator::new(&p)))
+            .collect::<Result<_, _>>()?;
+        Ok(SnatAllocator { tm, pools })
+    }
+
+    /// Switches every address to the ports valid under `table` (or, with
+    /// `next`, valid under both `table` and `next`: a transition's prepare
+    /// phase). Ports in use stay reserved.
+    pub fn retable(
+        &mut self,
+        table: &AllocationTable,
+        next: Option<&AllocationTable>,
+        range: PortRange,
+    ) -> Result<(), PortError> {
+        for pool in self.pools.iter_mut() {
+            let mut ports = SelfPorts::build(table, pool.addr, self.tm, range)?;
+            if let Some(n) = next {
+                ports = ports.intersect(&SelfPorts::build(n, pool.addr, self.tm, range)?)?;
+            }
+            pool.set_ports(&ports);
+        }
+        Ok(())
+    }
+
+    /// A (SNAT address, port) whose reply from a server port `above` steers
+    /// to this TM: the first address with a free port, in order.
+    pub fn allocate(&mut self, above: u16) -> Result<(IpAddr, u16), PortError> {
+        for pool in self.pools.iter_mut() {
+            if let Some(p) = pool.allocate(above) {
+                return Ok((pool.addr, p));
+            }
+        }
+        Err(PortError::Exhausted {
+            above,
+            tm: usize::from(self.tm),
+            addresses: self.pools.len(),
+        })
+    }
+
+    /// Releases a port allocated on `addr`.
+    pub fn release(&mut self, addr: IpAddr, port: u16) -> Result<(), PortError> {
+        self.pools
+            .iter_mut()
+            .find(|p| p.addr == addr)
+            .ok_or(PortError::UnknownAddress(addr))?
+            .release(port)
+    }
+
+    /// The per-address allocators.
+    pub fn pools(&self) -> &[PortAllocator] {
+        &self.pools
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use crate::profile::Profile;
+    use crate::rules::proto;
+    use crate::table::test::uniform;
+    use crate::table::Flow;
+    use proptest::prelude::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("addr")
+    }
+
+    #[test]
+    fn self_ports_steer_back_to_their_tm() {
+        let t = uniform(8);
+        let a = ip("10.1.0.1");
+        let sets = SelfPorts::build_all(&t, a, PortRange::ALL);
+        assert_eq!(sets.iter().map(SelfPorts::count).sum::<usize>(), 65536);
+        for set in &sets {
+            for p in set.iter().filter(|&p| p > 80).take(500) {
+                let reply = Flow::with_ports(proto::TCP, ip("198.51.100.1"), 80, a, p);
+                assert_eq!(t.steer(&reply).tm, set.tm());
+            }
+        }
+        let c = sets[3].count();
+        assert!((7500..=8900).contains(&c), "{c}");
+    }
+
+    #[test]
+    fn allocator_respects_above_and_exhausts() {
+        let t = uniform(4);
+        let ports = SelfPorts::build(&t, ip("10.1.0.1"), 2, "1024-1100".parse().expect("range")).expect("ports");
+        let mut a = PortAllocator::new(&ports);
+        let n = ports.count_above(1050);
+        let mut got = Vec::new();
+        while let Some(p) = a.allocate(1050) {
+            assert!(p > 1050 && ports.contains(p));
+            got.push(p);
+        }
+        assert_eq!(got.len(), n);
+        assert_eq!(a.in_use(), n);
+        assert!(a.allocate(1050).is_none());
+        a.release(got[0]).expect("release");
+        assert!(a.release(got[0]).is_err(), "double release");
+        assert_eq!(a.allocate(1050), Some(got[0]));
+    }
+
+    #[test]
+    fn released_ports_are_reused_last() {
+        let t = uniform(2);
+        let ports = SelfPorts::build(&t, ip("10.1.0.1"), 0, PortRange::ALL).expect("ports");
+        let mut a = PortAllocator::new(&ports);
+        let first = a.allocate(1023).expect("port");
+        a.release(first).expect("release");
+        let second = a.allocate(1023).expect("port");
+        assert_ne!(first, second, "the cursor moves on");
+        assert!(second > first);
+    }
+
+    #[test]
+    fn snat_falls_over_to_the_next_address_then_refuses() {
+        let t = uniform(4);
+        let range: PortRange = "60000-60100".parse().expect("range");
+        let addrs = [ip("10.1.0.1"), ip("10.1.0.2")];
+        let mut s = SnatAllocator::new(&t, 1, &addrs, range).expect("snat");
+        let total: usize = s.pools().iter().map(PortAllocator::free).sum();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..total {
+            let (addr, port) = s.allocate(443).expect("port");
+            let reply = Flow::with_ports(proto::TCP, ip("198.51.100.1"), 443, addr, port);
+            assert_eq!(t.steer(&reply).tm, 1);
+            assert!(seen.insert((addr, port)));
+        }
+        assert!(seen.iter().any(|(a, _)| *a == addrs[1]), "second address used");
+        assert_eq!(s.allocate(443), Err(PortError::Exhausted { above: 443, tm: 1, addresses: 2 }));
+        assert_eq!(s.release(ip("10.9.9.9"), 1), Err(PortError::UnknownAddress(ip("10.9.9.9"))));
+    }
+
+    #[test]
+    fn dual_table_ports_are_valid_under_both() {
+        let t = uniform(8);
+        let next = t.rebalance(0, &Profile::Gaussian { mean: None, sigma: None }).expect("rebalance").table;
+        let a = ip("10.1.0.1");
+        let mut s = SnatAllocator::new(&t, 5, &[a], PortRange::ALL).expect("snat");
+        let held = s.allocate(80).expect("port");
+        s.retable(&t, Some(&next), PortRange::ALL).expect("retable");
+        assert!(s.pools()[0].is_used(held.1), "live ports stay reserved");
+        for _ in 0..2000 {
+            let (addr, p) = s.allocate(80).expect("port");
+            let reply = Flow::with_ports(proto::TCP, ip("198.51.100.1"), 80, addr, p);
+            assert_eq!(t.steer(&reply).tm, 5);
+            assert_eq!(next.steer(&reply).tm, 5);
+        }
+        s.release(held.0, held.1).expect("release");
+    }
+
+    #[test]
+    fn rule_ports_of_other_groups_are_never_self_ports() {
+        use crate::rules::{Protocol, Rule};
+        use crate::table::{GroupSpec, Tm};
+        let mut tms: Vec<Tm> = uniform(4).tms().to_vec();
+        tms[3].group = 1;
+        let spec = GroupSpec {
+            name: "alt".into(),
+            rules: vec![Rule { protocol: Some(Protocol(proto::TCP)), ports: Some("40000-40999".parse().expect("r")), prefix: None }],
+            hash: HashMode::Endpoint,
+            profile: Profile::Uniform,
+        };
+        let t = AllocationTable::new(1, *uniform(1).key(), tms, vec![GroupSpec::default_group(Profile::Uniform), spec]).expect("table");
+        let set = SelfPorts::build(&t, ip("10.1.0.1"), 0, PortRange::ALL).expect("ports");
+        assert!(set.count() > 0);
+        assert!(set.iter().all(|p| !(40000..=40999).contains(&p)));
+        for p in set.iter().filter(|&p| p > 80) {
+            let reply = Flow::with_ports(proto::TCP, ip("198.51.100.1"), 80, ip("10.1.0.1"), p);
+            assert_eq!(t.steer(&reply).tm, 0);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// Random allocate/release sequences: every port handed out is a
+        /// self port above the server port, never handed out twice, and
+        /// exhaustion only happens when no such port is free.
+        #[test]
+        fn allocator_model(ops in prop::collection::vec((any::<bool>(), 0u16..65535), 1..400), lo in 1024u16..60000, tm in 0u16..4) {
+            let t = uniform(4);
+            let range = PortRange { lo, hi: lo.saturating_add(700) };
+            let ports = SelfPorts::build(&t, ip("192.0.2.10"), tm, range).expect("ports");
+            let mut a = PortAllocator::new(&ports);
+            let mut held: Vec<u16> = Vec::new();
+            for (alloc, x) in ops {
+                if alloc || held.is_empty() {
+                    let above = lo.saturating_add(x % 800).saturating_sub(50);
+                    match a.allocate(above) {
+                        Some(p) => {
+                            prop_assert!(p > above && ports.contains(p) && !held.contains(&p));
+                            held.push(p);
+                        }
+                        None => {
+                            let free_above = ports.iter().filter(|&p| p > above && !held.contains(&p)).count();
+                            prop_assert_eq!(free_above, 0);
+                        }
+                    }
+                } else {
+                    let p = held.swap_remove(usize::from(x) % held.len());
+                    prop_assert!(a.release(p).is_ok());
+                }
+                prop_assert_eq!(a.in_use(), held.len());
+            }
+        }
+    }
+}
