@@ -85,7 +85,9 @@ pub enum TableError {
         count: usize,
     },
     /// An entry names a TM of another group.
-    #[error("group '{group}' bucket {bucket} names TM '{tm}', which belongs to group '{tm_group}'")]
+    #[error(
+        "group '{group}' bucket {bucket} names TM '{tm}', which belongs to group '{tm_group}'"
+    )]
     ForeignTm {
         /// Group name.
         group: String,
@@ -205,14 +207,14 @@ pub enum PortError {
 /// Table-file problems: I/O, syntax, content, checksum.
 #[derive(Debug, Error)]
 pub enum FileError {
-    /// The file could not be read or written.
-    #[error("{path}: {source}")]
+    /// The file could not be read or written (the I/O error is part of the
+    /// message, not a separate source, so it is printed once).
+    #[error("{path}: {error}")]
     Io {
         /// File path.
         path: String,
         /// The I/O error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is not valid TOML or does not have the table's shape.
     #[error("not a valid table file: {0}")]

@@ -114,14 +114,18 @@ fn field(location: impl Into<String>, message: impl Into<String>) -> FileError {
 pub fn parse(text: &str) -> Result<AllocationTable, FileError> {
     match parse_unverified(text)? {
         (table, Checksum::Valid) => Ok(table),
-        (_, Checksum::Mismatch { stored, computed }) => Err(FileError::Checksum { stored, computed }),
+        (_, Checksum::Mismatch { stored, computed }) => {
+            Err(FileError::Checksum { stored, computed })
+        }
     }
 }
 
 /// Parses and validates a table file, reporting the checksum's state instead
 /// of failing on it (for `stdctl table seal`, after a deliberate edit).
 pub fn parse_unverified(text: &str) -> Result<(AllocationTable, Checksum), FileError> {
-    let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| FileError::Syntax(one_line(&e.to_string())))?;
+    let doc: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| FileError::Syntax(one_line(&e.to_string())))?;
     match doc.get("format") {
         None => return Err(field("format", "missing (expected format = 1)")),
         Some(toml::Value::Integer(f)) if *f == i64::from(FORMAT) => {}
@@ -131,7 +135,12 @@ pub fn parse_unverified(text: &str) -> Result<(AllocationTable, Checksum), FileE
                 supported: FORMAT,
             })
         }
-        Some(other) => return Err(field("format", format!("expected an integer, found {}", other.type_str()))),
+        Some(other) => {
+            return Err(field(
+                "format",
+                format!("expected an integer, found {}", other.type_str()),
+            ))
+        }
     }
     let raw: RawFile = doc
         .try_into()
@@ -141,16 +150,25 @@ pub fn parse_unverified(text: &str) -> Result<(AllocationTable, Checksum), FileE
     let mut group_index: HashMap<&str, usize> = HashMap::new();
     for (g, rg) in raw.group.iter().enumerate() {
         if group_index.insert(rg.name.as_str(), g).is_some() {
-            return Err(field(format!("group[{g}].name"), format!("group '{}' is defined twice", rg.name)));
+            return Err(field(
+                format!("group[{g}].name"),
+                format!("group '{}' is defined twice", rg.name),
+            ));
         }
     }
     let mut tms = Vec::with_capacity(raw.tm.len());
     let mut by_id: HashMap<u32, TmIndex> = HashMap::new();
     for (i, rt) in raw.tm.iter().enumerate() {
-        let mac: MacAddr = rt.mac.parse().map_err(|e| field(format!("tm[{i}].mac"), format!("{e}")))?;
-        let group = *group_index
-            .get(rt.group.as_str())
-            .ok_or_else(|| field(format!("tm[{i}].group"), format!("no [[group]] is named '{}'", rt.group)))?;
+        let mac: MacAddr = rt
+            .mac
+            .parse()
+            .map_err(|e| field(format!("tm[{i}].mac"), format!("{e}")))?;
+        let group = *group_index.get(rt.group.as_str()).ok_or_else(|| {
+            field(
+                format!("tm[{i}].group"),
+                format!("no [[group]] is named '{}'", rt.group),
+            )
+        })?;
         if i >= crate::table::MAX_TMS {
             return Err(TableError::TmCount {
                 found: raw.tm.len(),
@@ -159,7 +177,10 @@ pub fn parse_unverified(text: &str) -> Result<(AllocationTable, Checksum), FileE
             .into());
         }
         if by_id.insert(rt.id, i as TmIndex).is_some() {
-            return Err(field(format!("tm[{i}].id"), format!("id {} is used twice", rt.id)));
+            return Err(field(
+                format!("tm[{i}].id"),
+                format!("id {} is used twice", rt.id),
+            ));
         }
         tms.push(Tm {
             id: rt.id,
@@ -175,31 +196,55 @@ pub fn parse_unverified(text: &str) -> Result<(AllocationTable, Checksum), FileE
         let at = |what: &str| format!("group '{}' {what}", rg.name);
         let hash = match (rg.hash.as_str(), rg.v4_prefix, rg.v6_prefix) {
             ("endpoint", None, None) => HashMode::Endpoint,
-            ("endpoint", _, _) => return Err(field(at("v4_prefix/v6_prefix"), "only valid with hash = \"address\"")),
+            ("endpoint", _, _) => {
+                return Err(field(
+                    at("v4_prefix/v6_prefix"),
+                    "only valid with hash = \"address\"",
+                ))
+            }
             ("address", v4, v6) => HashMode::Address {
                 v4_prefix: v4.unwrap_or(32),
                 v6_prefix: v6.unwrap_or(128),
             },
-            (other, _, _) => return Err(field(at("hash"), format!("'{other}': expected \"endpoint\" or \"address\""))),
+            (other, _, _) => {
+                return Err(field(
+                    at("hash"),
+                    format!("'{other}': expected \"endpoint\" or \"address\""),
+                ))
+            }
         };
-        let equal_ports_tm = *by_id
-            .get(&rg.equal_ports_tm)
-            .ok_or_else(|| field(at("equal_ports_tm"), format!("TM id {} is not in the [[tm]] list", rg.equal_ports_tm)))?;
+        let equal_ports_tm = *by_id.get(&rg.equal_ports_tm).ok_or_else(|| {
+            field(
+                at("equal_ports_tm"),
+                format!("TM id {} is not in the [[tm]] list", rg.equal_ports_tm),
+            )
+        })?;
         if rg.entries.len() != TABLE_SIZE / ROW {
             return Err(field(
                 at("entries"),
-                format!("{} rows; expected {} rows of {ROW} TM ids", rg.entries.len(), TABLE_SIZE / ROW),
+                format!(
+                    "{} rows; expected {} rows of {ROW} TM ids",
+                    rg.entries.len(),
+                    TABLE_SIZE / ROW
+                ),
             ));
         }
         let mut owners = Vec::with_capacity(TABLE_SIZE);
         for (r, row) in rg.entries.iter().enumerate() {
             let mut cols = 0;
             for (c, tok) in row.split_whitespace().enumerate() {
-                let loc = || at(&format!("entries row {r} column {c} (bucket {})", r * ROW + c));
+                let loc = || {
+                    at(&format!(
+                        "entries row {r} column {c} (bucket {})",
+                        r * ROW + c
+                    ))
+                };
                 if c >= ROW {
                     return Err(field(loc(), format!("row {r} has more than {ROW} TM ids")));
                 }
-                let id: u32 = tok.parse().map_err(|_| field(loc(), format!("'{tok}' is not a TM id")))?;
+                let id: u32 = tok
+                    .parse()
+                    .map_err(|_| field(loc(), format!("'{tok}' is not a TM id")))?;
                 let idx = *by_id
                     .get(&id)
                     .ok_or_else(|| field(loc(), format!("TM id {id} is not in the [[tm]] list")))?;
@@ -207,7 +252,10 @@ pub fn parse_unverified(text: &str) -> Result<(AllocationTable, Checksum), FileE
                 cols = c + 1;
             }
             if cols != ROW {
-                return Err(field(at(&format!("entries row {r}")), format!("{cols} TM ids; expected {ROW}")));
+                return Err(field(
+                    at(&format!("entries row {r}")),
+                    format!("{cols} TM ids; expected {ROW}"),
+                ));
             }
         }
         groups.push(Group {
@@ -269,7 +317,11 @@ fn render_profile(p: &Profile) -> String {
         },
         Profile::Custom { weights } => format!(
             "{{ kind = \"custom\", weights = [{}] }}",
-            weights.iter().map(|&w| num(w)).collect::<Vec<_>>().join(", ")
+            weights
+                .iter()
+                .map(|&w| num(w))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
@@ -317,8 +369,14 @@ fn render_body(t: &AllocationTable, checksum: Option<&str>) -> String {
         let _ = write!(s, "\n[[group]]\nname = {}\n", quote(&g.name));
         match g.hash {
             HashMode::Endpoint => s.push_str("hash = \"endpoint\"\n"),
-            HashMode::Address { v4_prefix, v6_prefix } => {
-                let _ = write!(s, "hash = \"address\"\nv4_prefix = {v4_prefix}\nv6_prefix = {v6_prefix}\n");
+            HashMode::Address {
+                v4_prefix,
+                v6_prefix,
+            } => {
+                let _ = write!(
+                    s,
+                    "hash = \"address\"\nv4_prefix = {v4_prefix}\nv6_prefix = {v6_prefix}\n"
+                );
             }
         }
         let _ = writeln!(s, "profile = {}", render_profile(&g.profile));
@@ -353,30 +411,37 @@ pub fn load(path: impl AsRef<Path>) -> Result<AllocationTable, FileError> {
 
 /// Reads a table file's text, refusing files over [`MAX_FILE_BYTES`].
 pub fn read(path: &Path) -> Result<String, FileError> {
-    let io = |source| FileError::Io {
+    let io = |error| FileError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     };
     let meta = std::fs::metadata(path).map_err(io)?;
     if meta.len() > MAX_FILE_BYTES {
         return Err(field(
             path.display().to_string(),
-            format!("{} bytes; a table file is at most {MAX_FILE_BYTES}", meta.len()),
+            format!(
+                "{} bytes; a table file is at most {MAX_FILE_BYTES}",
+                meta.len()
+            ),
         ));
     }
     let bytes = std::fs::read(path).map_err(io)?;
-    String::from_utf8(bytes).map_err(|e| field(path.display().to_string(), format!("not UTF-8 text: {e}")))
+    String::from_utf8(bytes)
+        .map_err(|e| field(path.display().to_string(), format!("not UTF-8 text: {e}")))
 }
 
 /// Writes a table file atomically (a temporary file in the same directory,
 /// then a rename), so a reader never sees half a table.
 pub fn save(path: impl AsRef<Path>, table: &AllocationTable) -> Result<(), FileError> {
     let path = path.as_ref();
-    let io = |source| FileError::Io {
+    let io = |error| FileError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     std::fs::write(&tmp, render(table)).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(|e| {
@@ -386,7 +451,11 @@ pub fn save(path: impl AsRef<Path>, table: &AllocationTable) -> Result<(), FileE
 }
 
 fn one_line(s: &str) -> String {
-    s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -399,7 +468,16 @@ mod test {
     #[test]
     fn round_trip() {
         let t = uniform(8);
-        let t = t.rebalance(0, &Profile::Gaussian { mean: Some(3.5), sigma: Some(2.0) }).expect("rebalance").table;
+        let t = t
+            .rebalance(
+                0,
+                &Profile::Gaussian {
+                    mean: Some(3.5),
+                    sigma: Some(2.0),
+                },
+            )
+            .expect("rebalance")
+            .table;
         let text = render(&t);
         let back = parse(&text).expect("parse");
         assert_eq!(back, t);
@@ -409,7 +487,9 @@ mod test {
     #[test]
     fn whitespace_and_comments_do_not_break_the_checksum() {
         let text = render(&uniform(4));
-        let edited = text.replace("\n[[tm]]", "\n# a comment\n\n[[tm]]").replace("weight = 1", "weight   =   1");
+        let edited = text
+            .replace("\n[[tm]]", "\n# a comment\n\n[[tm]]")
+            .replace("weight = 1", "weight   =   1");
         assert!(parse(&edited).is_ok());
     }
 
@@ -430,19 +510,33 @@ mod test {
         assert!(err(&bad).contains("checksum mismatch"), "{}", err(&bad));
         // An unknown TM id: named with its bucket.
         let bad = text.replacen("entries = [\n  \"0 ", "entries = [\n  \"9 ", 1);
-        assert!(err(&bad).contains("row 0 column 0 (bucket 0): TM id 9 is not in the [[tm]] list"), "{}", err(&bad));
+        assert!(
+            err(&bad).contains("row 0 column 0 (bucket 0): TM id 9 is not in the [[tm]] list"),
+            "{}",
+            err(&bad)
+        );
         // A short row.
         let bad = text.replacen("entries = [\n  \"0 ", "entries = [\n  \"", 1);
-        assert!(err(&bad).contains("entries row 0: 63 TM ids"), "{}", err(&bad));
+        assert!(
+            err(&bad).contains("entries row 0: 63 TM ids"),
+            "{}",
+            err(&bad)
+        );
         // A bad MAC.
         let bad = text.replacen("mac = \"02:53:54:00:00:01\"", "mac = \"zz\"", 1);
         assert!(err(&bad).contains("tm[0].mac"), "{}", err(&bad));
         // Unsupported format, missing format, syntax, unknown fields.
-        assert!(err(&text.replacen("format = 1", "format = 2", 1)).contains("format 2 is not supported"));
+        assert!(err(&text.replacen("format = 1", "format = 2", 1))
+            .contains("format 2 is not supported"));
         assert!(err(&text.replacen("format = 1", "", 1)).contains("format: missing"));
-        assert!(err(&text.replacen("version = 1", "version = [", 1)).contains("not a valid table file"));
+        assert!(
+            err(&text.replacen("version = 1", "version = [", 1)).contains("not a valid table file")
+        );
         assert!(err(&text.replacen("weight = 1", "weight = 1\ncolour = 3", 1)).contains("colour"));
-        assert!(err(&text.replacen("group = \"default\"", "group = \"nope\"", 1)).contains("tm[0].group"));
+        assert!(
+            err(&text.replacen("group = \"default\"", "group = \"nope\"", 1))
+                .contains("tm[0].group")
+        );
         assert!(err("").contains("format"));
     }
 
@@ -463,7 +557,10 @@ mod test {
         let t = uniform(5);
         save(&path, &t).expect("save");
         assert_eq!(load(&path).expect("load"), t);
-        assert!(matches!(load(dir.join("missing.toml")), Err(FileError::Io { .. })));
+        assert!(matches!(
+            load(dir.join("missing.toml")),
+            Err(FileError::Io { .. })
+        ));
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 

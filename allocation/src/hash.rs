@@ -85,7 +85,11 @@ impl FromStr for HashKey {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(ParseError::new("hash key", s, "expected 32 hex digits (16 bytes)"));
+            return Err(ParseError::new(
+                "hash key",
+                s,
+                "expected 32 hex digits (16 bytes)",
+            ));
         }
         let mut bytes = [0u8; 16];
         for (i, out) in bytes.iter_mut().enumerate() {
@@ -408,7 +412,9 @@ mod test {
         assert_eq!(k.to_hex(), "000102030405060708090a0b0c0d0e0f");
         assert_eq!(k.to_hex().parse::<HashKey>().expect("parse"), k);
         assert!("0011".parse::<HashKey>().is_err());
-        assert!("zz0102030405060708090a0b0c0d0e0f".parse::<HashKey>().is_err());
+        assert!("zz0102030405060708090a0b0c0d0e0f"
+            .parse::<HashKey>()
+            .is_err());
         assert_eq!(format!("{k:?}"), "HashKey(<secret>)");
     }
 
@@ -421,12 +427,21 @@ mod test {
     #[test]
     fn masking() {
         let a: IpAddr = "192.0.2.77".parse().expect("addr");
-        assert_eq!(mask_addr(a, 24, 64), "192.0.2.0".parse::<IpAddr>().expect("addr"));
-        assert_eq!(mask_addr(a, 0, 64), "0.0.0.0".parse::<IpAddr>().expect("addr"));
+        assert_eq!(
+            mask_addr(a, 24, 64),
+            "192.0.2.0".parse::<IpAddr>().expect("addr")
+        );
+        assert_eq!(
+            mask_addr(a, 0, 64),
+            "0.0.0.0".parse::<IpAddr>().expect("addr")
+        );
         let m: IpAddr = "::ffff:192.0.2.77".parse().expect("addr");
         assert_eq!(mask_addr(m, 32, 0), a);
         let b: IpAddr = "2001:db8:1:2:3:4:5:6".parse().expect("addr");
-        assert_eq!(mask_addr(b, 32, 48), "2001:db8:1::".parse::<IpAddr>().expect("addr"));
+        assert_eq!(
+            mask_addr(b, 32, 48),
+            "2001:db8:1::".parse::<IpAddr>().expect("addr")
+        );
     }
 
     /// Flips each input bit of an IPv4 endpoint and counts output-bit flips:
@@ -438,7 +453,9 @@ mod test {
         let mut flips = [[0u32; 64]; 48];
         let mut x = 0x1234_5678_9abc_u64;
         for _ in 0..samples {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let addr = ((x >> 16) as u32).to_be_bytes();
             let port = (x >> 48) as u16;
             let h0 = hash_v4_endpoint(&key, addr, port);
@@ -459,7 +476,10 @@ mod test {
             for (o, &c) in row.iter().enumerate() {
                 let p = f64::from(c) / f64::from(samples);
                 // 2000 samples: sd = 0.011; 0.45..0.55 is > 4.4 sd.
-                assert!((0.45..=0.55).contains(&p), "input bit {bit} -> output bit {o}: {p}");
+                assert!(
+                    (0.45..=0.55).contains(&p),
+                    "input bit {bit} -> output bit {o}: {p}"
+                );
             }
         }
     }

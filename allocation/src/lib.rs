@@ -47,4 +47,6 @@ pub use rebalance::{Change, Move};
 pub use rules::{PortRange, Prefix, Rule};
 pub use selfport::{PortAllocator, SelfPorts, SnatAllocator};
 pub use shared::SharedTable;
-pub use table::{AllocationTable, Buckets, Flow, Group, GroupSpec, HashMode, SteerBy, Steering, Tm, TmIndex};
+pub use table::{
+    AllocationTable, Buckets, Flow, Group, GroupSpec, HashMode, SteerBy, Steering, Tm, TmIndex,
+};

@@ -49,7 +49,13 @@ impl FromStr for MacAddr {
 
     /// Parses `aa:bb:cc:dd:ee:ff` (or with `-` separators).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || ParseError::new("MAC address", s, "expected six hex octets like 02:00:00:00:00:01");
+        let bad = || {
+            ParseError::new(
+                "MAC address",
+                s,
+                "expected six hex octets like 02:00:00:00:00:01",
+            )
+        };
         let mut out = [0u8; 6];
         let mut parts = s.split([':', '-']);
         for byte in out.iter_mut() {
@@ -77,8 +83,18 @@ mod test {
         assert_eq!(m.offset(1).to_string(), "02:53:54:00:01:00");
         assert_eq!("02-53-54-00-00-FF".parse::<MacAddr>().expect("mac"), m);
         assert!(!m.is_multicast());
-        assert!("01:00:5e:00:00:01".parse::<MacAddr>().expect("mac").is_multicast());
-        for bad in ["", "02:53:54:00:00", "02:53:54:00:00:00:00", "0g:00:00:00:00:00", "002:0:0:0:0:0", "::::::"] {
+        assert!("01:00:5e:00:00:01"
+            .parse::<MacAddr>()
+            .expect("mac")
+            .is_multicast());
+        for bad in [
+            "",
+            "02:53:54:00:00",
+            "02:53:54:00:00:00:00",
+            "0g:00:00:00:00:00",
+            "002:0:0:0:0:0",
+            "::::::",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
     }

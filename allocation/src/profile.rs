@@ -242,7 +242,9 @@ mod test {
 
     #[test]
     fn weighted_with_zero() {
-        let t = Profile::Weighted.targets(&[1, 0, 3], 4096).expect("targets");
+        let t = Profile::Weighted
+            .targets(&[1, 0, 3], 4096)
+            .expect("targets");
         assert_eq!(t, vec![1024, 0, 3072]);
         assert_eq!(
             Profile::Weighted.targets(&[0, 0], 4096),
@@ -293,14 +295,15 @@ mod test {
             c.targets(&[1; 2], 4096),
             Err(ProfileError::InvalidParameter { .. })
         ));
-        let c = Profile::Custom {
-            weights: vec![1.0],
-        };
+        let c = Profile::Custom { weights: vec![1.0] };
         assert_eq!(
             c.targets(&[1; 2], 4096),
             Err(ProfileError::CustomLength { given: 1, tms: 2 })
         );
-        assert_eq!(Profile::Uniform.targets(&[], 4096), Err(ProfileError::NoTms));
+        assert_eq!(
+            Profile::Uniform.targets(&[], 4096),
+            Err(ProfileError::NoTms)
+        );
         assert!("bogus".parse::<Profile>().is_err());
     }
 

@@ -41,7 +41,11 @@ pub struct Change {
 /// most credit (ties: earlier in the list) takes the slot and pays the
 /// total. Integer arithmetic only; O(slots × owners), control path only.
 pub(crate) fn interleave(counts: &[(TmIndex, u32)]) -> Vec<TmIndex> {
-    let active: Vec<(TmIndex, i64)> = counts.iter().filter(|&&(_, c)| c > 0).map(|&(tm, c)| (tm, i64::from(c))).collect();
+    let active: Vec<(TmIndex, i64)> = counts
+        .iter()
+        .filter(|&&(_, c)| c > 0)
+        .map(|&(tm, c)| (tm, i64::from(c)))
+        .collect();
     let total: i64 = active.iter().map(|&(_, c)| c).sum();
     let mut credit = vec![0i64; active.len()];
     let mut out = Vec::with_capacity(total as usize);
@@ -62,7 +66,11 @@ pub(crate) fn interleave(counts: &[(TmIndex, u32)]) -> Vec<TmIndex> {
 /// Moves buckets of `buckets` so that TM `i` owns exactly `targets[i]`,
 /// moving only `Σ max(0, count_i − target_i)` buckets. `targets` has one
 /// entry per TM index and sums to 4096 (checked by the caller).
-fn rebalance_buckets(buckets: &Buckets, targets: &[u32], group: usize) -> (Vec<TmIndex>, Vec<Move>) {
+fn rebalance_buckets(
+    buckets: &Buckets,
+    targets: &[u32],
+    group: usize,
+) -> (Vec<TmIndex>, Vec<Move>) {
     let mut owners = buckets.as_slice().to_vec();
     let mut positions: Vec<Vec<u16>> = vec![Vec::new(); targets.len()];
     for (b, &o) in owners.iter().enumerate() {
@@ -160,8 +168,15 @@ impl AllocationTable {
             tm: tms.last().map(|t| t.name.clone()).unwrap_or_default(),
             group: format!("#{g}"),
         })?;
-        let members: Vec<TmIndex> = (0..tms.len()).filter(|&i| tms[i].group == g).map(|i| i as TmIndex).collect();
-        let targets = spread_targets(&profile_targets(&group.profile, &tms, &members, &group.name)?, &members, tms.len());
+        let members: Vec<TmIndex> = (0..tms.len())
+            .filter(|&i| tms[i].group == g)
+            .map(|i| i as TmIndex)
+            .collect();
+        let targets = spread_targets(
+            &profile_targets(&group.profile, &tms, &members, &group.name)?,
+            &members,
+            tms.len(),
+        );
         let moves = apply(&mut groups, &tms, g, &targets)?;
         let optimum = moves.len();
         Ok(Change {
@@ -177,15 +192,27 @@ impl AllocationTable {
     /// indexes shift down by one. Version + 1.
     pub fn remove_tm(&self, index: TmIndex) -> Result<Change, TableError> {
         let tms = self.tms();
-        let gone = tms.get(usize::from(index)).ok_or(TableError::NoSuchTm(usize::from(index)))?;
+        let gone = tms
+            .get(usize::from(index))
+            .ok_or(TableError::NoSuchTm(usize::from(index)))?;
         let g = gone.group;
         let mut groups = self.groups().to_vec();
         let group = &groups[g];
-        let members: Vec<TmIndex> = self.members(g).into_iter().filter(|&m| m != index).collect();
+        let members: Vec<TmIndex> = self
+            .members(g)
+            .into_iter()
+            .filter(|&m| m != index)
+            .collect();
         if members.is_empty() {
-            return Err(TableError::NoSurvivors { group: group.name.clone() });
+            return Err(TableError::NoSurvivors {
+                group: group.name.clone(),
+            });
         }
-        let targets = spread_targets(&profile_targets(&group.profile, tms, &members, &group.name)?, &members, tms.len());
+        let targets = spread_targets(
+            &profile_targets(&group.profile, tms, &members, &group.name)?,
+            &members,
+            tms.len(),
+        );
         let mut moves = apply(&mut groups, tms, g, &targets)?;
         // Renumber: drop the TM, shift later indexes down.
         let shift = |i: TmIndex| if i > index { i - 1 } else { i };
@@ -233,7 +260,11 @@ impl AllocationTable {
             if !members.iter().any(|m| set.binary_search(m).is_ok()) {
                 continue;
             }
-            let survivors: Vec<TmIndex> = members.iter().copied().filter(|m| set.binary_search(m).is_err()).collect();
+            let survivors: Vec<TmIndex> = members
+                .iter()
+                .copied()
+                .filter(|m| set.binary_search(m).is_err())
+                .collect();
             if survivors.is_empty() {
                 return Err(TableError::NoSurvivors {
                     group: groups[g].name.clone(),
@@ -241,8 +272,14 @@ impl AllocationTable {
             }
             let counts = self.counts(g);
             let lost: u32 = set.iter().map(|&k| counts[usize::from(k)]).sum();
-            let by_counts: Vec<u64> = survivors.iter().map(|&s| u64::from(counts[usize::from(s)])).collect();
-            let by_weight: Vec<u64> = survivors.iter().map(|&s| u64::from(tms[usize::from(s)].weight)).collect();
+            let by_counts: Vec<u64> = survivors
+                .iter()
+                .map(|&s| u64::from(counts[usize::from(s)]))
+                .collect();
+            let by_weight: Vec<u64> = survivors
+                .iter()
+                .map(|&s| u64::from(tms[usize::from(s)].weight))
+                .collect();
             let shares = [by_counts, by_weight, vec![1; survivors.len()]]
                 .iter()
                 .find_map(|w| largest_remainder(w, lost).ok())
@@ -273,9 +310,16 @@ fn spread_targets(member_targets: &[u32], members: &[TmIndex], n: usize) -> Vec<
 
 /// Rebalances `groups[g]` in place to `targets`; re-elects the equal-ports
 /// TM if its target is now zero. Returns the moves.
-fn apply(groups: &mut [Group], tms: &[Tm], g: usize, targets: &[u32]) -> Result<Vec<Move>, TableError> {
+fn apply(
+    groups: &mut [Group],
+    tms: &[Tm],
+    g: usize,
+    targets: &[u32],
+) -> Result<Vec<Move>, TableError> {
     let sum: u64 = targets.iter().map(|&t| u64::from(t)).sum();
-    let group = groups.get_mut(g).ok_or_else(|| TableError::Groups(format!("no group #{g}")))?;
+    let group = groups
+        .get_mut(g)
+        .ok_or_else(|| TableError::Groups(format!("no group #{g}")))?;
     if targets.len() != tms.len() || sum != TABLE_SIZE as u64 {
         return Err(TableError::Targets {
             sum,
@@ -294,7 +338,10 @@ fn apply(groups: &mut [Group], tms: &[Tm], g: usize, targets: &[u32]) -> Result<
     let (owners, moves) = rebalance_buckets(&group.buckets, targets, g);
     group.buckets = Buckets::from_vec(owners, &group.name)?;
     if targets[usize::from(group.equal_ports_tm)] == 0 {
-        let members: Vec<TmIndex> = (0..tms.len()).filter(|&i| tms[i].group == g).map(|i| i as TmIndex).collect();
+        let members: Vec<TmIndex> = (0..tms.len())
+            .filter(|&i| tms[i].group == g)
+            .map(|i| i as TmIndex)
+            .collect();
         let member_targets: Vec<u32> = members.iter().map(|&m| targets[usize::from(m)]).collect();
         if let Some(tm) = largest_target(&members, &member_targets) {
             group.equal_ports_tm = tm;
@@ -323,7 +370,13 @@ mod test {
                 group: 0,
             })
             .collect();
-        AllocationTable::new(7, test_key(), tms, vec![GroupSpec::default_group(Profile::Weighted)]).expect("table")
+        AllocationTable::new(
+            7,
+            test_key(),
+            tms,
+            vec![GroupSpec::default_group(Profile::Weighted)],
+        )
+        .expect("table")
     }
 
     /// The shortest possible longest run for a TM owning `t` of 4096 buckets.
@@ -340,7 +393,11 @@ mod test {
         let after = &change.table;
         let (b, a) = (&before.groups()[g].buckets, &after.groups()[g].buckets);
         let changed = (0..TABLE_SIZE).filter(|&i| b.get(i) != a.get(i)).count();
-        assert_eq!(changed, change.moves.len(), "moves list every changed bucket");
+        assert_eq!(
+            changed,
+            change.moves.len(),
+            "moves list every changed bucket"
+        );
         for m in &change.moves {
             assert_eq!(b.get(usize::from(m.bucket)), m.from);
             assert_eq!(a.get(usize::from(m.bucket)), m.to);
@@ -350,7 +407,10 @@ mod test {
     #[test]
     fn uniform_to_gaussian_moves_the_minimum() {
         let t = uniform(8);
-        let g = Profile::Gaussian { mean: None, sigma: None };
+        let g = Profile::Gaussian {
+            mean: None,
+            sigma: None,
+        };
         let c = t.rebalance(0, &g).expect("rebalance");
         let targets = t.targets(0, &g).expect("targets");
         assert_eq!(c.table.counts(0), targets);
@@ -385,7 +445,10 @@ mod test {
         assert_eq!(removed.moves.len(), 819);
         assert!(removed.moves.iter().all(|m| m.from == 1));
         assert_eq!(removed.table.tms()[1].id, 2, "later TMs shift down");
-        assert!(matches!(uniform(1).remove_tm(0), Err(TableError::NoSurvivors { .. })));
+        assert!(matches!(
+            uniform(1).remove_tm(0),
+            Err(TableError::NoSurvivors { .. })
+        ));
         assert!(matches!(t.remove_tm(9), Err(TableError::NoSuchTm(9))));
     }
 
@@ -409,7 +472,10 @@ mod test {
         let ab = t.failover(&[1, 4]).expect("failover");
         let ba = t.failover(&[4, 1, 4]).expect("failover");
         assert_eq!(ab.table, ba.table);
-        assert!(matches!(uniform(2).failover(&[0, 1]), Err(TableError::NoSurvivors { .. })));
+        assert!(matches!(
+            uniform(2).failover(&[0, 1]),
+            Err(TableError::NoSurvivors { .. })
+        ));
     }
 
     #[test]

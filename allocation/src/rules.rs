@@ -100,9 +100,9 @@ impl FromStr for PortRange {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let port = |p: &str| {
-            p.trim()
-                .parse::<u16>()
-                .map_err(|_| ParseError::new("port range", s, "expected PORT or LO-HI with ports 0-65535"))
+            p.trim().parse::<u16>().map_err(|_| {
+                ParseError::new("port range", s, "expected PORT or LO-HI with ports 0-65535")
+            })
         };
         let (lo, hi) = match s.split_once('-') {
             Some((a, b)) => (port(a)?, port(b)?),
@@ -112,7 +112,11 @@ impl FromStr for PortRange {
             }
         };
         if lo > hi {
-            return Err(ParseError::new("port range", s, "the first port is above the last"));
+            return Err(ParseError::new(
+                "port range",
+                s,
+                "the first port is above the last",
+            ));
         }
         Ok(PortRange { lo, hi })
     }
@@ -170,7 +174,9 @@ impl FromStr for Prefix {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = |why: &str| ParseError::new("prefix", s, why.to_string());
-        let (a, l) = s.split_once('/').ok_or_else(|| bad("expected ADDRESS/LENGTH"))?;
+        let (a, l) = s
+            .split_once('/')
+            .ok_or_else(|| bad("expected ADDRESS/LENGTH"))?;
         let addr = canonical(a.parse::<IpAddr>().map_err(|_| bad("not an IP address"))?);
         let len: u8 = l.parse().map_err(|_| bad("bad prefix length"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
@@ -205,9 +211,9 @@ pub struct Protocol(pub u8);
 impl TryFrom<String> for Protocol {
     type Error = ParseError;
     fn try_from(s: String) -> Result<Self, Self::Error> {
-        proto::parse(&s)
-            .map(Protocol)
-            .ok_or_else(|| ParseError::new("protocol", &s, "expected tcp, udp, icmp, icmpv6 or 0-255"))
+        proto::parse(&s).map(Protocol).ok_or_else(|| {
+            ParseError::new("protocol", &s, "expected tcp, udp, icmp, icmpv6 or 0-255")
+        })
     }
 }
 
@@ -290,12 +296,21 @@ mod test {
     use crate::table::Flow;
 
     fn flow(p: u8, s: &str, sp: u16, d: &str, dp: u16) -> Flow {
-        Flow::with_ports(p, s.parse().expect("addr"), sp, d.parse().expect("addr"), dp)
+        Flow::with_ports(
+            p,
+            s.parse().expect("addr"),
+            sp,
+            d.parse().expect("addr"),
+            dp,
+        )
     }
 
     #[test]
     fn parse_ranges_and_prefixes() {
-        assert_eq!("80".parse::<PortRange>().expect("r"), PortRange { lo: 80, hi: 80 });
+        assert_eq!(
+            "80".parse::<PortRange>().expect("r"),
+            PortRange { lo: 80, hi: 80 }
+        );
         assert_eq!("8000-8999".parse::<PortRange>().expect("r").len(), 1000);
         for bad in ["", "x", "90-80", "70000", "1-2-3"] {
             assert!(bad.parse::<PortRange>().is_err(), "{bad}");
@@ -328,7 +343,11 @@ mod test {
             prefix: Some("198.51.100.0/24".parse().expect("p")),
         };
         assert!(net.matches(&q) && net.matches(&q.reversed()));
-        let noports = Flow::without_ports(proto::ICMP, "198.51.100.1".parse().expect("a"), "203.0.113.7".parse().expect("a"));
+        let noports = Flow::without_ports(
+            proto::ICMP,
+            "198.51.100.1".parse().expect("a"),
+            "203.0.113.7".parse().expect("a"),
+        );
         assert!(net.matches(&noports));
         assert!(!rule.matches(&noports));
     }

@@ -31,7 +31,13 @@ pub struct SelfPorts {
 
 impl std::fmt::Debug for SelfPorts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SelfPorts({} for TM {}: {} ports)", self.addr, self.tm, self.count())
+        write!(
+            f,
+            "SelfPorts({} for TM {}: {} ports)",
+            self.addr,
+            self.tm,
+            self.count()
+        )
     }
 }
 
@@ -41,7 +47,12 @@ impl SelfPorts {
     /// A port qualifies when the TM's group hashes (`addr`, port) to a bucket
     /// owned by `tm`, and the port is not named by any rule of another group
     /// (such a port could move the reply into that group's table).
-    pub fn build(table: &AllocationTable, addr: IpAddr, tm: TmIndex, range: PortRange) -> Result<Self, PortError> {
+    pub fn build(
+        table: &AllocationTable,
+        addr: IpAddr,
+        tm: TmIndex,
+        range: PortRange,
+    ) -> Result<Self, PortError> {
         let mut all = Self::build_all(table, addr, range);
         if usize::from(tm) >= all.len() {
             return Err(PortError::Mismatch);
@@ -66,7 +77,11 @@ impl SelfPorts {
                         if excluded.iter().any(|r| r.contains(p)) {
                             continue;
                         }
-                        let owner = usize::from(group.buckets.get(bucket(hash_endpoint(table.key(), addr, p))));
+                        let owner = usize::from(group.buckets.get(bucket(hash_endpoint(
+                            table.key(),
+                            addr,
+                            p,
+                        ))));
                         words[owner][usize::from(p) / 64] |= 1 << (p % 64);
                     }
                 }
@@ -259,7 +274,9 @@ impl PortAllocator {
     pub fn allocate(&mut self, above: u16) -> Option<u16> {
         let lo = u32::from(above) + 1;
         let start = self.cursor.max(lo);
-        let port = self.find(start, 65535).or_else(|| self.find(lo, start.saturating_sub(1)))?;
+        let port = self
+            .find(start, 65535)
+            .or_else(|| self.find(lo, start.saturating_sub(1)))?;
         let w = (port / 64) as usize;
         self.used[w] |= 1 << (port % 64);
         self.refresh(w);
@@ -286,7 +303,10 @@ impl PortAllocator {
     pub fn release(&mut self, port: u16) -> Result<(), PortError> {
         let (w, bit) = (usize::from(port) / 64, 1u64 << (port % 64));
         if self.used[w] & bit == 0 {
-            return Err(PortError::NotAllocated { addr: self.addr, port });
+            return Err(PortError::NotAllocated {
+                addr: self.addr,
+                port,
+            });
         }
         self.used[w] &= !bit;
         self.in_use -= 1;
@@ -323,7 +343,12 @@ pub struct SnatAllocator {
 
 impl SnatAllocator {
     /// Builds the self-port sets of `tm` for every address under `table`.
-    pub fn new(table: &AllocationTable, tm: TmIndex, addrs: &[IpAddr], range: PortRange) -> Result<Self, PortError> {
+    pub fn new(
+        table: &AllocationTable,
+        tm: TmIndex,
+        addrs: &[IpAddr],
+        range: PortRange,
+    ) -> Result<Self, PortError> {
         let pools = addrs
             .iter()
             .map(|&a| SelfPorts::build(table, a, tm, range).map(|p| PortAllocator::new(&p)))
@@ -412,7 +437,8 @@ mod test {
     #[test]
     fn allocator_respects_above_and_exhausts() {
         let t = uniform(4);
-        let ports = SelfPorts::build(&t, ip("10.1.0.1"), 2, "1024-1100".parse().expect("range")).expect("ports");
+        let ports = SelfPorts::build(&t, ip("10.1.0.1"), 2, "1024-1100".parse().expect("range"))
+            .expect("ports");
         let mut a = PortAllocator::new(&ports);
         let n = ports.count_above(1050);
         let mut got = Vec::new();
@@ -454,15 +480,37 @@ mod test {
             assert_eq!(t.steer(&reply).tm, 1);
             assert!(seen.insert((addr, port)));
         }
-        assert!(seen.iter().any(|(a, _)| *a == addrs[1]), "second address used");
-        assert_eq!(s.allocate(443), Err(PortError::Exhausted { above: 443, tm: 1, addresses: 2 }));
-        assert_eq!(s.release(ip("10.9.9.9"), 1), Err(PortError::UnknownAddress(ip("10.9.9.9"))));
+        assert!(
+            seen.iter().any(|(a, _)| *a == addrs[1]),
+            "second address used"
+        );
+        assert_eq!(
+            s.allocate(443),
+            Err(PortError::Exhausted {
+                above: 443,
+                tm: 1,
+                addresses: 2
+            })
+        );
+        assert_eq!(
+            s.release(ip("10.9.9.9"), 1),
+            Err(PortError::UnknownAddress(ip("10.9.9.9")))
+        );
     }
 
     #[test]
     fn dual_table_ports_are_valid_under_both() {
         let t = uniform(8);
-        let next = t.rebalance(0, &Profile::Gaussian { mean: None, sigma: None }).expect("rebalance").table;
+        let next = t
+            .rebalance(
+                0,
+                &Profile::Gaussian {
+                    mean: None,
+                    sigma: None,
+                },
+            )
+            .expect("rebalance")
+            .table;
         let a = ip("10.1.0.1");
         let mut s = SnatAllocator::new(&t, 5, &[a], PortRange::ALL).expect("snat");
         let held = s.allocate(80).expect("port");
@@ -485,11 +533,21 @@ mod test {
         tms[3].group = 1;
         let spec = GroupSpec {
             name: "alt".into(),
-            rules: vec![Rule { protocol: Some(Protocol(proto::TCP)), ports: Some("40000-40999".parse().expect("r")), prefix: None }],
+            rules: vec![Rule {
+                protocol: Some(Protocol(proto::TCP)),
+                ports: Some("40000-40999".parse().expect("r")),
+                prefix: None,
+            }],
             hash: HashMode::Endpoint,
             profile: Profile::Uniform,
         };
-        let t = AllocationTable::new(1, *uniform(1).key(), tms, vec![GroupSpec::default_group(Profile::Uniform), spec]).expect("table");
+        let t = AllocationTable::new(
+            1,
+            *uniform(1).key(),
+            tms,
+            vec![GroupSpec::default_group(Profile::Uniform), spec],
+        )
+        .expect("table");
         let set = SelfPorts::build(&t, ip("10.1.0.1"), 0, PortRange::ALL).expect("ports");
         assert!(set.count() > 0);
         assert!(set.iter().all(|p| !(40000..=40999).contains(&p)));

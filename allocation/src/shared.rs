@@ -78,7 +78,10 @@ mod test {
         assert_eq!(old.version(), 1);
         assert!(matches!(
             s.swap(uniform(4).with_version(2)),
-            Err(TableError::StaleVersion { current: 2, offered: 2 })
+            Err(TableError::StaleVersion {
+                current: 2,
+                offered: 2
+            })
         ));
         assert_eq!(s.replace(uniform(4).with_version(1)).version(), 2);
         assert_eq!(s.load().version(), 1);
@@ -95,7 +98,9 @@ mod test {
             .map(|k| {
                 let mut w = vec![0.0; n];
                 w[k] = 1.0;
-                base.rebalance(0, &Profile::Custom { weights: w }).expect("rebalance").table
+                base.rebalance(0, &Profile::Custom { weights: w })
+                    .expect("rebalance")
+                    .table
             })
             .collect();
         let shared = Arc::new(SharedTable::new(tables[1].clone().with_version(1)));
@@ -103,7 +108,8 @@ mod test {
         let lookups = Arc::new(AtomicU64::new(0));
         let readers: Vec<_> = (0..3)
             .map(|_| {
-                let (shared, stop, lookups) = (Arc::clone(&shared), Arc::clone(&stop), Arc::clone(&lookups));
+                let (shared, stop, lookups) =
+                    (Arc::clone(&shared), Arc::clone(&stop), Arc::clone(&lookups));
                 std::thread::spawn(move || {
                     let mut last = 0;
                     while !stop.load(Ordering::Relaxed) {
@@ -121,7 +127,9 @@ mod test {
             })
             .collect();
         for v in 2..=5000u64 {
-            shared.swap(tables[(v % 4) as usize].clone().with_version(v)).expect("swap");
+            shared
+                .swap(tables[(v % 4) as usize].clone().with_version(v))
+                .expect("swap");
         }
         stop.store(true, Ordering::Relaxed);
         for r in readers {

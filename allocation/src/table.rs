@@ -126,7 +126,11 @@ impl Buckets {
 
 impl fmt::Debug for Buckets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Buckets([{}, {}, {}, …])", self.0[0], self.0[1], self.0[2])
+        write!(
+            f,
+            "Buckets([{}, {}, {}, …])",
+            self.0[0], self.0[1], self.0[2]
+        )
     }
 }
 
@@ -189,7 +193,13 @@ pub struct Flow {
 
 impl Flow {
     /// A TCP/UDP flow.
-    pub fn with_ports(protocol: u8, src: IpAddr, src_port: u16, dst: IpAddr, dst_port: u16) -> Self {
+    pub fn with_ports(
+        protocol: u8,
+        src: IpAddr,
+        src_port: u16,
+        dst: IpAddr,
+        dst_port: u16,
+    ) -> Self {
         Flow {
             protocol,
             src,
@@ -251,9 +261,9 @@ impl SteerBy {
     /// The bucket that decided, if a hash decided.
     pub fn bucket(&self) -> Option<u16> {
         match *self {
-            SteerBy::Endpoint { bucket, .. } | SteerBy::Address { bucket, .. } | SteerBy::NoPorts { bucket } => {
-                Some(bucket)
-            }
+            SteerBy::Endpoint { bucket, .. }
+            | SteerBy::Address { bucket, .. }
+            | SteerBy::NoPorts { bucket } => Some(bucket),
             SteerBy::EqualPorts => None,
         }
     }
@@ -282,7 +292,12 @@ pub struct AllocationTable {
 impl AllocationTable {
     /// Builds a table at `version`: each group's buckets are spread over its
     /// members by its profile. Errors on any invariant (see [`Self::from_parts`]).
-    pub fn new(version: u64, key: HashKey, tms: Vec<Tm>, specs: Vec<GroupSpec>) -> Result<Self, TableError> {
+    pub fn new(
+        version: u64,
+        key: HashKey,
+        tms: Vec<Tm>,
+        specs: Vec<GroupSpec>,
+    ) -> Result<Self, TableError> {
         let mut groups = Vec::with_capacity(specs.len());
         for (g, spec) in specs.into_iter().enumerate() {
             let members: Vec<TmIndex> = tms
@@ -318,7 +333,12 @@ impl AllocationTable {
     /// at least one non-empty rule; every TM in an existing group; every group
     /// with at least one member; every bucket owned by a member of its group;
     /// the equal-ports TM a member; prefix lengths in range.
-    pub fn from_parts(version: u64, key: HashKey, tms: Vec<Tm>, groups: Vec<Group>) -> Result<Self, TableError> {
+    pub fn from_parts(
+        version: u64,
+        key: HashKey,
+        tms: Vec<Tm>,
+        groups: Vec<Group>,
+    ) -> Result<Self, TableError> {
         if tms.is_empty() || tms.len() > MAX_TMS {
             return Err(TableError::TmCount {
                 found: tms.len(),
@@ -351,11 +371,16 @@ impl AllocationTable {
             }
         }
         if groups.is_empty() {
-            return Err(TableError::Groups("a table needs at least the default group".into()));
+            return Err(TableError::Groups(
+                "a table needs at least the default group".into(),
+            ));
         }
         for (g, group) in groups.iter().enumerate() {
             if groups[..g].iter().any(|o| o.name == group.name) {
-                return Err(TableError::Groups(format!("group name '{}' is used twice", group.name)));
+                return Err(TableError::Groups(format!(
+                    "group name '{}' is used twice",
+                    group.name
+                )));
             }
             if g == 0 && !group.rules.is_empty() {
                 return Err(TableError::Groups(format!(
@@ -375,7 +400,11 @@ impl AllocationTable {
                     group.name
                 )));
             }
-            if let HashMode::Address { v4_prefix, v6_prefix } = group.hash {
+            if let HashMode::Address {
+                v4_prefix,
+                v6_prefix,
+            } = group.hash
+            {
                 if v4_prefix > 32 || v6_prefix > 128 {
                     return Err(TableError::Groups(format!(
                         "group '{}': address hash prefixes /{v4_prefix} (IPv4) and /{v6_prefix} (IPv6) out of range",
@@ -384,21 +413,29 @@ impl AllocationTable {
                 }
             }
             if !tms.iter().any(|t| t.group == g) {
-                return Err(TableError::Groups(format!("group '{}' has no traffic manager", group.name)));
+                return Err(TableError::Groups(format!(
+                    "group '{}' has no traffic manager",
+                    group.name
+                )));
             }
             for (b, &owner) in group.buckets.as_slice().iter().enumerate() {
-                let tm = tms.get(usize::from(owner)).ok_or_else(|| TableError::UnknownTm {
-                    group: group.name.clone(),
-                    bucket: b,
-                    tm: usize::from(owner),
-                    count: tms.len(),
-                })?;
+                let tm = tms
+                    .get(usize::from(owner))
+                    .ok_or_else(|| TableError::UnknownTm {
+                        group: group.name.clone(),
+                        bucket: b,
+                        tm: usize::from(owner),
+                        count: tms.len(),
+                    })?;
                 if tm.group != g {
                     return Err(TableError::ForeignTm {
                         group: group.name.clone(),
                         bucket: b,
                         tm: tm.name.clone(),
-                        tm_group: groups.get(tm.group).map(|o| o.name.clone()).unwrap_or_default(),
+                        tm_group: groups
+                            .get(tm.group)
+                            .map(|o| o.name.clone())
+                            .unwrap_or_default(),
                     });
                 }
             }
@@ -452,12 +489,18 @@ impl AllocationTable {
 
     /// The index of the TM with stable id `id`.
     pub fn tm_index_by_id(&self, id: u32) -> Option<TmIndex> {
-        self.tms.iter().position(|t| t.id == id).map(|i| i as TmIndex)
+        self.tms
+            .iter()
+            .position(|t| t.id == id)
+            .map(|i| i as TmIndex)
     }
 
     /// The index of the TM named `name`.
     pub fn tm_index_by_name(&self, name: &str) -> Option<TmIndex> {
-        self.tms.iter().position(|t| t.name == name).map(|i| i as TmIndex)
+        self.tms
+            .iter()
+            .position(|t| t.name == name)
+            .map(|i| i as TmIndex)
     }
 
     /// All groups; the first is the default group.
@@ -491,7 +534,10 @@ impl AllocationTable {
     /// Target entries per TM index for group `g` under `profile` (zero for
     /// non-members), summing to 4096.
     pub fn targets(&self, g: usize, profile: &Profile) -> Result<Vec<u32>, TableError> {
-        let group = self.groups.get(g).ok_or_else(|| TableError::Groups(format!("no group #{g}")))?;
+        let group = self
+            .groups
+            .get(g)
+            .ok_or_else(|| TableError::Groups(format!("no group #{g}")))?;
         let members = self.members(g);
         let t = profile_targets(profile, &self.tms, &members, &group.name)?;
         let mut out = vec![0u32; self.tms.len()];
@@ -520,9 +566,13 @@ impl AllocationTable {
     #[inline]
     pub fn endpoint_bucket(&self, g: usize, addr: IpAddr, port: u16) -> usize {
         match self.groups.get(g).map(|grp| grp.hash) {
-            Some(HashMode::Address { v4_prefix, v6_prefix }) => {
-                bucket(hash_address(&self.key, mask_addr(addr, v4_prefix, v6_prefix)))
-            }
+            Some(HashMode::Address {
+                v4_prefix,
+                v6_prefix,
+            }) => bucket(hash_address(
+                &self.key,
+                mask_addr(addr, v4_prefix, v6_prefix),
+            )),
             _ => bucket(hash_endpoint(&self.key, addr, port)),
         }
     }
@@ -543,14 +593,21 @@ impl AllocationTable {
                 }
             }
             Some((sp, dp)) => {
-                let (addr, port) = if sp > dp { (flow.src, sp) } else { (flow.dst, dp) };
+                let (addr, port) = if sp > dp {
+                    (flow.src, sp)
+                } else {
+                    (flow.dst, dp)
+                };
                 match group.hash {
                     HashMode::Endpoint => SteerBy::Endpoint {
                         addr,
                         port,
                         bucket: bucket(hash_endpoint(&self.key, addr, port)) as u16,
                     },
-                    HashMode::Address { v4_prefix, v6_prefix } => {
+                    HashMode::Address {
+                        v4_prefix,
+                        v6_prefix,
+                    } => {
                         let masked = mask_addr(addr, v4_prefix, v6_prefix);
                         SteerBy::Address {
                             addr: masked,
@@ -572,7 +629,12 @@ impl AllocationTable {
 
     /// Replaces the groups and TM list (used by the rebalancing operations,
     /// which keep the invariants themselves and re-check them here).
-    pub(crate) fn rebuilt(&self, version: u64, tms: Vec<Tm>, groups: Vec<Group>) -> Result<Self, TableError> {
+    pub(crate) fn rebuilt(
+        &self,
+        version: u64,
+        tms: Vec<Tm>,
+        groups: Vec<Group>,
+    ) -> Result<Self, TableError> {
         Self::from_parts(version, self.key, tms, groups)
     }
 }
@@ -619,12 +681,21 @@ pub(crate) mod test {
             .map(|i| Tm {
                 id: i as u32,
                 name: format!("tm{i}"),
-                mac: "02:53:54:00:00:00".parse::<MacAddr>().expect("mac").offset(i as u64 + 1),
+                mac: "02:53:54:00:00:00"
+                    .parse::<MacAddr>()
+                    .expect("mac")
+                    .offset(i as u64 + 1),
                 weight: 1,
                 group: 0,
             })
             .collect();
-        AllocationTable::new(1, test_key(), tms, vec![GroupSpec::default_group(Profile::Uniform)]).expect("table")
+        AllocationTable::new(
+            1,
+            test_key(),
+            tms,
+            vec![GroupSpec::default_group(Profile::Uniform)],
+        )
+        .expect("table")
     }
 
     pub(crate) fn test_key() -> HashKey {
@@ -651,12 +722,31 @@ pub(crate) mod test {
         // Greater port is the client's: the client endpoint is hashed, both ways.
         let f = Flow::with_ports(proto::TCP, ip("203.0.113.7"), 6900, ip("198.51.100.1"), 80);
         let s = t.steer(&f);
-        assert_eq!(s.by, SteerBy::Endpoint { addr: ip("203.0.113.7"), port: 6900, bucket: s.by.bucket().expect("hashed") });
+        assert_eq!(
+            s.by,
+            SteerBy::Endpoint {
+                addr: ip("203.0.113.7"),
+                port: 6900,
+                bucket: s.by.bucket().expect("hashed")
+            }
+        );
         assert_eq!(t.steer(&f.reversed()), s);
-        assert_eq!(s.tm, t.groups()[0].buckets.get(bucket(hash_endpoint(t.key(), ip("203.0.113.7"), 6900))));
+        assert_eq!(
+            s.tm,
+            t.groups()[0]
+                .buckets
+                .get(bucket(hash_endpoint(t.key(), ip("203.0.113.7"), 6900)))
+        );
         // Equal ports: the predetermined TM.
         let e = Flow::with_ports(proto::UDP, ip("192.0.2.1"), 500, ip("192.0.2.2"), 500);
-        assert_eq!(t.steer(&e), Steering { group: 0, tm: t.groups()[0].equal_ports_tm, by: SteerBy::EqualPorts });
+        assert_eq!(
+            t.steer(&e),
+            Steering {
+                group: 0,
+                tm: t.groups()[0].equal_ports_tm,
+                by: SteerBy::EqualPorts
+            }
+        );
         // No ports: direction-free triple.
         let icmp = Flow::without_ports(proto::ICMP, ip("192.0.2.1"), ip("198.51.100.1"));
         assert_eq!(t.steer(&icmp).tm, t.steer(&icmp.reversed()).tm);
@@ -678,7 +768,13 @@ pub(crate) mod test {
             hash: HashMode::Endpoint,
             profile: Profile::Uniform,
         };
-        AllocationTable::new(1, test_key(), tms, vec![GroupSpec::default_group(Profile::Uniform), dns]).expect("table")
+        AllocationTable::new(
+            1,
+            test_key(),
+            tms,
+            vec![GroupSpec::default_group(Profile::Uniform), dns],
+        )
+        .expect("table")
     }
 
     #[test]
@@ -686,12 +782,24 @@ pub(crate) mod test {
         let t = two_groups();
         assert_eq!(t.counts(0), vec![1024, 1024, 1024, 1024, 0, 0]);
         assert_eq!(t.counts(1), vec![0, 0, 0, 0, 2048, 2048]);
-        let q = Flow::with_ports(proto::UDP, ip("203.0.113.9"), 40001, ip("198.51.100.53"), 53);
+        let q = Flow::with_ports(
+            proto::UDP,
+            ip("203.0.113.9"),
+            40001,
+            ip("198.51.100.53"),
+            53,
+        );
         let s = t.steer(&q);
         assert_eq!(s.group, 1);
         assert!(s.tm >= 4);
         assert_eq!(t.steer(&q.reversed()), s);
-        let web = Flow::with_ports(proto::TCP, ip("203.0.113.9"), 40001, ip("198.51.100.53"), 53);
+        let web = Flow::with_ports(
+            proto::TCP,
+            ip("203.0.113.9"),
+            40001,
+            ip("198.51.100.53"),
+            53,
+        );
         assert_eq!(t.steer(&web).group, 0);
         assert!(t.steer(&web).tm < 4);
     }
@@ -701,12 +809,27 @@ pub(crate) mod test {
         let mut tms = uniform(4).tms().to_vec();
         tms.iter_mut().for_each(|t| t.group = 0);
         let spec = GroupSpec {
-            hash: HashMode::Address { v4_prefix: 24, v6_prefix: 64 },
+            hash: HashMode::Address {
+                v4_prefix: 24,
+                v6_prefix: 64,
+            },
             ..GroupSpec::default_group(Profile::Uniform)
         };
         let t = AllocationTable::new(1, test_key(), tms, vec![spec]).expect("table");
-        let a = t.steer(&Flow::with_ports(proto::TCP, ip("203.0.113.7"), 50000, ip("198.51.100.1"), 443));
-        let b = t.steer(&Flow::with_ports(proto::TCP, ip("203.0.113.200"), 41234, ip("198.51.100.1"), 443));
+        let a = t.steer(&Flow::with_ports(
+            proto::TCP,
+            ip("203.0.113.7"),
+            50000,
+            ip("198.51.100.1"),
+            443,
+        ));
+        let b = t.steer(&Flow::with_ports(
+            proto::TCP,
+            ip("203.0.113.200"),
+            41234,
+            ip("198.51.100.1"),
+            443,
+        ));
         assert_eq!(a.tm, b.tm);
         assert!(matches!(a.by, SteerBy::Address { addr, .. } if addr == ip("203.0.113.0")));
     }
@@ -718,26 +841,58 @@ pub(crate) mod test {
         let key = test_key();
         let mut dup = tms.clone();
         dup[1].mac = dup[0].mac;
-        assert!(matches!(AllocationTable::from_parts(1, key, dup, groups.clone()), Err(TableError::DuplicateTm { field: "MAC", .. })));
+        assert!(matches!(
+            AllocationTable::from_parts(1, key, dup, groups.clone()),
+            Err(TableError::DuplicateTm { field: "MAC", .. })
+        ));
         let mut dup = tms.clone();
         dup[2].id = 0;
-        assert!(matches!(AllocationTable::from_parts(1, key, dup, groups.clone()), Err(TableError::DuplicateTm { field: "id", .. })));
+        assert!(matches!(
+            AllocationTable::from_parts(1, key, dup, groups.clone()),
+            Err(TableError::DuplicateTm { field: "id", .. })
+        ));
         let mut g = groups.clone();
         let mut owners = g[0].buckets.as_slice().to_vec();
         owners[77] = 9;
         g[0].buckets = Buckets::from_vec(owners, "default").expect("size");
-        assert!(matches!(AllocationTable::from_parts(1, key, tms.clone(), g), Err(TableError::UnknownTm { bucket: 77, tm: 9, .. })));
-        assert!(matches!(Buckets::from_vec(vec![0; 4095], "x"), Err(TableError::InvalidTableSize { size: 4095, .. })));
+        assert!(matches!(
+            AllocationTable::from_parts(1, key, tms.clone(), g),
+            Err(TableError::UnknownTm {
+                bucket: 77,
+                tm: 9,
+                ..
+            })
+        ));
+        assert!(matches!(
+            Buckets::from_vec(vec![0; 4095], "x"),
+            Err(TableError::InvalidTableSize { size: 4095, .. })
+        ));
         let mut g = groups.clone();
         g[0].equal_ports_tm = 7;
-        assert!(matches!(AllocationTable::from_parts(1, key, tms.clone(), g), Err(TableError::EqualPortsTm { .. })));
-        assert!(matches!(AllocationTable::from_parts(1, key, vec![], groups.clone()), Err(TableError::TmCount { .. })));
+        assert!(matches!(
+            AllocationTable::from_parts(1, key, tms.clone(), g),
+            Err(TableError::EqualPortsTm { .. })
+        ));
+        assert!(matches!(
+            AllocationTable::from_parts(1, key, vec![], groups.clone()),
+            Err(TableError::TmCount { .. })
+        ));
         let mut g = groups.clone();
-        g[0].rules.push(Rule { protocol: Some(Protocol(6)), ports: None, prefix: None });
-        assert!(matches!(AllocationTable::from_parts(1, key, tms.clone(), g), Err(TableError::Groups(_))));
+        g[0].rules.push(Rule {
+            protocol: Some(Protocol(6)),
+            ports: None,
+            prefix: None,
+        });
+        assert!(matches!(
+            AllocationTable::from_parts(1, key, tms.clone(), g),
+            Err(TableError::Groups(_))
+        ));
         let mut mc = tms;
         mc[0].mac = "01:00:5e:00:00:01".parse().expect("mac");
-        assert!(matches!(AllocationTable::from_parts(1, key, mc, groups), Err(TableError::Groups(_))));
+        assert!(matches!(
+            AllocationTable::from_parts(1, key, mc, groups),
+            Err(TableError::Groups(_))
+        ));
     }
 
     #[test]
@@ -748,7 +903,10 @@ pub(crate) mod test {
         owners[5] = 0;
         groups[1].buckets = Buckets::from_vec(owners, "dns").expect("size");
         let r = AllocationTable::from_parts(1, test_key(), t.tms().to_vec(), groups);
-        assert!(matches!(r, Err(TableError::ForeignTm { bucket: 5, .. })), "{r:?}");
+        assert!(
+            matches!(r, Err(TableError::ForeignTm { bucket: 5, .. })),
+            "{r:?}"
+        );
     }
 
     #[test]

@@ -53,7 +53,9 @@ fn steer_random(t: &AllocationTable, n: usize, seed: u64) -> Vec<u64> {
     for i in 0..n {
         let r = rng.next();
         let client = if i % 4 == 0 {
-            IpAddr::V6(Ipv6Addr::from((u128::from(rng.next()) << 64) | u128::from(r)))
+            IpAddr::V6(Ipv6Addr::from(
+                (u128::from(rng.next()) << 64) | u128::from(r),
+            ))
         } else {
             IpAddr::V4(Ipv4Addr::from((r >> 32) as u32))
         };
@@ -74,8 +76,19 @@ fn a_million_flows_land_within_one_percent_of_target() {
         for (weights, profile) in [
             (vec![1; 8], Profile::Uniform),
             (vec![1, 2, 3, 4], Profile::Weighted),
-            (vec![1; 5], Profile::Custom { weights: vec![3.0, 1.0, 2.0, 2.0, 1.0] }),
-            (vec![1; 8], Profile::Gaussian { mean: None, sigma: None }),
+            (
+                vec![1; 5],
+                Profile::Custom {
+                    weights: vec![3.0, 1.0, 2.0, 2.0, 1.0],
+                },
+            ),
+            (
+                vec![1; 8],
+                Profile::Gaussian {
+                    mean: None,
+                    sigma: None,
+                },
+            ),
             (vec![1; 8], Profile::Rayleigh { sigma: None }),
         ] {
             let t = table(key, &weights, profile.clone());
@@ -118,7 +131,10 @@ fn per_tm_deviations_are_pure_sampling_noise() {
             }
         }
         let (var, mean) = (sum_sq / count, sum / count);
-        assert!((0.75..=1.3).contains(&var), "z variance {var:.3}: deviations are not sampling noise");
+        assert!(
+            (0.75..=1.3).contains(&var),
+            "z variance {var:.3}: deviations are not sampling noise"
+        );
         assert!(mean.abs() < 0.2, "z mean {mean:.3}");
     }
 }
@@ -146,7 +162,10 @@ fn chi2(key: &HashKey, endpoints: impl Iterator<Item = (IpAddr, u16)>) -> (f64, 
 fn assert_uniform(what: &str, key: &HashKey, endpoints: impl Iterator<Item = (IpAddr, u16)>) {
     let (x, n) = chi2(key, endpoints);
     let crit = chi2_critical_0001((TABLE_SIZE - 1) as f64);
-    assert!(n >= 20 * TABLE_SIZE || what.contains("fixed"), "{what}: only {n} samples");
+    assert!(
+        n >= 20 * TABLE_SIZE || what.contains("fixed"),
+        "{what}: only {n} samples"
+    );
     assert!(x < crit, "{what}: chi-square {x:.0} over {n} samples rejects uniformity (critical {crit:.0} at p = 0.001)");
 }
 
@@ -174,9 +193,17 @@ fn buckets_are_uniform_for_sequential_and_strided_ports() {
 fn buckets_are_uniform_for_one_fixed_client() {
     for key in keys() {
         let client: IpAddr = "203.0.113.7".parse().expect("addr");
-        assert_uniform("one fixed client, every port", &key, (1..=65535u16).map(|p| (client, p)));
+        assert_uniform(
+            "one fixed client, every port",
+            &key,
+            (1..=65535u16).map(|p| (client, p)),
+        );
         let v6: IpAddr = "2001:db8::7".parse().expect("addr");
-        assert_uniform("one fixed IPv6 client, every port", &key, (1..=65535u16).map(|p| (v6, p)));
+        assert_uniform(
+            "one fixed IPv6 client, every port",
+            &key,
+            (1..=65535u16).map(|p| (v6, p)),
+        );
     }
 }
 
@@ -204,5 +231,8 @@ fn the_uniformity_check_rejects_a_bad_hash() {
     }
     let e = 400_000.0 / TABLE_SIZE as f64;
     let x: f64 = counts.iter().map(|&c| (c as f64 - e).powi(2) / e).sum();
-    assert!(x > chi2_critical_0001((TABLE_SIZE - 1) as f64), "a degraded hash passed: {x}");
+    assert!(
+        x > chi2_critical_0001((TABLE_SIZE - 1) as f64),
+        "a degraded hash passed: {x}"
+    );
 }

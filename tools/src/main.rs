@@ -1,1 +1,362 @@
-fn main(){}
+//! stdctl: the operator's tool for allocation tables (offline commands: build, show, verify, diff, lookup, selfports, rebalance).
+
+mod cli;
+mod report;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::ExitCode;
+
+use allocation::rules::proto;
+use allocation::{
+    file, AllocationTable, Flow, GroupSpec, HashKey, MacAddr, PortRange, Profile, SelfPorts, Tm,
+    TmIndex,
+};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::error::ErrorKind;
+use clap::Parser;
+use serde_json::json;
+
+use cli::{Cli, Command, ProfileArgs, ProfileName, TableCmd, TmCmd};
+use report::Out;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => match e.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            _ => {
+                let text = e.render().to_string();
+                let first = text.lines().next().unwrap_or("invalid arguments");
+                eprintln!(
+                    "stdctl: {} (see stdctl --help)",
+                    first.trim_start_matches("error: ")
+                );
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let out = Out { json: cli.json };
+    match run(cli.command, &out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stdctl: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cmd: Command, out: &Out) -> Result<()> {
+    match cmd {
+        Command::Table(TableCmd::New(a)) => table_new(a, out),
+        Command::Table(TableCmd::Show { file }) => {
+            let t = load(&file)?;
+            out.show(&t, &file.display().to_string());
+            Ok(())
+        }
+        Command::Table(TableCmd::Verify { file }) => {
+            let t = load(&file)?;
+            out.emit(
+                json!({"file": file.display().to_string(), "valid": true, "version": t.version(), "checksum": file::checksum(&t), "tms": t.tms().len(), "groups": t.groups().len()}),
+                || {
+                    format!(
+                        "{}: valid (version {}, {} TMs, {} group(s), {})",
+                        file.display(),
+                        t.version(),
+                        t.tms().len(),
+                        t.groups().len(),
+                        file::checksum(&t)
+                    )
+                },
+            );
+            Ok(())
+        }
+        Command::Table(TableCmd::Diff { old, new }) => {
+            let (a, b) = (load(&old)?, load(&new)?);
+            out.diff(&a, &b);
+            Ok(())
+        }
+        Command::Table(TableCmd::Seal { file }) => {
+            let text = file::read(&file).map_err(|e| anyhow!(e))?;
+            let (t, status) =
+                file::parse_unverified(&text).with_context(|| format!("{}", file.display()))?;
+            file::save(&file, &t).map_err(|e| anyhow!(e))?;
+            let was = match status {
+                file::Checksum::Valid => "checksum was already valid".to_string(),
+                file::Checksum::Mismatch { stored, .. } => format!("replaced checksum {stored}"),
+            };
+            out.emit(
+                json!({"file": file.display().to_string(), "checksum": file::checksum(&t)}),
+                || {
+                    format!(
+                        "{}: sealed with {} ({was})",
+                        file.display(),
+                        file::checksum(&t)
+                    )
+                },
+            );
+            Ok(())
+        }
+        Command::Lookup(a) => lookup(a, out),
+        Command::Selfports(a) => selfports(a, out),
+        Command::Rebalance(a) => rebalance(a, out),
+        Command::Tm(TmCmd::Add(a)) => {
+            let t = load(&a.table)?;
+            let group = match &a.group {
+                Some(name) => t
+                    .group_index(name)
+                    .ok_or_else(|| anyhow!("no group named '{name}'"))?,
+                None => 0,
+            };
+            let id =
+                a.id.unwrap_or_else(|| t.tms().iter().map(|tm| tm.id).max().map_or(0, |m| m + 1));
+            let mac: MacAddr = a.mac.parse()?;
+            let tm = Tm {
+                id,
+                name: a.name,
+                mac,
+                weight: a.weight,
+                group,
+            };
+            let change = t.add_tm(tm)?;
+            write_new(&a.output, &change.table, a.force)?;
+            out.change("added TM", &t, &change, group, &a.output);
+            Ok(())
+        }
+        Command::Tm(TmCmd::Remove(a)) => {
+            let t = load(&a.table)?;
+            let k = resolve_tm(&t, &a.tm)?;
+            let group = t.tms()[usize::from(k)].group;
+            let change = t.remove_tm(k)?;
+            write_new(&a.output, &change.table, a.force)?;
+            out.change("removed TM", &t, &change, group, &a.output);
+            Ok(())
+        }
+        Command::Failover(a) => {
+            let t = load(&a.table)?;
+            let failed =
+                a.tm.iter()
+                    .map(|s| resolve_tm(&t, s))
+                    .collect::<Result<Vec<_>>>()?;
+            let change = t.failover(&failed)?;
+            if let Some(path) = &a.output {
+                write_new(path, &change.table, a.force)?;
+            }
+            let group = t.tms()[usize::from(failed[0])].group;
+            out.failover(&t, &change, group, &failed, a.output.as_deref());
+            Ok(())
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<AllocationTable> {
+    file::load(path)
+        .map_err(|e| anyhow!(e))
+        .with_context(|| format!("cannot use table {}", path.display()))
+}
+
+fn write_new(path: &Path, t: &AllocationTable, force: bool) -> Result<()> {
+    if path.exists() && !force {
+        bail!("{} exists (use --force to overwrite)", path.display());
+    }
+    file::save(path, t).map_err(|e| anyhow!(e))
+}
+
+/// A TM by id (a number) or by name.
+fn resolve_tm(t: &AllocationTable, s: &str) -> Result<TmIndex> {
+    let by_id = s.parse::<u32>().ok().and_then(|id| t.tm_index_by_id(id));
+    by_id.or_else(|| t.tm_index_by_name(s)).ok_or_else(|| {
+        anyhow!(
+            "no TM with id or name '{s}' (the table has {} TMs)",
+            t.tms().len()
+        )
+    })
+}
+
+/// The profile named on the command line, for `n` TMs.
+fn profile_from(a: &ProfileArgs, n: usize) -> Result<Profile> {
+    let only = |flag: &str, allowed: &[ProfileName]| -> Result<()> {
+        if !allowed.contains(&a.profile) {
+            bail!(
+                "--{flag} does not apply to the {} profile",
+                format!("{:?}", a.profile).to_lowercase()
+            );
+        }
+        Ok(())
+    };
+    if a.mean.is_some() {
+        only("mean", &[ProfileName::Gaussian])?;
+    }
+    if a.sigma.is_some() {
+        only("sigma", &[ProfileName::Gaussian, ProfileName::Rayleigh])?;
+    }
+    if a.weights.is_some() {
+        only("weights", &[ProfileName::Weighted, ProfileName::Custom])?;
+    }
+    let p = match a.profile {
+        ProfileName::Uniform => Profile::Uniform,
+        ProfileName::Weighted => Profile::Weighted,
+        ProfileName::Gaussian => Profile::Gaussian {
+            mean: a.mean,
+            sigma: a.sigma,
+        },
+        ProfileName::Rayleigh => Profile::Rayleigh { sigma: a.sigma },
+        ProfileName::Custom => {
+            let weights = a
+                .weights
+                .clone()
+                .ok_or_else(|| anyhow!("the custom profile needs --weights W,W,…"))?;
+            if weights.len() != n {
+                bail!("--weights lists {} values for {n} TMs", weights.len());
+            }
+            Profile::Custom { weights }
+        }
+    };
+    // Check the parameters now, for a clear message.
+    p.targets(&vec![1; n], allocation::TABLE_SIZE as u32)?;
+    Ok(p)
+}
+
+/// Integer capacities from `--weights` (weighted profile).
+fn capacities(a: &ProfileArgs, n: usize) -> Result<Option<Vec<u32>>> {
+    if a.profile != ProfileName::Weighted {
+        return Ok(None);
+    }
+    let Some(w) = &a.weights else { return Ok(None) };
+    if w.len() != n {
+        bail!("--weights lists {} values for {n} TMs", w.len());
+    }
+    w.iter()
+        .map(|&x| {
+            if x.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&x) {
+                Ok(x as u32)
+            } else {
+                Err(anyhow!(
+                    "weighted profile: --weights are TM capacities, whole numbers >= 0 (got {x})"
+                ))
+            }
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+fn table_new(a: cli::NewArgs, out: &Out) -> Result<()> {
+    if a.tms == 0 || a.tms > allocation::table::MAX_TMS {
+        bail!("--tms must be 1 to {}", allocation::table::MAX_TMS);
+    }
+    let profile = profile_from(&a.profile, a.tms)?;
+    let caps = capacities(&a.profile, a.tms)?.unwrap_or_else(|| vec![1; a.tms]);
+    let base: MacAddr = a.mac_base.parse()?;
+    let key = match &a.key {
+        Some(k) => k.parse::<HashKey>()?,
+        None => HashKey::random().context("cannot read random bytes for the hash key")?,
+    };
+    let tms = (0..a.tms)
+        .map(|i| Tm {
+            id: i as u32,
+            name: format!("tm{i}"),
+            mac: base.offset(i as u64),
+            weight: caps[i],
+            group: 0,
+        })
+        .collect();
+    let t = AllocationTable::new(
+        a.table_version,
+        key,
+        tms,
+        vec![GroupSpec::default_group(profile)],
+    )?;
+    write_new(&a.output, &t, a.force)?;
+    out.emit(
+        json!({"file": a.output.display().to_string(), "version": t.version(), "tms": t.tms().len(), "profile": t.groups()[0].profile.name(), "checksum": file::checksum(&t)}),
+        || {
+            format!(
+                "wrote {}: version {}, {} TMs, profile {}, {}",
+                a.output.display(),
+                t.version(),
+                t.tms().len(),
+                t.groups()[0].profile,
+                file::checksum(&t)
+            )
+        },
+    );
+    Ok(())
+}
+
+/// `ADDR:PORT`, `[V6]:PORT`, or a bare address.
+fn endpoint(s: &str) -> Result<(IpAddr, Option<u16>)> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok((sa.ip(), Some(sa.port())));
+    }
+    let bare = s.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<IpAddr>()
+        .map(|ip| (ip, None))
+        .map_err(|_| anyhow!("'{s}' is not an endpoint (ADDR:PORT, [V6ADDR]:PORT or ADDR)"))
+}
+
+fn lookup(a: cli::LookupArgs, out: &Out) -> Result<()> {
+    let t = load(&a.table)?;
+    let protocol =
+        proto::parse(&a.protocol).ok_or_else(|| anyhow!("unknown protocol '{}'", a.protocol))?;
+    let (src, sp) = endpoint(&a.src)?;
+    let (dst, dp) = endpoint(&a.dst)?;
+    let ported = matches!(protocol, proto::TCP | proto::UDP | 132 /* SCTP */);
+    let flow = match (sp, dp) {
+        (Some(s), Some(d)) if ported => Flow::with_ports(protocol, src, s, dst, d),
+        (None, None) if !ported => Flow::without_ports(protocol, src, dst),
+        _ if ported => bail!("{} needs ports on both endpoints", proto::name(protocol)),
+        _ => bail!(
+            "{} has no ports: give bare addresses",
+            proto::name(protocol)
+        ),
+    };
+    out.lookup(&t, &flow);
+    Ok(())
+}
+
+fn selfports(a: cli::SelfportsArgs, out: &Out) -> Result<()> {
+    let t = load(&a.table)?;
+    let addr: IpAddr = a
+        .addr
+        .parse()
+        .map_err(|_| anyhow!("--addr '{}' is not an IP address", a.addr))?;
+    let range: PortRange = a.range.parse()?;
+    let k = resolve_tm(&t, &a.tm)?;
+    let set = SelfPorts::build(&t, addr, k, range)?;
+    out.selfports(&t, &set, a.above, a.count);
+    Ok(())
+}
+
+fn rebalance(a: cli::RebalanceArgs, out: &Out) -> Result<()> {
+    let t = load(&a.table)?;
+    let g = match &a.group {
+        Some(name) => t
+            .group_index(name)
+            .ok_or_else(|| anyhow!("no group named '{name}'"))?,
+        None => 0,
+    };
+    let members = t.members(g);
+    let profile = profile_from(&a.profile, members.len())?;
+    let base = match capacities(&a.profile, members.len())? {
+        // New capacities for a weighted rebalance: same table, updated weights.
+        Some(caps) => {
+            let mut tms = t.tms().to_vec();
+            for (&m, &c) in members.iter().zip(&caps) {
+                tms[usize::from(m)].weight = c;
+            }
+            AllocationTable::from_parts(t.version(), *t.key(), tms, t.groups().to_vec())?
+        }
+        None => t.clone(),
+    };
+    let change = base.rebalance(g, &profile)?;
+    if let Some(path) = &a.output {
+        write_new(path, &change.table, a.force)?;
+    }
+    out.rebalance(&t, &change, g, a.output.as_deref());
+    Ok(())
+}

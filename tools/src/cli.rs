@@ -1,0 +1,237 @@
+//! Command-line interface of stdctl: every subcommand, argument and its help text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// stdctl — build, inspect, rebalance and check the allocation tables of a
+/// statistical traffic distributor cluster.
+#[derive(Debug, Parser)]
+#[command(name = "stdctl", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, show, verify, compare and seal table files.
+    #[command(subcommand)]
+    Table(TableCmd),
+    /// Which endpoint a flow hashes on and which TM gets it.
+    Lookup(LookupArgs),
+    /// The self-source ports of a TM for a SNAT address.
+    Selfports(SelfportsArgs),
+    /// Rebalance a table to a profile, moving the fewest buckets.
+    Rebalance(RebalanceArgs),
+    /// Add or remove a traffic manager (offline, on a table file).
+    #[command(subcommand)]
+    Tm(TmCmd),
+    /// Show (and optionally write) the failover table for failed TMs.
+    Failover(FailoverArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TableCmd {
+    /// Build a new table file.
+    New(NewArgs),
+    /// Per-TM entries, share versus target and a histogram.
+    Show {
+        /// Table file.
+        file: PathBuf,
+    },
+    /// Check a table file (syntax, invariants, checksum).
+    Verify {
+        /// Table file.
+        file: PathBuf,
+    },
+    /// Buckets moved between two tables and per-TM deltas.
+    Diff {
+        /// The old table.
+        old: PathBuf,
+        /// The new table.
+        new: PathBuf,
+    },
+    /// Recompute the checksum of a deliberately edited file (after full validation).
+    Seal {
+        /// Table file (rewritten in place).
+        file: PathBuf,
+    },
+}
+
+/// Profile selection shared by `table new` and `rebalance`.
+#[derive(Debug, Clone, Args)]
+pub struct ProfileArgs {
+    /// Profile: how entries are shared among TMs.
+    #[arg(long, value_enum, default_value_t = ProfileName::Uniform)]
+    pub profile: ProfileName,
+    /// Gaussian centre, in TM positions (default: the middle).
+    #[arg(long, allow_negative_numbers = true)]
+    pub mean: Option<f64>,
+    /// Gaussian or Rayleigh spread, in TM positions (default: number of TMs / 4).
+    #[arg(long, allow_negative_numbers = true)]
+    pub sigma: Option<f64>,
+    /// Comma-separated weights: TM capacities (integers) for `weighted`,
+    /// the profile itself for `custom`.
+    #[arg(long, value_delimiter = ',')]
+    pub weights: Option<Vec<f64>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProfileName {
+    Uniform,
+    Weighted,
+    Gaussian,
+    Rayleigh,
+    Custom,
+}
+
+#[derive(Debug, Args)]
+pub struct NewArgs {
+    /// Number of traffic managers (1 to 4096).
+    #[arg(long)]
+    pub tms: usize,
+    #[command(flatten)]
+    pub profile: ProfileArgs,
+    /// MAC address of the first TM; TM i gets this plus i.
+    #[arg(long, default_value = "02:53:54:00:00:01")]
+    pub mac_base: String,
+    /// Hash key as 32 hex digits (default: fresh random key).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Table version.
+    #[arg(long, default_value_t = 1)]
+    pub table_version: u64,
+    /// Output file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Overwrite the output file if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LookupArgs {
+    /// Table file.
+    #[arg(long)]
+    pub table: PathBuf,
+    /// Source endpoint: ADDR:PORT, [V6ADDR]:PORT, or a bare address for protocols without ports.
+    pub src: String,
+    /// Destination endpoint, same forms.
+    pub dst: String,
+    /// IP protocol: tcp, udp, icmp, icmpv6 or a number.
+    #[arg(long, default_value = "tcp")]
+    pub protocol: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SelfportsArgs {
+    /// Table file.
+    #[arg(long)]
+    pub table: PathBuf,
+    /// SNAT address.
+    #[arg(long)]
+    pub addr: String,
+    /// TM id or name.
+    #[arg(long)]
+    pub tm: String,
+    /// Only ports above this server port.
+    #[arg(long, default_value_t = 0)]
+    pub above: u16,
+    /// Port range the TM allocates from.
+    #[arg(long, default_value = "1024-65535")]
+    pub range: String,
+    /// Print only how many ports there are.
+    #[arg(long)]
+    pub count: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RebalanceArgs {
+    /// Table file.
+    #[arg(long)]
+    pub table: PathBuf,
+    #[command(flatten)]
+    pub profile: ProfileArgs,
+    /// Group to rebalance (default: the default group).
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Output file (the new table, version + 1). Without it, only the plan is printed.
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Overwrite the output file if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TmCmd {
+    /// Add a TM and rebalance its group to the group's profile.
+    Add(TmAddArgs),
+    /// Remove a TM; only its buckets (and what the profile needs) move.
+    Remove(TmRemoveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TmAddArgs {
+    /// Table file.
+    #[arg(long)]
+    pub table: PathBuf,
+    /// Name of the new TM.
+    #[arg(long)]
+    pub name: String,
+    /// MAC address of the new TM.
+    #[arg(long)]
+    pub mac: String,
+    /// Stable id (default: one above the largest).
+    #[arg(long)]
+    pub id: Option<u32>,
+    /// Capacity weight.
+    #[arg(long, default_value_t = 1)]
+    pub weight: u32,
+    /// Group (default: the default group).
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Output file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Overwrite the output file if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TmRemoveArgs {
+    /// Table file.
+    #[arg(long)]
+    pub table: PathBuf,
+    /// TM id or name.
+    #[arg(long)]
+    pub tm: String,
+    /// Output file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Overwrite the output file if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct FailoverArgs {
+    /// Table file.
+    #[arg(long)]
+    pub table: PathBuf,
+    /// Failed TMs: ids or names, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub tm: Vec<String>,
+    /// Write the failover table here.
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Overwrite the output file if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
