@@ -69,7 +69,17 @@ mod test {
     use super::*;
     use crate::profile::Profile;
     use crate::table::test::uniform;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    /// Waits (yielding) until `done` holds, at most ten seconds.
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::yield_now();
+        }
+    }
 
     #[test]
     fn swap_requires_a_newer_version() {
@@ -106,11 +116,13 @@ mod test {
         let shared = Arc::new(SharedTable::new(tables[1].clone().with_version(1)));
         let stop = Arc::new(AtomicBool::new(false));
         let lookups = Arc::new(AtomicU64::new(0));
+        let started = Arc::new(AtomicUsize::new(0));
         let readers: Vec<_> = (0..3)
             .map(|_| {
-                let (shared, stop, lookups) =
-                    (Arc::clone(&shared), Arc::clone(&stop), Arc::clone(&lookups));
+                let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stop));
+                let (lookups, started) = (Arc::clone(&lookups), Arc::clone(&started));
                 std::thread::spawn(move || {
+                    started.fetch_add(1, Ordering::SeqCst);
                     let mut last = 0;
                     while !stop.load(Ordering::Relaxed) {
                         let t = shared.load();
@@ -126,16 +138,28 @@ mod test {
                 })
             })
             .collect();
+        // Swaps interleave with reads: all readers run before the first
+        // swap, and every 100 swaps the writer waits for them to make progress.
+        wait_until("the readers to start", || {
+            started.load(Ordering::SeqCst) == 3
+        });
+        let mut progress_points = 0;
         for v in 2..=5000u64 {
             shared
                 .swap(tables[(v % 4) as usize].clone().with_version(v))
                 .expect("swap");
+            if v % 100 == 0 {
+                let seen = lookups.load(Ordering::Relaxed);
+                wait_until("reader progress", || lookups.load(Ordering::Relaxed) > seen);
+                progress_points += 1;
+            }
         }
         stop.store(true, Ordering::Relaxed);
         for r in readers {
             r.join().expect("reader panicked");
         }
         assert_eq!(shared.load().version(), 5000);
-        assert!(lookups.load(Ordering::Relaxed) > 0);
+        assert_eq!(progress_points, 50);
+        assert!(lookups.load(Ordering::Relaxed) >= 50);
     }
 }

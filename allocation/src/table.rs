@@ -307,7 +307,7 @@ impl AllocationTable {
                 .map(|(i, _)| i as TmIndex)
                 .collect();
             let targets = profile_targets(&spec.profile, &tms, &members, &spec.name)?;
-            let owners = crate::rebalance::interleave(
+            let owners = crate::rebalance::spread(
                 &members
                     .iter()
                     .zip(&targets)
