@@ -199,6 +199,9 @@ pub enum PortError {
     /// The address is not one of the allocator's SNAT addresses.
     #[error("{0} is not a SNAT address of this allocator")]
     UnknownAddress(IpAddr),
+    /// The TM index is not in the table.
+    #[error("no traffic manager with index {0}")]
+    NoSuchTm(usize),
     /// Self-port tables for different addresses or TMs were combined.
     #[error("self-port sets for different (address, TM) pairs cannot be combined")]
     Mismatch,

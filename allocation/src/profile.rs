@@ -1,7 +1,8 @@
 //! Profiles: how a group's 4096 entries are shared among its traffic managers (largest-remainder targets).
 //!
-//! A profile yields a weight per TM; the weights are quantised to integers
-//! (2^40 for the largest) and turned into entry counts that sum exactly to
+//! A profile yields a weight per TM; the weights of the real-valued profiles
+//! are quantised to integers (2^40 for the largest), `uniform` and `weighted`
+//! use their integers as they are, and the weights are turned into entry counts that sum exactly to
 //! the table size by the largest-remainder method, ties going to the lower
 //! TM position. Floating point is used only to evaluate a profile's density;
 //! everything after quantisation is exact integer arithmetic, so every node
@@ -111,8 +112,17 @@ impl Profile {
         })
     }
 
-    /// Integer weights: densities scaled so the largest is 2^40, rounded.
+    /// Integer weights: the capacities themselves for `uniform` (all 1) and
+    /// `weighted`; for the other profiles, densities scaled so the largest
+    /// is 2^40, rounded.
     pub fn quantised_weights(&self, capacity: &[u32]) -> Result<Vec<u64>, ProfileError> {
+        match self {
+            Profile::Uniform if !capacity.is_empty() => return Ok(vec![1; capacity.len()]),
+            Profile::Weighted if capacity.iter().any(|&w| w > 0) => {
+                return Ok(capacity.iter().map(|&w| u64::from(w)).collect())
+            }
+            _ => {}
+        }
         let d = self.densities(capacity)?;
         let max = d.iter().copied().fold(0.0f64, f64::max);
         if max <= 0.0 {

@@ -584,6 +584,43 @@ mod test {
             }
         }
 
+        /// Fresh tables hold exactly the largest-remainder targets, for any
+        /// number of TMs up to 256 and any weights.
+        #[test]
+        fn fresh_counts_are_the_targets(weights in prop::collection::vec(0u32..1000, 1..=256)) {
+            prop_assume!(weights.iter().any(|&w| w > 0));
+            let t = weighted(&weights);
+            let want = largest_remainder(&weights.iter().map(|&w| u64::from(w)).collect::<Vec<_>>(), 4096).expect("targets");
+            prop_assert_eq!(t.counts(0), want);
+        }
+
+        /// Adding and removing a TM move exactly the minimum and keep the
+        /// counts on the profile.
+        #[test]
+        fn add_and_remove_are_minimal(weights in prop::collection::vec(1u32..50, 1..=48), new_weight in 1u32..50, pick in any::<prop::sample::Index>()) {
+            let t = weighted(&weights);
+            let tm = Tm { id: 9999, name: "added".into(), mac: MacAddr([2, 0xaa, 0, 0, 0, 1]), weight: new_weight, group: 0 };
+            let added = t.add_tm(tm).expect("add");
+            let n = weights.len();
+            let mut after = t.counts(0);
+            after.push(0);
+            let targets = added.table.counts(0);
+            prop_assert_eq!(added.moves.len(), minimum_moves(&after, &targets));
+            prop_assert!(added.moves.iter().all(|m| m.to == n as TmIndex || m.from != m.to));
+            let mut all = weights.clone();
+            all.push(new_weight);
+            let want = largest_remainder(&all.iter().map(|&w| u64::from(w)).collect::<Vec<_>>(), 4096).expect("targets");
+            prop_assert_eq!(targets, want);
+            if n >= 1 {
+                let k = pick.index(n + 1) as TmIndex;
+                let before = added.table.counts(0);
+                let removed = added.table.remove_tm(k).expect("remove");
+                let mut new_counts = removed.table.counts(0);
+                new_counts.insert(usize::from(k), 0);
+                prop_assert_eq!(removed.moves.len(), minimum_moves(&before, &new_counts));
+            }
+        }
+
         #[test]
         fn failover_is_deterministic_and_touches_only_the_failed(
             weights in prop::collection::vec(1u32..50, 2..=32),

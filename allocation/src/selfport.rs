@@ -55,7 +55,7 @@ impl SelfPorts {
     ) -> Result<Self, PortError> {
         let mut all = Self::build_all(table, addr, range);
         if usize::from(tm) >= all.len() {
-            return Err(PortError::Mismatch);
+            return Err(PortError::NoSuchTm(usize::from(tm)));
         }
         Ok(all.swap_remove(usize::from(tm)))
     }
@@ -452,6 +452,23 @@ mod test {
         a.release(got[0]).expect("release");
         assert!(a.release(got[0]).is_err(), "double release");
         assert_eq!(a.allocate(1050), Some(got[0]));
+    }
+
+    #[test]
+    fn edges_of_the_port_space() {
+        let t = uniform(2);
+        let ports = SelfPorts::build(&t, ip("10.1.0.1"), 1, PortRange::ALL).expect("ports");
+        let mut a = PortAllocator::new(&ports);
+        assert_eq!(a.allocate(65535), None, "no port is above 65535");
+        let top = ports.iter().last().expect("a port");
+        assert_eq!(a.allocate(top - 1), Some(top));
+        // The cursor is now past the top: the next allocation wraps around.
+        let low = a.allocate(0).expect("port");
+        assert!(low < top);
+        assert_eq!(
+            SelfPorts::build(&t, ip("10.1.0.1"), 7, PortRange::ALL),
+            Err(PortError::NoSuchTm(7))
+        );
     }
 
     #[test]

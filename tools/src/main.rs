@@ -107,12 +107,7 @@ fn run(cmd: Command, out: &Out) -> Result<()> {
         Command::Rebalance(a) => rebalance(a, out),
         Command::Tm(TmCmd::Add(a)) => {
             let t = load(&a.table)?;
-            let group = match &a.group {
-                Some(name) => t
-                    .group_index(name)
-                    .ok_or_else(|| anyhow!("no group named '{name}'"))?,
-                None => 0,
-            };
+            let group = resolve_group(&t, a.group.as_deref())?;
             let id =
                 a.id.unwrap_or_else(|| t.tms().iter().map(|tm| tm.id).max().map_or(0, |m| m + 1));
             let mac: MacAddr = a.mac.parse()?;
@@ -176,6 +171,16 @@ fn resolve_tm(t: &AllocationTable, s: &str) -> Result<TmIndex> {
             t.tms().len()
         )
     })
+}
+
+/// A group by name; the default group when none is named.
+fn resolve_group(t: &AllocationTable, name: Option<&str>) -> Result<usize> {
+    match name {
+        Some(name) => t
+            .group_index(name)
+            .ok_or_else(|| anyhow!("no group named '{name}'")),
+        None => Ok(0),
+    }
 }
 
 /// The profile named on the command line, for `n` TMs.
@@ -334,12 +339,7 @@ fn selfports(a: cli::SelfportsArgs, out: &Out) -> Result<()> {
 
 fn rebalance(a: cli::RebalanceArgs, out: &Out) -> Result<()> {
     let t = load(&a.table)?;
-    let g = match &a.group {
-        Some(name) => t
-            .group_index(name)
-            .ok_or_else(|| anyhow!("no group named '{name}'"))?,
-        None => 0,
-    };
+    let g = resolve_group(&t, a.group.as_deref())?;
     let members = t.members(g);
     let profile = profile_from(&a.profile, members.len())?;
     let base = match capacities(&a.profile, members.len())? {
