@@ -1,2 +1,25 @@
-//! Distributor data path. Placeholder crate: the steering code and `stdd` arrive with issue 3.
+//! Distributor data path: the per-frame steering decision on real bytes, and the per-core worker state around it.
+//!
+//! * [`wire`] — typed zero-copy views of Ethernet (802.1Q/802.1ad), ARP,
+//!   IPv4, IPv6 with extension headers, ports, ICMP/ICMPv6;
+//! * [`steer`] — the steering rule as a pure function of (frame, [`steer::Plan`]);
+//! * [`worker`] — a core's state: fragment memory and hold pool, MAC
+//!   learning, counters; turns verdicts into [`verdict::Action`]s;
+//! * [`build`] — frame builders for tests, simulations and benchmarks.
+//!
+//! The I/O backends and the `stdd` daemon are not part of this crate yet.
 #![deny(missing_docs)]
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
+pub mod bridge;
+pub mod build;
+pub mod frag;
+pub mod steer;
+pub mod table;
+pub mod verdict;
+pub mod wire;
+pub mod worker;
+
+pub use steer::{decide, FragKey, Plan, PlanError, PortKind, Verdict};
+pub use verdict::{Action, Branch, Counters, Drop, PortId};
+pub use worker::{Worker, WorkerConfig};

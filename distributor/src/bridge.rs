@@ -1,0 +1,76 @@
+//! MAC learning for the frames the distributor bridges: a bounded table with ageing, as a switch keeps.
+
+use allocation::{HashKey, MacAddr};
+
+use crate::table::{ExpiringMap, MapKey};
+use crate::verdict::PortId;
+
+/// Limits of the learning table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BridgeConfig {
+    /// Learned addresses (slots).
+    pub capacity: usize,
+    /// How long an address stays learned without being seen, in nanoseconds.
+    pub ageing_ns: u64,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        BridgeConfig {
+            capacity: 4096,
+            ageing_ns: 300_000_000_000,
+        }
+    }
+}
+
+impl MapKey for MacAddr {
+    fn encode(&self, out: &mut [u8; 48]) -> usize {
+        out[..6].copy_from_slice(&self.0);
+        6
+    }
+}
+
+/// Where each source MAC was last seen.
+#[derive(Debug, Clone)]
+pub struct Bridge {
+    cfg: BridgeConfig,
+    map: ExpiringMap<MacAddr, PortId>,
+}
+
+impl Bridge {
+    /// Allocates the table.
+    pub fn new(cfg: BridgeConfig, key: HashKey) -> Self {
+        Bridge {
+            cfg,
+            map: ExpiringMap::new(cfg.capacity, key),
+        }
+    }
+
+    /// Learns that `mac` is behind `port` (unicast addresses only).
+    #[inline]
+    pub fn learn(&mut self, mac: MacAddr, port: PortId, now: u64) {
+        if !mac.is_multicast() {
+            self.map
+                .insert(mac, port, now.saturating_add(self.cfg.ageing_ns), now);
+        }
+    }
+
+    /// The port `mac` was learned on, if it has not aged out.
+    #[inline]
+    pub fn port_of(&self, mac: MacAddr, now: u64) -> Option<PortId> {
+        if mac.is_multicast() {
+            return None;
+        }
+        self.map.get(&mac, now)
+    }
+
+    /// Learned addresses (occupied slots).
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True if nothing was learned.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}

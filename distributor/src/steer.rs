@@ -1,0 +1,472 @@
+//! The steering decision: (frame bytes, plan) → verdict, the distributor's steering rule in one pure function.
+//!
+//! The order is the design's (DESIGN §2): layer 2 first (a frame not for the
+//! group MAC is bridged), then the control path (ARP and neighbour discovery
+//! for cluster addresses), fragments, ICMP errors by their embedded flow,
+//! then the table (`AllocationTable::steer`: group rules, equal ports,
+//! greater-port endpoint). Frames from TM-facing ports are forwarded toward
+//! their destination without hashing, their cluster-address ARP/ND sender
+//! rewritten to the group MAC so neighbours never learn a TM's MAC.
+//!
+//! The only side effects are in-place rewrites of the frame: replies
+//! (ARP/ND answers) and sender-MAC rewrites. State that outlives a frame
+//! (fragments, MAC learning) belongs to the worker (`worker.rs`).
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use allocation::{AllocationTable, Flow, MacAddr, SteerBy, TmIndex};
+use thiserror::Error;
+
+use crate::verdict::{Branch, Drop, PortId};
+use crate::wire::{self, ethertype, icmp, proto, ArpPacket, EthernetFrame, IpHeader};
+
+/// What a distributor port faces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortKind {
+    /// Clients (front), servers (back), or either side (combined): frames to the group are steered.
+    Outside,
+    /// One or more TMs (a dedicated link, or a shared one with TMs told apart by MAC).
+    Tm,
+    /// Anything else: a plain bridge port.
+    Bridged,
+}
+
+/// A plan that cannot be built from its configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PlanError {
+    /// The group MAC must be a unicast address.
+    #[error("the group MAC {0} is a multicast address")]
+    MulticastGroupMac(MacAddr),
+    /// A TM-port mapping names a port that is not a TM port.
+    #[error("TM id {tm} is mapped to port {port}, which is not a TM-facing port")]
+    NotTmPort {
+        /// TM id.
+        tm: u32,
+        /// Port.
+        port: PortId,
+    },
+    /// A TM-port mapping names a TM id the table does not have.
+    #[error("TM id {0} is mapped to a port but is not in the table")]
+    UnknownTm(u32),
+}
+
+/// Everything the steering reads, immutable, swapped as one snapshot: the
+/// table, the group MAC, the cluster's addresses, the ports and where each
+/// TM is reached.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    table: AllocationTable,
+    group_mac: MacAddr,
+    cluster: Vec<IpAddr>,
+    ports: Vec<PortKind>,
+    tm_port: Vec<Option<PortId>>,
+    tm_mac: Vec<MacAddr>,
+}
+
+impl Plan {
+    /// Builds a plan. `tm_ports` maps TM ids to the port that reaches them;
+    /// a TM without a port gets no traffic (its frames are dropped as
+    /// `no_tm_port`, counted).
+    pub fn new(
+        table: AllocationTable,
+        group_mac: MacAddr,
+        cluster: &[IpAddr],
+        ports: Vec<PortKind>,
+        tm_ports: &[(u32, PortId)],
+    ) -> Result<Self, PlanError> {
+        if group_mac.is_multicast() {
+            return Err(PlanError::MulticastGroupMac(group_mac));
+        }
+        let mut tm_port = vec![None; table.tms().len()];
+        for &(id, port) in tm_ports {
+            let i = table.tm_index_by_id(id).ok_or(PlanError::UnknownTm(id))?;
+            if ports.get(usize::from(port)) != Some(&PortKind::Tm) {
+                return Err(PlanError::NotTmPort { tm: id, port });
+            }
+            tm_port[usize::from(i)] = Some(port);
+        }
+        let mut cluster: Vec<IpAddr> = cluster
+            .iter()
+            .map(|&a| allocation::hash::canonical(a))
+            .collect();
+        cluster.sort_unstable();
+        cluster.dedup();
+        let tm_mac = table.tms().iter().map(|t| t.mac).collect();
+        Ok(Plan {
+            table,
+            group_mac,
+            cluster,
+            ports,
+            tm_port,
+            tm_mac,
+        })
+    }
+
+    /// The allocation table.
+    pub fn table(&self) -> &AllocationTable {
+        &self.table
+    }
+
+    /// The group MAC.
+    pub fn group_mac(&self) -> MacAddr {
+        self.group_mac
+    }
+
+    /// The ports.
+    pub fn ports(&self) -> &[PortKind] {
+        &self.ports
+    }
+
+    /// True if `addr` is a cluster address (a VIP or a SNAT address).
+    #[inline]
+    pub fn owns(&self, addr: IpAddr) -> bool {
+        self.cluster
+            .binary_search(&allocation::hash::canonical(addr))
+            .is_ok()
+    }
+
+    /// The port and MAC of TM `tm`.
+    #[inline]
+    pub fn tm_route(&self, tm: TmIndex) -> Option<(PortId, MacAddr)> {
+        let i = usize::from(tm);
+        Some((
+            self.tm_port.get(i).copied().flatten()?,
+            *self.tm_mac.get(i)?,
+        ))
+    }
+
+    /// Every TM that has a port: (index, port, MAC).
+    pub fn tm_routes(&self) -> impl Iterator<Item = (TmIndex, PortId, MacAddr)> + '_ {
+        (0..self.tm_port.len()).filter_map(|i| {
+            let (p, m) = self.tm_route(i as TmIndex)?;
+            Some((i as TmIndex, p, m))
+        })
+    }
+}
+
+/// Identifies the fragments of one datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    /// Source address.
+    pub src: IpAddr,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// The protocol named by the fragment header.
+    pub proto: u8,
+    /// Identification.
+    pub id: u32,
+}
+
+/// The steering's verdict on one frame, before the worker's state (fragment
+/// memory, MAC learning) is consulted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Steer to a TM. `remember`: the first fragment of a datagram whose
+    /// later fragments must follow.
+    ToTm {
+        /// TM index.
+        tm: TmIndex,
+        /// Deciding branch.
+        branch: Branch,
+        /// Key to remember for later fragments.
+        remember: Option<FragKey>,
+    },
+    /// Bridge (MAC learning decides the port).
+    Bridge(Branch),
+    /// The frame was rewritten into a reply of `len` bytes.
+    Reply {
+        /// New length.
+        len: usize,
+        /// Deciding branch.
+        branch: Branch,
+    },
+    /// Deliver to every TM (an ARP/ND answer to a TM's question).
+    ToAllTms,
+    /// A non-first fragment: follow its datagram's first fragment.
+    Follow(FragKey),
+    /// Drop.
+    Drop(Drop),
+}
+
+/// Decides what to do with the frame in `buf[..len]` that came in on
+/// `ingress`. `buf` may be longer than the frame: a reply may grow into it.
+pub fn decide(buf: &mut [u8], len: usize, ingress: PortId, plan: &Plan) -> Verdict {
+    let Some(frame) = buf.get(..len) else {
+        return Verdict::Drop(Drop::Truncated);
+    };
+    let eth = match EthernetFrame::new_checked(frame) {
+        Ok(e) => e,
+        Err(d) => return Verdict::Drop(d),
+    };
+    let (l3, ty, dst_mac) = (eth.payload_offset(), eth.ethertype(), eth.dst());
+    match plan.ports.get(usize::from(ingress)) {
+        Some(PortKind::Outside) => from_outside(buf, len, l3, ty, dst_mac, plan),
+        Some(PortKind::Tm) => from_tm(buf, len, l3, ty, plan),
+        _ => Verdict::Bridge(Branch::Bridge),
+    }
+}
+
+fn parse_ip(frame: &[u8], ty: u16) -> Option<Result<IpHeader, Drop>> {
+    match ty {
+        ethertype::IPV4 => Some(wire::parse_ipv4(frame)),
+        ethertype::IPV6 => Some(wire::parse_ipv6(frame)),
+        _ => None,
+    }
+}
+
+fn from_outside(
+    buf: &mut [u8],
+    len: usize,
+    l3: usize,
+    ty: u16,
+    dst_mac: MacAddr,
+    plan: &Plan,
+) -> Verdict {
+    if ty == ethertype::ARP {
+        let arp = match ArpPacket::new_checked(&buf[l3..len]) {
+            Ok(a) => a,
+            Err(d) => return Verdict::Drop(d),
+        };
+        let (oper, tpa) = (arp.oper(), IpAddr::V4(arp.tpa()));
+        if oper == wire::arp::REQUEST && plan.owns(tpa) {
+            arp_reply(buf, l3, plan.group_mac);
+            return Verdict::Reply {
+                len,
+                branch: Branch::ArpReply,
+            };
+        }
+        if oper == wire::arp::REPLY && plan.owns(tpa) {
+            return Verdict::ToAllTms;
+        }
+        return Verdict::Bridge(Branch::Bridge);
+    }
+    let ip = match parse_ip(&buf[l3..len], ty) {
+        None => return Verdict::Bridge(Branch::Bridge),
+        Some(Err(d)) => return Verdict::Drop(d),
+        Some(Ok(ip)) => ip,
+    };
+    let first_or_whole = ip.frag.is_none_or(|f| f.is_first());
+    if ip.proto == proto::ICMPV6 && first_or_whole {
+        if let Some(v) = neighbour_from_outside(buf, len, l3, &ip, plan) {
+            return v;
+        }
+    }
+    if dst_mac != plan.group_mac {
+        return Verdict::Bridge(Branch::Bridge);
+    }
+    if let Some(f) = ip.frag {
+        let key = FragKey {
+            src: ip.src,
+            dst: ip.dst,
+            proto: f.next,
+            id: f.id,
+        };
+        if !f.is_first() {
+            return Verdict::Follow(key);
+        }
+        return match steer_ip(&buf[l3..len], &ip, plan) {
+            Verdict::ToTm { tm, branch, .. } => Verdict::ToTm {
+                tm,
+                branch,
+                remember: Some(key),
+            },
+            other => other,
+        };
+    }
+    steer_ip(&buf[l3..len], &ip, plan)
+}
+
+/// Steers an IP packet (whole, or a first fragment) for the cluster.
+fn steer_ip(packet: &[u8], ip: &IpHeader, plan: &Plan) -> Verdict {
+    let l4 = &packet[ip.l4.min(ip.end)..ip.end];
+    let v6 = ip.src.is_ipv6();
+    let is_icmp = (ip.proto == proto::ICMP && !v6) || (ip.proto == proto::ICMPV6 && v6);
+    if is_icmp && l4.first().is_some_and(|&t| icmp::is_error(v6, t)) {
+        let inner = l4.get(icmp::ERROR_PAYLOAD..).unwrap_or(&[]);
+        let parsed = if v6 {
+            wire::parse_ipv6_embedded(inner)
+        } else {
+            wire::parse_ipv4_embedded(inner)
+        };
+        let Ok(inner_ip) = parsed else {
+            return Verdict::Drop(Drop::IcmpInnerTruncated);
+        };
+        let flow = if wire::has_ports(inner_ip.proto) {
+            match wire::ports(&inner[inner_ip.l4.min(inner_ip.end)..inner_ip.end]) {
+                Some((s, d)) => Flow::with_ports(inner_ip.proto, inner_ip.src, s, inner_ip.dst, d),
+                None => return Verdict::Drop(Drop::IcmpInnerTruncated),
+            }
+        } else {
+            Flow::without_ports(inner_ip.proto, inner_ip.src, inner_ip.dst)
+        };
+        let s = plan.table.steer(&flow);
+        return Verdict::ToTm {
+            tm: s.tm,
+            branch: Branch::IcmpError,
+            remember: None,
+        };
+    }
+    let flow = if wire::has_ports(ip.proto) {
+        match wire::ports(l4) {
+            Some((s, d)) => Flow::with_ports(ip.proto, ip.src, s, ip.dst, d),
+            None => return Verdict::Drop(Drop::Truncated),
+        }
+    } else {
+        Flow::without_ports(ip.proto, ip.src, ip.dst)
+    };
+    let s = plan.table.steer(&flow);
+    let branch = match s.by {
+        SteerBy::EqualPorts => Branch::EqualPorts,
+        SteerBy::Endpoint { .. } => Branch::Endpoint,
+        SteerBy::Address { .. } => Branch::Address,
+        SteerBy::NoPorts { .. } => Branch::NoPorts,
+    };
+    Verdict::ToTm {
+        tm: s.tm,
+        branch,
+        remember: None,
+    }
+}
+
+/// ARP request → reply in place: the group MAC answers for the cluster address.
+fn arp_reply(buf: &mut [u8], l3: usize, group: MacAddr) {
+    let mut requester = [0u8; 6];
+    requester.copy_from_slice(&buf[l3 + wire::arp::SHA.start..l3 + wire::arp::SHA.end]);
+    let mut asked = [0u8; 4];
+    asked.copy_from_slice(&buf[l3 + wire::arp::TPA.start..l3 + wire::arp::TPA.end]);
+    let a = &mut buf[l3..];
+    a[wire::arp::OPER..wire::arp::OPER + 2].copy_from_slice(&wire::arp::REPLY.to_be_bytes());
+    let (spa_start, spa_end) = (wire::arp::SPA.start, wire::arp::SPA.end);
+    a.copy_within(wire::arp::SHA.start..spa_end, wire::arp::THA.start);
+    a[wire::arp::SHA].copy_from_slice(&group.0);
+    a[spa_start..spa_end].copy_from_slice(&asked);
+    let sender_eth = MacAddr(requester);
+    wire::set_dst_mac(buf, sender_eth);
+    wire::set_src_mac(buf, group);
+}
+
+/// Neighbour discovery from outside: a solicitation for a cluster address
+/// is answered with the group MAC; an advertisement of someone else's
+/// address sent to the group (the answer to a TM's solicitation) goes to
+/// every TM. `None`: not ND, or nothing special to do.
+fn neighbour_from_outside(
+    buf: &mut [u8],
+    len: usize,
+    l3: usize,
+    ip: &IpHeader,
+    plan: &Plan,
+) -> Option<Verdict> {
+    let msg = buf.get(l3 + ip.l4..l3 + ip.end)?;
+    let ty = *msg.first()?;
+    if ty != icmp::NS && ty != icmp::NA {
+        return None;
+    }
+    if msg.len() < icmp::ND_OPTIONS {
+        return Some(Verdict::Drop(Drop::Truncated));
+    }
+    let mut t = [0u8; 16];
+    t.copy_from_slice(&msg[icmp::ND_TARGET..icmp::ND_TARGET + 16]);
+    let target = IpAddr::V6(Ipv6Addr::from(t));
+    if ty == icmp::NA {
+        return (plan.owns(ip.dst) && !plan.owns(target)).then_some(Verdict::ToAllTms);
+    }
+    let IpAddr::V6(solicitor) = ip.src else {
+        return None;
+    };
+    // Only plain solicitations (no extension headers) from an assigned address.
+    if !plan.owns(target) || solicitor.is_unspecified() || ip.l4 != wire::ipv6::HEADER {
+        return None;
+    }
+    let reply_mac = wire::nd_lla_option(&msg[icmp::ND_OPTIONS..], icmp::OPT_SLLA)
+        .map(|(_, m)| m)
+        .unwrap_or_else(|| {
+            EthernetFrame::new_checked(&buf[..len])
+                .map(|e| e.src())
+                .unwrap_or_default()
+        });
+    let new_len = l3 + wire::ipv6::HEADER + 32;
+    if buf.len() < new_len {
+        return Some(Verdict::Bridge(Branch::Bridge));
+    }
+    let IpAddr::V6(target6) = target else {
+        return None;
+    };
+    // IPv6 header: src = the target, dst = the solicitor, hop limit 255, payload 32.
+    let ip6 = &mut buf[l3..new_len];
+    ip6[wire::ipv6::LEN..wire::ipv6::LEN + 2].copy_from_slice(&32u16.to_be_bytes());
+    ip6[wire::ipv6::NEXT] = proto::ICMPV6;
+    ip6[wire::ipv6::HOP] = 255;
+    ip6[wire::ipv6::SRC].copy_from_slice(&target6.octets());
+    ip6[wire::ipv6::DST].copy_from_slice(&solicitor.octets());
+    let na = &mut ip6[wire::ipv6::HEADER..];
+    na[..8].copy_from_slice(&[icmp::NA, 0, 0, 0, 0x60, 0, 0, 0]); // solicited, override
+    na[8..24].copy_from_slice(&target6.octets());
+    na[24..26].copy_from_slice(&[icmp::OPT_TLLA, 1]);
+    na[26..32].copy_from_slice(&plan.group_mac.0);
+    let sum = wire::icmpv6_checksum(&target6, &solicitor, na);
+    na[2..4].copy_from_slice(&sum.to_be_bytes());
+    wire::set_dst_mac(buf, reply_mac);
+    wire::set_src_mac(buf, plan.group_mac);
+    Some(Verdict::Reply {
+        len: new_len,
+        branch: Branch::NdReply,
+    })
+}
+
+/// Frames from a TM go toward their destination unhashed; what they say
+/// about cluster addresses is said with the group MAC.
+fn from_tm(buf: &mut [u8], len: usize, l3: usize, ty: u16, plan: &Plan) -> Verdict {
+    let group = plan.group_mac;
+    if ty == ethertype::ARP {
+        let arp = match ArpPacket::new_checked(&buf[l3..len]) {
+            Ok(a) => a,
+            Err(d) => return Verdict::Drop(d),
+        };
+        if !plan.owns(IpAddr::V4(arp.spa())) {
+            return Verdict::Bridge(Branch::FromTm);
+        }
+        buf[l3 + wire::arp::SHA.start..l3 + wire::arp::SHA.end].copy_from_slice(&group.0);
+        wire::set_src_mac(buf, group);
+        return Verdict::Bridge(Branch::FromTmRewritten);
+    }
+    let ip = match parse_ip(&buf[l3..len], ty) {
+        None => return Verdict::Bridge(Branch::FromTm),
+        Some(Err(d)) => return Verdict::Drop(d),
+        Some(Ok(ip)) => ip,
+    };
+    if !plan.owns(ip.src) {
+        return Verdict::Bridge(Branch::FromTm);
+    }
+    if ip.proto == proto::ICMPV6 && ip.frag.is_none() {
+        rewrite_nd_option(&mut buf[l3..len], &ip, group);
+    }
+    wire::set_src_mac(buf, group);
+    Verdict::Bridge(Branch::FromTmRewritten)
+}
+
+/// In a TM's NS/NA from a cluster address, replaces the link-layer address
+/// option with the group MAC and fixes the ICMPv6 checksum.
+fn rewrite_nd_option(packet: &mut [u8], ip: &IpHeader, group: MacAddr) {
+    let (IpAddr::V6(src), IpAddr::V6(dst)) = (ip.src, ip.dst) else {
+        return;
+    };
+    let Some(msg) = packet.get_mut(ip.l4..ip.end) else {
+        return;
+    };
+    let opt = match msg.first() {
+        Some(&icmp::NS) => icmp::OPT_SLLA,
+        Some(&icmp::NA) => icmp::OPT_TLLA,
+        _ => return,
+    };
+    let Some(options) = msg.get(icmp::ND_OPTIONS..) else {
+        return;
+    };
+    let Some((at, _)) = wire::nd_lla_option(options, opt) else {
+        return;
+    };
+    let mac_at = icmp::ND_OPTIONS + at + 2;
+    msg[mac_at..mac_at + 6].copy_from_slice(&group.0);
+    msg[2..4].copy_from_slice(&[0, 0]);
+    let sum = wire::icmpv6_checksum(&src, &dst, msg);
+    msg[2..4].copy_from_slice(&sum.to_be_bytes());
+}
