@@ -35,6 +35,10 @@ impl MapKey for MacAddr {
 pub struct Bridge {
     cfg: BridgeConfig,
     map: ExpiringMap<MacAddr, PortId>,
+    /// The last (MAC, port) learned and when: most frames come from the
+    /// same neighbour (the router), and re-learning it on every frame would
+    /// cost a hash and a probe per packet.
+    last: Option<(MacAddr, PortId, u64)>,
 }
 
 impl Bridge {
@@ -43,16 +47,26 @@ impl Bridge {
         Bridge {
             cfg,
             map: ExpiringMap::new(cfg.capacity, key),
+            last: None,
         }
     }
 
     /// Learns that `mac` is behind `port` (unicast addresses only).
     #[inline]
     pub fn learn(&mut self, mac: MacAddr, port: PortId, now: u64) {
-        if !mac.is_multicast() {
-            self.map
-                .insert(mac, port, now.saturating_add(self.cfg.ageing_ns), now);
+        if mac.is_multicast() {
+            return;
         }
+        // Same neighbour on the same port, refreshed within an eighth of the
+        // ageing time: nothing to do.
+        if let Some((m, p, at)) = self.last {
+            if m == mac && p == port && now.saturating_sub(at) < self.cfg.ageing_ns / 8 {
+                return;
+            }
+        }
+        self.map
+            .insert(mac, port, now.saturating_add(self.cfg.ageing_ns), now);
+        self.last = Some((mac, port, now));
     }
 
     /// The port `mac` was learned on, if it has not aged out.
