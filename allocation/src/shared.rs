@@ -1,8 +1,9 @@
-//! The running table behind one `ArcSwap`: wait-free reads, atomic swaps.
+//! The running table (or a snapshot built around it) behind one `ArcSwap`: wait-free reads, atomic swaps.
 //!
-//! Table, TM list, groups, rules and version live in one immutable
-//! [`AllocationTable`]; a packet sees the old snapshot or the new one, never
-//! a mix, and a swap never blocks a reader.
+//! Table, TM list, groups, rules and version live in one immutable value;
+//! a packet sees the old snapshot or the new one, never a mix, and a swap
+//! never blocks a reader. The distributor keeps its whole steering plan
+//! (table, TM routes, cluster addresses) in one such snapshot.
 
 use std::sync::Arc;
 
@@ -11,15 +12,27 @@ use arc_swap::{ArcSwap, Guard};
 use crate::error::TableError;
 use crate::table::AllocationTable;
 
-/// The live table of a distributor or TM.
-#[derive(Debug)]
-pub struct SharedTable {
-    current: ArcSwap<AllocationTable>,
+/// A snapshot with a table version: what [`SharedTable`] holds.
+pub trait Versioned {
+    /// The table version the snapshot carries.
+    fn version(&self) -> u64;
 }
 
-impl SharedTable {
-    /// Holds `table` as the running table.
-    pub fn new(table: AllocationTable) -> Self {
+impl Versioned for AllocationTable {
+    fn version(&self) -> u64 {
+        AllocationTable::version(self)
+    }
+}
+
+/// The live table (or snapshot) of a distributor or TM.
+#[derive(Debug)]
+pub struct SharedTable<T = AllocationTable> {
+    current: ArcSwap<T>,
+}
+
+impl<T: Versioned> SharedTable<T> {
+    /// Holds `table` as the running snapshot.
+    pub fn new(table: T) -> Self {
         SharedTable {
             current: ArcSwap::from_pointee(table),
         }
@@ -28,19 +41,19 @@ impl SharedTable {
     /// The running table, for the duration of a batch: wait-free, no
     /// reference-count traffic in the common case.
     #[inline]
-    pub fn load(&self) -> Guard<Arc<AllocationTable>> {
+    pub fn load(&self) -> Guard<Arc<T>> {
         self.current.load()
     }
 
     /// The running table as an owned reference (for the control path).
-    pub fn snapshot(&self) -> Arc<AllocationTable> {
+    pub fn snapshot(&self) -> Arc<T> {
         self.current.load_full()
     }
 
     /// Installs `table` if its version is newer than the running one;
     /// returns the table it replaced. A concurrent swap that wins first is
     /// taken into account (compare-and-swap loop).
-    pub fn swap(&self, table: AllocationTable) -> Result<Arc<AllocationTable>, TableError> {
+    pub fn swap(&self, table: T) -> Result<Arc<T>, TableError> {
         let new = Arc::new(table);
         loop {
             let cur = self.current.load_full();
@@ -59,7 +72,7 @@ impl SharedTable {
 
     /// Installs `table` whatever its version (a failover table, which keeps
     /// its base version, or an operator's rollback); returns the old one.
-    pub fn replace(&self, table: AllocationTable) -> Arc<AllocationTable> {
+    pub fn replace(&self, table: T) -> Arc<T> {
         self.current.swap(Arc::new(table))
     }
 }
@@ -69,6 +82,7 @@ mod test {
     use super::*;
     use crate::profile::Profile;
     use crate::table::test::uniform;
+    use crate::table::AllocationTable;
     use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 

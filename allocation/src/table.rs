@@ -218,6 +218,17 @@ impl Flow {
         }
     }
 
+    /// The endpoint the steering rule hashes: the one with the greater port
+    /// (`None` for equal ports and for flows without ports).
+    #[inline]
+    pub fn greater_port_endpoint(&self) -> Option<(IpAddr, u16)> {
+        match self.ports {
+            Some((sp, dp)) if sp > dp => Some((self.src, sp)),
+            Some((sp, dp)) if sp < dp => Some((self.dst, dp)),
+            _ => None,
+        }
+    }
+
     /// The reply direction: endpoints swapped.
     pub fn reversed(&self) -> Self {
         Flow {
@@ -234,19 +245,14 @@ impl Flow {
 pub enum SteerBy {
     /// Source port equals destination port: the group's predetermined TM.
     EqualPorts,
-    /// The greater-port endpoint was hashed.
+    /// The greater-port endpoint ([`Flow::greater_port_endpoint`]) was hashed.
     Endpoint {
-        /// Address hashed.
-        addr: IpAddr,
-        /// Port hashed.
-        port: u16,
         /// Bucket.
         bucket: u16,
     },
-    /// Source-affinity group: the greater-port endpoint's masked address was hashed.
+    /// Source-affinity group: the greater-port endpoint's address, masked to
+    /// the group's prefixes, was hashed.
     Address {
-        /// Masked address hashed.
-        addr: IpAddr,
         /// Bucket.
         bucket: u16,
     },
@@ -261,8 +267,8 @@ impl SteerBy {
     /// The bucket that decided, if a hash decided.
     pub fn bucket(&self) -> Option<u16> {
         match *self {
-            SteerBy::Endpoint { bucket, .. }
-            | SteerBy::Address { bucket, .. }
+            SteerBy::Endpoint { bucket }
+            | SteerBy::Address { bucket }
             | SteerBy::NoPorts { bucket } => Some(bucket),
             SteerBy::EqualPorts => None,
         }
@@ -584,39 +590,29 @@ impl AllocationTable {
     pub fn steer(&self, flow: &Flow) -> Steering {
         let g = self.group_of(flow);
         let group = &self.groups[g];
-        let by = match flow.ports {
-            Some((sp, dp)) if sp == dp => {
+        let by = match (flow.ports, flow.greater_port_endpoint()) {
+            (Some(_), None) => {
                 return Steering {
                     group: g,
                     tm: group.equal_ports_tm,
                     by: SteerBy::EqualPorts,
                 }
             }
-            Some((sp, dp)) => {
-                let (addr, port) = if sp > dp {
-                    (flow.src, sp)
-                } else {
-                    (flow.dst, dp)
-                };
-                match group.hash {
-                    HashMode::Endpoint => SteerBy::Endpoint {
-                        addr,
-                        port,
-                        bucket: bucket(hash_endpoint(&self.key, addr, port)) as u16,
-                    },
-                    HashMode::Address {
-                        v4_prefix,
-                        v6_prefix,
-                    } => {
-                        let masked = mask_addr(addr, v4_prefix, v6_prefix);
-                        SteerBy::Address {
-                            addr: masked,
-                            bucket: bucket(hash_address(&self.key, masked)) as u16,
-                        }
-                    }
-                }
-            }
-            None => SteerBy::NoPorts {
+            (_, Some((addr, port))) => match group.hash {
+                HashMode::Endpoint => SteerBy::Endpoint {
+                    bucket: bucket(hash_endpoint(&self.key, addr, port)) as u16,
+                },
+                HashMode::Address {
+                    v4_prefix,
+                    v6_prefix,
+                } => SteerBy::Address {
+                    bucket: bucket(hash_address(
+                        &self.key,
+                        mask_addr(addr, v4_prefix, v6_prefix),
+                    )) as u16,
+                },
+            },
+            (None, None) => SteerBy::NoPorts {
                 bucket: bucket(hash_triple(&self.key, flow.src, flow.dst, flow.protocol)) as u16,
             },
         };
@@ -722,14 +718,13 @@ pub(crate) mod test {
         // Greater port is the client's: the client endpoint is hashed, both ways.
         let f = Flow::with_ports(proto::TCP, ip("203.0.113.7"), 6900, ip("198.51.100.1"), 80);
         let s = t.steer(&f);
+        assert_eq!(f.greater_port_endpoint(), Some((ip("203.0.113.7"), 6900)));
         assert_eq!(
-            s.by,
-            SteerBy::Endpoint {
-                addr: ip("203.0.113.7"),
-                port: 6900,
-                bucket: s.by.bucket().expect("hashed")
-            }
+            f.reversed().greater_port_endpoint(),
+            Some((ip("203.0.113.7"), 6900))
         );
+        let want = bucket(hash_endpoint(t.key(), ip("203.0.113.7"), 6900)) as u16;
+        assert_eq!(s.by, SteerBy::Endpoint { bucket: want });
         assert_eq!(t.steer(&f.reversed()), s);
         assert_eq!(
             s.tm,
@@ -831,7 +826,9 @@ pub(crate) mod test {
             443,
         ));
         assert_eq!(a.tm, b.tm);
-        assert!(matches!(a.by, SteerBy::Address { addr, .. } if addr == ip("203.0.113.0")));
+        assert!(
+            matches!(a.by, SteerBy::Address { bucket } if usize::from(bucket) == t.endpoint_bucket(0, ip("203.0.113.0"), 0))
+        );
     }
 
     #[test]

@@ -88,13 +88,17 @@ fn frames(kind: &str, n: usize) -> Vec<Vec<u8>> {
                     )
                 }
                 _ => {
-                    // fragments: first and second of a datagram, alternating
+                    // fragments: frames 2k and 2k+1 are the first and second
+                    // fragment of datagram k (its client derived from k)
+                    let k = (i / 2) as u32;
+                    let c = IpAddr::V4((0xcb00_7100 ^ k.wrapping_mul(2_654_435_761)).into());
+                    let port = 1024 + (k % 60000) as u16;
                     let packet = build::ip(
-                        c4,
+                        c,
                         vip,
                         proto::UDP,
-                        i as u16,
-                        &build::udp(c4, port, vip, 53, &[0; 1600]),
+                        k as u16,
+                        &build::udp(c, port, vip, 53, &[0; 1600]),
                     );
                     let parts = build::fragment_v4(&packet, 1200);
                     build::frame(&l2, &parts[i % 2])
@@ -106,7 +110,10 @@ fn frames(kind: &str, n: usize) -> Vec<Vec<u8>> {
 
 fn steering(c: &mut Criterion) {
     let p = plan();
-    let n = 1024;
+    let n: usize = std::env::var("STEER_FRAMES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
     let mut g = c.benchmark_group("steer");
     g.throughput(Throughput::Elements(n as u64));
     for kind in ["tcp64", "tcp1500", "udp", "tcp6", "icmp_error", "fragments"] {

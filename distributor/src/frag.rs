@@ -82,6 +82,9 @@ pub struct FragTable {
     data: Vec<u8>,
     seq: u64,
     releasable: usize,
+    /// Occupied hold slots: when zero (the common case), a first fragment
+    /// has nothing to release and the slots are not scanned.
+    occupied: usize,
 }
 
 impl FragTable {
@@ -94,6 +97,7 @@ impl FragTable {
             data: vec![0; cfg.hold_slots * cfg.hold_slot_bytes],
             seq: 0,
             releasable: 0,
+            occupied: 0,
         }
     }
 
@@ -102,6 +106,9 @@ impl FragTable {
     pub fn remember(&mut self, key: FragKey, tm: TmIndex, now: u64) {
         self.memory
             .insert(key, tm, now.saturating_add(self.cfg.memory_ttl_ns), now);
+        if self.occupied == self.releasable {
+            return;
+        }
         for h in self.held.iter_mut().flatten() {
             if h.key == key && h.released.is_none() && h.expiry > now {
                 h.released = Some(tm);
@@ -116,7 +123,9 @@ impl FragTable {
         self.memory.get(key, now)
     }
 
-    /// Holds a copy of an early fragment. Errors are drops of this frame.
+    /// Holds a copy of an early fragment in a free slot (expired fragments
+    /// free theirs through [`FragTable::expire`], which counts them). Errors
+    /// are drops of this frame.
     pub fn hold(&mut self, frame: &[u8], key: FragKey, now: u64) -> Result<(), Drop> {
         if frame.len() > self.cfg.hold_slot_bytes {
             return Err(Drop::FragmentTooLarge);
@@ -124,11 +133,14 @@ impl FragTable {
         let slot = self
             .held
             .iter()
-            .position(|h| h.is_none_or(|h| h.released.is_none() && h.expiry <= now))
+            .position(Option::is_none)
             .ok_or(Drop::FragmentHoldFull)?;
         let at = slot * self.cfg.hold_slot_bytes;
         self.data[at..at + frame.len()].copy_from_slice(frame);
         self.seq += 1;
+        if self.held[slot].is_none() {
+            self.occupied += 1;
+        }
         self.held[slot] = Some(Held {
             key,
             len: frame.len(),
@@ -149,6 +161,7 @@ impl FragTable {
                 n += 1;
             }
         }
+        self.occupied -= n;
         n
     }
 
@@ -175,12 +188,13 @@ impl FragTable {
             emit(&mut self.data[at..at + len], tm);
             self.held[slot] = None;
             self.releasable -= 1;
+            self.occupied -= 1;
         }
     }
 
     /// Fragments held now.
     pub fn held(&self) -> usize {
-        self.held.iter().filter(|h| h.is_some()).count()
+        self.occupied
     }
 
     /// Remembered first fragments (occupied slots).

@@ -144,6 +144,12 @@ impl Plan {
     }
 }
 
+impl allocation::Versioned for Plan {
+    fn version(&self) -> u64 {
+        self.table.version()
+    }
+}
+
 /// Identifies the fragments of one datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FragKey {
@@ -190,6 +196,7 @@ pub enum Verdict {
 
 /// Decides what to do with the frame in `buf[..len]` that came in on
 /// `ingress`. `buf` may be longer than the frame: a reply may grow into it.
+#[inline]
 pub fn decide(buf: &mut [u8], len: usize, ingress: PortId, plan: &Plan) -> Verdict {
     let Some(frame) = buf.get(..len) else {
         return Verdict::Drop(Drop::Truncated);
@@ -206,6 +213,7 @@ pub fn decide(buf: &mut [u8], len: usize, ingress: PortId, plan: &Plan) -> Verdi
     }
 }
 
+#[inline(always)]
 fn parse_ip(frame: &[u8], ty: u16) -> Option<Result<IpHeader, Drop>> {
     match ty {
         ethertype::IPV4 => Some(wire::parse_ipv4(frame)),
@@ -214,6 +222,7 @@ fn parse_ip(frame: &[u8], ty: u16) -> Option<Result<IpHeader, Drop>> {
     }
 }
 
+#[inline]
 fn from_outside(
     buf: &mut [u8],
     len: usize,
@@ -277,6 +286,7 @@ fn from_outside(
 }
 
 /// Steers an IP packet (whole, or a first fragment) for the cluster.
+#[inline]
 fn steer_ip(packet: &[u8], ip: &IpHeader, plan: &Plan) -> Verdict {
     let l4 = &packet[ip.l4.min(ip.end)..ip.end];
     let v6 = ip.src.is_ipv6();

@@ -297,6 +297,7 @@ pub mod ipv6 {
 }
 
 /// Parses an IPv4 header at the start of `b` (options skipped).
+#[inline(always)]
 pub fn parse_ipv4(b: &[u8]) -> Result<IpHeader, Drop> {
     parse_ipv4_in(b, false)
 }
@@ -308,6 +309,7 @@ pub fn parse_ipv4_embedded(b: &[u8]) -> Result<IpHeader, Drop> {
     parse_ipv4_in(b, true)
 }
 
+#[inline(always)]
 fn parse_ipv4_in(b: &[u8], embedded: bool) -> Result<IpHeader, Drop> {
     if b.len() < ipv4::MIN {
         return Err(Drop::Truncated);
@@ -344,6 +346,7 @@ fn parse_ipv4_in(b: &[u8], embedded: bool) -> Result<IpHeader, Drop> {
 
 /// Parses an IPv6 header at the start of `b`, walking hop-by-hop, routing,
 /// fragment, destination-options and AH headers to the upper layer.
+#[inline(always)]
 pub fn parse_ipv6(b: &[u8]) -> Result<IpHeader, Drop> {
     parse_ipv6_in(b, false)
 }
@@ -353,6 +356,7 @@ pub fn parse_ipv6_embedded(b: &[u8]) -> Result<IpHeader, Drop> {
     parse_ipv6_in(b, true)
 }
 
+#[inline(always)]
 fn parse_ipv6_in(b: &[u8], embedded: bool) -> Result<IpHeader, Drop> {
     if b.len() < ipv6::HEADER {
         return Err(Drop::Truncated);
@@ -427,6 +431,7 @@ fn parse_ipv6_in(b: &[u8], embedded: bool) -> Result<IpHeader, Drop> {
 }
 
 /// True for protocols whose first four bytes are source and destination port.
+#[inline(always)]
 pub fn has_ports(protocol: u8) -> bool {
     matches!(
         protocol,
@@ -435,6 +440,7 @@ pub fn has_ports(protocol: u8) -> bool {
 }
 
 /// The (source, destination) ports at the start of `l4`.
+#[inline(always)]
 pub fn ports(l4: &[u8]) -> Option<(u16, u16)> {
     (l4.len() >= 4).then(|| (be16(l4, 0), be16(l4, 2)))
 }

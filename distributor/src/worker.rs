@@ -75,10 +75,18 @@ impl Worker {
             }
             Verdict::Follow(key) => match self.frag.lookup(&key, now) {
                 Some(tm) => self.send_to_tm(buf, len, tm, Branch::Fragment, plan),
-                None => match self.frag.hold(&buf[..len], key, now) {
-                    Ok(()) => Action::Held,
-                    Err(d) => self.dropped(d),
-                },
+                None => {
+                    let mut held = self.frag.hold(&buf[..len], key, now);
+                    if held == Err(Drop::FragmentHoldFull) {
+                        // Free (and count) timed-out fragments, then try once more.
+                        self.tick(now);
+                        held = self.frag.hold(&buf[..len], key, now);
+                    }
+                    match held {
+                        Ok(()) => Action::Held,
+                        Err(d) => self.dropped(d),
+                    }
+                }
             },
             Verdict::Bridge(branch) => {
                 self.counters.branch(branch);

@@ -348,6 +348,32 @@ fn fragments_follow_the_first_in_order_and_out_of_order() {
 }
 
 #[test]
+fn a_full_hold_pool_reclaims_timed_out_fragments_and_counts_them() {
+    let p = plan();
+    let mut cfg = WorkerConfig::default();
+    cfg.frag.hold_slots = 1;
+    let ttl = cfg.frag.hold_ttl_ns;
+    let mut w = Worker::new(cfg, HashKey::from_bytes([1; 16]));
+    let late = |id: u16| {
+        let pkt = build::ipv4(
+            Ipv4Addr::new(203, 0, 113, 7),
+            Ipv4Addr::new(198, 51, 100, 10),
+            proto::UDP,
+            id,
+            (100, false),
+            &[],
+            &[0; 64],
+        );
+        build::frame(&L2::new(GROUP, ROUTER_MAC), &pkt)
+    };
+    assert_eq!(run(&mut w, &p, &late(1), 0, 0).0, Action::Held);
+    // No tick in between: the expired fragment's slot is reclaimed, and its drop counted.
+    assert_eq!(run(&mut w, &p, &late(2), 0, ttl + 1).0, Action::Held);
+    assert_eq!(w.counters.of_drop(Drop::FragmentTimeout), 1);
+    assert_eq!(w.fragments_held(), 1);
+}
+
+#[test]
 fn the_hold_pool_is_bounded() {
     let p = plan();
     let mut cfg = WorkerConfig::default();

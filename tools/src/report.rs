@@ -243,12 +243,9 @@ impl Out {
             (a, None) => a.to_string(),
         };
         let (sp, dp) = flow.ports.map_or((None, None), |(s, d)| (Some(s), Some(d)));
-        let (branch, hashed) = match st.by {
-            SteerBy::EqualPorts => (
-                "equal ports: the group's predetermined TM".to_string(),
-                Value::Null,
-            ),
-            SteerBy::Endpoint { addr, port, .. } => {
+        let endpoint = flow.greater_port_endpoint();
+        let (branch, hashed) = match (st.by, endpoint) {
+            (SteerBy::Endpoint { .. }, Some((addr, port))) => {
                 let side = if Some(port) == sp && flow.src == addr {
                     "source"
                 } else {
@@ -259,17 +256,30 @@ impl Out {
                     json!(show(addr, Some(port))),
                 )
             }
-            SteerBy::Address { addr, .. } => (
-                format!("source-affinity address {addr}"),
-                json!(addr.to_string()),
-            ),
-            SteerBy::NoPorts { .. } => (
+            (SteerBy::Address { .. }, Some((addr, _))) => {
+                let masked = match t.groups()[st.group].hash {
+                    allocation::HashMode::Address {
+                        v4_prefix,
+                        v6_prefix,
+                    } => allocation::hash::mask_addr(addr, v4_prefix, v6_prefix),
+                    allocation::HashMode::Endpoint => addr,
+                };
+                (
+                    format!("source-affinity address {masked}"),
+                    json!(masked.to_string()),
+                )
+            }
+            (SteerBy::NoPorts { .. }, _) => (
                 format!(
                     "no ports: ({}, {}, {})",
                     flow.src,
                     flow.dst,
                     proto::name(flow.protocol)
                 ),
+                Value::Null,
+            ),
+            _ => (
+                "equal ports: the group's predetermined TM".to_string(),
                 Value::Null,
             ),
         };
