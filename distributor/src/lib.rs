@@ -5,15 +5,19 @@
 //! * [`steer`] — the steering rule as a pure function of (frame, [`steer::Plan`]);
 //! * [`worker`] — a core's state: fragment memory and hold pool, MAC
 //!   learning, counters; turns verdicts into [`verdict::Action`]s;
-//! * [`build`] — frame builders for tests, simulations and benchmarks.
+//! * [`build`] — frame builders for tests, simulations and benchmarks;
+//! * [`pcap`] and [`replay`] — capture files, and `stdd replay`: a capture
+//!   through the real steering, one capture per TM and a summary out.
 //!
-//! The I/O backends and the `stdd` daemon are not part of this crate yet.
+//! The live I/O backends and the `stdd` daemon mode are not part of this crate yet.
 #![deny(missing_docs)]
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod bridge;
 pub mod build;
 pub mod frag;
+pub mod pcap;
+pub mod replay;
 pub mod steer;
 pub mod table;
 pub mod verdict;

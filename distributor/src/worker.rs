@@ -28,6 +28,8 @@ pub struct Worker {
     bridge: Bridge,
     /// This worker's counters.
     pub counters: Counters,
+    /// The branch that decided the last frame (`None`: dropped or held).
+    last: Option<Branch>,
 }
 
 impl Worker {
@@ -38,6 +40,7 @@ impl Worker {
             frag: FragTable::new(cfg.frag, key),
             bridge: Bridge::new(cfg.bridge, key),
             counters: Counters::default(),
+            last: None,
         }
     }
 
@@ -52,6 +55,7 @@ impl Worker {
         plan: &Plan,
         now: u64,
     ) -> Action {
+        self.last = None;
         let src = buf
             .get(..len)
             .and_then(|f| EthernetFrame::new_checked(f).ok())
@@ -89,7 +93,7 @@ impl Worker {
                 }
             },
             Verdict::Bridge(branch) => {
-                self.counters.branch(branch);
+                self.count(branch);
                 let dst = src.map(|(_, d)| d).unwrap_or_default();
                 match self.bridge.port_of(dst, now) {
                     Some(p) if p == ingress => self.dropped(Drop::Hairpin),
@@ -98,11 +102,11 @@ impl Worker {
                 }
             }
             Verdict::Reply { len, branch } => {
-                self.counters.branch(branch);
+                self.count(branch);
                 Action::Reply { len }
             }
             Verdict::ToAllTms => {
-                self.counters.branch(Branch::NeighbourToTms);
+                self.count(Branch::NeighbourToTms);
                 Action::ToAllTms
             }
             Verdict::Drop(d) => self.dropped(d),
@@ -122,9 +126,21 @@ impl Worker {
             return self.dropped(Drop::NoTmPort);
         };
         wire::set_dst_mac(buf, mac);
-        self.counters.branch(branch);
+        self.count(branch);
         self.counters.to_tm(tm, len);
         Action::ToTm { tm, port }
+    }
+
+    #[inline]
+    fn count(&mut self, b: Branch) {
+        self.counters.branch(b);
+        self.last = Some(b);
+    }
+
+    /// The branch that decided the last frame given to [`Worker::process`]
+    /// (`None` if it was dropped or held).
+    pub fn last_branch(&self) -> Option<Branch> {
+        self.last
     }
 
     #[inline]
