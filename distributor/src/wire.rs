@@ -372,6 +372,14 @@ fn parse_ipv6_in(b: &[u8], embedded: bool) -> Result<IpHeader, Drop> {
         end = b.len();
     }
     let (mut next, mut at, mut frag) = (b[ipv6::NEXT], ipv6::HEADER, None);
+    let header = |proto, l4, frag| IpHeader {
+        src: ip6_at(b, ipv6::SRC.start).into(),
+        dst: ip6_at(b, ipv6::DST.start).into(),
+        proto,
+        l4,
+        end,
+        frag,
+    };
     for _ in 0..ipv6::MAX_EXT {
         let len = match next {
             proto::HOPOPT | proto::ROUTING | proto::DSTOPTS => {
@@ -399,16 +407,7 @@ fn parse_ipv6_in(b: &[u8], embedded: bool) -> Result<IpHeader, Drop> {
                 });
                 8
             }
-            _ => {
-                return Ok(IpHeader {
-                    src: ip6_at(b, ipv6::SRC.start).into(),
-                    dst: ip6_at(b, ipv6::DST.start).into(),
-                    proto: next,
-                    l4: at,
-                    end,
-                    frag,
-                })
-            }
+            _ => return Ok(header(next, at, frag)),
         };
         if at + len > end {
             return Err(Drop::Truncated);
@@ -417,14 +416,7 @@ fn parse_ipv6_in(b: &[u8], embedded: bool) -> Result<IpHeader, Drop> {
         at += len;
         // A non-first fragment's payload is not a header chain.
         if frag.is_some_and(|f| !f.is_first()) {
-            return Ok(IpHeader {
-                src: ip6_at(b, ipv6::SRC.start).into(),
-                dst: ip6_at(b, ipv6::DST.start).into(),
-                proto: next,
-                l4: at,
-                end,
-                frag,
-            });
+            return Ok(header(next, at, frag));
         }
     }
     Err(Drop::TooManyExtensions)
