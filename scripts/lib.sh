@@ -43,4 +43,4 @@ ensure_rust() {
 
 # System packages the build and the tests need. Later parts of the project
 # (pcap backend, end-to-end rig) add theirs here.
-BUILD_PACKAGES=(gcc libc6-dev pkg-config)
+BUILD_PACKAGES=(gcc libc6-dev pkg-config libpcap-dev)

@@ -15,6 +15,7 @@
 
 pub mod bridge;
 pub mod build;
+pub mod config;
 pub mod frag;
 pub mod pcap;
 pub mod replay;

@@ -1,0 +1,550 @@
+//! stdd's configuration: TOML through `config` with `STD_*` environment overrides, validated with errors that name the field.
+//!
+//! Every key is documented in `docs/configuration.md`; defaults are the
+//! named constants below.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use allocation::{AllocationTable, MacAddr};
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::bridge::BridgeConfig;
+use crate::frag::FragConfig;
+use crate::steer::{Plan, PortKind};
+use crate::verdict::PortId;
+use crate::worker::WorkerConfig;
+
+/// Default admin listen address (loopback: no token needed).
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9180";
+/// Default frames per receive batch.
+pub const DEFAULT_BATCH: usize = 64;
+/// Default receive poll timeout, in milliseconds.
+pub const DEFAULT_POLL_MS: u64 = 10;
+
+/// A configuration that cannot be used. `field` names the key.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read or parsed, or a key has the wrong type.
+    #[error("{0}")]
+    Load(String),
+    /// A key has an invalid value.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The key (`port[2].tms`, `admin.token`, …).
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// What the distributor stands between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Between the clients' router and the TMs: one outside port.
+    Front,
+    /// Between the TMs and the servers' network: one outside port.
+    Back,
+    /// Both in one box: two outside ports (clients' side, servers' side).
+    Combined,
+}
+
+/// The packet I/O backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// Live interfaces through libpcap (one worker; one syscall per frame sent).
+    Pcap,
+    /// Capture files: each port reads `input` (if set) and writes `output` (if set).
+    PcapFile,
+}
+
+/// One distributor port.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    /// A name for logs and metrics.
+    pub name: String,
+    /// What the port faces: `outside`, `tm` or `bridged`.
+    pub kind: PortKindConfig,
+    /// Interface (pcap backend).
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// Capture to read frames from (pcap-file backend).
+    #[serde(default)]
+    pub input: Option<PathBuf>,
+    /// Capture to write the frames sent out of this port to (pcap-file backend).
+    #[serde(default)]
+    pub output: Option<PathBuf>,
+    /// TM ids reached through this port (TM ports; several for a shared link).
+    #[serde(default)]
+    pub tms: Vec<u32>,
+}
+
+/// Port kinds as written in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortKindConfig {
+    /// Faces clients or servers.
+    Outside,
+    /// Faces TMs.
+    Tm,
+    /// A plain bridge port.
+    Bridged,
+}
+
+/// The admin endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Listen address. Anything but loopback requires `token`.
+    #[serde(default = "default_admin")]
+    pub listen: SocketAddr,
+    /// Bearer token (`Authorization: Bearer …`), required off loopback.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+fn default_admin() -> SocketAddr {
+    DEFAULT_ADMIN
+        .parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9180)))
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin(),
+            token: None,
+        }
+    }
+}
+
+/// Worker threads.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersConfig {
+    /// CPUs to pin the workers to, one worker each (empty: one unpinned worker).
+    #[serde(default)]
+    pub cpus: Vec<usize>,
+    /// Frames per receive batch.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    /// Receive poll timeout, in milliseconds.
+    #[serde(default = "default_poll")]
+    pub poll_ms: u64,
+}
+
+fn default_batch() -> usize {
+    DEFAULT_BATCH
+}
+
+fn default_poll() -> u64 {
+    DEFAULT_POLL_MS
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        WorkersConfig {
+            cpus: Vec::new(),
+            batch: DEFAULT_BATCH,
+            poll_ms: DEFAULT_POLL_MS,
+        }
+    }
+}
+
+/// Fragment handler limits (see `FragConfig`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FragmentsConfig {
+    /// Remembered first fragments.
+    pub memory: usize,
+    /// How long a first fragment's TM is remembered, ms.
+    pub memory_ttl_ms: u64,
+    /// Hold slots for early fragments.
+    pub hold_slots: usize,
+    /// Largest frame a hold slot takes.
+    pub hold_slot_bytes: usize,
+    /// How long an early fragment is held, ms.
+    pub hold_ttl_ms: u64,
+}
+
+impl Default for FragmentsConfig {
+    fn default() -> Self {
+        let f = FragConfig::default();
+        FragmentsConfig {
+            memory: f.memory,
+            memory_ttl_ms: f.memory_ttl_ns / 1_000_000,
+            hold_slots: f.hold_slots,
+            hold_slot_bytes: f.hold_slot_bytes,
+            hold_ttl_ms: f.hold_ttl_ns / 1_000_000,
+        }
+    }
+}
+
+/// MAC learning limits.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BridgeSection {
+    /// Learned addresses.
+    pub capacity: usize,
+    /// Ageing, seconds.
+    pub ageing_s: u64,
+}
+
+impl Default for BridgeSection {
+    fn default() -> Self {
+        let b = BridgeConfig::default();
+        BridgeSection {
+            capacity: b.capacity,
+            ageing_s: b.ageing_ns / 1_000_000_000,
+        }
+    }
+}
+
+/// The whole configuration of one `stdd`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistributorConfig {
+    /// Front, back or combined.
+    pub role: Role,
+    /// The cluster's group MAC (unicast, locally administered is usual).
+    pub group_mac: String,
+    /// The cluster's addresses: VIPs and SNAT addresses.
+    #[serde(default)]
+    pub cluster_addresses: Vec<IpAddr>,
+    /// The table file.
+    pub table: PathBuf,
+    /// Packet I/O backend.
+    pub backend: BackendKind,
+    /// Ports, in order (a port's index is its number in metrics).
+    #[serde(rename = "port")]
+    pub ports: Vec<PortConfig>,
+    /// Admin endpoint.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Worker threads.
+    #[serde(default)]
+    pub workers: WorkersConfig,
+    /// Fragment handler.
+    #[serde(default)]
+    pub fragments: FragmentsConfig,
+    /// MAC learning.
+    #[serde(default)]
+    pub bridge: BridgeSection,
+}
+
+impl DistributorConfig {
+    /// Reads `path` (TOML), applies `STD_*` environment overrides (nested
+    /// keys with `__`: `STD_ADMIN__LISTEN=0.0.0.0:9180`), and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let cfg: DistributorConfig = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("STD")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::Load(format!("{}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolved(base).validated()
+    }
+
+    /// Relative paths resolved against the configuration file's directory.
+    fn resolved(mut self, base: &Path) -> Self {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.table);
+        for port in &mut self.ports {
+            if let Some(p) = port.input.as_mut() {
+                fix(p);
+            }
+            if let Some(p) = port.output.as_mut() {
+                fix(p);
+            }
+        }
+        self
+    }
+
+    /// Checks every rule that types cannot; the error names the key.
+    pub fn validated(self) -> Result<Self, ConfigError> {
+        let mac: MacAddr = self
+            .group_mac
+            .parse()
+            .map_err(|e| invalid("group_mac", format!("{e}")))?;
+        if mac.is_multicast() {
+            return Err(invalid("group_mac", "must be a unicast MAC"));
+        }
+        if self.ports.is_empty() {
+            return Err(invalid("port", "at least one [[port]] is needed"));
+        }
+        let outside = self
+            .ports
+            .iter()
+            .filter(|p| p.kind == PortKindConfig::Outside)
+            .count();
+        let want = match self.role {
+            Role::Front | Role::Back => 1,
+            Role::Combined => 2,
+        };
+        if outside != want {
+            return Err(invalid(
+                "port",
+                format!(
+                    "role {:?} needs {want} outside port(s), found {outside}",
+                    self.role
+                )
+                .to_lowercase(),
+            ));
+        }
+        if self.ports.len() > usize::from(PortId::MAX) {
+            return Err(invalid("port", "too many ports"));
+        }
+        let mut seen_tms = Vec::new();
+        for (i, p) in self.ports.iter().enumerate() {
+            if self.ports[..i].iter().any(|q| q.name == p.name) {
+                return Err(invalid(
+                    format!("port[{i}].name"),
+                    format!("'{}' is used twice", p.name),
+                ));
+            }
+            match (p.kind, p.tms.is_empty()) {
+                (PortKindConfig::Tm, true) => {
+                    return Err(invalid(
+                        format!("port[{i}].tms"),
+                        "a TM port must list the TM ids it reaches",
+                    ))
+                }
+                (PortKindConfig::Outside | PortKindConfig::Bridged, false) => {
+                    return Err(invalid(format!("port[{i}].tms"), "only TM ports reach TMs"))
+                }
+                _ => {}
+            }
+            for &id in &p.tms {
+                if seen_tms.contains(&id) {
+                    return Err(invalid(
+                        format!("port[{i}].tms"),
+                        format!("TM id {id} is reached through two ports"),
+                    ));
+                }
+                seen_tms.push(id);
+            }
+            match self.backend {
+                BackendKind::Pcap if p.interface.is_none() => {
+                    return Err(invalid(
+                        format!("port[{i}].interface"),
+                        "the pcap backend needs an interface per port",
+                    ))
+                }
+                BackendKind::PcapFile if p.input.is_none() && p.output.is_none() => {
+                    return Err(invalid(
+                        format!("port[{i}]"),
+                        "the pcap-file backend needs an input or an output capture",
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if self.backend == BackendKind::Pcap && self.workers.cpus.len() > 1 {
+            return Err(invalid(
+                "workers.cpus",
+                "the pcap backend runs one worker (libpcap cannot share a port between workers): list at most one CPU",
+            ));
+        }
+        if self.workers.batch == 0 || self.workers.batch > 4096 {
+            return Err(invalid("workers.batch", "must be 1 to 4096"));
+        }
+        if !self.admin.listen.ip().is_loopback()
+            && self.admin.token.as_deref().is_none_or(str::is_empty)
+        {
+            return Err(invalid(
+                "admin.token",
+                format!(
+                    "required when admin.listen ({}) is not a loopback address",
+                    self.admin.listen
+                ),
+            ));
+        }
+        if self.fragments.hold_slot_bytes < 64 || self.fragments.hold_slot_bytes > 65_535 {
+            return Err(invalid("fragments.hold_slot_bytes", "must be 64 to 65535"));
+        }
+        Ok(self)
+    }
+
+    /// The group MAC (validated).
+    pub fn group_mac(&self) -> MacAddr {
+        self.group_mac.parse().unwrap_or_default()
+    }
+
+    /// The worker limits.
+    pub fn worker_config(&self) -> WorkerConfig {
+        let f = &self.fragments;
+        WorkerConfig {
+            frag: FragConfig {
+                memory: f.memory,
+                memory_ttl_ns: f.memory_ttl_ms * 1_000_000,
+                hold_slots: f.hold_slots,
+                hold_slot_bytes: f.hold_slot_bytes,
+                hold_ttl_ns: f.hold_ttl_ms * 1_000_000,
+            },
+            bridge: BridgeConfig {
+                capacity: self.bridge.capacity,
+                ageing_ns: self.bridge.ageing_s * 1_000_000_000,
+            },
+        }
+    }
+
+    /// The steering plan for `table` under this configuration. Every TM of
+    /// the table must be reachable through a port, and every TM id a port
+    /// names must be in the table.
+    pub fn plan(&self, table: AllocationTable) -> Result<Plan, ConfigError> {
+        for t in table.tms() {
+            if !self.ports.iter().any(|p| p.tms.contains(&t.id)) {
+                return Err(invalid(
+                    "port",
+                    format!(
+                        "TM id {} ('{}') of table version {} has no port",
+                        t.id,
+                        t.name,
+                        table.version()
+                    ),
+                ));
+            }
+        }
+        let kinds = self
+            .ports
+            .iter()
+            .map(|p| match p.kind {
+                PortKindConfig::Outside => PortKind::Outside,
+                PortKindConfig::Tm => PortKind::Tm,
+                PortKindConfig::Bridged => PortKind::Bridged,
+            })
+            .collect();
+        let map: Vec<(u32, PortId)> = self
+            .ports
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| p.tms.iter().map(move |&id| (id, i as PortId)))
+            .collect();
+        Plan::new(
+            table,
+            self.group_mac(),
+            &self.cluster_addresses,
+            kinds,
+            &map,
+        )
+        .map_err(|e| invalid("port", e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    const GOOD: &str = r#"
+role = "front"
+group_mac = "02:53:54:44:00:01"
+cluster_addresses = ["198.51.100.10", "10.1.0.1"]
+table = "table.toml"
+backend = "pcap"
+
+[[port]]
+name = "outside"
+kind = "outside"
+interface = "eth0"
+
+[[port]]
+name = "tms"
+kind = "tm"
+interface = "eth1"
+tms = [0, 1, 2, 3]
+
+[admin]
+listen = "127.0.0.1:9180"
+"#;
+
+    fn load(text: &str) -> Result<DistributorConfig, ConfigError> {
+        // Tests run in parallel: every call gets its own directory.
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("stdd-config-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("stdd.toml");
+        std::fs::write(&path, text).expect("write");
+        let r = DistributorConfig::load(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    fn field_of(r: Result<DistributorConfig, ConfigError>) -> String {
+        match r {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            Err(e) => format!("load: {e}"),
+            Ok(_) => "accepted".into(),
+        }
+    }
+
+    #[test]
+    fn a_good_file_loads_with_defaults() {
+        let c = load(GOOD).expect("config");
+        assert_eq!(c.role, Role::Front);
+        assert_eq!(c.workers.batch, DEFAULT_BATCH);
+        assert!(c.table.is_absolute(), "relative to the file");
+        assert_eq!(c.ports[1].tms, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(
+            field_of(load(
+                &GOOD.replace("02:53:54:44:00:01", "01:00:5e:00:00:01")
+            )),
+            "group_mac"
+        );
+        assert_eq!(
+            field_of(load(&GOOD.replace("tms = [0, 1, 2, 3]", ""))),
+            "port[1].tms"
+        );
+        assert_eq!(
+            field_of(load(&GOOD.replace("interface = \"eth1\"", ""))),
+            "port[1].interface"
+        );
+        assert_eq!(
+            field_of(load(
+                &GOOD.replace("role = \"front\"", "role = \"combined\"")
+            )),
+            "port"
+        );
+        assert_eq!(
+            field_of(load(&GOOD.replace("127.0.0.1:9180", "0.0.0.0:9180"))),
+            "admin.token"
+        );
+        assert!(load(
+            &GOOD
+                .replace("0.0.0.0", "x")
+                .replace("127.0.0.1:9180", "0.0.0.0:9180")
+                .replace("[admin]", "[admin]\ntoken = \"s3cret\"")
+        )
+        .is_ok());
+        let unknown = field_of(load(
+            &GOOD.replace("backend = \"pcap\"", "backend = \"pcap\"\ncolour = 1"),
+        ));
+        assert!(unknown.contains("colour"), "{unknown}");
+        let missing = field_of(load(&GOOD.replace("group_mac = \"02:53:54:44:00:01\"", "")));
+        assert!(missing.contains("group_mac"), "{missing}");
+    }
+}
