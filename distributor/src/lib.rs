@@ -13,10 +13,13 @@
 #![deny(missing_docs)]
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
+pub mod admin;
+pub mod backend;
 pub mod bridge;
 pub mod build;
 pub mod config;
 pub mod frag;
+pub mod io;
 pub mod pcap;
 pub mod replay;
 pub mod steer;

@@ -180,6 +180,11 @@ impl<W: Write> Writer<W> {
         self.w.write_all(data)
     }
 
+    /// Flushes what was written so far.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+
     /// Flushes and returns the inner writer.
     pub fn into_inner(mut self) -> io::Result<W> {
         self.w.flush()?;

@@ -179,6 +179,10 @@ pub struct Counters {
     pub tm_packets: Vec<u64>,
     /// Bytes sent to each TM index.
     pub tm_bytes: Vec<u64>,
+    /// Receive errors reported by the backend.
+    pub rx_errors: u64,
+    /// Frames the backend failed to send.
+    pub tx_errors: u64,
 }
 
 impl Counters {
@@ -233,6 +237,8 @@ impl Counters {
         for (a, b) in self.drops.iter_mut().zip(&other.drops) {
             *a += b;
         }
+        self.rx_errors += other.rx_errors;
+        self.tx_errors += other.tx_errors;
         let n = self.tm_packets.len().max(other.tm_packets.len());
         self.tm_packets.resize(n, 0);
         self.tm_bytes.resize(n, 0);

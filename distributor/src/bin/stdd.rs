@@ -1,4 +1,4 @@
-//! stdd, the distributor daemon: for now its `replay` command (a capture through the real steering, per-TM captures and a summary out).
+//! stdd, the distributor daemon: `run` (steer live interfaces or capture files, admin endpoint) and `replay` (check a table against a capture).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +17,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the distributor: steer frames between the configured ports until
+    /// SIGTERM or SIGINT; SIGHUP reloads the configuration's steering
+    /// settings and the table.
+    Run {
+        /// Configuration file (TOML; STD_* environment variables override keys).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Steer every frame of a pcap capture with a table: one capture per TM
     /// and summary.json (packets per TM, branch and drop reason; split flows).
     Replay {
@@ -69,6 +77,7 @@ fn main() -> ExitCode {
 
 fn run(cmd: Command) -> Result<()> {
     match cmd {
+        Command::Run { config } => daemon::run(&config),
         Command::Replay {
             table,
             capture,
@@ -135,5 +144,181 @@ fn run(cmd: Command) -> Result<()> {
             println!("wrote {}", out.join("summary.json").display());
             Ok(())
         }
+    }
+}
+
+mod daemon {
+    //! The `run` command: threads, signals, reloads.
+
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use allocation::SharedTable;
+    use anyhow::{anyhow, Context, Result};
+    use distributor::admin::{self, AdminState};
+    use distributor::backend::{PcapBackend, PcapFileBackend};
+    use distributor::config::{BackendKind, DistributorConfig};
+    use distributor::io::{run_worker, Backend, WorkerShared};
+
+    /// What a worker thread needs.
+    struct WorkerSpawn {
+        plan: Arc<SharedTable<distributor::Plan>>,
+        stop: Arc<AtomicBool>,
+        shared: Arc<WorkerShared>,
+        wcfg: distributor::WorkerConfig,
+        batch: usize,
+        cpu: Option<usize>,
+    }
+
+    impl WorkerSpawn {
+        /// Starts the worker on its own (optionally pinned) thread, monomorphic in the backend.
+        fn start<B: Backend + Send + 'static>(
+            self,
+            mut backend: B,
+        ) -> Result<std::thread::JoinHandle<distributor::Counters>> {
+            let WorkerSpawn {
+                plan,
+                stop,
+                shared,
+                wcfg,
+                batch,
+                cpu,
+            } = self;
+            Ok(std::thread::Builder::new()
+                .name("stdd-worker-0".into())
+                .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+                            log::warn!("could not pin the worker to CPU {cpu}");
+                        }
+                    }
+                    run_worker(&mut backend, &plan, wcfg, batch, &stop, &shared)
+                })?)
+        }
+    }
+
+    fn load(path: &Path) -> Result<(DistributorConfig, distributor::Plan)> {
+        let cfg = DistributorConfig::load(path)?;
+        let table = allocation::file::load(&cfg.table)
+            .with_context(|| format!("cannot use table {}", cfg.table.display()))?;
+        let plan = cfg.plan(table)?;
+        Ok((cfg, plan))
+    }
+
+    pub fn run(path: &Path) -> Result<()> {
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+        let (cfg, plan) = load(path)?;
+        log::info!(
+            "stdd {:?}: {} ports, table version {} ({} TMs), backend {:?}",
+            cfg.role,
+            cfg.ports.len(),
+            plan.table().version(),
+            plan.table().tms().len(),
+            cfg.backend
+        );
+        let plan = Arc::new(SharedTable::new(plan));
+        let stop = Arc::new(AtomicBool::new(false));
+        let reload = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(sig, Arc::clone(&stop))
+                .context("installing signal handlers")?;
+        }
+        signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reload))
+            .context("installing signal handlers")?;
+
+        let shared = Arc::new(WorkerShared::default());
+        let server = tiny_http::Server::http(cfg.admin.listen)
+            .map_err(|e| anyhow!("admin.listen {}: {e}", cfg.admin.listen))?;
+        log::info!("admin endpoint on http://{}", cfg.admin.listen);
+        let state = Arc::new(AdminState {
+            config: Mutex::new(cfg.clone()),
+            plan: Arc::clone(&plan),
+            workers: vec![Arc::clone(&shared)],
+            swaps: AtomicU64::new(0),
+            token: cfg.admin.token.clone(),
+        });
+        let admin_thread = {
+            let (state, stop) = (Arc::clone(&state), Arc::clone(&stop));
+            std::thread::Builder::new()
+                .name("stdd-admin".into())
+                .spawn(move || admin::serve(server, state, &stop))?
+        };
+        let worker_thread = {
+            let (plan, stop, shared) = (Arc::clone(&plan), Arc::clone(&stop), Arc::clone(&shared));
+            let (wcfg, batch, cpu) = (
+                cfg.worker_config(),
+                cfg.workers.batch,
+                cfg.workers.cpus.first().copied(),
+            );
+            let spawn = WorkerSpawn {
+                plan,
+                stop,
+                shared,
+                wcfg,
+                batch,
+                cpu,
+            };
+            match cfg.backend {
+                BackendKind::Pcap => {
+                    let names: Vec<&str> = cfg
+                        .ports
+                        .iter()
+                        .filter_map(|p| p.interface.as_deref())
+                        .collect();
+                    spawn.start(
+                        PcapBackend::open(&names, Duration::from_micros(200))
+                            .context("opening interfaces")?,
+                    )?
+                }
+                BackendKind::PcapFile => {
+                    let files: Vec<_> = cfg
+                        .ports
+                        .iter()
+                        .map(|p| (p.input.as_deref(), p.output.as_deref()))
+                        .collect();
+                    spawn.start(PcapFileBackend::open(&files).context("opening capture files")?)?
+                }
+            }
+        };
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+            if reload.swap(false, Ordering::Relaxed) {
+                match load(path) {
+                    Ok((new_cfg, new_plan)) => {
+                        if new_cfg.ports
+                            != state
+                                .config
+                                .lock()
+                                .map(|c| c.ports.clone())
+                                .unwrap_or_default()
+                            || new_cfg.backend != cfg.backend
+                        {
+                            log::warn!("SIGHUP: port or backend changes need a restart; steering settings and the table are reloaded");
+                        }
+                        let v = new_plan.table().version();
+                        plan.replace(new_plan);
+                        state.swaps.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut c) = state.config.lock() {
+                            *c = new_cfg;
+                        }
+                        log::info!("SIGHUP: configuration reloaded, table version {v}");
+                    }
+                    Err(e) => log::error!(
+                        "SIGHUP: reload refused, the running configuration stays: {e:#}"
+                    ),
+                }
+            }
+        }
+        log::info!("stopping");
+        let counters = worker_thread
+            .join()
+            .map_err(|_| anyhow!("the worker thread panicked"))?;
+        let _ = admin_thread.join();
+        let steered: u64 = counters.tm_packets.iter().sum();
+        let dropped: u64 = counters.drops.iter().sum();
+        log::info!("stopped: {steered} frames steered to TMs, {dropped} dropped");
+        Ok(())
     }
 }

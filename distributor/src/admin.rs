@@ -1,0 +1,252 @@
+//! stdd's admin endpoint: /metrics (Prometheus text), /healthz, GET and PUT /table; a bearer token whenever one is configured.
+//!
+//! Runs on its own thread (tiny_http). Counters are summed from the
+//! workers' published snapshots at scrape time; a table PUT is parsed,
+//! validated, turned into a plan, and swapped in atomically — or refused
+//! with the reason, leaving the running table untouched.
+
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use allocation::SharedTable;
+use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use tiny_http::{Header, Method, Request, Response, Server};
+
+use crate::config::DistributorConfig;
+use crate::io::WorkerShared;
+use crate::steer::Plan;
+use crate::verdict::{Branch, Counters, Drop};
+
+/// Largest table accepted by PUT /table.
+pub const MAX_TABLE_BYTES: u64 = allocation::file::MAX_FILE_BYTES;
+
+/// A worker that has not published for this long is reported unhealthy.
+pub const STALE_AFTER_MS: u64 = 2000;
+
+/// What the admin endpoint reads and changes.
+#[derive(Debug)]
+pub struct AdminState {
+    /// The running configuration (replaced on SIGHUP).
+    pub config: Mutex<DistributorConfig>,
+    /// The running plan.
+    pub plan: Arc<SharedTable<Plan>>,
+    /// The workers' published stats.
+    pub workers: Vec<Arc<WorkerShared>>,
+    /// Table swaps so far (PUT /table and reloads).
+    pub swaps: AtomicU64,
+    /// Required bearer token, if any.
+    pub token: Option<String>,
+}
+
+/// Serves admin requests until `stop` is set.
+pub fn serve(server: Server, state: Arc<AdminState>, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match server.recv_timeout(Duration::from_millis(100)) {
+            Ok(Some(req)) => handle(req, &state),
+            Ok(None) => {}
+            Err(e) => log::warn!("admin: {e}"),
+        }
+    }
+}
+
+fn text(code: u16, body: impl Into<String>) -> Response<std::io::Cursor<Vec<u8>>> {
+    let mut body = body.into();
+    if !body.ends_with('\n') {
+        body.push('\n');
+    }
+    Response::from_string(body).with_status_code(code)
+}
+
+fn authorised(req: &Request, token: &Option<String>) -> bool {
+    let Some(token) = token else { return true };
+    req.headers().iter().any(|h| {
+        h.field.equiv("Authorization")
+            && h.value
+                .as_str()
+                .strip_prefix("Bearer ")
+                .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), token.as_bytes()))
+    })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn handle(mut req: Request, state: &AdminState) {
+    let path = req.url().split('?').next().unwrap_or("").to_string();
+    let response = if !authorised(&req, &state.token) {
+        text(401, "missing or wrong bearer token")
+    } else {
+        match (req.method(), path.as_str()) {
+            (Method::Get, "/metrics") => match metrics(state) {
+                Ok(body) => {
+                    let mut r = text(200, body);
+                    if let Ok(h) = Header::from_bytes("Content-Type", "text/plain; version=0.0.4") {
+                        r = r.with_header(h);
+                    }
+                    r
+                }
+                Err(e) => text(500, format!("metrics: {e}")),
+            },
+            (Method::Get, "/healthz") => {
+                let stale: Vec<usize> = state
+                    .workers
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, w)| w.age_ms() > STALE_AFTER_MS)
+                    .map(|(i, _)| i)
+                    .collect();
+                if stale.is_empty() {
+                    text(
+                        200,
+                        format!("ok: table version {}", state.plan.load().table().version()),
+                    )
+                } else {
+                    text(
+                        503,
+                        format!("workers {stale:?} have not reported for over {STALE_AFTER_MS} ms"),
+                    )
+                }
+            }
+            (Method::Get, "/table") => {
+                text(200, allocation::file::render(state.plan.load().table()))
+            }
+            (Method::Put, "/table") => put_table(&mut req, state),
+            (_, "/metrics" | "/healthz" | "/table") => text(405, "method not allowed"),
+            _ => text(404, "not found: /metrics, /healthz, /table"),
+        }
+    };
+    if let Err(e) = req.respond(response) {
+        log::warn!("admin: response failed: {e}");
+    }
+}
+
+fn put_table(req: &mut Request, state: &AdminState) -> Response<std::io::Cursor<Vec<u8>>> {
+    let mut body = String::new();
+    if let Err(e) = req
+        .as_reader()
+        .take(MAX_TABLE_BYTES + 1)
+        .read_to_string(&mut body)
+    {
+        return text(400, format!("table rejected: unreadable body: {e}"));
+    }
+    if body.len() as u64 > MAX_TABLE_BYTES {
+        return text(
+            413,
+            format!("table rejected: larger than {MAX_TABLE_BYTES} bytes"),
+        );
+    }
+    let table = match allocation::file::parse(&body) {
+        Ok(t) => t,
+        Err(e) => return text(400, format!("table rejected: {e}")),
+    };
+    let version = table.version();
+    let plan = match state
+        .config
+        .lock()
+        .map_err(|e| e.to_string())
+        .and_then(|c| c.plan(table).map_err(|e| e.to_string()))
+    {
+        Ok(p) => p,
+        Err(e) => return text(400, format!("table rejected: {e}")),
+    };
+    match state.plan.swap(plan) {
+        Ok(old) => {
+            state.swaps.fetch_add(1, Ordering::Relaxed);
+            log::info!(
+                "table version {} replaced by version {version} (PUT /table)",
+                old.table().version()
+            );
+            text(200, format!("installed table version {version}"))
+        }
+        Err(e) => text(409, format!("table rejected: {e}")),
+    }
+}
+
+/// Counters summed over workers, plus gauges.
+fn metrics(state: &AdminState) -> Result<String, prometheus::Error> {
+    let mut total = Counters::default();
+    let (mut held, mut remembered, mut bridge) = (0i64, 0i64, 0i64);
+    for w in &state.workers {
+        if let Ok(s) = w.stats.lock() {
+            total.add(&s.counters);
+            held += s.fragments_held as i64;
+            remembered += s.fragments_remembered as i64;
+            bridge += s.bridge_entries as i64;
+        }
+    }
+    let plan = state.plan.load();
+    let r = Registry::new();
+    let tm_packets = IntCounterVec::new(
+        Opts::new("std_tm_packets_total", "Frames steered to each TM"),
+        &["tm_id", "tm"],
+    )?;
+    let tm_bytes = IntCounterVec::new(
+        Opts::new("std_tm_bytes_total", "Bytes steered to each TM"),
+        &["tm_id", "tm"],
+    )?;
+    for (i, tm) in plan.table().tms().iter().enumerate() {
+        let id = tm.id.to_string();
+        tm_packets
+            .with_label_values(&[&id, &tm.name])
+            .inc_by(total.tm_packets.get(i).copied().unwrap_or(0));
+        tm_bytes
+            .with_label_values(&[&id, &tm.name])
+            .inc_by(total.tm_bytes.get(i).copied().unwrap_or(0));
+    }
+    let branches = IntCounterVec::new(
+        Opts::new("std_branch_packets_total", "Frames per steering branch"),
+        &["branch"],
+    )?;
+    for b in Branch::ALL {
+        branches
+            .with_label_values(&[b.name()])
+            .inc_by(total.of_branch(b));
+    }
+    let drops = IntCounterVec::new(
+        Opts::new("std_drops_total", "Frames dropped, per reason"),
+        &["reason"],
+    )?;
+    for d in Drop::ALL {
+        drops
+            .with_label_values(&[d.name()])
+            .inc_by(total.of_drop(d));
+    }
+    let io_errors = IntCounterVec::new(
+        Opts::new("std_io_errors_total", "Backend receive and send errors"),
+        &["direction"],
+    )?;
+    io_errors.with_label_values(&["rx"]).inc_by(total.rx_errors);
+    io_errors.with_label_values(&["tx"]).inc_by(total.tx_errors);
+    let gauges = IntGaugeVec::new(Opts::new("std_state", "Worker state sizes"), &["what"])?;
+    gauges.with_label_values(&["fragments_held"]).set(held);
+    gauges
+        .with_label_values(&["fragments_remembered"])
+        .set(remembered);
+    gauges.with_label_values(&["bridge_entries"]).set(bridge);
+    let version = IntGauge::new("std_table_version", "Version of the running table")?;
+    version.set(plan.table().version() as i64);
+    let swaps = IntCounterVec::new(
+        Opts::new("std_table_swaps_total", "Tables swapped in since start"),
+        &[],
+    )?;
+    swaps
+        .with_label_values(&[])
+        .inc_by(state.swaps.load(Ordering::Relaxed));
+    let workers = IntGauge::new("std_workers", "Worker threads")?;
+    workers.set(state.workers.len() as i64);
+    r.register(Box::new(tm_packets))?;
+    r.register(Box::new(tm_bytes))?;
+    r.register(Box::new(branches))?;
+    r.register(Box::new(drops))?;
+    r.register(Box::new(io_errors))?;
+    r.register(Box::new(gauges))?;
+    r.register(Box::new(version))?;
+    r.register(Box::new(swaps))?;
+    r.register(Box::new(workers))?;
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&r.gather(), &mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}

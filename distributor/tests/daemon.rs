@@ -1,0 +1,298 @@
+//! `stdd run` as a real process: pcap-file backend, admin endpoint (metrics, health, GET/PUT table, token), SIGTERM.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use allocation::rules::proto;
+use allocation::{AllocationTable, Flow, GroupSpec, HashKey, MacAddr, Profile, Tm};
+use distributor::build::{self, tcp_flags, L2};
+use distributor::pcap::{Reader, Writer};
+
+const GROUP: &str = "02:53:54:44:00:01";
+const TOKEN: &str = "t0ps3cret";
+
+struct Daemon {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A minimal HTTP/1.1 client: (status, body).
+fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    s.write_all(req.as_bytes()).expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .map(|v| v as u64)
+        .sum()
+}
+
+fn table() -> AllocationTable {
+    let tms = (0..4)
+        .map(|i| Tm {
+            id: i,
+            name: format!("tm{i}"),
+            mac: MacAddr([2, 0x53, 0x54, 0, 0, i as u8 + 1]),
+            weight: 1,
+            group: 0,
+        })
+        .collect();
+    let key: HashKey = "000102030405060708090a0b0c0d0e0f".parse().expect("key");
+    AllocationTable::new(
+        1,
+        key,
+        tms,
+        vec![GroupSpec::default_group(Profile::Uniform)],
+    )
+    .expect("table")
+}
+
+fn start(dir: &Path, admin: u16) -> Daemon {
+    let t = table();
+    allocation::file::save(dir.join("table.toml"), &t).expect("table");
+    let group: MacAddr = GROUP.parse().expect("mac");
+    let l2 = L2::new(group, MacAddr([2, 0xee, 0, 0, 0, 1]));
+    let mut w =
+        Writer::new(std::fs::File::create(dir.join("in.pcap")).expect("create")).expect("writer");
+    for i in 0..400u16 {
+        let c = IpAddr::V4([203, 0, 113, (i % 200) as u8 + 1].into());
+        let f = build::tcp_frame(
+            &l2,
+            c,
+            30000 + i,
+            "198.51.100.10".parse().expect("addr"),
+            443,
+            tcp_flags::SYN,
+            b"",
+        );
+        w.write(u64::from(i) * 1000, f.len() as u32, &f)
+            .expect("write");
+    }
+    w.into_inner().expect("flush");
+    let mut cfg = format!(
+        "role = \"front\"\ngroup_mac = \"{GROUP}\"\ncluster_addresses = [\"198.51.100.10\"]\ntable = \"table.toml\"\nbackend = \"pcap-file\"\n\n[[port]]\nname = \"outside\"\nkind = \"outside\"\ninput = \"in.pcap\"\noutput = \"out.pcap\"\n"
+    );
+    for k in 0..4 {
+        cfg += &format!(
+            "\n[[port]]\nname = \"tm{k}\"\nkind = \"tm\"\noutput = \"tm{k}.pcap\"\ntms = [{k}]\n"
+        );
+    }
+    cfg += &format!("\n[admin]\nlisten = \"127.0.0.1:{admin}\"\ntoken = \"{TOKEN}\"\n");
+    std::fs::write(dir.join("stdd.toml"), cfg).expect("config");
+    let child = Command::new(env!("CARGO_BIN_EXE_stdd"))
+        .args(["run", "--config"])
+        .arg(dir.join("stdd.toml"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start stdd");
+    Daemon {
+        child,
+        dir: dir.to_path_buf(),
+    }
+}
+
+#[test]
+fn stdd_runs_serves_admin_swaps_tables_and_stops_on_sigterm() {
+    let dir = std::env::temp_dir().join(format!("stdd-daemon-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let admin = free_port();
+    let mut d = start(&dir, admin);
+    let t = table();
+
+    wait_for("healthz", || {
+        TcpStream::connect(("127.0.0.1", admin)).is_ok()
+            && http(admin, "GET", "/healthz", Some(TOKEN), "").0 == 200
+    });
+    assert_eq!(
+        http(admin, "GET", "/metrics", None, "").0,
+        401,
+        "the token is required"
+    );
+    assert_eq!(http(admin, "GET", "/metrics", Some("wrong"), "").0, 401);
+    wait_for("all frames steered", || {
+        metric(
+            &http(admin, "GET", "/metrics", Some(TOKEN), "").1,
+            "std_tm_packets_total",
+        ) == 400
+    });
+    let m = http(admin, "GET", "/metrics", Some(TOKEN), "").1;
+    assert_eq!(metric(&m, "std_table_version"), 1);
+    assert_eq!(
+        metric(&m, "std_branch_packets_total{branch=\"endpoint\"}"),
+        400
+    );
+    assert_eq!(metric(&m, "std_drops_total"), 0);
+
+    let (code, body) = http(admin, "GET", "/table", Some(TOKEN), "");
+    assert_eq!(
+        (code, body.trim_end()),
+        (200, allocation::file::render(&t).trim_end())
+    );
+
+    let next = t
+        .rebalance(
+            0,
+            &Profile::Gaussian {
+                mean: None,
+                sigma: None,
+            },
+        )
+        .expect("rebalance")
+        .table;
+    let (code, body) = http(
+        admin,
+        "PUT",
+        "/table",
+        Some(TOKEN),
+        &allocation::file::render(&next),
+    );
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = http(
+        admin,
+        "PUT",
+        "/table",
+        Some(TOKEN),
+        &allocation::file::render(&next),
+    );
+    assert_eq!(code, 409, "a stale version is refused: {body}");
+    let (code, body) = http(
+        admin,
+        "PUT",
+        "/table",
+        Some(TOKEN),
+        "version = 3\nnot a table",
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("table rejected"), "{body}");
+    let m = http(admin, "GET", "/metrics", Some(TOKEN), "").1;
+    assert_eq!(metric(&m, "std_table_version"), 2, "the good table stays");
+    assert_eq!(metric(&m, "std_table_swaps_total"), 1);
+
+    let pid = d.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = d.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "stdd did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    if let Some(mut e) = d.child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    assert!(status.success(), "exit {status}: {stderr}");
+
+    // Every frame left through the port of the TM that table version 1 names.
+    for k in 0..4u16 {
+        let bytes = std::fs::read(dir.join(format!("tm{k}.pcap"))).expect("capture");
+        let mut r = Reader::new(&bytes[..]).expect("pcap");
+        let mut n = 0;
+        while let Some(rec) = r.next_record().expect("record") {
+            let src = IpAddr::V4([rec.data[26], rec.data[27], rec.data[28], rec.data[29]].into());
+            let sport = u16::from_be_bytes([rec.data[34], rec.data[35]]);
+            let flow = Flow::with_ports(
+                proto::TCP,
+                src,
+                sport,
+                "198.51.100.10".parse().expect("addr"),
+                443,
+            );
+            assert_eq!(t.steer(&flow).tm, k);
+            assert_eq!(&rec.data[..6], &t.tms()[usize::from(k)].mac.0);
+            n += 1;
+        }
+        assert!(n > 50, "TM {k} got {n} frames");
+    }
+}
+
+#[test]
+fn bad_configurations_are_one_clear_line() {
+    let dir = std::env::temp_dir().join(format!("stdd-badcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    allocation::file::save(dir.join("table.toml"), &table()).expect("table");
+    let cfg = format!("role = \"front\"\ngroup_mac = \"{GROUP}\"\ntable = \"table.toml\"\nbackend = \"pcap-file\"\n\n[[port]]\nname = \"outside\"\nkind = \"outside\"\ninput = \"in.pcap\"\n\n[[port]]\nname = \"tms\"\nkind = \"tm\"\noutput = \"tms.pcap\"\ntms = [0, 1, 2]\n");
+    std::fs::write(dir.join("stdd.toml"), &cfg).expect("config");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_stdd"))
+            .args(["run", "--config"])
+            .arg(dir.join("stdd.toml"))
+            .output()
+            .expect("run")
+    };
+    let o = run();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("TM id 3") && err.contains("has no port"),
+        "{err}"
+    );
+    std::fs::write(
+        dir.join("stdd.toml"),
+        cfg.replace("tms = [0, 1, 2]", "tms = [0, 1, 2, 3]")
+            .replace(GROUP, "zz"),
+    )
+    .expect("config");
+    let o = run();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("group_mac") && o.status.code() == Some(1),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
