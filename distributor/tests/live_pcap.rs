@@ -1,0 +1,301 @@
+//! The live pcap backend on real kernel interfaces: veth pairs in a private network namespace (root only; skipped loudly otherwise).
+//!
+//! Topology, all inside one namespace made for the test and deleted after:
+//! `o0 ─veth─ o1 [stdd outside port]`, `t0 ─veth─ t1 [stdd TM port]`.
+//! A Python AF_PACKET helper injects frames on o0 and t0 and captures what
+//! stdd sends out of o1 and t1. No addresses are configured: only frames.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use allocation::rules::proto;
+use allocation::{AllocationTable, Flow, GroupSpec, HashKey, MacAddr, Profile, Tm};
+use distributor::build::{self, tcp_flags, L2};
+
+const GROUP: MacAddr = MacAddr([0x02, 0x53, 0x54, 0x44, 0x00, 0x01]);
+const SENDER: MacAddr = MacAddr([0x02, 0xee, 0, 0, 0, 1]);
+
+/// Sends hex frames from a file on one interface, or captures frames on one
+/// interface for a while and prints those not sent by the host itself.
+const HELPER: &str = r#"
+import socket, sys, time
+mode, iface = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.bind((iface, 0))
+if mode == "send":
+    for line in open(sys.argv[3]):
+        s.send(bytes.fromhex(line.strip()))
+        time.sleep(0.002)
+else:
+    deadline = time.time() + float(sys.argv[3])
+    s.settimeout(0.1)
+    with open(sys.argv[4], "w") as out:
+        while time.time() < deadline:
+            try:
+                data, addr = s.recvfrom(65535)
+            except socket.timeout:
+                continue
+            if addr[2] != socket.PACKET_OUTGOING:
+                out.write(data.hex() + "\n")
+                out.flush()
+"#;
+
+fn sh(args: &[&str]) -> bool {
+    Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+struct Netns {
+    name: String,
+    dir: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        sh(&["ip", "netns", "del", &self.name]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn root_with_tools() -> Result<(), String> {
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .map_err(|e| e.to_string())?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        return Err("not root".into());
+    }
+    for tool in ["ip", "python3"] {
+        if !sh(&["sh", "-c", &format!("command -v {tool}")]) {
+            return Err(format!("{tool} is missing"));
+        }
+    }
+    Ok(())
+}
+
+fn table() -> AllocationTable {
+    let tms = (0..4)
+        .map(|i| Tm {
+            id: i,
+            name: format!("tm{i}"),
+            mac: MacAddr([2, 0x53, 0x54, 0, 0, i as u8 + 1]),
+            weight: 1,
+            group: 0,
+        })
+        .collect();
+    let key: HashKey = "000102030405060708090a0b0c0d0e0f".parse().expect("key");
+    AllocationTable::new(
+        1,
+        key,
+        tms,
+        vec![GroupSpec::default_group(Profile::Uniform)],
+    )
+    .expect("table")
+}
+
+fn captured(path: &Path) -> Vec<Vec<u8>> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            (0..l.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(l.get(i..i + 2)?, 16).ok())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn the_live_pcap_backend_steers_real_frames_between_veth_links() {
+    if let Err(why) = root_with_tools() {
+        eprintln!("SKIPPED the live pcap backend test: {why} (it needs root, ip and python3 to build a private network namespace)");
+        return;
+    }
+    let name = format!("stdt{}", std::process::id());
+    let dir = std::env::temp_dir().join(&name);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut ns = Netns {
+        name: name.clone(),
+        dir: dir.clone(),
+        daemon: None,
+    };
+    let ip = |args: &str| {
+        let mut v = vec!["ip", "-n", &name];
+        v.extend(args.split_whitespace());
+        assert!(sh(&v), "ip -n {name} {args}");
+    };
+    assert!(sh(&["ip", "netns", "add", &name]), "ip netns add");
+    ip("link add o0 type veth peer name o1");
+    ip("link add t0 type veth peer name t1");
+    // No IPv6 on these links: no router solicitations or DAD frames in the captures.
+    assert!(sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &name,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.disable_ipv6=1"
+    ]));
+    assert!(sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &name,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.default.disable_ipv6=1"
+    ]));
+    for l in ["lo", "o0", "o1", "t0", "t1"] {
+        ip(&format!("link set {l} up"));
+    }
+
+    let t = table();
+    allocation::file::save(dir.join("table.toml"), &t).expect("table");
+    std::fs::write(
+        dir.join("stdd.toml"),
+        format!(
+            "role = \"front\"\ngroup_mac = \"{GROUP}\"\ncluster_addresses = [\"198.51.100.10\"]\ntable = \"table.toml\"\nbackend = \"pcap\"\n\n\
+             [[port]]\nname = \"outside\"\nkind = \"outside\"\ninterface = \"o1\"\n\n\
+             [[port]]\nname = \"tms\"\nkind = \"tm\"\ninterface = \"t1\"\ntms = [0, 1, 2, 3]\n\n[admin]\nlisten = \"127.0.0.1:9180\"\n"
+        ),
+    )
+    .expect("config");
+    std::fs::write(dir.join("helper.py"), HELPER).expect("helper");
+    ns.daemon = Some(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &name,
+                env!("CARGO_BIN_EXE_stdd"),
+                "run",
+                "--config",
+            ])
+            .arg(dir.join("stdd.toml"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start stdd"),
+    );
+    std::thread::sleep(Duration::from_millis(800));
+
+    // Frames to send: 60 TCP SYNs to the VIP from many client ports, and an ARP request for the VIP.
+    let vip: IpAddr = "198.51.100.10".parse().expect("addr");
+    let client: IpAddr = "203.0.113.7".parse().expect("addr");
+    let mut frames = Vec::new();
+    for p in 0..60u16 {
+        frames.push(build::tcp_frame(
+            &L2::new(GROUP, SENDER),
+            client,
+            40000 + p,
+            vip,
+            443,
+            tcp_flags::SYN,
+            b"",
+        ));
+    }
+    let arp = build::arp(
+        &L2::new(MacAddr([0xff; 6]), SENDER),
+        1,
+        SENDER,
+        [198, 51, 100, 1].into(),
+        MacAddr::default(),
+        [198, 51, 100, 10].into(),
+    );
+    let mut f = std::fs::File::create(dir.join("frames.hex")).expect("frames");
+    for fr in frames.iter().chain(std::iter::once(&arp)) {
+        writeln!(
+            f,
+            "{}",
+            fr.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        )
+        .expect("write");
+    }
+    drop(f);
+
+    let helper = dir.join("helper.py");
+    let capture = |iface: &str, out: &Path| {
+        Command::new("ip")
+            .args(["netns", "exec", &name, "python3"])
+            .arg(&helper)
+            .args(["capture", iface, "4"])
+            .arg(out)
+            .spawn()
+            .expect("capture")
+    };
+    let (tm_out, outside_out) = (dir.join("t0.hex"), dir.join("o0.hex"));
+    let mut cap_t = capture("t0", &tm_out);
+    let mut cap_o = capture("o0", &outside_out);
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = Command::new("ip")
+        .args(["netns", "exec", &name, "python3"])
+        .arg(&helper)
+        .args(["send", "o0"])
+        .arg(dir.join("frames.hex"))
+        .status()
+        .expect("send");
+    assert!(sent.success());
+    cap_t.wait().expect("capture t0");
+    cap_o.wait().expect("capture o0");
+
+    // Every SYN left on the TM link, addressed to the MAC of the TM the table names.
+    let on_tm: Vec<Vec<u8>> = captured(&tm_out)
+        .into_iter()
+        .filter(|f| f.len() > 14 && f[6..12] == SENDER.0 && f[12..14] == [8, 0])
+        .collect();
+    assert_eq!(on_tm.len(), 60, "every SYN crossed to the TM link");
+    let mut per_tm = [0usize; 4];
+    for fr in &on_tm {
+        let sport = u16::from_be_bytes([fr[34], fr[35]]);
+        let tm = t
+            .steer(&Flow::with_ports(proto::TCP, client, sport, vip, 443))
+            .tm;
+        assert_eq!(&fr[..6], &t.tms()[usize::from(tm)].mac.0, "port {sport}");
+        assert_eq!(
+            &fr[6..],
+            &build::tcp_frame(
+                &L2::new(GROUP, SENDER),
+                client,
+                sport,
+                vip,
+                443,
+                tcp_flags::SYN,
+                b""
+            )[6..],
+            "only the destination MAC changed"
+        );
+        per_tm[usize::from(tm)] += 1;
+    }
+    assert!(per_tm.iter().all(|&n| n > 0), "{per_tm:?}");
+    // The ARP request for the VIP was answered on the outside link, from the group MAC.
+    let replies: Vec<Vec<u8>> = captured(&outside_out)
+        .into_iter()
+        .filter(|f| f.len() >= 42 && f[12..14] == [8, 6] && f[20..22] == [0, 2])
+        .collect();
+    assert_eq!(replies.len(), 1, "one ARP reply");
+    assert_eq!(
+        replies[0],
+        build::arp(
+            &L2::new(SENDER, GROUP),
+            2,
+            GROUP,
+            [198, 51, 100, 10].into(),
+            SENDER,
+            [198, 51, 100, 1].into()
+        )
+    );
+}
