@@ -10,6 +10,7 @@ use allocation::rules::proto;
 use allocation::{AllocationTable, Flow, GroupSpec, HashKey, MacAddr, Profile, Tm};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use distributor::build::{self, tcp_flags, L2};
+use distributor::io::Batch;
 use distributor::wire::EthernetFrame;
 use distributor::{Plan, PortKind, Worker, WorkerConfig};
 
@@ -130,6 +131,40 @@ fn steering(c: &mut Criterion) {
                     buf[..6].copy_from_slice(&GROUP.0); // undo the previous round's rewrite
                     let a = w.process(black_box(buf), len, 0, &p, now);
                     acc = acc.wrapping_add(matches!(a, distributor::Action::ToTm { .. }) as usize);
+                }
+                acc
+            })
+        });
+    }
+    // The same frames through Worker::process_batch (batches of 64, as a backend delivers them).
+    for kind in ["tcp64", "udp", "tcp6", "fragments"] {
+        let frames = frames(kind, n);
+        let mut batches: Vec<Batch> = frames
+            .chunks(64)
+            .map(|chunk| {
+                let mut b = Batch::new(chunk.len());
+                for f in chunk {
+                    b.push(0, 0, f);
+                }
+                b
+            })
+            .collect();
+        let mut w = Worker::new(WorkerConfig::default(), HashKey::from_bytes([3; 16]));
+        let mut now = 0u64;
+        g.bench_function(format!("batch_{kind}"), |b| {
+            b.iter(|| {
+                now += 1;
+                let mut acc = 0usize;
+                for batch in batches.iter_mut() {
+                    for i in 0..batch.len() {
+                        let (_, _, buf, _) = batch.get_mut(i);
+                        buf[..6].copy_from_slice(&GROUP.0); // undo the previous round's rewrite
+                    }
+                    w.process_batch(black_box(batch), &p, now);
+                    acc = acc
+                        .wrapping_add(
+                            matches!(batch.action(0), distributor::Action::ToTm { .. }) as usize
+                        );
                 }
                 acc
             })

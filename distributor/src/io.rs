@@ -29,6 +29,7 @@ pub struct Batch {
     lens: Vec<usize>,
     ports: Vec<PortId>,
     stamps: Vec<u64>,
+    actions: Vec<Action>,
     n: usize,
 }
 
@@ -40,6 +41,7 @@ impl Batch {
             lens: vec![0; capacity],
             ports: vec![0; capacity],
             stamps: vec![0; capacity],
+            actions: vec![Action::Held; capacity],
             n: 0,
         }
     }
@@ -77,6 +79,16 @@ impl Batch {
         self.stamps[self.n] = ts_ns;
         self.n += 1;
         true
+    }
+
+    /// The action decided for frame `i` (by `Worker::process_batch`).
+    pub fn action(&self, i: usize) -> Action {
+        self.actions[i]
+    }
+
+    /// Records the action decided for frame `i`.
+    pub fn set_action(&mut self, i: usize, a: Action) {
+        self.actions[i] = a;
     }
 
     /// Frame `i`: (ingress port, capture time, the whole slot, frame length).
@@ -299,9 +311,10 @@ pub fn run_worker<B: Backend>(
         let now = now_i.duration_since(start).as_nanos() as u64;
         if n > 0 {
             let snapshot = plan.load();
+            worker.process_batch(&mut batch, &snapshot, now);
             for i in 0..n {
+                let action = batch.action(i);
                 let (port, _, buf, len) = batch.get_mut(i);
-                let action = worker.process(buf, len, port, &snapshot, now);
                 let frame = outgoing(action, buf, len);
                 dispatch(
                     backend,

@@ -135,6 +135,16 @@ impl Plan {
         ))
     }
 
+    /// The hash key and buckets when the table has a single group that
+    /// hashes endpoints (the common case): what the batch fast path needs.
+    #[inline]
+    pub fn single_endpoint_group(&self) -> Option<(&allocation::HashKey, &allocation::Buckets)> {
+        match self.table.groups() {
+            [g] if g.hash == allocation::HashMode::Endpoint => Some((self.table.key(), &g.buckets)),
+            _ => None,
+        }
+    }
+
     /// Every TM that has a port: (index, port, MAC).
     pub fn tm_routes(&self) -> impl Iterator<Item = (TmIndex, PortId, MacAddr)> + '_ {
         (0..self.tm_port.len()).filter_map(|i| {
