@@ -19,7 +19,7 @@ use thiserror::Error;
 
 use crate::pcap::{PcapError, Reader, Writer};
 use crate::steer::{Plan, PortKind};
-use crate::verdict::{Action, Branch, Drop};
+use crate::verdict::{Action, Branch, Drop, PortId};
 use crate::wire::{self, ethertype, EthernetFrame};
 use crate::worker::{Worker, WorkerConfig};
 
@@ -164,10 +164,52 @@ fn file_name(id: u32, name: &str) -> String {
     format!("tm-{id}-{clean}.pcap")
 }
 
-/// Replays the capture `input` against `table`, writing `tm-<id>-<name>.pcap`
-/// for every TM and `summary.json` into `out_dir` (created if missing).
+/// How the frames of a capture enter the steering.
+#[derive(Debug, Clone)]
+pub struct ReplaySetup {
+    /// The plan (table, group MAC, cluster addresses, ports).
+    pub plan: Plan,
+    /// The port every frame arrives on.
+    pub ingress: PortId,
+    /// Address every frame to the group MAC first (no configuration known).
+    pub to_cluster: bool,
+}
+
+impl ReplaySetup {
+    /// Without a distributor configuration: one outside port, one port per
+    /// TM, and every frame addressed to the cluster.
+    pub fn assumed(table: AllocationTable) -> Result<Self, ReplayError> {
+        let n = table.tms().len();
+        let mut ports = vec![PortKind::Outside];
+        ports.extend(std::iter::repeat_n(PortKind::Tm, n));
+        let map: Vec<(u32, u16)> = table
+            .tms()
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id, i as u16 + 1))
+            .collect();
+        Ok(ReplaySetup {
+            plan: Plan::new(table, REPLAY_GROUP_MAC, &[], ports, &map)?,
+            ingress: 0,
+            to_cluster: true,
+        })
+    }
+}
+
+/// Replays the capture `input` against `table` without a configuration
+/// ([`ReplaySetup::assumed`]); see [`replay_with`].
 pub fn replay<R: Read>(
     table: AllocationTable,
+    input: R,
+    out_dir: &Path,
+) -> Result<Summary, ReplayError> {
+    replay_with(ReplaySetup::assumed(table)?, input, out_dir)
+}
+
+/// Replays the capture `input` through `setup`, writing `tm-<id>-<name>.pcap`
+/// for every TM and `summary.json` into `out_dir` (created if missing).
+pub fn replay_with<R: Read>(
+    setup: ReplaySetup,
     input: R,
     out_dir: &Path,
 ) -> Result<Summary, ReplayError> {
@@ -179,22 +221,19 @@ pub fn replay<R: Read>(
         }
     };
     std::fs::create_dir_all(out_dir).map_err(out_err(out_dir))?;
-    let n = table.tms().len();
-    let mut ports = vec![PortKind::Outside];
-    ports.extend(std::iter::repeat_n(PortKind::Tm, n));
-    let map: Vec<(u32, u16)> = table
-        .tms()
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.id, i as u16 + 1))
-        .collect();
-    let tm_info: Vec<(u32, String, MacAddr)> = table
+    let ReplaySetup {
+        plan,
+        ingress,
+        to_cluster,
+    } = setup;
+    let n = plan.table().tms().len();
+    let tm_info: Vec<(u32, String, MacAddr)> = plan
+        .table()
         .tms()
         .iter()
         .map(|t| (t.id, t.name.clone(), t.mac))
         .collect();
-    let version = table.version();
-    let plan = Plan::new(table, REPLAY_GROUP_MAC, &[], ports, &map)?;
+    let version = plan.table().version();
     let mut writers = Vec::with_capacity(n);
     let mut files = Vec::with_capacity(n);
     for (id, name, _) in &tm_info {
@@ -218,10 +257,10 @@ pub fn replay<R: Read>(
         bytes += rec.data.len() as u64;
         let len = rec.data.len();
         buf[..len].copy_from_slice(&rec.data);
-        if len >= 6 {
-            wire::set_dst_mac(&mut buf, REPLAY_GROUP_MAC);
+        if to_cluster && len >= 6 {
+            wire::set_dst_mac(&mut buf, plan.group_mac());
         }
-        let action = worker.process(&mut buf, len, 0, &plan, rec.ts_ns);
+        let action = worker.process(&mut buf, len, ingress, &plan, rec.ts_ns);
         match action {
             Action::ToTm { tm, .. } => {
                 let (w, path) = &mut writers[usize::from(tm)];

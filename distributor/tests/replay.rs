@@ -220,3 +220,94 @@ fn stdd_replay_command() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("not a pcap file"), "{err}");
 }
+
+#[test]
+fn replay_with_a_configuration_keeps_macs_and_answers_for_cluster_addresses() {
+    let t = table();
+    let dir = Dir(std::env::temp_dir().join(format!("std-replay-cfg-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).expect("dir");
+    allocation::file::save(dir.0.join("table.toml"), &t).expect("table");
+    let group: MacAddr = "02:53:54:44:00:01".parse().expect("mac");
+    let mut cfg = format!(
+        "role = \"front\"\ngroup_mac = \"{group}\"\ncluster_addresses = [\"198.51.100.10\"]\ntable = \"table.toml\"\nbackend = \"pcap-file\"\n\n[[port]]\nname = \"outside\"\nkind = \"outside\"\ninput = \"x.pcap\"\n"
+    );
+    cfg += "\n[[port]]\nname = \"tms\"\nkind = \"tm\"\noutput = \"tms.pcap\"\ntms = [10, 11, 12, 13, 14]\n";
+    std::fs::write(dir.0.join("stdd.toml"), cfg).expect("config");
+    let vip = ip("198.51.100.10");
+    let router = MacAddr([2, 0xee, 0, 0, 0, 1]);
+    let mut w = Writer::new(Vec::new()).expect("writer");
+    for i in 0..10u16 {
+        let f = build::tcp_frame(
+            &L2::new(group, router),
+            ip("203.0.113.7"),
+            40000 + i,
+            vip,
+            443,
+            tcp_flags::SYN,
+            b"",
+        );
+        w.write(u64::from(i), f.len() as u32, &f).expect("write");
+    }
+    for i in 0..5u16 {
+        let f = build::tcp_frame(
+            &L2::new(MacAddr([2, 0, 0, 0, 0, 7]), router),
+            ip("203.0.113.8"),
+            40000 + i,
+            ip("192.0.2.1"),
+            80,
+            0,
+            b"",
+        );
+        w.write(100 + u64::from(i), f.len() as u32, &f)
+            .expect("write");
+    }
+    let arp = build::arp(
+        &L2::new(MacAddr([0xff; 6]), router),
+        1,
+        router,
+        Ipv4Addr::new(198, 51, 100, 1),
+        MacAddr::default(),
+        Ipv4Addr::new(198, 51, 100, 10),
+    );
+    w.write(200, arp.len() as u32, &arp).expect("write");
+    let capture = dir.0.join("c.pcap");
+    std::fs::write(&capture, w.into_inner().expect("flush")).expect("capture");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "replay".to_string(),
+            capture.display().to_string(),
+            "--out".into(),
+            dir.0.join("out").display().to_string(),
+            "--json".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_stdd"))
+            .args(&args)
+            .output()
+            .expect("run stdd");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("json")
+    };
+    let with_cfg = run(&["--config", dir.0.join("stdd.toml").to_str().expect("path")]);
+    let steered: u64 = with_cfg["tms"]
+        .as_array()
+        .expect("tms")
+        .iter()
+        .map(|t| t["packets"].as_u64().expect("n"))
+        .sum();
+    assert_eq!(steered, 10, "only the frames to the group MAC are steered");
+    assert_eq!(with_cfg["branches"]["bridge"], 5);
+    assert_eq!(
+        with_cfg["branches"]["arp_reply"], 1,
+        "the VIP is answered for"
+    );
+    // Without the configuration, every frame is taken as addressed to the cluster.
+    let without = run(&["--table", dir.0.join("table.toml").to_str().expect("path")]);
+    let steered: u64 = without["tms"]
+        .as_array()
+        .expect("tms")
+        .iter()
+        .map(|t| t["packets"].as_u64().expect("n"))
+        .sum();
+    assert_eq!(steered, 15);
+}

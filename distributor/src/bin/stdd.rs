@@ -28,9 +28,17 @@ enum Command {
     /// Steer every frame of a pcap capture with a table: one capture per TM
     /// and summary.json (packets per TM, branch and drop reason; split flows).
     Replay {
-        /// Table file.
+        /// Table file (default with --config: the configuration's table).
+        #[arg(long, required_unless_present = "config")]
+        table: Option<PathBuf>,
+        /// Distributor configuration: its group MAC, cluster addresses and
+        /// ports apply, frames keep their MACs. Without it every frame is
+        /// taken as arriving on the outside port addressed to the cluster.
         #[arg(long)]
-        table: PathBuf,
+        config: Option<PathBuf>,
+        /// With --config: the port the capture was taken on (default: the first outside port).
+        #[arg(long, requires = "config")]
+        port: Option<String>,
         /// Capture to replay (classic pcap, Ethernet).
         capture: PathBuf,
         /// Output directory (created if missing).
@@ -80,15 +88,48 @@ fn run(cmd: Command) -> Result<()> {
         Command::Run { config } => daemon::run(&config),
         Command::Replay {
             table,
+            config,
+            port,
             capture,
             out,
             json,
         } => {
+            let cfg = config
+                .as_deref()
+                .map(distributor::config::DistributorConfig::load)
+                .transpose()?;
+            let table = match (&table, &cfg) {
+                (Some(t), _) => t.clone(),
+                (None, Some(c)) => c.table.clone(),
+                (None, None) => anyhow::bail!("give --table or --config"),
+            };
             let t = allocation::file::load(&table)
                 .with_context(|| format!("cannot use table {}", table.display()))?;
+            let setup = match &cfg {
+                None => distributor::replay::ReplaySetup::assumed(t)?,
+                Some(c) => {
+                    let ingress = match &port {
+                        Some(name) => c
+                            .ports
+                            .iter()
+                            .position(|p| &p.name == name)
+                            .with_context(|| format!("--port: no port named '{name}'"))?,
+                        None => c
+                            .ports
+                            .iter()
+                            .position(|p| p.kind == distributor::config::PortKindConfig::Outside)
+                            .context("the configuration has no outside port")?,
+                    };
+                    distributor::replay::ReplaySetup {
+                        plan: c.plan(t)?,
+                        ingress: ingress as u16,
+                        to_cluster: false,
+                    }
+                }
+            };
             let input = std::fs::File::open(&capture)
                 .with_context(|| format!("cannot open {}", capture.display()))?;
-            let s = distributor::replay::replay(t, std::io::BufReader::new(input), &out)
+            let s = distributor::replay::replay_with(setup, std::io::BufReader::new(input), &out)
                 .with_context(|| format!("replay of {}", capture.display()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
