@@ -1,2 +1,18 @@
-//! Traffic-manager node. Placeholder crate: `tmd` arrives with issue 4.
+//! Traffic-manager node: `tmd`, an L4 proxy whose server-side connections come from self-source ports that steer the replies back to it.
+//!
+//! * [`balance`] — server choice per pool (round robin, weighted, least
+//!   connections, source hash), pure;
+//! * [`snat`] — (SNAT address, self-source port) leases from the
+//!   `allocation` allocator, released on drop; connect with retries on
+//!   address-in-use; refusal on exhaustion, never a port that steers elsewhere;
+//! * [`proxy`] — TCP virtual servers: accept, pick, connect, relay;
+//! * [`config`] — `tmd`'s configuration.
+//!
+//! Still to come (issue 4): UDP virtual servers, health checks, DNAT-only
+//! mode, persistence, the admin endpoint and table transitions.
 #![deny(missing_docs)]
+
+pub mod balance;
+pub mod config;
+pub mod proxy;
+pub mod snat;

@@ -1,0 +1,162 @@
+//! tmd, the traffic-manager daemon: TCP virtual servers whose server-side connections use self-source ports.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use clap::error::ErrorKind;
+use clap::{Parser, Subcommand};
+use tm_node::config::NodeConfig;
+use tm_node::proxy::{self, Pool, VirtualServer, VsStats};
+use tm_node::snat::Snat;
+
+/// tmd — a traffic manager of a statistical traffic distributor cluster.
+#[derive(Debug, Parser)]
+#[command(name = "tmd", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the configured virtual servers until SIGTERM or SIGINT, then drain.
+    Run {
+        /// Configuration file (TOML; TMD_* environment variables override keys).
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.render().to_string();
+            eprintln!(
+                "tmd: {} (see tmd --help)",
+                text.lines()
+                    .next()
+                    .unwrap_or("invalid arguments")
+                    .trim_start_matches("error: ")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let Command::Run { config } = cli.command;
+    match run(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tmd: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(path: &Path) -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cfg = NodeConfig::load(path)?;
+    let table = allocation::file::load(&cfg.table)
+        .with_context(|| format!("cannot use table {}", cfg.table.display()))?;
+    let tm = table.tm_index_by_id(cfg.tm_id).ok_or_else(|| {
+        anyhow!(
+            "tm_id: TM id {} is not in table version {}",
+            cfg.tm_id,
+            table.version()
+        )
+    })?;
+    let snat = Arc::new(Snat::new(&table, tm, &cfg.snat_addresses, cfg.snat_ports)?);
+    for (addr, _, free) in snat.usage() {
+        log::info!(
+            "SNAT {addr}: {free} self-source ports for TM {} ('{}')",
+            cfg.tm_id,
+            table.tms()[usize::from(tm)].name
+        );
+    }
+    let key = allocation::HashKey::random().context("reading random bytes")?;
+    let pools: Vec<Arc<Pool>> = cfg
+        .pools
+        .iter()
+        .map(|p| {
+            Arc::new(Pool::new(
+                &p.name,
+                p.method,
+                &p.servers
+                    .iter()
+                    .map(|s| (s.address, s.weight))
+                    .collect::<Vec<_>>(),
+                key,
+            ))
+        })
+        .collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut servers = Vec::new();
+        for v in &cfg.virtual_servers {
+            let pool = pools.iter().find(|p| p.name == v.pool).cloned().ok_or_else(|| anyhow!("virtual_server {}: no pool {}", v.name, v.pool))?;
+            let listener = tokio::net::TcpListener::bind(v.listen).await.with_context(|| format!("virtual_server {}: cannot listen on {}", v.name, v.listen))?;
+            let vs = Arc::new(VirtualServer {
+                name: v.name.clone(),
+                pool,
+                snat: Arc::clone(&snat),
+                max_connections: v.max_connections,
+                connect_timeout: Duration::from_millis(v.connect_timeout_ms),
+                idle_timeout: Duration::from_millis(v.idle_timeout_ms),
+                stats: VsStats::default(),
+            });
+            log::info!("virtual server {} on {} → pool {}", v.name, v.listen, v.pool);
+            tokio::spawn(proxy::serve(Arc::clone(&vs), listener, stop_rx.clone()));
+            servers.push(vs);
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("signal handler")?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        log::info!("stopping: no new connections; draining for at most {} ms", cfg.drain_timeout_ms);
+        let _ = stop_tx.send(true);
+        let deadline = Instant::now() + Duration::from_millis(cfg.drain_timeout_ms);
+        loop {
+            let open: u64 = servers.iter().map(|v| v.stats.active.load(Ordering::Acquire)).sum();
+            if open == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                log::warn!("drain deadline reached with {open} connections open");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for v in &servers {
+            let s = &v.stats;
+            log::info!(
+                "{}: {} connections, refused {} (limit) {} (no server) {} (no port), {} failed to connect",
+                v.name,
+                s.total.load(Ordering::Relaxed),
+                s.refused_limit.load(Ordering::Relaxed),
+                s.refused_no_server.load(Ordering::Relaxed),
+                s.refused_ports.load(Ordering::Relaxed),
+                s.connect_failed.load(Ordering::Relaxed)
+            );
+        }
+        Ok::<(), anyhow::Error>(())
+    })
+}

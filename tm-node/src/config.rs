@@ -1,0 +1,202 @@
+//! tmd's configuration: TOML through `config` with `TMD_*` environment overrides, validated with errors that name the key.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use allocation::PortRange;
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::balance::Method;
+
+/// Default most connections per virtual server.
+pub const DEFAULT_MAX_CONNECTIONS: u64 = 100_000;
+/// Default server connect timeout, ms.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 3000;
+/// Default idle timeout, ms.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 300_000;
+/// Default drain deadline on SIGTERM, ms.
+pub const DEFAULT_DRAIN_MS: u64 = 30_000;
+
+/// A configuration that cannot be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// Unreadable, not TOML, or a key of the wrong type / unknown.
+    #[error("{0}")]
+    Load(String),
+    /// A key with an invalid value.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The key.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// A real server.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address and port.
+    pub address: SocketAddr,
+    /// Weight (0: no new connections).
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A pool of real servers.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Pool name.
+    pub name: String,
+    /// Balancing method.
+    #[serde(default)]
+    pub method: Method,
+    /// Its servers.
+    pub servers: Vec<ServerConfig>,
+}
+
+/// A TCP virtual server.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualServerConfig {
+    /// Name.
+    pub name: String,
+    /// VIP and port to listen on.
+    pub listen: SocketAddr,
+    /// The pool it forwards to.
+    pub pool: String,
+    /// Most connections open at once.
+    #[serde(default = "max_conn")]
+    pub max_connections: u64,
+    /// Server connect timeout, ms.
+    #[serde(default = "connect_ms")]
+    pub connect_timeout_ms: u64,
+    /// Idle timeout, ms.
+    #[serde(default = "idle_ms")]
+    pub idle_timeout_ms: u64,
+}
+
+fn max_conn() -> u64 {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn connect_ms() -> u64 {
+    DEFAULT_CONNECT_TIMEOUT_MS
+}
+fn idle_ms() -> u64 {
+    DEFAULT_IDLE_TIMEOUT_MS
+}
+fn drain_ms() -> u64 {
+    DEFAULT_DRAIN_MS
+}
+fn all_ports() -> PortRange {
+    PortRange {
+        lo: 1024,
+        hi: 65535,
+    }
+}
+
+/// The whole configuration of one `tmd`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's TM id in the table.
+    pub tm_id: u32,
+    /// The table file.
+    pub table: PathBuf,
+    /// Cluster SNAT addresses, tried in order.
+    pub snat_addresses: Vec<IpAddr>,
+    /// Ports the self-source ports are chosen from.
+    #[serde(default = "all_ports")]
+    pub snat_ports: PortRange,
+    /// Drain deadline on SIGTERM, ms.
+    #[serde(default = "drain_ms")]
+    pub drain_timeout_ms: u64,
+    /// Pools.
+    #[serde(rename = "pool")]
+    pub pools: Vec<PoolConfig>,
+    /// Virtual servers.
+    #[serde(rename = "virtual_server")]
+    pub virtual_servers: Vec<VirtualServerConfig>,
+}
+
+impl NodeConfig {
+    /// Reads `path` with `TMD_*` overrides and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: NodeConfig = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("TMD")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::Load(format!("{}: {e}", path.display())))?;
+        if cfg.table.is_relative() {
+            cfg.table = path.parent().unwrap_or(Path::new(".")).join(&cfg.table);
+        }
+        cfg.validated()
+    }
+
+    /// Checks what types cannot.
+    pub fn validated(self) -> Result<Self, ConfigError> {
+        if self.snat_addresses.is_empty() {
+            return Err(invalid(
+                "snat_addresses",
+                "at least one SNAT address is needed",
+            ));
+        }
+        for (i, p) in self.pools.iter().enumerate() {
+            if self.pools[..i].iter().any(|q| q.name == p.name) {
+                return Err(invalid(
+                    format!("pool[{i}].name"),
+                    format!("'{}' is used twice", p.name),
+                ));
+            }
+            if p.servers.is_empty() {
+                return Err(invalid(
+                    format!("pool[{i}].servers"),
+                    "a pool needs at least one server",
+                ));
+            }
+        }
+        for (i, v) in self.virtual_servers.iter().enumerate() {
+            if self.virtual_servers[..i]
+                .iter()
+                .any(|w| w.name == v.name || w.listen == v.listen)
+            {
+                return Err(invalid(
+                    format!("virtual_server[{i}]"),
+                    "name and listen address must be unique",
+                ));
+            }
+            if !self.pools.iter().any(|p| p.name == v.pool) {
+                return Err(invalid(
+                    format!("virtual_server[{i}].pool"),
+                    format!("no [[pool]] is named '{}'", v.pool),
+                ));
+            }
+            if v.max_connections == 0 || v.connect_timeout_ms == 0 || v.idle_timeout_ms == 0 {
+                return Err(invalid(
+                    format!("virtual_server[{i}]"),
+                    "limits and timeouts must be above 0",
+                ));
+            }
+        }
+        Ok(self)
+    }
+}

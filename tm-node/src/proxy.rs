@@ -1,0 +1,252 @@
+//! TCP virtual servers: accept on VIP:port, pick a server, connect from a self-source port, relay both ways until close or idle.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::balance::{Balancer, Candidate, Method};
+use crate::snat::{self, ConnectError, Snat};
+
+/// Relay buffer per direction.
+pub const RELAY_BUFFER: usize = 64 * 1024;
+
+/// A pool of real servers and its balancing state.
+#[derive(Debug)]
+pub struct Pool {
+    /// Pool name.
+    pub name: String,
+    /// Server addresses.
+    pub servers: Vec<SocketAddr>,
+    state: Mutex<PoolState>,
+}
+
+#[derive(Debug)]
+struct PoolState {
+    balancer: Balancer,
+    candidates: Vec<Candidate>,
+}
+
+impl Pool {
+    /// A pool of `servers` (address, weight), all up.
+    pub fn new(
+        name: &str,
+        method: Method,
+        servers: &[(SocketAddr, u32)],
+        key: allocation::HashKey,
+    ) -> Self {
+        Pool {
+            name: name.to_string(),
+            servers: servers.iter().map(|s| s.0).collect(),
+            state: Mutex::new(PoolState {
+                balancer: Balancer::new(method, servers.len(), key),
+                candidates: servers
+                    .iter()
+                    .map(|&(_, weight)| Candidate {
+                        weight,
+                        up: true,
+                        active: 0,
+                    })
+                    .collect(),
+            }),
+        }
+    }
+
+    /// Picks a server for `client` and counts the connection as active on it.
+    pub fn acquire(&self, client: IpAddr) -> Option<usize> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let PoolState {
+            balancer,
+            candidates,
+        } = &mut *st;
+        let i = balancer.pick(candidates, client)?;
+        candidates[i].active += 1;
+        Some(i)
+    }
+
+    /// A connection to server `i` ended.
+    pub fn release(&self, i: usize) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = st.candidates.get_mut(i) {
+            c.active = c.active.saturating_sub(1);
+        }
+    }
+
+    /// Marks server `i` up or down (health checks).
+    pub fn set_up(&self, i: usize, up: bool) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = st.candidates.get_mut(i) {
+            c.up = up;
+        }
+    }
+
+    /// Active connections per server.
+    pub fn active(&self) -> Vec<u32> {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .candidates
+            .iter()
+            .map(|c| c.active)
+            .collect()
+    }
+}
+
+/// Counters of a virtual server.
+#[derive(Debug, Default)]
+pub struct VsStats {
+    /// Connections open now.
+    pub active: AtomicU64,
+    /// Connections accepted and relayed.
+    pub total: AtomicU64,
+    /// Refused: the connection limit was reached.
+    pub refused_limit: AtomicU64,
+    /// Refused: no server up.
+    pub refused_no_server: AtomicU64,
+    /// Refused: no self-source port left.
+    pub refused_ports: AtomicU64,
+    /// The server connection failed or timed out.
+    pub connect_failed: AtomicU64,
+    /// Bytes from clients to servers.
+    pub bytes_up: AtomicU64,
+    /// Bytes from servers to clients.
+    pub bytes_down: AtomicU64,
+}
+
+/// One TCP virtual server.
+#[derive(Debug)]
+pub struct VirtualServer {
+    /// Name.
+    pub name: String,
+    /// The pool it forwards to.
+    pub pool: Arc<Pool>,
+    /// Self-source ports.
+    pub snat: Arc<Snat>,
+    /// Most connections open at once.
+    pub max_connections: u64,
+    /// Server connect timeout.
+    pub connect_timeout: Duration,
+    /// Idle timeout (no byte in either direction).
+    pub idle_timeout: Duration,
+    /// Counters.
+    pub stats: VsStats,
+}
+
+/// Accepts connections until `stop` turns true; each is handled on its own task.
+pub async fn serve(vs: Arc<VirtualServer>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((client, peer)) => {
+                    let vs = Arc::clone(&vs);
+                    tokio::spawn(async move { handle(vs, client, peer).await });
+                }
+                Err(e) => {
+                    log::warn!("{}: accept: {e}", vs.name);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            _ = stop.changed() => break,
+        }
+    }
+}
+
+async fn handle(vs: Arc<VirtualServer>, client: TcpStream, peer: SocketAddr) {
+    let st = &vs.stats;
+    if st.active.fetch_add(1, Ordering::AcqRel) >= vs.max_connections {
+        st.active.fetch_sub(1, Ordering::AcqRel);
+        st.refused_limit.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let done = |vs: &VirtualServer| {
+        vs.stats.active.fetch_sub(1, Ordering::AcqRel);
+    };
+    let Some(i) = vs.pool.acquire(peer.ip()) else {
+        st.refused_no_server.fetch_add(1, Ordering::Relaxed);
+        log::warn!(
+            "{}: refusing {peer}: no server of pool '{}' is up",
+            vs.name,
+            vs.pool.name
+        );
+        done(&vs);
+        return;
+    };
+    let server = vs.pool.servers[i];
+    match snat::connect(&vs.snat, server, vs.connect_timeout).await {
+        Err(e) => {
+            match e {
+                ConnectError::Exhausted(_)
+                | ConnectError::Busy(..)
+                | ConnectError::NoAddress(_) => {
+                    st.refused_ports.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {
+                    st.connect_failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            log::warn!("{}: refusing {peer}: {e}", vs.name);
+        }
+        Ok((upstream, lease)) => {
+            st.total.fetch_add(1, Ordering::Relaxed);
+            let _ = client.set_nodelay(true);
+            let _ = upstream.set_nodelay(true);
+            let (up, down) = relay(client, upstream, vs.idle_timeout).await;
+            st.bytes_up.fetch_add(up, Ordering::Relaxed);
+            st.bytes_down.fetch_add(down, Ordering::Relaxed);
+            drop(lease);
+        }
+    }
+    vs.pool.release(i);
+    done(&vs);
+}
+
+/// Copies both ways until both sides have closed (half-closes passed on),
+/// an error, or `idle` without a byte. Returns (client → server, server → client) bytes.
+pub async fn relay(a: TcpStream, b: TcpStream, idle: Duration) -> (u64, u64) {
+    let (mut ar, mut aw) = a.into_split();
+    let (mut br, mut bw) = b.into_split();
+    let mut abuf = vec![0u8; RELAY_BUFFER];
+    let mut bbuf = vec![0u8; RELAY_BUFFER];
+    let (mut a_open, mut b_open) = (true, true);
+    let (mut up, mut down) = (0u64, 0u64);
+    let mut deadline = Instant::now() + idle;
+    while a_open || b_open {
+        tokio::select! {
+            r = ar.read(&mut abuf), if a_open => match r {
+                Ok(0) => {
+                    a_open = false;
+                    let _ = bw.shutdown().await;
+                }
+                Ok(n) => {
+                    if bw.write_all(&abuf[..n]).await.is_err() {
+                        break;
+                    }
+                    up += n as u64;
+                    deadline = Instant::now() + idle;
+                }
+                Err(_) => break,
+            },
+            r = br.read(&mut bbuf), if b_open => match r {
+                Ok(0) => {
+                    b_open = false;
+                    let _ = aw.shutdown().await;
+                }
+                Ok(n) => {
+                    if aw.write_all(&bbuf[..n]).await.is_err() {
+                        break;
+                    }
+                    down += n as u64;
+                    deadline = Instant::now() + idle;
+                }
+                Err(_) => break,
+            },
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    (up, down)
+}

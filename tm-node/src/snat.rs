@@ -1,0 +1,204 @@
+//! Server-side connections from self-source ports: a leased (SNAT address, port) whose replies the table steers back to this TM.
+//!
+//! The port comes from the `allocation` allocator for this node's TM index
+//! and is greater than the server's port, so the server's reply hashes on
+//! (SNAT address, port) — a bucket this TM owns. A port that is still in
+//! use toward the same server (TIME_WAIT) makes `bind` or `connect` fail
+//! with address-in-use: the next port is tried. When no port is left on
+//! any SNAT address the connection is refused: never a port that would
+//! steer the reply elsewhere.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use allocation::{AllocationTable, PortError, PortRange, SnatAllocator, TmIndex};
+use thiserror::Error;
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Address-in-use answers tolerated for one connection before giving up.
+pub const MAX_PORT_RETRIES: usize = 32;
+
+/// Why a server-side connection could not be made.
+#[derive(Debug, Error)]
+pub enum ConnectError {
+    /// No self-source port is free above the server port on any SNAT address of the family.
+    #[error("no self-source port left: {0}")]
+    Exhausted(PortError),
+    /// No SNAT address of the server's address family.
+    #[error("no SNAT address for {0}")]
+    NoAddress(&'static str),
+    /// The server did not answer in time.
+    #[error("connect to {0} timed out")]
+    Timeout(SocketAddr),
+    /// The connection failed.
+    #[error("connect to {server}: {error}")]
+    Failed {
+        /// The server.
+        server: SocketAddr,
+        /// The error.
+        error: io::Error,
+    },
+    /// Too many ports were in use (TIME_WAIT) one after the other.
+    #[error("{0} self-source ports in a row were in use toward {1}")]
+    Busy(usize, SocketAddr),
+}
+
+/// The self-source port allocators of one node: one per address family.
+#[derive(Debug)]
+pub struct Snat {
+    tm: TmIndex,
+    range: PortRange,
+    v4: Option<Mutex<SnatAllocator>>,
+    v6: Option<Mutex<SnatAllocator>>,
+}
+
+/// A leased (address, port): released when dropped.
+#[derive(Debug)]
+pub struct Lease {
+    snat: Arc<Snat>,
+    /// The SNAT address.
+    pub addr: IpAddr,
+    /// The self-source port.
+    pub port: u16,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.snat.release(self.addr, self.port);
+    }
+}
+
+impl Snat {
+    /// Builds the self-port tables of TM `tm` for `addrs` under `table`.
+    pub fn new(
+        table: &AllocationTable,
+        tm: TmIndex,
+        addrs: &[IpAddr],
+        range: PortRange,
+    ) -> Result<Self, PortError> {
+        let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = addrs.iter().partition(|a| a.is_ipv4());
+        let build = |list: &[IpAddr]| -> Result<Option<Mutex<SnatAllocator>>, PortError> {
+            if list.is_empty() {
+                Ok(None)
+            } else {
+                Ok(Some(Mutex::new(SnatAllocator::new(
+                    table, tm, list, range,
+                )?)))
+            }
+        };
+        Ok(Snat {
+            tm,
+            range,
+            v4: build(&v4)?,
+            v6: build(&v6)?,
+        })
+    }
+
+    /// The TM index the ports steer to.
+    pub fn tm(&self) -> TmIndex {
+        self.tm
+    }
+
+    fn family(&self, v4: bool) -> Result<&Mutex<SnatAllocator>, ConnectError> {
+        if v4 {
+            self.v4.as_ref().ok_or(ConnectError::NoAddress("IPv4"))
+        } else {
+            self.v6.as_ref().ok_or(ConnectError::NoAddress("IPv6"))
+        }
+    }
+
+    /// Leases a self-source port above `server_port` for a server of the given family.
+    pub fn lease(self: &Arc<Self>, v4: bool, server_port: u16) -> Result<Lease, ConnectError> {
+        let alloc = self.family(v4)?;
+        let mut a = alloc.lock().unwrap_or_else(|p| p.into_inner());
+        let (addr, port) = a.allocate(server_port).map_err(ConnectError::Exhausted)?;
+        Ok(Lease {
+            snat: Arc::clone(self),
+            addr,
+            port,
+        })
+    }
+
+    fn release(&self, addr: IpAddr, port: u16) {
+        if let Ok(alloc) = self.family(addr.is_ipv4()) {
+            let mut a = alloc.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = a.release(addr, port) {
+                log::error!("releasing {addr}:{port}: {e}");
+            }
+        }
+    }
+
+    /// Recomputes the self-port tables for a new table (and, during a
+    /// transition, only ports valid under both); leased ports stay reserved.
+    pub fn retable(
+        &self,
+        table: &AllocationTable,
+        next: Option<&AllocationTable>,
+    ) -> Result<(), PortError> {
+        for alloc in [&self.v4, &self.v6].into_iter().flatten() {
+            alloc
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retable(table, next, self.range)?;
+        }
+        Ok(())
+    }
+
+    /// (address, ports in use, ports free) per SNAT address.
+    pub fn usage(&self) -> Vec<(IpAddr, usize, usize)> {
+        [&self.v4, &self.v6]
+            .into_iter()
+            .flatten()
+            .flat_map(|m| {
+                let a = m.lock().unwrap_or_else(|p| p.into_inner());
+                a.pools()
+                    .iter()
+                    .map(|p| (p.addr(), p.in_use(), p.free()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+fn in_use(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::AddrInUse | io::ErrorKind::AddrNotAvailable
+    )
+}
+
+/// Connects to `server` from a self-source port: lease, bind with
+/// SO_REUSEADDR, connect; on address-in-use the next port.
+pub async fn connect(
+    snat: &Arc<Snat>,
+    server: SocketAddr,
+    timeout: Duration,
+) -> Result<(TcpStream, Lease), ConnectError> {
+    for _ in 0..MAX_PORT_RETRIES {
+        let lease = snat.lease(server.is_ipv4(), server.port())?;
+        let socket = if server.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|error| ConnectError::Failed { server, error })?;
+        socket
+            .set_reuseaddr(true)
+            .map_err(|error| ConnectError::Failed { server, error })?;
+        if let Err(e) = socket.bind(SocketAddr::new(lease.addr, lease.port)) {
+            if in_use(&e) {
+                continue; // the lease drops: the port goes back, the cursor has moved on
+            }
+            return Err(ConnectError::Failed { server, error: e });
+        }
+        match tokio::time::timeout(timeout, socket.connect(server)).await {
+            Err(_) => return Err(ConnectError::Timeout(server)),
+            Ok(Ok(stream)) => return Ok((stream, lease)),
+            Ok(Err(e)) if in_use(&e) => continue,
+            Ok(Err(error)) => return Err(ConnectError::Failed { server, error }),
+        }
+    }
+    Err(ConnectError::Busy(MAX_PORT_RETRIES, server))
+}

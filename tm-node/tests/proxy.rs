@@ -1,0 +1,239 @@
+//! tmd on loopback: real clients, real servers; every server-side connection comes from a self-source port that steers back to this TM.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use allocation::rules::proto;
+use allocation::{
+    AllocationTable, Flow, GroupSpec, HashKey, MacAddr, PortRange, Profile, SelfPorts, Tm,
+};
+
+const TM_ID: u32 = 2;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("addr")
+}
+
+fn table() -> AllocationTable {
+    let tms = (0..4)
+        .map(|i| Tm {
+            id: i,
+            name: format!("tm{i}"),
+            mac: MacAddr([2, 0x53, 0x54, 0, 0, i as u8 + 1]),
+            weight: 1,
+            group: 0,
+        })
+        .collect();
+    let key: HashKey = "000102030405060708090a0b0c0d0e0f".parse().expect("key");
+    AllocationTable::new(
+        1,
+        key,
+        tms,
+        vec![GroupSpec::default_group(Profile::Uniform)],
+    )
+    .expect("table")
+}
+
+/// An echo server that records the peer address of every connection.
+fn echo_server(addr: IpAddr) -> (SocketAddr, Arc<Mutex<Vec<SocketAddr>>>) {
+    let l = TcpListener::bind((addr, 0)).expect("bind server");
+    let local = l.local_addr().expect("addr");
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&peers);
+    std::thread::spawn(move || {
+        for conn in l.incoming().flatten() {
+            if let Ok(p) = conn.peer_addr() {
+                seen.lock().expect("lock").push(p);
+            }
+            std::thread::spawn(move || {
+                let mut c = conn;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (local, peers)
+}
+
+struct Tmd {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Tmd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_tmd(name: &str, vip: SocketAddr, servers: &[SocketAddr], ports: &str) -> Tmd {
+    let dir = std::env::temp_dir().join(format!("tmd-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    allocation::file::save(dir.join("table.toml"), &table()).expect("table");
+    let servers_toml: Vec<String> = servers
+        .iter()
+        .map(|s| format!("{{ address = \"{s}\" }}"))
+        .collect();
+    let cfg = format!(
+        "tm_id = {TM_ID}\ntable = \"table.toml\"\nsnat_addresses = [\"127.0.0.30\"]\nsnat_ports = \"{ports}\"\ndrain_timeout_ms = 2000\n\n\
+         [[pool]]\nname = \"web\"\nmethod = \"round-robin\"\nservers = [{}]\n\n\
+         [[virtual_server]]\nname = \"web\"\nlisten = \"{vip}\"\npool = \"web\"\n",
+        servers_toml.join(", ")
+    );
+    std::fs::write(dir.join("tmd.toml"), cfg).expect("config");
+    let child = Command::new(env!("CARGO_BIN_EXE_tmd"))
+        .args(["run", "--config"])
+        .arg(dir.join("tmd.toml"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tmd");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(vip).is_err() {
+        assert!(Instant::now() < deadline, "tmd did not listen on {vip}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Tmd { child, dir }
+}
+
+fn free_vip(addr: &str) -> SocketAddr {
+    TcpListener::bind((ip(addr), 0))
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+}
+
+/// True if the reply from `server` to `peer` steers to this TM and `peer`'s port is above the server's.
+fn steers_home(t: &AllocationTable, server: SocketAddr, peer: SocketAddr) -> bool {
+    let flow = Flow::with_ports(
+        proto::TCP,
+        server.ip(),
+        server.port(),
+        peer.ip(),
+        peer.port(),
+    );
+    peer.port() > server.port() && t.steer(&flow).tm == t.tm_index_by_id(TM_ID).expect("tm")
+}
+
+fn stop(mut tmd: Tmd) -> String {
+    let pid = tmd.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = tmd.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "tmd did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = tmd.child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(status.success(), "tmd exit {status}: {err}");
+    err
+}
+
+#[test]
+fn every_server_side_connection_uses_a_self_source_port_that_steers_home() {
+    let t = table();
+    let (s1, p1) = echo_server(ip("127.0.0.20"));
+    let (s2, p2) = echo_server(ip("127.0.0.21"));
+    let vip = free_vip("127.0.0.10");
+    let tmd = start_tmd("ok", vip, &[s1, s2], "1024-65535");
+    // The readiness probe was proxied too: forget it.
+    std::thread::sleep(Duration::from_millis(300));
+    p1.lock().expect("lock").clear();
+    p2.lock().expect("lock").clear();
+    for i in 0..40 {
+        let mut c = TcpStream::connect(vip).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let msg = format!("hello {i}\n");
+        c.write_all(msg.as_bytes()).expect("write");
+        c.shutdown(Shutdown::Write).expect("half close");
+        let mut back = String::new();
+        c.read_to_string(&mut back).expect("read");
+        assert_eq!(back, msg, "relayed both ways, half-close passed on");
+    }
+    let (a, b) = (
+        p1.lock().expect("lock").clone(),
+        p2.lock().expect("lock").clone(),
+    );
+    assert_eq!(a.len() + b.len(), 40);
+    assert_eq!((a.len(), b.len()), (20, 20), "round robin");
+    for (server, peers) in [(s1, &a), (s2, &b)] {
+        for &peer in peers {
+            assert_eq!(peer.ip(), ip("127.0.0.30"), "SNAT address");
+            assert!(
+                steers_home(&t, server, peer),
+                "{peer} → {server} would not come back to TM {TM_ID}"
+            );
+        }
+    }
+    stop(tmd);
+}
+
+#[test]
+fn exhaustion_is_refused_and_logged_never_a_wrong_port() {
+    let t = table();
+    let (server, peers) = echo_server(ip("127.0.0.22"));
+    let vip = free_vip("127.0.0.11");
+    let range = PortRange {
+        lo: 61000,
+        hi: 61060,
+    };
+    let ports = SelfPorts::build(
+        &t,
+        ip("127.0.0.30"),
+        t.tm_index_by_id(TM_ID).expect("tm"),
+        range,
+    )
+    .expect("ports");
+    let expected = ports.count_above(server.port());
+    assert!(expected > 3 && expected < 30, "{expected} usable ports");
+    let tmd = start_tmd("exhaust", vip, &[server], "61000-61060");
+    // Hold connections open; the ones past the last free port are refused (closed at once).
+    let mut held = Vec::new();
+    let (mut relayed, mut refused) = (0, 0);
+    for _ in 0..expected + 10 {
+        let mut c = TcpStream::connect(vip).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        c.write_all(b"x\n").expect("write");
+        let mut line = String::new();
+        match BufReader::new(c.try_clone().expect("clone")).read_line(&mut line) {
+            Ok(2) => relayed += 1,
+            _ => refused += 1,
+        }
+        held.push(c);
+    }
+    assert_eq!(
+        relayed, expected,
+        "exactly the self-source ports above the server port were used"
+    );
+    assert_eq!(refused, 10);
+    for &peer in peers.lock().expect("lock").iter() {
+        assert!(
+            steers_home(&t, server, peer) && (61000..=61060).contains(&peer.port()),
+            "wrong port {peer}"
+        );
+    }
+    drop(held);
+    let log = stop(tmd);
+    assert!(log.contains("no self-source port left"), "{log}");
+}
