@@ -67,6 +67,9 @@ pub struct PoolConfig {
     pub method: Method,
     /// Its servers.
     pub servers: Vec<ServerConfig>,
+    /// Health checks (none: every server is always up).
+    #[serde(default)]
+    pub health: Option<crate::health::HealthConfig>,
 }
 
 /// A TCP virtual server.
@@ -172,6 +175,22 @@ impl NodeConfig {
                     format!("pool[{i}].servers"),
                     "a pool needs at least one server",
                 ));
+            }
+            if let Some(h) = &p.health {
+                if h.interval_ms == 0 || h.timeout_ms == 0 || h.rise == 0 || h.fall == 0 {
+                    return Err(invalid(
+                        format!("pool[{i}].health"),
+                        "interval, timeout, rise and fall must be above 0",
+                    ));
+                }
+                if h.kind == crate::health::ProbeType::Tcp
+                    && (h.path.is_some() || h.expect_status.is_some())
+                {
+                    return Err(invalid(
+                        format!("pool[{i}].health"),
+                        "path and expect_status apply to kind = \"http\" only",
+                    ));
+                }
             }
         }
         for (i, v) in self.virtual_servers.iter().enumerate() {

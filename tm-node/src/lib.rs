@@ -5,14 +5,17 @@
 //! * [`snat`] — (SNAT address, self-source port) leases from the
 //!   `allocation` allocator, released on drop; connect with retries on
 //!   address-in-use; refusal on exhaustion, never a port that steers elsewhere;
+//! * [`health`] — TCP and HTTP probes (from self-source ports) and the
+//!   rise/fall hysteresis, a pure state machine;
 //! * [`proxy`] — TCP virtual servers: accept, pick, connect, relay;
 //! * [`config`] — `tmd`'s configuration.
 //!
-//! Still to come (issue 4): UDP virtual servers, health checks, DNAT-only
+//! Still to come (issue 4): UDP virtual servers, DNAT-only
 //! mode, persistence, the admin endpoint and table transitions.
 #![deny(missing_docs)]
 
 pub mod balance;
 pub mod config;
+pub mod health;
 pub mod proxy;
 pub mod snat;

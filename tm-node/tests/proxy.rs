@@ -237,3 +237,139 @@ fn exhaustion_is_refused_and_logged_never_a_wrong_port() {
     let log = stop(tmd);
     assert!(log.contains("no self-source port left"), "{log}");
 }
+
+/// An echo server that can be stopped and started again on the same port.
+struct Stoppable {
+    addr: SocketAddr,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Stoppable {
+    fn start(addr: SocketAddr, peers: Arc<Mutex<Vec<SocketAddr>>>) -> Stoppable {
+        let l = TcpListener::bind(addr).expect("bind");
+        l.set_nonblocking(true).expect("nonblocking");
+        let addr = l.local_addr().expect("addr");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, seen) = (Arc::clone(&stop), Arc::clone(&peers));
+        let thread = std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((c, p)) => {
+                        c.set_nonblocking(false).expect("blocking");
+                        let seen = Arc::clone(&seen);
+                        std::thread::spawn(move || {
+                            // Counted once it carries data: health probes connect and close.
+                            let mut c = c;
+                            let mut buf = [0u8; 4096];
+                            let mut first = true;
+                            while let Ok(n) = c.read(&mut buf) {
+                                if n > 0 && first {
+                                    seen.lock().expect("lock").push(p);
+                                    first = false;
+                                }
+                                if n == 0 || c.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Stoppable {
+            addr,
+            peers,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) -> (SocketAddr, Arc<Mutex<Vec<SocketAddr>>>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("server thread");
+        }
+        (self.addr, Arc::clone(&self.peers))
+    }
+}
+
+fn exchange(vip: SocketAddr) -> bool {
+    let Ok(mut c) = TcpStream::connect(vip) else {
+        return false;
+    };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+    if c.write_all(b"ping\n").is_err() || c.shutdown(Shutdown::Write).is_err() {
+        return false;
+    }
+    let mut back = String::new();
+    c.read_to_string(&mut back).is_ok() && back == "ping\n"
+}
+
+#[test]
+fn health_checks_take_a_server_out_and_bring_it_back() {
+    let (pa, pb) = (
+        Arc::new(Mutex::new(Vec::new())),
+        Arc::new(Mutex::new(Vec::new())),
+    );
+    let a = Stoppable::start(SocketAddr::new(ip("127.0.0.23"), 0), Arc::clone(&pa));
+    let b = Stoppable::start(SocketAddr::new(ip("127.0.0.24"), 0), Arc::clone(&pb));
+    let (a_addr, b_addr) = (a.addr, b.addr);
+    let vip = free_vip("127.0.0.12");
+    let dir = std::env::temp_dir().join(format!("tmd-health-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    allocation::file::save(dir.join("table.toml"), &table()).expect("table");
+    std::fs::write(
+        dir.join("tmd.toml"),
+        format!(
+            "tm_id = {TM_ID}\ntable = \"table.toml\"\nsnat_addresses = [\"127.0.0.30\"]\ndrain_timeout_ms = 2000\n\n\
+             [[pool]]\nname = \"web\"\nservers = [{{ address = \"{a_addr}\" }}, {{ address = \"{b_addr}\" }}]\n\
+             health = {{ kind = \"tcp\", interval_ms = 100, timeout_ms = 300, rise = 2, fall = 2 }}\n\n\
+             [[virtual_server]]\nname = \"web\"\nlisten = \"{vip}\"\npool = \"web\"\n"
+        ),
+    )
+    .expect("config");
+    let child = Command::new(env!("CARGO_BIN_EXE_tmd"))
+        .args(["run", "--config"])
+        .arg(dir.join("tmd.toml"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tmd");
+    let tmd = Tmd { child, dir };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !exchange(vip) {
+        assert!(Instant::now() < deadline, "tmd did not serve");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let count = |p: &Arc<Mutex<Vec<SocketAddr>>>| p.lock().expect("lock").len();
+    let relay = |n| (0..n).all(|_| exchange(vip));
+
+    // Both up: both take connections.
+    let (a0, b0) = (count(&pa), count(&pb));
+    assert!(relay(10));
+    assert!(count(&pa) > a0 && count(&pb) > b0);
+    // A stops: after `fall` failed probes every connection goes to B, none fails.
+    let (_, pa) = a.stop();
+    std::thread::sleep(Duration::from_millis(700));
+    let b1 = count(&pb);
+    assert!(relay(10), "no client sees the dead server");
+    assert_eq!(count(&pb), b1 + 10);
+    // A returns on the same port: after `rise` good probes it takes traffic again.
+    let a = Stoppable::start(a_addr, Arc::clone(&pa));
+    std::thread::sleep(Duration::from_millis(700));
+    let a1 = count(&pa);
+    assert!(relay(10));
+    assert!(count(&pa) >= a1 + 4, "A is back in rotation");
+    // Both down: clients are refused, with the reason logged.
+    a.stop();
+    b.stop();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(!exchange(vip), "refused when no server is up");
+    let log = stop(tmd);
+    assert!(log.contains("is down") && log.contains("is up"), "{log}");
+    assert!(log.contains("no server of pool 'web' is up"), "{log}");
+}

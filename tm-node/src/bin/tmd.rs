@@ -109,6 +109,13 @@ fn run(path: &Path) -> Result<()> {
         .context("starting the runtime")?;
     runtime.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let checks_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for (p, pool) in cfg.pools.iter().zip(&pools) {
+            if let Some(h) = &p.health {
+                log::info!("pool {}: health checks every {} ms (rise {}, fall {})", p.name, h.interval_ms, h.rise, h.fall);
+                tokio::spawn(tm_node::health::run(Arc::clone(pool), h.clone(), Arc::clone(&snat), Arc::clone(&checks_stop)));
+            }
+        }
         let mut servers = Vec::new();
         for v in &cfg.virtual_servers {
             let pool = pools.iter().find(|p| p.name == v.pool).cloned().ok_or_else(|| anyhow!("virtual_server {}: no pool {}", v.name, v.pool))?;
@@ -133,6 +140,7 @@ fn run(path: &Path) -> Result<()> {
         }
         log::info!("stopping: no new connections; draining for at most {} ms", cfg.drain_timeout_ms);
         let _ = stop_tx.send(true);
+        checks_stop.store(true, Ordering::Relaxed);
         let deadline = Instant::now() + Duration::from_millis(cfg.drain_timeout_ms);
         loop {
             let open: u64 = servers.iter().map(|v| v.stats.active.load(Ordering::Acquire)).sum();
