@@ -134,6 +134,9 @@ pub struct NodeConfig {
     /// Virtual servers.
     #[serde(rename = "virtual_server")]
     pub virtual_servers: Vec<VirtualServerConfig>,
+    /// Admin endpoint.
+    #[serde(default)]
+    pub admin: crate::admin::AdminConfig,
 }
 
 impl NodeConfig {
@@ -157,6 +160,17 @@ impl NodeConfig {
 
     /// Checks what types cannot.
     pub fn validated(self) -> Result<Self, ConfigError> {
+        if !self.admin.listen.ip().is_loopback()
+            && self.admin.token.as_deref().is_none_or(str::is_empty)
+        {
+            return Err(invalid(
+                "admin.token",
+                format!(
+                    "required when admin.listen ({}) is not a loopback address",
+                    self.admin.listen
+                ),
+            ));
+        }
         if self.snat_addresses.is_empty() {
             return Err(invalid(
                 "snat_addresses",

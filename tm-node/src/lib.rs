@@ -8,12 +8,14 @@
 //! * [`health`] — TCP and HTTP probes (from self-source ports) and the
 //!   rise/fall hysteresis, a pure state machine;
 //! * [`proxy`] — TCP virtual servers: accept, pick, connect, relay;
+//! * [`admin`] — `/metrics`, `/healthz`, GET and PUT `/table`;
 //! * [`config`] — `tmd`'s configuration.
 //!
 //! Still to come (issue 4): UDP virtual servers, DNAT-only
-//! mode, persistence, the admin endpoint and table transitions.
+//! mode, persistence and table transitions (`/transition`).
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod health;

@@ -85,6 +85,17 @@ impl Pool {
         }
     }
 
+    /// Health state per server.
+    pub fn up(&self) -> Vec<bool> {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .candidates
+            .iter()
+            .map(|c| c.up)
+            .collect()
+    }
+
     /// Active connections per server.
     pub fn active(&self) -> Vec<u32> {
         self.state

@@ -66,6 +66,7 @@ fn echo_server(addr: IpAddr) -> (SocketAddr, Arc<Mutex<Vec<SocketAddr>>>) {
 struct Tmd {
     child: Child,
     dir: PathBuf,
+    admin: u16,
 }
 
 impl Drop for Tmd {
@@ -80,6 +81,7 @@ fn start_tmd(name: &str, vip: SocketAddr, servers: &[SocketAddr], ports: &str) -
     let dir = std::env::temp_dir().join(format!("tmd-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     allocation::file::save(dir.join("table.toml"), &table()).expect("table");
+    let admin = free_vip("127.0.0.1").port();
     let servers_toml: Vec<String> = servers
         .iter()
         .map(|s| format!("{{ address = \"{s}\" }}"))
@@ -87,7 +89,7 @@ fn start_tmd(name: &str, vip: SocketAddr, servers: &[SocketAddr], ports: &str) -
     let cfg = format!(
         "tm_id = {TM_ID}\ntable = \"table.toml\"\nsnat_addresses = [\"127.0.0.30\"]\nsnat_ports = \"{ports}\"\ndrain_timeout_ms = 2000\n\n\
          [[pool]]\nname = \"web\"\nmethod = \"round-robin\"\nservers = [{}]\n\n\
-         [[virtual_server]]\nname = \"web\"\nlisten = \"{vip}\"\npool = \"web\"\n",
+         [[virtual_server]]\nname = \"web\"\nlisten = \"{vip}\"\npool = \"web\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n",
         servers_toml.join(", ")
     );
     std::fs::write(dir.join("tmd.toml"), cfg).expect("config");
@@ -104,7 +106,7 @@ fn start_tmd(name: &str, vip: SocketAddr, servers: &[SocketAddr], ports: &str) -
         assert!(Instant::now() < deadline, "tmd did not listen on {vip}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    Tmd { child, dir }
+    Tmd { child, dir, admin }
 }
 
 fn free_vip(addr: &str) -> SocketAddr {
@@ -327,7 +329,8 @@ fn health_checks_take_a_server_out_and_bring_it_back() {
             "tm_id = {TM_ID}\ntable = \"table.toml\"\nsnat_addresses = [\"127.0.0.30\"]\ndrain_timeout_ms = 2000\n\n\
              [[pool]]\nname = \"web\"\nservers = [{{ address = \"{a_addr}\" }}, {{ address = \"{b_addr}\" }}]\n\
              health = {{ kind = \"tcp\", interval_ms = 100, timeout_ms = 300, rise = 2, fall = 2 }}\n\n\
-             [[virtual_server]]\nname = \"web\"\nlisten = \"{vip}\"\npool = \"web\"\n"
+             [[virtual_server]]\nname = \"web\"\nlisten = \"{vip}\"\npool = \"web\"\n\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
+            free_vip("127.0.0.1").port()
         ),
     )
     .expect("config");
@@ -339,7 +342,11 @@ fn health_checks_take_a_server_out_and_bring_it_back() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start tmd");
-    let tmd = Tmd { child, dir };
+    let tmd = Tmd {
+        child,
+        dir,
+        admin: 0,
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     while !exchange(vip) {
         assert!(Instant::now() < deadline, "tmd did not serve");
@@ -372,4 +379,123 @@ fn health_checks_take_a_server_out_and_bring_it_back() {
     let log = stop(tmd);
     assert!(log.contains("is down") && log.contains("is up"), "{log}");
     assert!(log.contains("no server of pool 'web' is up"), "{log}");
+}
+
+/// A minimal HTTP/1.1 client: (status, body).
+fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect admin");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    s.write_all(req.as_bytes()).expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+fn metric(text: &str, name: &str) -> i64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .map(|v| v as i64)
+        .sum()
+}
+
+#[test]
+fn a_table_change_breaks_no_open_connection_and_new_ones_follow_the_new_table() {
+    let t = table();
+    let (server, peers) = echo_server(ip("127.0.0.25"));
+    let vip = free_vip("127.0.0.13");
+    let tmd = start_tmd("admin", vip, &[server], "1024-65535");
+    let admin = tmd.admin;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", admin)).is_err() {
+        assert!(Instant::now() < deadline, "no admin endpoint");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // A connection that stays open across the change.
+    let mut open = TcpStream::connect(vip).expect("connect");
+    open.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut buf = [0u8; 2];
+    open.write_all(b"a\n").expect("write");
+    open.read_exact(&mut buf).expect("echo");
+    assert_eq!(&buf, b"a\n");
+    let m = http(admin, "GET", "/metrics", "").1;
+    assert_eq!(metric(&m, "tmd_connections_active{vs=\"web\"}"), 1, "{m}");
+    assert!(
+        metric(
+            &m,
+            "tmd_snat_ports{address=\"127.0.0.30\",state=\"in_use\"}"
+        ) >= 1,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "tmd_table_version"), 1);
+
+    // The new table moves buckets: many of the old self-source ports are no longer valid.
+    let next = t
+        .rebalance(
+            0,
+            &Profile::Gaussian {
+                mean: Some(0.0),
+                sigma: Some(1.0),
+            },
+        )
+        .expect("rebalance")
+        .table;
+    let (code, body) = http(admin, "PUT", "/table", &allocation::file::render(&next));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        http(admin, "PUT", "/table", &allocation::file::render(&next)).0,
+        409,
+        "stale"
+    );
+    assert_eq!(http(admin, "PUT", "/table", "format = 1").0, 400, "garbage");
+    assert_eq!(
+        http(admin, "GET", "/table", "").1.trim_end(),
+        allocation::file::render(&next).trim_end()
+    );
+
+    // The open connection still works.
+    open.write_all(b"b\n").expect("write after the change");
+    open.read_exact(&mut buf).expect("echo after the change");
+    assert_eq!(&buf, b"b\n");
+    // New connections use ports that steer home under the new table.
+    peers.lock().expect("lock").clear();
+    for _ in 0..20 {
+        let mut c = TcpStream::connect(vip).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        c.write_all(b"x\n").expect("write");
+        c.read_exact(&mut buf).expect("echo");
+    }
+    let seen = peers.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 20);
+    for peer in seen {
+        let flow = Flow::with_ports(
+            proto::TCP,
+            server.ip(),
+            server.port(),
+            peer.ip(),
+            peer.port(),
+        );
+        assert_eq!(
+            next.steer(&flow).tm,
+            next.tm_index_by_id(TM_ID).expect("tm"),
+            "{peer} under the new table"
+        );
+    }
+    drop(open);
+    stop(tmd);
 }

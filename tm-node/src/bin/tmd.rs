@@ -133,6 +133,20 @@ fn run(path: &Path) -> Result<()> {
             tokio::spawn(proxy::serve(Arc::clone(&vs), listener, stop_rx.clone()));
             servers.push(vs);
         }
+        let admin_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let server = tiny_http::Server::http(cfg.admin.listen).map_err(|e| anyhow!("admin.listen {}: {e}", cfg.admin.listen))?;
+        let admin_state = Arc::new(tm_node::admin::AdminState {
+            tm_id: cfg.tm_id,
+            table: std::sync::Mutex::new(Arc::new(table)),
+            snat: Arc::clone(&snat),
+            servers: servers.clone(),
+            token: cfg.admin.token.clone(),
+        });
+        let admin_thread = {
+            let stop = Arc::clone(&admin_stop);
+            std::thread::Builder::new().name("tmd-admin".into()).spawn(move || tm_node::admin::serve(server, admin_state, &stop))?
+        };
+        log::info!("admin endpoint on http://{}", cfg.admin.listen);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("signal handler")?;
         tokio::select! {
             _ = term.recv() => {}
@@ -153,6 +167,8 @@ fn run(path: &Path) -> Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        admin_stop.store(true, Ordering::Relaxed);
+        let _ = admin_thread.join();
         for v in &servers {
             let s = &v.stats;
             log::info!(

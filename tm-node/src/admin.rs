@@ -1,0 +1,286 @@
+//! tmd's admin endpoint: /metrics (Prometheus text), /healthz, GET and PUT /table; a bearer token whenever one is configured.
+//!
+//! A table PUT recomputes the self-source port tables for the new table;
+//! ports held by open connections stay reserved until those connections
+//! end, so no live connection is touched.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use allocation::AllocationTable;
+use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use serde::Deserialize;
+use tiny_http::{Method, Request, Response, Server};
+
+use crate::proxy::VirtualServer;
+use crate::snat::Snat;
+
+/// Default admin listen address.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9190";
+
+/// Admin endpoint settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Listen address; anything but loopback requires `token`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Bearer token.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+fn default_listen() -> SocketAddr {
+    DEFAULT_ADMIN
+        .parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9190)))
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_listen(),
+            token: None,
+        }
+    }
+}
+
+/// What the admin endpoint reads and changes.
+#[derive(Debug)]
+pub struct AdminState {
+    /// This node's TM id.
+    pub tm_id: u32,
+    /// The running table.
+    pub table: Mutex<Arc<AllocationTable>>,
+    /// Self-source ports.
+    pub snat: Arc<Snat>,
+    /// Virtual servers.
+    pub servers: Vec<Arc<VirtualServer>>,
+    /// Required bearer token.
+    pub token: Option<String>,
+}
+
+type Reply = Response<std::io::Cursor<Vec<u8>>>;
+
+fn text(code: u16, body: impl Into<String>) -> Reply {
+    let mut b = body.into();
+    if !b.ends_with('\n') {
+        b.push('\n');
+    }
+    Response::from_string(b).with_status_code(code)
+}
+
+/// Serves admin requests until `stop` is set.
+pub fn serve(server: Server, state: Arc<AdminState>, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match server.recv_timeout(Duration::from_millis(100)) {
+            Ok(Some(req)) => handle(req, &state),
+            Ok(None) => {}
+            Err(e) => log::warn!("admin: {e}"),
+        }
+    }
+}
+
+fn authorised(req: &Request, token: &Option<String>) -> bool {
+    let Some(token) = token else { return true };
+    req.headers().iter().any(|h| {
+        h.field.equiv("Authorization")
+            && h.value.as_str().strip_prefix("Bearer ").is_some_and(|t| {
+                let (a, b) = (t.trim().as_bytes(), token.as_bytes());
+                a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+            })
+    })
+}
+
+fn handle(mut req: Request, state: &AdminState) {
+    let path = req.url().split('?').next().unwrap_or("").to_string();
+    let reply = if !authorised(&req, &state.token) {
+        text(401, "missing or wrong bearer token")
+    } else {
+        match (req.method(), path.as_str()) {
+            (Method::Get, "/metrics") => {
+                metrics(state).unwrap_or_else(|e| text(500, format!("metrics: {e}")))
+            }
+            (Method::Get, "/healthz") => text(
+                200,
+                format!("ok: table version {}", current(state).version()),
+            ),
+            (Method::Get, "/table") => text(200, allocation::file::render(&current(state))),
+            (Method::Put, "/table") => put_table(&mut req, state),
+            (_, "/metrics" | "/healthz" | "/table") => text(405, "method not allowed"),
+            _ => text(404, "not found: /metrics, /healthz, /table"),
+        }
+    };
+    if let Err(e) = req.respond(reply) {
+        log::warn!("admin: response failed: {e}");
+    }
+}
+
+fn current(state: &AdminState) -> Arc<AllocationTable> {
+    Arc::clone(&state.table.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+fn put_table(req: &mut Request, state: &AdminState) -> Reply {
+    let mut body = String::new();
+    let limit = allocation::file::MAX_FILE_BYTES;
+    if let Err(e) = req.as_reader().take(limit + 1).read_to_string(&mut body) {
+        return text(400, format!("table rejected: unreadable body: {e}"));
+    }
+    if body.len() as u64 > limit {
+        return text(413, "table rejected: too large");
+    }
+    let table = match allocation::file::parse(&body) {
+        Ok(t) => t,
+        Err(e) => return text(400, format!("table rejected: {e}")),
+    };
+    if table.tm_index_by_id(state.tm_id).is_none() {
+        return text(
+            400,
+            format!(
+                "table rejected: it does not list this node (TM id {})",
+                state.tm_id
+            ),
+        );
+    }
+    let mut running = state.table.lock().unwrap_or_else(|p| p.into_inner());
+    if table.version() <= running.version() {
+        return text(
+            409,
+            format!(
+                "table rejected: version {} is not newer than the running version {}",
+                table.version(),
+                running.version()
+            ),
+        );
+    }
+    if let Err(e) = state.snat.retable(&table, None) {
+        return text(400, format!("table rejected: {e}"));
+    }
+    log::info!(
+        "table version {} replaced by version {} (PUT /table)",
+        running.version(),
+        table.version()
+    );
+    let v = table.version();
+    *running = Arc::new(table);
+    text(200, format!("installed table version {v}"))
+}
+
+fn metrics(state: &AdminState) -> Result<Reply, prometheus::Error> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let r = Registry::new();
+    let conns = IntCounterVec::new(
+        Opts::new(
+            "tmd_connections_total",
+            "Connections relayed, per virtual server",
+        ),
+        &["vs"],
+    )?;
+    let active = IntGaugeVec::new(
+        Opts::new(
+            "tmd_connections_active",
+            "Connections open, per virtual server",
+        ),
+        &["vs"],
+    )?;
+    let refused = IntCounterVec::new(
+        Opts::new(
+            "tmd_refused_total",
+            "Connections refused, per virtual server and reason",
+        ),
+        &["vs", "reason"],
+    )?;
+    let bytes = IntCounterVec::new(
+        Opts::new(
+            "tmd_bytes_total",
+            "Bytes relayed, per virtual server and direction",
+        ),
+        &["vs", "direction"],
+    )?;
+    let server_active = IntGaugeVec::new(
+        Opts::new(
+            "tmd_server_connections_active",
+            "Connections open, per server",
+        ),
+        &["pool", "server"],
+    )?;
+    let server_up = IntGaugeVec::new(
+        Opts::new(
+            "tmd_server_up",
+            "1 when the server is up by its health checks",
+        ),
+        &["pool", "server"],
+    )?;
+    for vs in &state.servers {
+        let s = &vs.stats;
+        conns
+            .with_label_values(&[&vs.name])
+            .inc_by(s.total.load(Relaxed));
+        active
+            .with_label_values(&[&vs.name])
+            .set(s.active.load(Relaxed) as i64);
+        for (reason, v) in [
+            ("limit", &s.refused_limit),
+            ("no_server", &s.refused_no_server),
+            ("no_port", &s.refused_ports),
+            ("connect_failed", &s.connect_failed),
+        ] {
+            refused
+                .with_label_values(&[&vs.name, reason])
+                .inc_by(v.load(Relaxed));
+        }
+        bytes
+            .with_label_values(&[&vs.name, "up"])
+            .inc_by(s.bytes_up.load(Relaxed));
+        bytes
+            .with_label_values(&[&vs.name, "down"])
+            .inc_by(s.bytes_down.load(Relaxed));
+        for ((addr, n), up) in vs
+            .pool
+            .servers
+            .iter()
+            .zip(vs.pool.active())
+            .zip(vs.pool.up())
+        {
+            let a = addr.to_string();
+            server_active
+                .with_label_values(&[&vs.pool.name, &a])
+                .set(i64::from(n));
+            server_up
+                .with_label_values(&[&vs.pool.name, &a])
+                .set(i64::from(up));
+        }
+    }
+    let ports = IntGaugeVec::new(
+        Opts::new(
+            "tmd_snat_ports",
+            "Self-source ports per SNAT address, in use and free",
+        ),
+        &["address", "state"],
+    )?;
+    for (addr, used, free) in state.snat.usage() {
+        let a = addr.to_string();
+        ports.with_label_values(&[&a, "in_use"]).set(used as i64);
+        ports.with_label_values(&[&a, "free"]).set(free as i64);
+    }
+    let version = IntGauge::new("tmd_table_version", "Version of the running table")?;
+    version.set(current(state).version() as i64);
+    for c in [
+        Box::new(conns) as Box<dyn prometheus::core::Collector>,
+        Box::new(active),
+        Box::new(refused),
+        Box::new(bytes),
+        Box::new(server_active),
+        Box::new(server_up),
+        Box::new(ports),
+        Box::new(version),
+    ] {
+        r.register(c)?;
+    }
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&r.gather(), &mut out)?;
+    Ok(text(200, String::from_utf8_lossy(&out).into_owned()))
+}
