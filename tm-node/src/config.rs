@@ -91,6 +91,9 @@ pub struct VirtualServerConfig {
     /// Idle timeout, ms.
     #[serde(default = "idle_ms")]
     pub idle_timeout_ms: u64,
+    /// Source-address affinity.
+    #[serde(default)]
+    pub persistence: Option<crate::persist::PersistConfig>,
 }
 
 fn max_conn() -> u64 {

@@ -7,17 +7,19 @@
 //!   address-in-use; refusal on exhaustion, never a port that steers elsewhere;
 //! * [`health`] — TCP and HTTP probes (from self-source ports) and the
 //!   rise/fall hysteresis, a pure state machine;
+//! * [`persist`] — source-address affinity with a netmask and a timeout;
 //! * [`proxy`] — TCP virtual servers: accept, pick, connect, relay;
 //! * [`admin`] — `/metrics`, `/healthz`, GET and PUT `/table`;
 //! * [`config`] — `tmd`'s configuration.
 //!
-//! Still to come (issue 4): UDP virtual servers, DNAT-only
-//! mode, persistence and table transitions (`/transition`).
+//! Still to come (issue 4): UDP virtual servers, DNAT-only mode and table
+//! transitions (`/transition`).
 #![deny(missing_docs)]
 
 pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod health;
+pub mod persist;
 pub mod proxy;
 pub mod snat;

@@ -57,6 +57,24 @@ impl Pool {
         }
     }
 
+    /// Counts a connection on server `i` if it is up (persistence).
+    pub fn acquire_server(&self, i: usize) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match st.candidates.get_mut(i) {
+            Some(c) if c.up && c.weight > 0 => {
+                c.active += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// True if server `i` is up with a non-zero weight.
+    pub fn usable(&self, i: usize) -> bool {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.candidates.get(i).is_some_and(|c| c.up && c.weight > 0)
+    }
+
     /// Picks a server for `client` and counts the connection as active on it.
     pub fn acquire(&self, client: IpAddr) -> Option<usize> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -144,6 +162,8 @@ pub struct VirtualServer {
     pub connect_timeout: Duration,
     /// Idle timeout (no byte in either direction).
     pub idle_timeout: Duration,
+    /// Source-address affinity, if configured.
+    pub persistence: Option<crate::persist::Affinity>,
     /// Counters.
     pub stats: VsStats,
 }
@@ -177,7 +197,26 @@ async fn handle(vs: Arc<VirtualServer>, client: TcpStream, peer: SocketAddr) {
     let done = |vs: &VirtualServer| {
         vs.stats.active.fetch_sub(1, Ordering::AcqRel);
     };
-    let Some(i) = vs.pool.acquire(peer.ip()) else {
+    let now = std::time::Instant::now();
+    // Persistence first: the client's server, if its affinity is alive and the server up.
+    let sticky = vs.persistence.as_ref().and_then(|a| {
+        let i = a.lookup(peer.ip(), now, |i| vs.pool.usable(i))?;
+        if vs.pool.acquire_server(i) {
+            Some(i)
+        } else {
+            // It went down between the lookup and now: undo the count.
+            a.end(peer.ip(), now);
+            None
+        }
+    });
+    let picked = sticky.or_else(|| {
+        let i = vs.pool.acquire(peer.ip())?;
+        if let Some(a) = &vs.persistence {
+            a.bind(peer.ip(), i, now);
+        }
+        Some(i)
+    });
+    let Some(i) = picked else {
         st.refused_no_server.fetch_add(1, Ordering::Relaxed);
         log::warn!(
             "{}: refusing {peer}: no server of pool '{}' is up",
@@ -213,6 +252,9 @@ async fn handle(vs: Arc<VirtualServer>, client: TcpStream, peer: SocketAddr) {
         }
     }
     vs.pool.release(i);
+    if let Some(a) = &vs.persistence {
+        a.end(peer.ip(), std::time::Instant::now());
+    }
     done(&vs);
 }
 

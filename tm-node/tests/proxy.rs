@@ -499,3 +499,91 @@ fn a_table_change_breaks_no_open_connection_and_new_ones_follow_the_new_table() 
     drop(open);
     stop(tmd);
 }
+
+/// One exchange from a chosen client source address.
+fn exchange_from(src: IpAddr, vip: SocketAddr) -> bool {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind(SocketAddr::new(src, 0)).expect("bind client");
+        let Ok(mut c) = sock.connect(vip).await else {
+            return false;
+        };
+        if c.write_all(b"hi\n").await.is_err() || c.shutdown().await.is_err() {
+            return false;
+        }
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).await.is_ok() && back == b"hi\n"
+    })
+}
+
+#[test]
+fn persistence_keeps_a_client_on_its_server() {
+    let (sa, pa) = echo_server(ip("127.0.0.26"));
+    let (sb, pb) = echo_server(ip("127.0.0.27"));
+    let vip = free_vip("127.0.0.14");
+    let dir = std::env::temp_dir().join(format!("tmd-persist-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    allocation::file::save(dir.join("table.toml"), &table()).expect("table");
+    std::fs::write(
+        dir.join("tmd.toml"),
+        format!(
+            "tm_id = {TM_ID}\ntable = \"table.toml\"\nsnat_addresses = [\"127.0.0.30\"]\ndrain_timeout_ms = 2000\n\n\
+             [[pool]]\nname = \"web\"\nservers = [{{ address = \"{sa}\" }}, {{ address = \"{sb}\" }}]\n\n\
+             [[virtual_server]]\nname = \"web\"\nlisten = \"{vip}\"\npool = \"web\"\npersistence = {{ v4_prefix = 32, timeout_ms = 60000 }}\n\n\
+             [admin]\nlisten = \"127.0.0.1:{}\"\n",
+            free_vip("127.0.0.1").port()
+        ),
+    )
+    .expect("config");
+    let child = Command::new(env!("CARGO_BIN_EXE_tmd"))
+        .args(["run", "--config"])
+        .arg(dir.join("tmd.toml"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tmd");
+    let tmd = Tmd {
+        child,
+        dir,
+        admin: 0,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !exchange_from(ip("127.0.0.49"), vip) {
+        assert!(Instant::now() < deadline, "tmd did not serve");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    pa.lock().expect("lock").clear();
+    pb.lock().expect("lock").clear();
+    // Client A: every connection to the same server (round robin alone would alternate).
+    for _ in 0..8 {
+        assert!(exchange_from(ip("127.0.0.50"), vip));
+    }
+    let (na, nb) = (
+        pa.lock().expect("lock").len(),
+        pb.lock().expect("lock").len(),
+    );
+    assert!(
+        (na, nb) == (8, 0) || (na, nb) == (0, 8),
+        "a client sticks to one server: {na}/{nb}"
+    );
+    // Client B (another /32) is balanced on its own and then sticks too.
+    for _ in 0..4 {
+        assert!(exchange_from(ip("127.0.0.51"), vip));
+    }
+    let (na2, nb2) = (
+        pa.lock().expect("lock").len(),
+        pb.lock().expect("lock").len(),
+    );
+    assert!(
+        (na2 - na == 4) ^ (nb2 - nb == 4),
+        "client B sticks too: {na2}/{nb2}"
+    );
+    stop(tmd);
+}

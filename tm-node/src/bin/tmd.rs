@@ -127,6 +127,7 @@ fn run(path: &Path) -> Result<()> {
                 max_connections: v.max_connections,
                 connect_timeout: Duration::from_millis(v.connect_timeout_ms),
                 idle_timeout: Duration::from_millis(v.idle_timeout_ms),
+                persistence: v.persistence.map(tm_node::persist::Affinity::new),
                 stats: VsStats::default(),
             });
             log::info!("virtual server {} on {} → pool {}", v.name, v.listen, v.pool);
