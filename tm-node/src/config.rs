@@ -72,12 +72,26 @@ pub struct PoolConfig {
     pub health: Option<crate::health::HealthConfig>,
 }
 
-/// A TCP virtual server.
+/// The transport a virtual server relays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP connections.
+    #[default]
+    Tcp,
+    /// UDP datagrams, in per-client sessions ended by the idle timeout.
+    Udp,
+}
+
+/// A virtual server.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VirtualServerConfig {
     /// Name.
     pub name: String,
+    /// `tcp` (default) or `udp`.
+    #[serde(default)]
+    pub protocol: Protocol,
     /// VIP and port to listen on.
     pub listen: SocketAddr,
     /// The pool it forwards to.
@@ -218,6 +232,12 @@ impl NodeConfig {
                 return Err(invalid(
                     format!("virtual_server[{i}]"),
                     "name and listen address must be unique",
+                ));
+            }
+            if v.protocol == Protocol::Udp && v.persistence.is_some() {
+                return Err(invalid(
+                    format!("virtual_server[{i}].persistence"),
+                    "UDP sessions already keep a client on its server",
                 ));
             }
             if !self.pools.iter().any(|p| p.name == v.pool) {

@@ -10,10 +10,10 @@
 //! * [`persist`] — source-address affinity with a netmask and a timeout;
 //! * [`proxy`] — TCP virtual servers: accept, pick, connect, relay;
 //! * [`admin`] — `/metrics`, `/healthz`, GET and PUT `/table`;
+//! * [`udp`] — UDP virtual servers: per-client sessions on self-source ports;
 //! * [`config`] — `tmd`'s configuration.
 //!
-//! Still to come (issue 4): UDP virtual servers, DNAT-only mode and table
-//! transitions (`/transition`).
+//! Still to come (issue 4): DNAT-only mode and table transitions (`/transition`).
 #![deny(missing_docs)]
 
 pub mod admin;
@@ -23,3 +23,4 @@ pub mod health;
 pub mod persist;
 pub mod proxy;
 pub mod snat;
+pub mod udp;

@@ -587,3 +587,96 @@ fn persistence_keeps_a_client_on_its_server() {
     );
     stop(tmd);
 }
+
+#[test]
+fn udp_sessions_use_self_source_ports_and_end_when_idle() {
+    let t = table();
+    let server_sock = std::net::UdpSocket::bind((ip("127.0.0.28"), 0)).expect("udp server");
+    let server = server_sock.local_addr().expect("addr");
+    let seen: Arc<Mutex<Vec<SocketAddr>>> = Arc::new(Mutex::new(Vec::new()));
+    {
+        let seen = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = server_sock.recv_from(&mut buf) {
+                seen.lock().expect("lock").push(from);
+                let _ = server_sock.send_to(&buf[..n], from);
+            }
+        });
+    }
+    let vip = std::net::UdpSocket::bind((ip("127.0.0.15"), 0))
+        .and_then(|s| s.local_addr())
+        .expect("free udp port");
+    let dir = std::env::temp_dir().join(format!("tmd-udp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    allocation::file::save(dir.join("table.toml"), &t).expect("table");
+    std::fs::write(
+        dir.join("tmd.toml"),
+        format!(
+            "tm_id = {TM_ID}\ntable = \"table.toml\"\nsnat_addresses = [\"127.0.0.30\"]\ndrain_timeout_ms = 2000\n\n\
+             [[pool]]\nname = \"dns\"\nservers = [{{ address = \"{server}\" }}]\n\n\
+             [[virtual_server]]\nname = \"dns\"\nprotocol = \"udp\"\nlisten = \"{vip}\"\npool = \"dns\"\nidle_timeout_ms = 300\n\n\
+             [admin]\nlisten = \"127.0.0.1:{}\"\n",
+            free_vip("127.0.0.1").port()
+        ),
+    )
+    .expect("config");
+    let child = Command::new(env!("CARGO_BIN_EXE_tmd"))
+        .args(["run", "--config"])
+        .arg(dir.join("tmd.toml"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tmd");
+    let tmd = Tmd {
+        child,
+        dir,
+        admin: 0,
+    };
+    let ask = |c: &std::net::UdpSocket, msg: &[u8]| -> bool {
+        let _ = c.send_to(msg, vip);
+        let mut buf = [0u8; 2048];
+        matches!(c.recv_from(&mut buf), Ok((n, from)) if &buf[..n] == msg && from == vip)
+    };
+    let client = std::net::UdpSocket::bind((ip("127.0.0.1"), 0)).expect("client");
+    client
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ask(&client, b"ready?") {
+        assert!(Instant::now() < deadline, "tmd did not answer");
+    }
+    for i in 0..5u8 {
+        assert!(ask(&client, &[b'q', i]), "datagram {i} relayed both ways");
+    }
+    let first: Vec<SocketAddr> = seen.lock().expect("lock").clone();
+    let session = *first.last().expect("seen");
+    assert!(
+        first.iter().rev().take(5).all(|&p| p == session),
+        "one session, one self-source port: {first:?}"
+    );
+    let home = |p: SocketAddr| {
+        let flow = Flow::with_ports(proto::UDP, server.ip(), server.port(), p.ip(), p.port());
+        p.ip() == ip("127.0.0.30")
+            && p.port() > server.port()
+            && t.steer(&flow).tm == t.tm_index_by_id(TM_ID).expect("tm")
+    };
+    assert!(home(session), "{session}");
+    // Another client: its own session.
+    let other = std::net::UdpSocket::bind((ip("127.0.0.1"), 0)).expect("client");
+    other
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    assert!(ask(&other, b"other"));
+    let second = *seen.lock().expect("lock").last().expect("seen");
+    assert_ne!(second, session);
+    assert!(home(second));
+    // Idle past the timeout: the session ends; the next datagram opens a new one on another port.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(ask(&client, b"again"));
+    let third = *seen.lock().expect("lock").last().expect("seen");
+    assert_ne!(third, session, "a new session after the idle timeout");
+    assert!(home(third));
+    stop(tmd);
+}

@@ -119,7 +119,6 @@ fn run(path: &Path) -> Result<()> {
         let mut servers = Vec::new();
         for v in &cfg.virtual_servers {
             let pool = pools.iter().find(|p| p.name == v.pool).cloned().ok_or_else(|| anyhow!("virtual_server {}: no pool {}", v.name, v.pool))?;
-            let listener = tokio::net::TcpListener::bind(v.listen).await.with_context(|| format!("virtual_server {}: cannot listen on {}", v.name, v.listen))?;
             let vs = Arc::new(VirtualServer {
                 name: v.name.clone(),
                 pool,
@@ -130,8 +129,18 @@ fn run(path: &Path) -> Result<()> {
                 persistence: v.persistence.map(tm_node::persist::Affinity::new),
                 stats: VsStats::default(),
             });
-            log::info!("virtual server {} on {} → pool {}", v.name, v.listen, v.pool);
-            tokio::spawn(proxy::serve(Arc::clone(&vs), listener, stop_rx.clone()));
+            log::info!("virtual server {} on {} ({:?}) → pool {}", v.name, v.listen, v.protocol, v.pool);
+            let fail = || format!("virtual_server {}: cannot listen on {}", v.name, v.listen);
+            match v.protocol {
+                tm_node::config::Protocol::Tcp => {
+                    let listener = tokio::net::TcpListener::bind(v.listen).await.with_context(fail)?;
+                    tokio::spawn(proxy::serve(Arc::clone(&vs), listener, stop_rx.clone()));
+                }
+                tm_node::config::Protocol::Udp => {
+                    let socket = tokio::net::UdpSocket::bind(v.listen).await.with_context(fail)?;
+                    tokio::spawn(tm_node::udp::serve(Arc::clone(&vs), socket, stop_rx.clone()));
+                }
+            }
             servers.push(vs);
         }
         let admin_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

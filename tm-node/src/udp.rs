@@ -1,0 +1,192 @@
+//! UDP virtual servers: per-client sessions, each with its own server-side socket on a self-source port, ended after an idle timeout.
+//!
+//! The first datagram from a client picks a server and leases a
+//! self-source port above the server's port; a socket bound to (SNAT
+//! address, port) and connected to the server carries the session both
+//! ways. Replies from the server steer back to this TM like TCP ones. A
+//! session idle for the timeout is ended: its socket closes and its port
+//! goes back.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::proxy::VirtualServer;
+use crate::snat::{ConnectError, Lease, MAX_PORT_RETRIES};
+
+/// Largest datagram relayed.
+pub const MAX_DATAGRAM: usize = 65_535;
+
+struct Session {
+    upstream: Arc<UdpSocket>,
+    server: usize,
+    last: Arc<Mutex<Instant>>,
+    reader: tokio::task::JoinHandle<()>,
+    _lease: Lease,
+}
+
+/// Binds a UDP socket to a leased self-source port and connects it to `server`.
+async fn connect_udp(
+    vs: &VirtualServer,
+    server: SocketAddr,
+) -> Result<(UdpSocket, Lease), ConnectError> {
+    for _ in 0..MAX_PORT_RETRIES {
+        let lease = vs.snat.lease(server.is_ipv4(), server.port())?;
+        let sock = match UdpSocket::bind(SocketAddr::new(lease.addr, lease.port)).await {
+            Ok(s) => s,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::AddrInUse | io::ErrorKind::AddrNotAvailable
+                ) =>
+            {
+                continue
+            }
+            Err(error) => return Err(ConnectError::Failed { server, error }),
+        };
+        sock.connect(server)
+            .await
+            .map_err(|error| ConnectError::Failed { server, error })?;
+        return Ok((sock, lease));
+    }
+    Err(ConnectError::Busy(MAX_PORT_RETRIES, server))
+}
+
+/// Serves a UDP virtual server on `socket` until `stop` turns true.
+pub async fn serve(vs: Arc<VirtualServer>, socket: UdpSocket, mut stop: watch::Receiver<bool>) {
+    let socket = Arc::new(socket);
+    let mut sessions: HashMap<SocketAddr, Session> = HashMap::new();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut sweep = tokio::time::interval(
+        vs.idle_timeout
+            .min(Duration::from_secs(1))
+            .max(Duration::from_millis(10)),
+    );
+    loop {
+        tokio::select! {
+            r = socket.recv_from(&mut buf) => {
+                let (n, client) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        log::warn!("{}: receive: {e}", vs.name);
+                        continue;
+                    }
+                };
+                if !sessions.contains_key(&client) {
+                    match open(&vs, &socket, client).await {
+                        Some(s) => {
+                            sessions.insert(client, s);
+                        }
+                        None => continue,
+                    }
+                }
+                if let Some(s) = sessions.get(&client) {
+                    *s.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                    match s.upstream.send(&buf[..n]).await {
+                        Ok(_) => {
+                            vs.stats.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(e) => log::debug!("{}: to server: {e}", vs.name),
+                    }
+                }
+            }
+            _ = sweep.tick() => {
+                let now = Instant::now();
+                let idle = vs.idle_timeout;
+                let expired: Vec<SocketAddr> = sessions
+                    .iter()
+                    .filter(|(_, s)| now.duration_since(*s.last.lock().unwrap_or_else(|p| p.into_inner())) >= idle)
+                    .map(|(c, _)| *c)
+                    .collect();
+                for c in expired {
+                    if let Some(s) = sessions.remove(&c) {
+                        close(&vs, s);
+                    }
+                }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    for (_, s) in sessions.drain() {
+        close(&vs, s);
+    }
+}
+
+/// A new session for `client`, or `None` (refused, counted, logged).
+async fn open(
+    vs: &Arc<VirtualServer>,
+    socket: &Arc<UdpSocket>,
+    client: SocketAddr,
+) -> Option<Session> {
+    let st = &vs.stats;
+    if st.active.load(Ordering::Acquire) >= vs.max_connections {
+        st.refused_limit.fetch_add(1, Ordering::Relaxed);
+        return None;
+    }
+    let Some(i) = vs.pool.acquire(client.ip()) else {
+        st.refused_no_server.fetch_add(1, Ordering::Relaxed);
+        log::warn!(
+            "{}: refusing {client}: no server of pool '{}' is up",
+            vs.name,
+            vs.pool.name
+        );
+        return None;
+    };
+    let server = vs.pool.servers[i];
+    let (upstream, lease) = match connect_udp(vs, server).await {
+        Ok(x) => x,
+        Err(e) => {
+            match e {
+                ConnectError::Exhausted(_)
+                | ConnectError::Busy(..)
+                | ConnectError::NoAddress(_) => st.refused_ports.fetch_add(1, Ordering::Relaxed),
+                _ => st.connect_failed.fetch_add(1, Ordering::Relaxed),
+            };
+            log::warn!("{}: refusing {client}: {e}", vs.name);
+            vs.pool.release(i);
+            return None;
+        }
+    };
+    st.active.fetch_add(1, Ordering::AcqRel);
+    st.total.fetch_add(1, Ordering::Relaxed);
+    let upstream = Arc::new(upstream);
+    let last = Arc::new(Mutex::new(Instant::now()));
+    let reader = {
+        let (up, down, last, vs) = (
+            Arc::clone(&upstream),
+            Arc::clone(socket),
+            Arc::clone(&last),
+            Arc::clone(vs),
+        );
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            while let Ok(n) = up.recv(&mut buf).await {
+                *last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                if down.send_to(&buf[..n], client).await.is_ok() {
+                    vs.stats.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    Some(Session {
+        upstream,
+        server: i,
+        last,
+        reader,
+        _lease: lease,
+    })
+}
+
+fn close(vs: &VirtualServer, s: Session) {
+    s.reader.abort();
+    vs.pool.release(s.server);
+    vs.stats.active.fetch_sub(1, Ordering::AcqRel);
+    // The lease is dropped with the session: the port goes back.
+}
