@@ -7,6 +7,7 @@
 //! session idle for the timeout is ended: its socket closes and its port
 //! goes back.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
@@ -79,22 +80,19 @@ pub async fn serve(vs: Arc<VirtualServer>, socket: UdpSocket, mut stop: watch::R
                         continue;
                     }
                 };
-                if !sessions.contains_key(&client) {
-                    match open(&vs, &socket, client).await {
-                        Some(s) => {
-                            sessions.insert(client, s);
-                        }
+                let s = match sessions.entry(client) {
+                    Entry::Occupied(o) => o.into_mut(),
+                    Entry::Vacant(v) => match open(&vs, &socket, client).await {
+                        Some(s) => v.insert(s),
                         None => continue,
+                    },
+                };
+                *s.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                match s.upstream.send(&buf[..n]).await {
+                    Ok(_) => {
+                        vs.stats.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
                     }
-                }
-                if let Some(s) = sessions.get(&client) {
-                    *s.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-                    match s.upstream.send(&buf[..n]).await {
-                        Ok(_) => {
-                            vs.stats.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
-                        }
-                        Err(e) => log::debug!("{}: to server: {e}", vs.name),
-                    }
+                    Err(e) => log::debug!("{}: to server: {e}", vs.name),
                 }
             }
             _ = sweep.tick() => {
