@@ -202,6 +202,9 @@ pub enum PortError {
     /// The TM index is not in the table.
     #[error("no traffic manager with index {0}")]
     NoSuchTm(usize),
+    /// This node's TM id is not in the table.
+    #[error("TM id {0} is not in the table")]
+    NotInTable(u32),
     /// Self-port tables for different addresses or TMs were combined.
     #[error("self-port sets for different (address, TM) pairs cannot be combined")]
     Mismatch,

@@ -138,9 +138,12 @@ impl SelfPorts {
     }
 
     /// The ports valid under both `self` and `other` (the dual-table mode of
-    /// a transition: valid under the current and the next table).
+    /// a transition: valid under the current and the next table). The two
+    /// sets are for the same address and the same node; the node's index
+    /// may differ between two tables (indexes shift when a TM is removed),
+    /// so only the address must match. The result keeps `self`'s index.
     pub fn intersect(&self, other: &SelfPorts) -> Result<SelfPorts, PortError> {
-        if self.addr != other.addr || self.tm != other.tm {
+        if self.addr != other.addr {
             return Err(PortError::Mismatch);
         }
         let mut bits = self.bits.clone();
@@ -319,6 +322,15 @@ impl PortAllocator {
         self.used[usize::from(port) / 64] & (1 << (port % 64)) != 0
     }
 
+    /// The ports in use, ascending (a scan of the bitmap: control path).
+    pub fn used_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.used.iter().enumerate().flat_map(|(w, &bits)| {
+            (0..64u32)
+                .filter(move |b| bits & (1u64 << b) != 0)
+                .map(move |b| (w as u32 * 64 + b) as u16)
+        })
+    }
+
     /// Ports in use.
     pub fn in_use(&self) -> usize {
         self.in_use as usize
@@ -356,22 +368,27 @@ impl SnatAllocator {
         Ok(SnatAllocator { tm, pools })
     }
 
-    /// Switches every address to the ports valid under `table` (or, with
-    /// `next`, valid under both `table` and `next`: a transition's prepare
-    /// phase). Ports in use stay reserved.
+    /// Switches every address to the ports valid under `table` for this
+    /// node, which is TM index `tm` there (or, with `next` = (table, this
+    /// node's index there), valid under both: a transition's prepare
+    /// phase). Indexes are per table — they shift when a TM is removed —
+    /// so the caller resolves them from the node's stable TM id. Ports in
+    /// use stay reserved.
     pub fn retable(
         &mut self,
         table: &AllocationTable,
-        next: Option<&AllocationTable>,
+        tm: TmIndex,
+        next: Option<(&AllocationTable, TmIndex)>,
         range: PortRange,
     ) -> Result<(), PortError> {
         for pool in self.pools.iter_mut() {
-            let mut ports = SelfPorts::build(table, pool.addr, self.tm, range)?;
-            if let Some(n) = next {
-                ports = ports.intersect(&SelfPorts::build(n, pool.addr, self.tm, range)?)?;
+            let mut ports = SelfPorts::build(table, pool.addr, tm, range)?;
+            if let Some((n, tm_next)) = next {
+                ports = ports.intersect(&SelfPorts::build(n, pool.addr, tm_next, range)?)?;
             }
             pool.set_ports(&ports);
         }
+        self.tm = tm;
         Ok(())
     }
 
@@ -471,6 +488,51 @@ mod test {
         );
     }
 
+    /// Removing a TM listed before this node shifts its index (3 → 2):
+    /// retabling with the node's index in the new table keeps every port
+    /// steering home; with the old index, ports would belong to another TM.
+    #[test]
+    fn retable_follows_the_node_when_indexes_shift() {
+        let t = uniform(4);
+        let next = t.remove_tm(0).expect("remove").table;
+        let (old_i, new_i) = (
+            t.tm_index_by_id(3).expect("id 3"),
+            next.tm_index_by_id(3).expect("id 3"),
+        );
+        assert_eq!((old_i, new_i), (3, 2));
+        let a = ip("10.1.0.1");
+        let mut s = SnatAllocator::new(&t, old_i, &[a], PortRange::ALL).expect("snat");
+        s.retable(&next, new_i, None, PortRange::ALL)
+            .expect("retable");
+        for _ in 0..500 {
+            let (addr, p) = s.allocate(80).expect("port");
+            let reply = Flow::with_ports(proto::TCP, ip("198.51.100.1"), 80, addr, p);
+            assert_eq!(
+                next.steer(&reply).tm,
+                new_i,
+                "port {p} must steer to TM id 3 under the new table"
+            );
+        }
+        // Dual-table mode across the shift: valid for id 3 under both tables.
+        s.retable(&t, old_i, Some((&next, new_i)), PortRange::ALL)
+            .expect("retable");
+        for _ in 0..200 {
+            let (addr, p) = s.allocate(80).expect("port");
+            let reply = Flow::with_ports(proto::TCP, ip("198.51.100.1"), 80, addr, p);
+            assert_eq!(t.steer(&reply).tm, old_i);
+            assert_eq!(next.steer(&reply).tm, new_i);
+        }
+    }
+
+    #[test]
+    fn used_ports_are_listed() {
+        let t = uniform(2);
+        let ports = SelfPorts::build(&t, ip("10.1.0.1"), 0, PortRange::ALL).expect("ports");
+        let mut a = PortAllocator::new(&ports);
+        let got: Vec<u16> = (0..5).map(|_| a.allocate(1023).expect("port")).collect();
+        assert_eq!(a.used_ports().collect::<Vec<_>>(), got);
+    }
+
     #[test]
     fn released_ports_are_reused_last() {
         let t = uniform(2);
@@ -531,7 +593,8 @@ mod test {
         let a = ip("10.1.0.1");
         let mut s = SnatAllocator::new(&t, 5, &[a], PortRange::ALL).expect("snat");
         let held = s.allocate(80).expect("port");
-        s.retable(&t, Some(&next), PortRange::ALL).expect("retable");
+        s.retable(&t, 5, Some((&next, 5)), PortRange::ALL)
+            .expect("retable");
         assert!(s.pools()[0].is_used(held.1), "live ports stay reserved");
         for _ in 0..2000 {
             let (addr, p) = s.allocate(80).expect("port");

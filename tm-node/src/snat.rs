@@ -48,7 +48,7 @@ pub enum ConnectError {
 /// The self-source port allocators of one node: one per address family.
 #[derive(Debug)]
 pub struct Snat {
-    tm: TmIndex,
+    tm_id: u32,
     range: PortRange,
     v4: Option<Mutex<SnatAllocator>>,
     v6: Option<Mutex<SnatAllocator>>,
@@ -88,17 +88,18 @@ impl Snat {
                 )?)))
             }
         };
+        let tm_id = table.tm(tm).map_or(u32::MAX, |t| t.id);
         Ok(Snat {
-            tm,
+            tm_id,
             range,
             v4: build(&v4)?,
             v6: build(&v6)?,
         })
     }
 
-    /// The TM index the ports steer to.
-    pub fn tm(&self) -> TmIndex {
-        self.tm
+    /// This node's TM id (stable across tables).
+    pub fn tm_id(&self) -> u32 {
+        self.tm_id
     }
 
     fn family(&self, v4: bool) -> Result<&Mutex<SnatAllocator>, ConnectError> {
@@ -131,19 +132,58 @@ impl Snat {
     }
 
     /// Recomputes the self-port tables for a new table (and, during a
-    /// transition, only ports valid under both); leased ports stay reserved.
+    /// transition, only ports valid under both); leased ports stay
+    /// reserved. This node is found in each table by its TM id — never by
+    /// index, which shifts when a TM is removed.
     pub fn retable(
         &self,
         table: &AllocationTable,
         next: Option<&AllocationTable>,
     ) -> Result<(), PortError> {
+        let tm = table
+            .tm_index_by_id(self.tm_id)
+            .ok_or(PortError::NotInTable(self.tm_id))?;
+        let next = match next {
+            Some(n) => Some((
+                n,
+                n.tm_index_by_id(self.tm_id)
+                    .ok_or(PortError::NotInTable(self.tm_id))?,
+            )),
+            None => None,
+        };
         for alloc in [&self.v4, &self.v6].into_iter().flatten() {
             alloc
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .retable(table, next, self.range)?;
+                .retable(table, tm, next, self.range)?;
         }
         Ok(())
+    }
+
+    /// Ports in use whose replies would not steer to this TM under `next`:
+    /// the open connections living in buckets a transition moves away.
+    pub fn in_use_moving(&self, next: &AllocationTable) -> usize {
+        let Some(tm) = next.tm_index_by_id(self.tm_id) else {
+            return self.usage().iter().map(|u| u.1).sum();
+        };
+        [&self.v4, &self.v6]
+            .into_iter()
+            .flatten()
+            .map(|m| {
+                let a = m.lock().unwrap_or_else(|p| p.into_inner());
+                a.pools()
+                    .iter()
+                    .map(
+                        |p| match allocation::SelfPorts::build(next, p.addr(), tm, self.range) {
+                            Ok(valid) => {
+                                p.used_ports().filter(|&port| !valid.contains(port)).count()
+                            }
+                            Err(_) => p.in_use(),
+                        },
+                    )
+                    .sum::<usize>()
+            })
+            .sum()
     }
 
     /// (address, ports in use, ports free) per SNAT address.
@@ -201,4 +241,67 @@ pub async fn connect(
         }
     }
     Err(ConnectError::Busy(MAX_PORT_RETRIES, server))
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use allocation::rules::proto;
+    use allocation::{Flow, GroupSpec, HashKey, MacAddr, Profile, Tm};
+
+    fn table() -> AllocationTable {
+        let tms = (0..4)
+            .map(|i| Tm {
+                id: i,
+                name: format!("tm{i}"),
+                mac: MacAddr([2, 0, 0, 0, 0, i as u8 + 1]),
+                weight: 1,
+                group: 0,
+            })
+            .collect();
+        AllocationTable::new(
+            1,
+            HashKey::from_bytes([1; 16]),
+            tms,
+            vec![GroupSpec::default_group(Profile::Uniform)],
+        )
+        .expect("table")
+    }
+
+    #[test]
+    fn a_node_is_found_by_id_in_every_table() {
+        let t = table();
+        let snat = Arc::new(
+            Snat::new(
+                &t,
+                3,
+                &["10.1.0.1".parse().expect("addr")],
+                PortRange {
+                    lo: 1024,
+                    hi: 65535,
+                },
+            )
+            .expect("snat"),
+        );
+        let next = t.remove_tm(0).expect("remove").table.with_version(2);
+        snat.retable(&next, None).expect("retable");
+        let me = next.tm_index_by_id(3).expect("id 3");
+        for _ in 0..300 {
+            let lease = snat.lease(true, 80).expect("lease");
+            let reply = Flow::with_ports(
+                proto::TCP,
+                "198.51.100.1".parse().expect("addr"),
+                80,
+                lease.addr,
+                lease.port,
+            );
+            assert_eq!(next.steer(&reply).tm, me);
+        }
+        // A table without this node is refused.
+        let without = next.remove_tm(me).expect("remove").table;
+        assert!(matches!(
+            snat.retable(&without, None),
+            Err(PortError::NotInTable(3))
+        ));
+    }
 }
