@@ -1,4 +1,4 @@
-//! tmd's admin endpoint: /metrics (Prometheus text), /healthz, GET and PUT /table; a bearer token whenever one is configured.
+//! tmd's admin endpoint: /metrics (Prometheus text), /healthz, GET and PUT /table, /transition; a bearer token whenever one is configured.
 //!
 //! A table PUT recomputes the self-source port tables for the new table;
 //! ports held by open connections stay reserved until those connections
@@ -55,6 +55,8 @@ pub struct AdminState {
     pub tm_id: u32,
     /// The running table.
     pub table: Mutex<Arc<AllocationTable>>,
+    /// The next table while a transition is prepared.
+    pub next: Mutex<Option<Arc<AllocationTable>>>,
     /// Self-source ports.
     pub snat: Arc<Snat>,
     /// Virtual servers.
@@ -110,8 +112,12 @@ fn handle(mut req: Request, state: &AdminState) {
             ),
             (Method::Get, "/table") => text(200, allocation::file::render(&current(state))),
             (Method::Put, "/table") => put_table(&mut req, state),
+            (Method::Get, "/transition") => text(200, transition_state(state)),
+            (Method::Post, "/transition/prepare") => prepare(&mut req, state),
+            (Method::Post, "/transition/commit") => finish(state, true),
+            (Method::Post, "/transition/abort") => finish(state, false),
             (_, "/metrics" | "/healthz" | "/table") => text(405, "method not allowed"),
-            _ => text(404, "not found: /metrics, /healthz, /table"),
+            _ => text(404, "not found: /metrics, /healthz, /table, /transition, /transition/{prepare,commit,abort}"),
         }
     };
     if let Err(e) = req.respond(reply) {
@@ -123,26 +129,44 @@ fn current(state: &AdminState) -> Arc<AllocationTable> {
     Arc::clone(&state.table.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
-fn put_table(req: &mut Request, state: &AdminState) -> Reply {
+/// The table in a request body, checked to be a valid table that lists this node.
+fn body_table(req: &mut Request, state: &AdminState) -> Result<AllocationTable, Reply> {
     let mut body = String::new();
     let limit = allocation::file::MAX_FILE_BYTES;
     if let Err(e) = req.as_reader().take(limit + 1).read_to_string(&mut body) {
-        return text(400, format!("table rejected: unreadable body: {e}"));
+        return Err(text(400, format!("table rejected: unreadable body: {e}")));
     }
     if body.len() as u64 > limit {
-        return text(413, "table rejected: too large");
+        return Err(text(413, "table rejected: too large"));
     }
-    let table = match allocation::file::parse(&body) {
-        Ok(t) => t,
-        Err(e) => return text(400, format!("table rejected: {e}")),
-    };
+    let table =
+        allocation::file::parse(&body).map_err(|e| text(400, format!("table rejected: {e}")))?;
     if table.tm_index_by_id(state.tm_id).is_none() {
-        return text(
+        return Err(text(
             400,
             format!(
                 "table rejected: it does not list this node (TM id {})",
                 state.tm_id
             ),
+        ));
+    }
+    Ok(table)
+}
+
+fn put_table(req: &mut Request, state: &AdminState) -> Reply {
+    let table = match body_table(req, state) {
+        Ok(t) => t,
+        Err(reply) => return reply,
+    };
+    if state
+        .next
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_some()
+    {
+        return text(
+            409,
+            "table rejected: a transition is prepared (commit or abort it first)",
         );
     }
     let mut running = state.table.lock().unwrap_or_else(|p| p.into_inner());
@@ -167,6 +191,94 @@ fn put_table(req: &mut Request, state: &AdminState) -> Reply {
     let v = table.version();
     *running = Arc::new(table);
     text(200, format!("installed table version {v}"))
+}
+
+/// The transition state as JSON.
+fn transition_state(state: &AdminState) -> String {
+    let current = current(state);
+    match state.next.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        None => format!("{{\"phase\":\"idle\",\"current\":{}}}", current.version()),
+        Some(next) => format!(
+            "{{\"phase\":\"prepared\",\"current\":{},\"next\":{},\"connections_in_moved_buckets\":{}}}",
+            current.version(),
+            next.version(),
+            state.snat.in_use_moving(next)
+        ),
+    }
+}
+
+/// Prepare: from now on only ports valid under both tables are handed out;
+/// the answer counts the open connections in buckets that move away.
+fn prepare(req: &mut Request, state: &AdminState) -> Reply {
+    let table = match body_table(req, state) {
+        Ok(t) => t,
+        Err(reply) => return reply,
+    };
+    let running = current(state);
+    let mut next = state.next.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = next.as_ref() {
+        if n.version() == table.version() {
+            drop(next);
+            return text(200, transition_state(state));
+        }
+        return text(
+            409,
+            format!(
+                "a transition to version {} is already prepared",
+                n.version()
+            ),
+        );
+    }
+    if table.version() <= running.version() {
+        return text(
+            409,
+            format!(
+                "table rejected: version {} is not newer than the running version {}",
+                table.version(),
+                running.version()
+            ),
+        );
+    }
+    if let Err(e) = state.snat.retable(&running, Some(&table)) {
+        return text(400, format!("table rejected: {e}"));
+    }
+    log::info!(
+        "transition prepared: version {} → {}",
+        running.version(),
+        table.version()
+    );
+    *next = Some(Arc::new(table));
+    drop(next);
+    text(200, transition_state(state))
+}
+
+/// Commit (the next table becomes the table) or abort (back to the running one).
+fn finish(state: &AdminState, commit: bool) -> Reply {
+    let mut next = state.next.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(n) = next.take() else {
+        return text(409, "no transition is prepared");
+    };
+    let mut running = state.table.lock().unwrap_or_else(|p| p.into_inner());
+    let target = if commit {
+        Arc::clone(&n)
+    } else {
+        Arc::clone(&running)
+    };
+    if let Err(e) = state.snat.retable(&target, None) {
+        *next = Some(n);
+        return text(500, format!("transition: {e}"));
+    }
+    log::info!(
+        "transition {}: version {} prepared, running version now {}",
+        if commit { "committed" } else { "aborted" },
+        n.version(),
+        target.version()
+    );
+    *running = target;
+    let v = running.version();
+    drop(running);
+    drop(next);
+    text(200, format!("{{\"phase\":\"idle\",\"current\":{v}}}"))
 }
 
 fn metrics(state: &AdminState) -> Result<Reply, prometheus::Error> {
@@ -268,6 +380,23 @@ fn metrics(state: &AdminState) -> Result<Reply, prometheus::Error> {
     }
     let version = IntGauge::new("tmd_table_version", "Version of the running table")?;
     version.set(current(state).version() as i64);
+    let prepared = IntGauge::new(
+        "tmd_transition_prepared",
+        "1 while a transition is prepared",
+    )?;
+    let moving = IntGauge::new(
+        "tmd_connections_in_moved_buckets",
+        "Open connections in buckets the prepared transition moves away",
+    )?;
+    if let Some(n) = state
+        .next
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+    {
+        prepared.set(1);
+        moving.set(state.snat.in_use_moving(n) as i64);
+    }
     for c in [
         Box::new(conns) as Box<dyn prometheus::core::Collector>,
         Box::new(active),
@@ -277,6 +406,8 @@ fn metrics(state: &AdminState) -> Result<Reply, prometheus::Error> {
         Box::new(server_up),
         Box::new(ports),
         Box::new(version),
+        Box::new(prepared),
+        Box::new(moving),
     ] {
         r.register(c)?;
     }

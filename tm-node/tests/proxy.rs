@@ -680,3 +680,121 @@ fn udp_sessions_use_self_source_ports_and_end_when_idle() {
     assert!(home(third));
     stop(tmd);
 }
+
+#[test]
+fn a_transition_prepares_dual_table_ports_counts_moving_connections_and_commits() {
+    let t = table();
+    let (server, peers) = echo_server(ip("127.0.0.29"));
+    let vip = free_vip("127.0.0.16");
+    let tmd = start_tmd("transition", vip, &[server], "1024-65535");
+    let admin = tmd.admin;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", admin)).is_err() {
+        assert!(Instant::now() < deadline, "no admin endpoint");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut open = TcpStream::connect(vip).expect("connect");
+    open.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut buf = [0u8; 2];
+    open.write_all(b"a\n").expect("write");
+    open.read_exact(&mut buf).expect("echo");
+    assert_eq!(
+        http(admin, "GET", "/transition", "").1.trim(),
+        "{\"phase\":\"idle\",\"current\":1}"
+    );
+
+    // Drain this TM: in the next table it owns no bucket.
+    let me = t.tm_index_by_id(TM_ID).expect("tm");
+    let drained = t.failover(&[me]).expect("failover").table.with_version(2);
+    let (code, body) = http(
+        admin,
+        "POST",
+        "/transition/prepare",
+        &allocation::file::render(&drained),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("\"connections_in_moved_buckets\":1"),
+        "the open connection lives in a moved bucket: {body}"
+    );
+    assert_eq!(
+        http(admin, "PUT", "/table", &allocation::file::render(&drained)).0,
+        409,
+        "no PUT during a transition"
+    );
+    assert!(
+        !exchange(vip),
+        "no port is valid under both tables: new connections are refused"
+    );
+    open.write_all(b"b\n").expect("write during the transition");
+    open.read_exact(&mut buf)
+        .expect("the open connection still works");
+    let m = http(admin, "GET", "/metrics", "").1;
+    assert_eq!(metric(&m, "tmd_transition_prepared"), 1);
+    assert!(
+        metric(&m, "tmd_refused_total{reason=\"no_port\",vs=\"web\"}") >= 1,
+        "{m}"
+    );
+
+    // Abort: back to the running table, new connections work again.
+    assert_eq!(http(admin, "POST", "/transition/abort", "").0, 200);
+    assert_eq!(
+        http(admin, "POST", "/transition/commit", "").0,
+        409,
+        "nothing prepared"
+    );
+    assert!(exchange(vip));
+
+    // Prepare and commit a rebalance: afterwards new connections steer home under it.
+    let next = t
+        .rebalance(
+            0,
+            &Profile::Gaussian {
+                mean: None,
+                sigma: None,
+            },
+        )
+        .expect("rebalance")
+        .table
+        .with_version(3);
+    let (code, body) = http(
+        admin,
+        "POST",
+        "/transition/prepare",
+        &allocation::file::render(&next),
+    );
+    assert_eq!(code, 200, "{body}");
+    // During the transition, new connections get ports valid under both tables.
+    peers.lock().expect("lock").clear();
+    for _ in 0..10 {
+        assert!(exchange(vip));
+    }
+    let home = |tab: &AllocationTable, peer: SocketAddr| {
+        let flow = Flow::with_ports(
+            proto::TCP,
+            server.ip(),
+            server.port(),
+            peer.ip(),
+            peer.port(),
+        );
+        tab.steer(&flow).tm == tab.tm_index_by_id(TM_ID).expect("tm")
+    };
+    for &p in peers.lock().expect("lock").iter() {
+        assert!(home(&t, p) && home(&next, p), "{p} valid under both tables");
+    }
+    assert_eq!(
+        http(admin, "POST", "/transition/commit", "").1.trim(),
+        "{\"phase\":\"idle\",\"current\":3}"
+    );
+    assert_eq!(
+        http(admin, "GET", "/table", "").1.trim_end(),
+        allocation::file::render(&next).trim_end()
+    );
+    open.write_all(b"c\n").expect("write after the commit");
+    open.read_exact(&mut buf)
+        .expect("still open after the commit");
+    drop(open);
+    stop(tmd);
+}

@@ -148,6 +148,7 @@ fn run(path: &Path) -> Result<()> {
         let admin_state = Arc::new(tm_node::admin::AdminState {
             tm_id: cfg.tm_id,
             table: std::sync::Mutex::new(Arc::new(table)),
+            next: std::sync::Mutex::new(None),
             snat: Arc::clone(&snat),
             servers: servers.clone(),
             token: cfg.admin.token.clone(),
