@@ -145,6 +145,10 @@ pub struct NodeConfig {
     /// Drain deadline on SIGTERM, ms.
     #[serde(default = "drain_ms")]
     pub drain_timeout_ms: u64,
+    /// Worker threads, each with its own runtime and SO_REUSEPORT listeners
+    /// (default: one per CPU).
+    #[serde(default)]
+    pub workers: Option<usize>,
     /// Pools.
     #[serde(rename = "pool")]
     pub pools: Vec<PoolConfig>,
@@ -187,6 +191,9 @@ impl NodeConfig {
                     self.admin.listen
                 ),
             ));
+        }
+        if self.workers.is_some_and(|w| w == 0 || w > 1024) {
+            return Err(invalid("workers", "must be 1 to 1024"));
         }
         if self.snat_addresses.is_empty() {
             return Err(invalid(

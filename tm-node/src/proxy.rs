@@ -168,6 +168,21 @@ pub struct VirtualServer {
     pub stats: VsStats,
 }
 
+/// A listener on `addr` with SO_REUSEADDR and SO_REUSEPORT, so that every
+/// worker thread can have its own (the kernel spreads connections). Call it
+/// inside the runtime that will serve it.
+pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.set_reuseport(true)?;
+    sock.bind(addr)?;
+    sock.listen(1024)
+}
+
 /// Accepts connections until `stop` turns true; each is handled on its own task.
 pub async fn serve(vs: Arc<VirtualServer>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     loop {

@@ -103,12 +103,115 @@ fn run(path: &Path) -> Result<()> {
             ))
         })
         .collect();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // Virtual servers are shared by every worker thread (atomics and one lock per connection).
+    let mut servers = Vec::new();
+    for v in &cfg.virtual_servers {
+        let pool = pools
+            .iter()
+            .find(|p| p.name == v.pool)
+            .cloned()
+            .ok_or_else(|| anyhow!("virtual_server {}: no pool {}", v.name, v.pool))?;
+        servers.push(Arc::new(VirtualServer {
+            name: v.name.clone(),
+            pool,
+            snat: Arc::clone(&snat),
+            max_connections: v.max_connections,
+            connect_timeout: Duration::from_millis(v.connect_timeout_ms),
+            idle_timeout: Duration::from_millis(v.idle_timeout_ms),
+            persistence: v.persistence.map(tm_node::persist::Affinity::new),
+            stats: VsStats::default(),
+        }));
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false); // stop accepting
+    let (exit_tx, exit_rx) = tokio::sync::watch::channel(false); // end the worker runtimes
+    let workers = cfg
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let tcp: Vec<(Arc<VirtualServer>, std::net::SocketAddr)> = cfg
+        .virtual_servers
+        .iter()
+        .zip(&servers)
+        .filter(|(v, _)| v.protocol == tm_node::config::Protocol::Tcp)
+        .map(|(v, vs)| (Arc::clone(vs), v.listen))
+        .collect();
+    // One single-threaded runtime per worker, each with its own SO_REUSEPORT
+    // listener per TCP virtual server: the kernel spreads connections, and a
+    // connection's tasks never wake on another thread.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let mut worker_threads = Vec::new();
+    for w in 0..workers {
+        let (tcp, stop_rx, mut exit_rx, ready_tx) = (
+            tcp.clone(),
+            stop_rx.clone(),
+            exit_rx.clone(),
+            ready_tx.clone(),
+        );
+        worker_threads.push(
+            std::thread::Builder::new()
+                .name(format!("tmd-worker-{w}"))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(format!("worker {w}: runtime: {e}")));
+                            return;
+                        }
+                    };
+                    rt.block_on(async move {
+                        for (vs, addr) in tcp {
+                            match tm_node::proxy::reuseport_listener(addr) {
+                                Ok(l) => {
+                                    tokio::spawn(proxy::serve(vs, l, stop_rx.clone()));
+                                }
+                                Err(e) => {
+                                    let _ = ready_tx.send(Err(format!(
+                                        "virtual_server {}: cannot listen on {addr}: {e}",
+                                        vs.name
+                                    )));
+                                    return;
+                                }
+                            }
+                        }
+                        let _ = ready_tx.send(Ok(()));
+                        let _ = exit_rx.changed().await;
+                    });
+                })?,
+        );
+    }
+    drop(ready_tx);
+    let mut startup: Result<()> = Ok(());
+    for _ in 0..workers {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => startup = Err(anyhow!(e)),
+            Err(_) => startup = Err(anyhow!("a worker thread ended during startup")),
+        }
+    }
+    if let Err(e) = startup {
+        let _ = exit_tx.send(true);
+        for t in worker_threads {
+            let _ = t.join();
+        }
+        return Err(e);
+    }
+    for (v, vs) in cfg.virtual_servers.iter().zip(&servers) {
+        log::info!(
+            "virtual server {} on {} ({:?}) → pool {}",
+            vs.name,
+            v.listen,
+            v.protocol,
+            v.pool
+        );
+    }
+    log::info!("{workers} worker thread(s)");
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(async move {
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let result = runtime.block_on(async move {
         let checks_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         for (p, pool) in cfg.pools.iter().zip(&pools) {
             if let Some(h) = &p.health {
@@ -116,32 +219,11 @@ fn run(path: &Path) -> Result<()> {
                 tokio::spawn(tm_node::health::run(Arc::clone(pool), h.clone(), Arc::clone(&snat), Arc::clone(&checks_stop)));
             }
         }
-        let mut servers = Vec::new();
-        for v in &cfg.virtual_servers {
-            let pool = pools.iter().find(|p| p.name == v.pool).cloned().ok_or_else(|| anyhow!("virtual_server {}: no pool {}", v.name, v.pool))?;
-            let vs = Arc::new(VirtualServer {
-                name: v.name.clone(),
-                pool,
-                snat: Arc::clone(&snat),
-                max_connections: v.max_connections,
-                connect_timeout: Duration::from_millis(v.connect_timeout_ms),
-                idle_timeout: Duration::from_millis(v.idle_timeout_ms),
-                persistence: v.persistence.map(tm_node::persist::Affinity::new),
-                stats: VsStats::default(),
-            });
-            log::info!("virtual server {} on {} ({:?}) → pool {}", v.name, v.listen, v.protocol, v.pool);
-            let fail = || format!("virtual_server {}: cannot listen on {}", v.name, v.listen);
-            match v.protocol {
-                tm_node::config::Protocol::Tcp => {
-                    let listener = tokio::net::TcpListener::bind(v.listen).await.with_context(fail)?;
-                    tokio::spawn(proxy::serve(Arc::clone(&vs), listener, stop_rx.clone()));
-                }
-                tm_node::config::Protocol::Udp => {
-                    let socket = tokio::net::UdpSocket::bind(v.listen).await.with_context(fail)?;
-                    tokio::spawn(tm_node::udp::serve(Arc::clone(&vs), socket, stop_rx.clone()));
-                }
+        for (v, vs) in cfg.virtual_servers.iter().zip(&servers) {
+            if v.protocol == tm_node::config::Protocol::Udp {
+                let socket = tokio::net::UdpSocket::bind(v.listen).await.with_context(|| format!("virtual_server {}: cannot listen on {}", v.name, v.listen))?;
+                tokio::spawn(tm_node::udp::serve(Arc::clone(vs), socket, stop_rx.clone()));
             }
-            servers.push(vs);
         }
         let admin_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let server = tiny_http::Server::http(cfg.admin.listen).map_err(|e| anyhow!("admin.listen {}: {e}", cfg.admin.listen))?;
@@ -193,5 +275,10 @@ fn run(path: &Path) -> Result<()> {
             );
         }
         Ok::<(), anyhow::Error>(())
-    })
+    });
+    let _ = exit_tx.send(true);
+    for t in worker_threads {
+        let _ = t.join();
+    }
+    result
 }
