@@ -7,7 +7,7 @@
 use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use allocation::AllocationTable;
@@ -53,10 +53,8 @@ impl Default for AdminConfig {
 pub struct AdminState {
     /// This node's TM id.
     pub tm_id: u32,
-    /// The running table.
-    pub table: Mutex<Arc<AllocationTable>>,
-    /// The next table while a transition is prepared.
-    pub next: Mutex<Option<Arc<AllocationTable>>>,
+    /// The running and the next table (shared with the proxy).
+    pub tables: Arc<crate::tables::Tables>,
     /// Self-source ports.
     pub snat: Arc<Snat>,
     /// Virtual servers.
@@ -126,7 +124,13 @@ fn handle(mut req: Request, state: &AdminState) {
 }
 
 fn current(state: &AdminState) -> Arc<AllocationTable> {
-    Arc::clone(&state.table.lock().unwrap_or_else(|p| p.into_inner()))
+    Arc::clone(
+        &state
+            .tables
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    )
 }
 
 /// The table in a request body, checked to be a valid table that lists this node.
@@ -159,6 +163,7 @@ fn put_table(req: &mut Request, state: &AdminState) -> Reply {
         Err(reply) => return reply,
     };
     if state
+        .tables
         .next
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -169,7 +174,11 @@ fn put_table(req: &mut Request, state: &AdminState) -> Reply {
             "table rejected: a transition is prepared (commit or abort it first)",
         );
     }
-    let mut running = state.table.lock().unwrap_or_else(|p| p.into_inner());
+    let mut running = state
+        .tables
+        .current
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     if table.version() <= running.version() {
         return text(
             409,
@@ -196,7 +205,7 @@ fn put_table(req: &mut Request, state: &AdminState) -> Reply {
 /// The transition state as JSON.
 fn transition_state(state: &AdminState) -> String {
     let current = current(state);
-    match state.next.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+    match state.tables.next.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
         None => format!("{{\"phase\":\"idle\",\"current\":{}}}", current.version()),
         Some(next) => format!(
             "{{\"phase\":\"prepared\",\"current\":{},\"next\":{},\"connections_in_moved_buckets\":{}}}",
@@ -215,7 +224,7 @@ fn prepare(req: &mut Request, state: &AdminState) -> Reply {
         Err(reply) => return reply,
     };
     let running = current(state);
-    let mut next = state.next.lock().unwrap_or_else(|p| p.into_inner());
+    let mut next = state.tables.next.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(n) = next.as_ref() {
         if n.version() == table.version() {
             drop(next);
@@ -254,11 +263,15 @@ fn prepare(req: &mut Request, state: &AdminState) -> Reply {
 
 /// Commit (the next table becomes the table) or abort (back to the running one).
 fn finish(state: &AdminState, commit: bool) -> Reply {
-    let mut next = state.next.lock().unwrap_or_else(|p| p.into_inner());
+    let mut next = state.tables.next.lock().unwrap_or_else(|p| p.into_inner());
     let Some(n) = next.take() else {
         return text(409, "no transition is prepared");
     };
-    let mut running = state.table.lock().unwrap_or_else(|p| p.into_inner());
+    let mut running = state
+        .tables
+        .current
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     let target = if commit {
         Arc::clone(&n)
     } else {
@@ -389,6 +402,7 @@ fn metrics(state: &AdminState) -> Result<Reply, prometheus::Error> {
         "Open connections in buckets the prepared transition moves away",
     )?;
     if let Some(n) = state
+        .tables
         .next
         .lock()
         .unwrap_or_else(|p| p.into_inner())

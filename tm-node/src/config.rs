@@ -108,6 +108,10 @@ pub struct VirtualServerConfig {
     /// Source-address affinity.
     #[serde(default)]
     pub persistence: Option<crate::persist::PersistConfig>,
+    /// Keep the client's address toward the server (IP_TRANSPARENT) when the
+    /// server's reply steers back to this node; a self-source port otherwise.
+    #[serde(default)]
+    pub dnat_only: bool,
 }
 
 fn max_conn() -> u64 {

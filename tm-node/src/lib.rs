@@ -13,7 +13,9 @@
 //! * [`udp`] — UDP virtual servers: per-client sessions on self-source ports;
 //! * [`config`] — `tmd`'s configuration.
 //!
-//! Still to come (issue 4): DNAT-only mode and table transitions (`/transition`).
+//! DNAT-only mode keeps the client's address toward the server when the
+//! server's reply steers back to this node anyway (`proxy`), and falls back
+//! to a self-source port otherwise.
 #![deny(missing_docs)]
 
 pub mod admin;
@@ -23,4 +25,5 @@ pub mod health;
 pub mod persist;
 pub mod proxy;
 pub mod snat;
+pub mod tables;
 pub mod udp;

@@ -141,6 +141,10 @@ pub struct VsStats {
     pub refused_ports: AtomicU64,
     /// The server connection failed or timed out.
     pub connect_failed: AtomicU64,
+    /// DNAT-only: connections that kept the client's address.
+    pub dnat_kept: AtomicU64,
+    /// DNAT-only: connections that fell back to a self-source port.
+    pub dnat_fallback: AtomicU64,
     /// Bytes from clients to servers.
     pub bytes_up: AtomicU64,
     /// Bytes from servers to clients.
@@ -164,8 +168,34 @@ pub struct VirtualServer {
     pub idle_timeout: Duration,
     /// Source-address affinity, if configured.
     pub persistence: Option<crate::persist::Affinity>,
+    /// DNAT-only mode, with the tables its reply check reads.
+    pub dnat_only: Option<Arc<crate::tables::Tables>>,
     /// Counters.
     pub stats: VsStats,
+}
+
+/// Connects to `server` from the client's own address and port (DNAT-only):
+/// IP_TRANSPARENT lets the socket bind an address this host does not own
+/// (it needs CAP_NET_ADMIN; without it only local addresses bind, and the
+/// caller falls back). IPv4.
+async fn connect_transparent(
+    client: SocketAddr,
+    server: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    if let Err(e) = sock.set_ip_transparent(true) {
+        log::debug!("IP_TRANSPARENT: {e}");
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&client.into())?;
+    let std_stream: std::net::TcpStream = sock.into();
+    let tsock = tokio::net::TcpSocket::from_std_stream(std_stream);
+    tokio::time::timeout(timeout, tsock.connect(server))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
 /// A listener on `addr` with SO_REUSEADDR and SO_REUSEPORT, so that every
@@ -242,6 +272,40 @@ async fn handle(vs: Arc<VirtualServer>, client: TcpStream, peer: SocketAddr) {
         return;
     };
     let server = vs.pool.servers[i];
+    // DNAT-only: keep the client's address if the server's reply (server →
+    // client) steers back here under every table in force; otherwise, or if
+    // the transparent connect fails, a self-source port.
+    if let Some(tables) = &vs.dnat_only {
+        let reply = allocation::Flow::with_ports(
+            allocation::rules::proto::TCP,
+            server.ip(),
+            server.port(),
+            peer.ip(),
+            peer.port(),
+        );
+        if peer.is_ipv4() == server.is_ipv4() && tables.steers_home(&reply) {
+            match connect_transparent(peer, server, vs.connect_timeout).await {
+                Ok(upstream) => {
+                    st.dnat_kept.fetch_add(1, Ordering::Relaxed);
+                    st.total.fetch_add(1, Ordering::Relaxed);
+                    let (up, down) = relay(client, upstream, vs.idle_timeout).await;
+                    st.bytes_up.fetch_add(up, Ordering::Relaxed);
+                    st.bytes_down.fetch_add(down, Ordering::Relaxed);
+                    vs.pool.release(i);
+                    if let Some(a) = &vs.persistence {
+                        a.end(peer.ip(), std::time::Instant::now());
+                    }
+                    done(&vs);
+                    return;
+                }
+                Err(e) => log::debug!(
+                    "{}: {peer}: keeping the client address failed ({e}): self-source port",
+                    vs.name
+                ),
+            }
+        }
+        st.dnat_fallback.fetch_add(1, Ordering::Relaxed);
+    }
     match snat::connect(&vs.snat, server, vs.connect_timeout).await {
         Err(e) => {
             match e {

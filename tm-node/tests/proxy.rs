@@ -798,3 +798,98 @@ fn a_transition_prepares_dual_table_ports_counts_moving_connections_and_commits(
     drop(open);
     stop(tmd);
 }
+
+#[test]
+fn dnat_only_keeps_the_client_address_only_when_the_reply_steers_home() {
+    let t = table();
+    let me = t.tm_index_by_id(TM_ID).expect("tm");
+    let (server, peers) = echo_server(ip("127.0.0.31"));
+    let vip = free_vip("127.0.0.17");
+    let dir = std::env::temp_dir().join(format!("tmd-dnat-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    allocation::file::save(dir.join("table.toml"), &t).expect("table");
+    std::fs::write(
+        dir.join("tmd.toml"),
+        format!(
+            "tm_id = {TM_ID}\ntable = \"table.toml\"\nsnat_addresses = [\"127.0.0.30\"]\ndrain_timeout_ms = 2000\n\n\
+             [[pool]]\nname = \"web\"\nservers = [{{ address = \"{server}\" }}]\n\n\
+             [[virtual_server]]\nname = \"web\"\nlisten = \"{vip}\"\npool = \"web\"\ndnat_only = true\n\n\
+             [admin]\nlisten = \"127.0.0.1:{}\"\n",
+            free_vip("127.0.0.1").port()
+        ),
+    )
+    .expect("config");
+    let child = Command::new(env!("CARGO_BIN_EXE_tmd"))
+        .args(["run", "--config"])
+        .arg(dir.join("tmd.toml"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tmd");
+    let tmd = Tmd {
+        child,
+        dir,
+        admin: 0,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !exchange_from(ip("127.0.0.59"), vip) {
+        assert!(Instant::now() < deadline, "tmd did not serve");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let client = ip("127.0.0.60");
+    let reply_home = |port: u16| {
+        t.steer(&Flow::with_ports(
+            proto::TCP,
+            server.ip(),
+            server.port(),
+            client,
+            port,
+        ))
+        .tm == me
+    };
+    let keep = (40000..60000u16)
+        .find(|&p| reply_home(p))
+        .expect("a client port whose reply steers home");
+    let flip = (40000..60000u16)
+        .find(|&p| !reply_home(p))
+        .expect("a client port whose reply steers elsewhere");
+    // The client binds with SO_REUSEADDR: on loopback tmd binds the same local address and port.
+    let from = |port: u16| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+            sock.set_reuseaddr(true).expect("reuseaddr");
+            sock.bind(SocketAddr::new(client, port))
+                .expect("bind client");
+            let mut c = sock.connect(vip).await.expect("connect");
+            c.write_all(b"dnat\n").await.expect("write");
+            c.shutdown().await.expect("shutdown");
+            let mut back = Vec::new();
+            c.read_to_end(&mut back).await.expect("read");
+            assert_eq!(back, b"dnat\n");
+        });
+    };
+    peers.lock().expect("lock").clear();
+    from(keep);
+    from(flip);
+    let seen = peers.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        seen[0],
+        SocketAddr::new(client, keep),
+        "the client address is kept when the reply steers home"
+    );
+    assert_eq!(
+        seen[1].ip(),
+        ip("127.0.0.30"),
+        "otherwise a self-source port: {}",
+        seen[1]
+    );
+    assert!(steers_home(&t, server, seen[1]));
+    stop(tmd);
+}

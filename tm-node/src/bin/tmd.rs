@@ -103,6 +103,7 @@ fn run(path: &Path) -> Result<()> {
             ))
         })
         .collect();
+    let tables = Arc::new(tm_node::tables::Tables::new(cfg.tm_id, table));
     // Virtual servers are shared by every worker thread (atomics and one lock per connection).
     let mut servers = Vec::new();
     for v in &cfg.virtual_servers {
@@ -119,6 +120,7 @@ fn run(path: &Path) -> Result<()> {
             connect_timeout: Duration::from_millis(v.connect_timeout_ms),
             idle_timeout: Duration::from_millis(v.idle_timeout_ms),
             persistence: v.persistence.map(tm_node::persist::Affinity::new),
+            dnat_only: v.dnat_only.then(|| Arc::clone(&tables)),
             stats: VsStats::default(),
         }));
     }
@@ -229,8 +231,7 @@ fn run(path: &Path) -> Result<()> {
         let server = tiny_http::Server::http(cfg.admin.listen).map_err(|e| anyhow!("admin.listen {}: {e}", cfg.admin.listen))?;
         let admin_state = Arc::new(tm_node::admin::AdminState {
             tm_id: cfg.tm_id,
-            table: std::sync::Mutex::new(Arc::new(table)),
-            next: std::sync::Mutex::new(None),
+            tables: Arc::clone(&tables),
             snat: Arc::clone(&snat),
             servers: servers.clone(),
             token: cfg.admin.token.clone(),
