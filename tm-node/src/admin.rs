@@ -339,6 +339,13 @@ fn metrics(state: &AdminState) -> Result<Reply, prometheus::Error> {
         ),
         &["pool", "server"],
     )?;
+    let dnat = IntCounterVec::new(
+        Opts::new(
+            "tmd_dnat_only_total",
+            "DNAT-only connections: client address kept, or a self-source port",
+        ),
+        &["vs", "outcome"],
+    )?;
     for vs in &state.servers {
         let s = &vs.stats;
         conns
@@ -357,6 +364,10 @@ fn metrics(state: &AdminState) -> Result<Reply, prometheus::Error> {
                 .with_label_values(&[&vs.name, reason])
                 .inc_by(v.load(Relaxed));
         }
+        dnat.with_label_values(&[&vs.name, "kept"])
+            .inc_by(s.dnat_kept.load(Relaxed));
+        dnat.with_label_values(&[&vs.name, "fallback"])
+            .inc_by(s.dnat_fallback.load(Relaxed));
         bytes
             .with_label_values(&[&vs.name, "up"])
             .inc_by(s.bytes_up.load(Relaxed));
@@ -422,6 +433,7 @@ fn metrics(state: &AdminState) -> Result<Reply, prometheus::Error> {
         Box::new(version),
         Box::new(prepared),
         Box::new(moving),
+        Box::new(dnat),
     ] {
         r.register(c)?;
     }
