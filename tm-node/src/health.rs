@@ -234,6 +234,84 @@ async fn futures_join<T>(
 mod test {
     use super::*;
 
+    /// A one-shot HTTP-ish server on loopback answering `reply` to every connection.
+    fn answering(reply: &'static str) -> std::net::SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            for c in l.incoming().flatten() {
+                let mut c = c;
+                let mut buf = [0u8; 1024];
+                let _ = c.read(&mut buf);
+                let _ = c.write_all(reply.as_bytes());
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn http_probes_read_the_status() {
+        use allocation::{AllocationTable, GroupSpec, HashKey, MacAddr, PortRange, Profile, Tm};
+        let tms = (0..2)
+            .map(|i| Tm {
+                id: i,
+                name: format!("t{i}"),
+                mac: MacAddr([2, 0, 0, 0, 0, i as u8 + 1]),
+                weight: 1,
+                group: 0,
+            })
+            .collect();
+        let table = AllocationTable::new(
+            1,
+            HashKey::from_bytes([3; 16]),
+            tms,
+            vec![GroupSpec::default_group(Profile::Uniform)],
+        )
+        .expect("table");
+        let snat = Arc::new(
+            Snat::new(
+                &table,
+                0,
+                &["127.0.0.1".parse().expect("addr")],
+                PortRange {
+                    lo: 1024,
+                    hi: 65535,
+                },
+            )
+            .expect("snat"),
+        );
+        let ok = answering("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        let bad = answering("HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n");
+        let junk = answering("SSH-2.0-nope\r\n");
+        let http = ProbeKind::Http {
+            path: "/healthz".into(),
+            expect_status: 200,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let t = Duration::from_secs(2);
+            assert_eq!(probe(&http, &snat, ok, t).await, Ok(()));
+            assert_eq!(
+                probe(&http, &snat, bad, t).await,
+                Err("status 503, expected 200".into())
+            );
+            assert_eq!(
+                probe(&http, &snat, junk, t).await,
+                Err("not an HTTP response".into())
+            );
+            assert_eq!(probe(&ProbeKind::Tcp, &snat, junk, t).await, Ok(()));
+            // Nothing listening: the probe fails.
+            let closed = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("addr");
+            assert!(probe(&ProbeKind::Tcp, &snat, closed, t).await.is_err());
+        });
+    }
+
     #[test]
     fn falls_after_fall_failures_and_rises_after_rise_successes() {
         let mut h = Hysteresis::new(2, 3);

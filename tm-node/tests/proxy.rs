@@ -893,3 +893,127 @@ fn dnat_only_keeps_the_client_address_only_when_the_reply_steers_home() {
     assert!(steers_home(&t, server, seen[1]));
     stop(tmd);
 }
+
+fn start_with(
+    name: &str,
+    vip: SocketAddr,
+    server: SocketAddr,
+    extra_vs: &str,
+    extra_top: &str,
+) -> Tmd {
+    let dir = std::env::temp_dir().join(format!("tmd-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    allocation::file::save(dir.join("table.toml"), &table()).expect("table");
+    std::fs::write(
+        dir.join("tmd.toml"),
+        format!(
+            "tm_id = {TM_ID}\ntable = \"table.toml\"\nsnat_addresses = [\"127.0.0.30\"]\n{extra_top}\n\n\
+             [[pool]]\nname = \"web\"\nservers = [{{ address = \"{server}\" }}]\n\n\
+             [[virtual_server]]\nname = \"web\"\nlisten = \"{vip}\"\npool = \"web\"\n{extra_vs}\n\n\
+             [admin]\nlisten = \"127.0.0.1:{}\"\n",
+            free_vip("127.0.0.1").port()
+        ),
+    )
+    .expect("config");
+    let child = Command::new(env!("CARGO_BIN_EXE_tmd"))
+        .args(["run", "--config"])
+        .arg(dir.join("tmd.toml"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tmd");
+    let tmd = Tmd {
+        child,
+        dir,
+        admin: 0,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !exchange(vip) {
+        assert!(Instant::now() < deadline, "tmd did not serve");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tmd
+}
+
+/// An open connection that has exchanged one line.
+fn held(vip: SocketAddr) -> Option<TcpStream> {
+    let mut c = TcpStream::connect(vip).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    c.write_all(b"h\n").ok()?;
+    let mut buf = [0u8; 2];
+    c.read_exact(&mut buf).ok()?;
+    Some(c)
+}
+
+#[test]
+fn connection_limit_and_idle_timeout() {
+    let (server, _) = echo_server(ip("127.0.0.32"));
+    let vip = free_vip("127.0.0.18");
+    let tmd = start_with(
+        "limits",
+        vip,
+        server,
+        "max_connections = 2\nidle_timeout_ms = 500",
+        "drain_timeout_ms = 1000",
+    );
+    let a = held(vip).expect("first");
+    let b = held(vip).expect("second");
+    assert!(
+        held(vip).is_none(),
+        "a third connection is refused at max_connections = 2"
+    );
+    // Idle past the timeout: tmd closes both.
+    std::thread::sleep(Duration::from_millis(900));
+    for mut c in [a, b] {
+        let mut buf = [0u8; 1];
+        assert!(
+            matches!(c.read(&mut buf), Ok(0) | Err(_)),
+            "closed by the idle timeout"
+        );
+    }
+    assert!(held(vip).is_some(), "room again");
+    stop(tmd);
+}
+
+#[test]
+fn sigterm_drains_open_connections_and_refuses_new_ones() {
+    let (server, _) = echo_server(ip("127.0.0.33"));
+    let vip = free_vip("127.0.0.19");
+    let mut tmd = start_with("drain", vip, server, "", "drain_timeout_ms = 10000");
+    let mut open = held(vip).expect("open");
+    let pid = tmd.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!exchange(vip), "no new connections while draining");
+    open.write_all(b"d\n")
+        .expect("the open connection still works");
+    let mut buf = [0u8; 2];
+    open.read_exact(&mut buf).expect("echo while draining");
+    assert_eq!(&buf, b"d\n");
+    assert!(
+        tmd.child.try_wait().expect("wait").is_none(),
+        "still draining"
+    );
+    let closed_at = Instant::now();
+    drop(open);
+    let status = loop {
+        if let Some(s) = tmd.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            closed_at.elapsed() < Duration::from_secs(5),
+            "tmd did not exit once drained"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+    assert!(
+        closed_at.elapsed() < Duration::from_secs(5),
+        "exited well before the 10 s deadline"
+    );
+}
