@@ -78,9 +78,7 @@ impl Drop for Tmd {
 }
 
 fn start_tmd(name: &str, vip: SocketAddr, servers: &[SocketAddr], ports: &str) -> Tmd {
-    let dir = std::env::temp_dir().join(format!("tmd-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    allocation::file::save(dir.join("table.toml"), &table()).expect("table");
+    let dir = tmd_dir(name);
     let admin = free_vip("127.0.0.1").port();
     let servers_toml: Vec<String> = servers
         .iter()
@@ -93,19 +91,33 @@ fn start_tmd(name: &str, vip: SocketAddr, servers: &[SocketAddr], ports: &str) -
         servers_toml.join(", ")
     );
     std::fs::write(dir.join("tmd.toml"), cfg).expect("config");
-    let child = Command::new(env!("CARGO_BIN_EXE_tmd"))
-        .args(["run", "--config"])
-        .arg(dir.join("tmd.toml"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start tmd");
+    let tmd = spawn_tmd(dir, admin, "warn");
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(vip).is_err() {
         assert!(Instant::now() < deadline, "tmd did not listen on {vip}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    tmd
+}
+
+/// A fresh directory for one test's tmd, with the table saved in it.
+fn tmd_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tmd-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    allocation::file::save(dir.join("table.toml"), &table()).expect("table");
+    dir
+}
+
+/// Starts tmd on `dir/tmd.toml` (`admin`: its admin port, when the test uses it).
+fn spawn_tmd(dir: PathBuf, admin: u16, log: &str) -> Tmd {
+    let child = Command::new(env!("CARGO_BIN_EXE_tmd"))
+        .args(["run", "--config"])
+        .arg(dir.join("tmd.toml"))
+        .env("RUST_LOG", log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tmd");
     Tmd { child, dir, admin }
 }
 
@@ -320,9 +332,7 @@ fn health_checks_take_a_server_out_and_bring_it_back() {
     let b = Stoppable::start(SocketAddr::new(ip("127.0.0.24"), 0), Arc::clone(&pb));
     let (a_addr, b_addr) = (a.addr, b.addr);
     let vip = free_vip("127.0.0.12");
-    let dir = std::env::temp_dir().join(format!("tmd-health-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    allocation::file::save(dir.join("table.toml"), &table()).expect("table");
+    let dir = tmd_dir("health");
     std::fs::write(
         dir.join("tmd.toml"),
         format!(
@@ -334,19 +344,7 @@ fn health_checks_take_a_server_out_and_bring_it_back() {
         ),
     )
     .expect("config");
-    let child = Command::new(env!("CARGO_BIN_EXE_tmd"))
-        .args(["run", "--config"])
-        .arg(dir.join("tmd.toml"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start tmd");
-    let tmd = Tmd {
-        child,
-        dir,
-        admin: 0,
-    };
+    let tmd = spawn_tmd(dir, 0, "info");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !exchange(vip) {
         assert!(Instant::now() < deadline, "tmd did not serve");
@@ -526,9 +524,7 @@ fn persistence_keeps_a_client_on_its_server() {
     let (sa, pa) = echo_server(ip("127.0.0.26"));
     let (sb, pb) = echo_server(ip("127.0.0.27"));
     let vip = free_vip("127.0.0.14");
-    let dir = std::env::temp_dir().join(format!("tmd-persist-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    allocation::file::save(dir.join("table.toml"), &table()).expect("table");
+    let dir = tmd_dir("persist");
     std::fs::write(
         dir.join("tmd.toml"),
         format!(
@@ -540,19 +536,7 @@ fn persistence_keeps_a_client_on_its_server() {
         ),
     )
     .expect("config");
-    let child = Command::new(env!("CARGO_BIN_EXE_tmd"))
-        .args(["run", "--config"])
-        .arg(dir.join("tmd.toml"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start tmd");
-    let tmd = Tmd {
-        child,
-        dir,
-        admin: 0,
-    };
+    let tmd = spawn_tmd(dir, 0, "warn");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !exchange_from(ip("127.0.0.49"), vip) {
         assert!(Instant::now() < deadline, "tmd did not serve");
@@ -607,9 +591,7 @@ fn udp_sessions_use_self_source_ports_and_end_when_idle() {
     let vip = std::net::UdpSocket::bind((ip("127.0.0.15"), 0))
         .and_then(|s| s.local_addr())
         .expect("free udp port");
-    let dir = std::env::temp_dir().join(format!("tmd-udp-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    allocation::file::save(dir.join("table.toml"), &t).expect("table");
+    let dir = tmd_dir("udp");
     std::fs::write(
         dir.join("tmd.toml"),
         format!(
@@ -621,19 +603,7 @@ fn udp_sessions_use_self_source_ports_and_end_when_idle() {
         ),
     )
     .expect("config");
-    let child = Command::new(env!("CARGO_BIN_EXE_tmd"))
-        .args(["run", "--config"])
-        .arg(dir.join("tmd.toml"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start tmd");
-    let tmd = Tmd {
-        child,
-        dir,
-        admin: 0,
-    };
+    let tmd = spawn_tmd(dir, 0, "warn");
     let ask = |c: &std::net::UdpSocket, msg: &[u8]| -> bool {
         let _ = c.send_to(msg, vip);
         let mut buf = [0u8; 2048];
@@ -805,9 +775,7 @@ fn dnat_only_keeps_the_client_address_only_when_the_reply_steers_home() {
     let me = t.tm_index_by_id(TM_ID).expect("tm");
     let (server, peers) = echo_server(ip("127.0.0.31"));
     let vip = free_vip("127.0.0.17");
-    let dir = std::env::temp_dir().join(format!("tmd-dnat-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    allocation::file::save(dir.join("table.toml"), &t).expect("table");
+    let dir = tmd_dir("dnat");
     std::fs::write(
         dir.join("tmd.toml"),
         format!(
@@ -819,19 +787,7 @@ fn dnat_only_keeps_the_client_address_only_when_the_reply_steers_home() {
         ),
     )
     .expect("config");
-    let child = Command::new(env!("CARGO_BIN_EXE_tmd"))
-        .args(["run", "--config"])
-        .arg(dir.join("tmd.toml"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start tmd");
-    let tmd = Tmd {
-        child,
-        dir,
-        admin: 0,
-    };
+    let tmd = spawn_tmd(dir, 0, "warn");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !exchange_from(ip("127.0.0.59"), vip) {
         assert!(Instant::now() < deadline, "tmd did not serve");
@@ -901,9 +857,7 @@ fn start_with(
     extra_vs: &str,
     extra_top: &str,
 ) -> Tmd {
-    let dir = std::env::temp_dir().join(format!("tmd-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    allocation::file::save(dir.join("table.toml"), &table()).expect("table");
+    let dir = tmd_dir(name);
     std::fs::write(
         dir.join("tmd.toml"),
         format!(
@@ -915,19 +869,7 @@ fn start_with(
         ),
     )
     .expect("config");
-    let child = Command::new(env!("CARGO_BIN_EXE_tmd"))
-        .args(["run", "--config"])
-        .arg(dir.join("tmd.toml"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start tmd");
-    let tmd = Tmd {
-        child,
-        dir,
-        admin: 0,
-    };
+    let tmd = spawn_tmd(dir, 0, "warn");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !exchange(vip) {
         assert!(Instant::now() < deadline, "tmd did not serve");
