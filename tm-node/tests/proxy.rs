@@ -97,6 +97,10 @@ fn start_tmd(name: &str, vip: SocketAddr, servers: &[SocketAddr], ports: &str) -
         assert!(Instant::now() < deadline, "tmd did not listen on {vip}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    while TcpStream::connect(("127.0.0.1", tmd.admin)).is_err() {
+        assert!(Instant::now() < deadline, "no admin endpoint");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     tmd
 }
 
@@ -416,20 +420,10 @@ fn a_table_change_breaks_no_open_connection_and_new_ones_follow_the_new_table() 
     let vip = free_vip("127.0.0.13");
     let tmd = start_tmd("admin", vip, &[server], "1024-65535");
     let admin = tmd.admin;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", admin)).is_err() {
-        assert!(Instant::now() < deadline, "no admin endpoint");
-        std::thread::sleep(Duration::from_millis(50));
-    }
     std::thread::sleep(Duration::from_millis(300));
     // A connection that stays open across the change.
-    let mut open = TcpStream::connect(vip).expect("connect");
-    open.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    let mut open = held(vip).expect("an open connection, echoed");
     let mut buf = [0u8; 2];
-    open.write_all(b"a\n").expect("write");
-    open.read_exact(&mut buf).expect("echo");
-    assert_eq!(&buf, b"a\n");
     let m = http(admin, "GET", "/metrics", "").1;
     assert_eq!(metric(&m, "tmd_connections_active{vs=\"web\"}"), 1, "{m}");
     assert!(
@@ -658,18 +652,9 @@ fn a_transition_prepares_dual_table_ports_counts_moving_connections_and_commits(
     let vip = free_vip("127.0.0.16");
     let tmd = start_tmd("transition", vip, &[server], "1024-65535");
     let admin = tmd.admin;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", admin)).is_err() {
-        assert!(Instant::now() < deadline, "no admin endpoint");
-        std::thread::sleep(Duration::from_millis(50));
-    }
     std::thread::sleep(Duration::from_millis(300));
-    let mut open = TcpStream::connect(vip).expect("connect");
-    open.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    let mut open = held(vip).expect("an open connection, echoed");
     let mut buf = [0u8; 2];
-    open.write_all(b"a\n").expect("write");
-    open.read_exact(&mut buf).expect("echo");
     assert_eq!(
         http(admin, "GET", "/transition", "").1.trim(),
         "{\"phase\":\"idle\",\"current\":1}"
@@ -885,7 +870,7 @@ fn held(vip: SocketAddr) -> Option<TcpStream> {
     c.write_all(b"h\n").ok()?;
     let mut buf = [0u8; 2];
     c.read_exact(&mut buf).ok()?;
-    Some(c)
+    (&buf == b"h\n").then_some(c)
 }
 
 #[test]
