@@ -1,16 +1,18 @@
-//! stdd's admin endpoint: /metrics (Prometheus text), /healthz, GET and PUT /table; a bearer token whenever one is configured.
+//! stdd's admin endpoint: /metrics (Prometheus text), /healthz, GET and PUT /table, the transition (switch, commit, abort); a bearer token whenever one is configured.
 //!
 //! Runs on its own thread (tiny_http). Counters are summed from the
 //! workers' published snapshots at scrape time; a table PUT is parsed,
 //! validated, turned into a plan, and swapped in atomically — or refused
-//! with the reason, leaving the running table untouched.
+//! with the reason, leaving the running table untouched. A transition
+//! (DESIGN §4) switches to a new table keeping the running one as
+//! "previous" until commit (or abort, which goes back to it).
 
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use allocation::SharedTable;
+use allocation::{AllocationTable, SharedTable};
 use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use tiny_http::{Header, Method, Request, Response, Server};
 
@@ -114,8 +116,19 @@ fn handle(mut req: Request, state: &AdminState) {
                 text(200, allocation::file::render(state.plan.load().table()))
             }
             (Method::Put, "/table") => put_table(&mut req, state),
-            (_, "/metrics" | "/healthz" | "/table") => text(405, "method not allowed"),
-            _ => text(404, "not found: /metrics, /healthz, /table"),
+            (Method::Get, "/transition") => transition_state(state),
+            (Method::Post, "/transition/switch") => switch(&mut req, state),
+            (Method::Post, "/transition/commit") => commit(state),
+            (Method::Post, "/transition/abort") => abort(state),
+            (
+                _,
+                "/metrics" | "/healthz" | "/table" | "/transition" | "/transition/switch"
+                | "/transition/commit" | "/transition/abort",
+            ) => text(405, "method not allowed"),
+            _ => text(
+                404,
+                "not found: /metrics, /healthz, /table, /transition[/switch|/commit|/abort]",
+            ),
         }
     };
     if let Err(e) = req.respond(response) {
@@ -123,32 +136,46 @@ fn handle(mut req: Request, state: &AdminState) {
     }
 }
 
-fn put_table(req: &mut Request, state: &AdminState) -> Response<std::io::Cursor<Vec<u8>>> {
+type Reply = Response<std::io::Cursor<Vec<u8>>>;
+
+/// The table in a request's body, parsed and validated.
+fn read_table(req: &mut Request) -> Result<AllocationTable, Reply> {
     let mut body = String::new();
     if let Err(e) = req
         .as_reader()
         .take(MAX_TABLE_BYTES + 1)
         .read_to_string(&mut body)
     {
-        return text(400, format!("table rejected: unreadable body: {e}"));
+        return Err(text(400, format!("table rejected: unreadable body: {e}")));
     }
     if body.len() as u64 > MAX_TABLE_BYTES {
-        return text(
+        return Err(text(
             413,
             format!("table rejected: larger than {MAX_TABLE_BYTES} bytes"),
-        );
+        ));
     }
-    let table = match allocation::file::parse(&body) {
+    allocation::file::parse(&body).map_err(|e| text(400, format!("table rejected: {e}")))
+}
+
+fn put_table(req: &mut Request, state: &AdminState) -> Reply {
+    let table = match read_table(req) {
         Ok(t) => t,
-        Err(e) => return text(400, format!("table rejected: {e}")),
+        Err(r) => return r,
     };
     let version = table.version();
-    let plan = match state
-        .config
-        .lock()
-        .map_err(|e| e.to_string())
-        .and_then(|c| c.plan(table).map_err(|e| e.to_string()))
-    {
+    let Ok(config) = state.config.lock() else {
+        return text(500, "configuration lock poisoned");
+    };
+    if let Some(prev) = state.plan.load().previous() {
+        return text(
+            409,
+            format!(
+                "table rejected: a transition from version {} is switched: commit or abort it first",
+                prev.version()
+            ),
+        );
+    }
+    let plan = match config.plan(table) {
         Ok(p) => p,
         Err(e) => return text(400, format!("table rejected: {e}")),
     };
@@ -162,6 +189,118 @@ fn put_table(req: &mut Request, state: &AdminState) -> Response<std::io::Cursor<
             text(200, format!("installed table version {version}"))
         }
         Err(e) => text(409, format!("table rejected: {e}")),
+    }
+}
+
+/// GET /transition: the state as JSON.
+fn transition_state(state: &AdminState) -> Reply {
+    let plan = state.plan.load();
+    let (remembered, overflows) = transit_totals(state);
+    let body = serde_json::json!({
+        "state": if plan.previous().is_some() { "switched" } else { "idle" },
+        "version": plan.table().version(),
+        "previous_version": plan.previous().map(|p| p.version()),
+        "moved_buckets": plan.moved().map(|m| m.len()),
+        "remembered_flows": remembered,
+        "overflows": overflows,
+    });
+    text(200, body.to_string())
+}
+
+fn transit_totals(state: &AdminState) -> (u64, u64) {
+    let (mut remembered, mut overflows) = (0u64, 0u64);
+    for w in &state.workers {
+        if let Ok(s) = w.stats.lock() {
+            remembered += s.transit_remembered as u64;
+            overflows += s.transit_overflows;
+        }
+    }
+    (remembered, overflows)
+}
+
+/// POST /transition/switch: the body's table becomes the running one, the
+/// running one its previous (DESIGN §4 step 2).
+fn switch(req: &mut Request, state: &AdminState) -> Reply {
+    let table = match read_table(req) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let Ok(config) = state.config.lock() else {
+        return text(500, "configuration lock poisoned");
+    };
+    let current = state.plan.snapshot();
+    if let Some(prev) = current.previous() {
+        return text(
+            409,
+            format!(
+                "switch refused: already switched from version {} to {}",
+                prev.version(),
+                current.table().version()
+            ),
+        );
+    }
+    let version = table.version();
+    let plan = match config.plan(table).map_err(|e| e.to_string()).and_then(|p| {
+        p.with_previous(current.table().clone())
+            .map_err(|e| e.to_string())
+    }) {
+        Ok(p) => p,
+        Err(e) => return text(400, format!("switch refused: {e}")),
+    };
+    let moved = plan.moved().map(|m| m.len());
+    match state.plan.swap(plan) {
+        Ok(old) => {
+            state.swaps.fetch_add(1, Ordering::Relaxed);
+            log::info!(
+                "transition: switched from table version {} to {version}{}",
+                old.table().version(),
+                moved
+                    .map(|m| format!(", {m} buckets moved"))
+                    .unwrap_or_default()
+            );
+            text(200, format!("switched to table version {version}"))
+        }
+        Err(e) => text(409, format!("switch refused: {e}")),
+    }
+}
+
+/// POST /transition/commit: the previous table is dropped (DESIGN §4 step 3).
+fn commit(state: &AdminState) -> Reply {
+    let Ok(_config) = state.config.lock() else {
+        return text(500, "configuration lock poisoned");
+    };
+    let current = state.plan.snapshot();
+    let Some(prev) = current.previous().map(|p| p.version()) else {
+        return text(409, "commit refused: no transition is switched");
+    };
+    let v = current.table().version();
+    state.plan.replace((*current).clone().without_previous());
+    log::info!("transition: committed table version {v} (version {prev} dropped)");
+    text(200, format!("committed table version {v}"))
+}
+
+/// POST /transition/abort: back to the previous table. Flows that started
+/// on a new owner during the window follow the previous table again.
+fn abort(state: &AdminState) -> Reply {
+    let Ok(config) = state.config.lock() else {
+        return text(500, "configuration lock poisoned");
+    };
+    let current = state.plan.snapshot();
+    let Some(prev) = current.previous() else {
+        return text(409, "abort refused: no transition is switched");
+    };
+    let v = prev.version();
+    match config.plan(prev.clone()) {
+        Ok(p) => {
+            state.plan.replace(p);
+            state.swaps.fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "transition: aborted, back to table version {v} from {}",
+                current.table().version()
+            );
+            text(200, format!("aborted: back to table version {v}"))
+        }
+        Err(e) => text(500, format!("abort failed: {e}")),
     }
 }
 
@@ -235,6 +374,31 @@ fn metrics(state: &AdminState) -> Result<String, prometheus::Error> {
     swaps
         .with_label_values(&[])
         .inc_by(state.swaps.load(Ordering::Relaxed));
+    let (transit_remembered, transit_overflows) = transit_totals(state);
+    gauges
+        .with_label_values(&["transition_remembered"])
+        .set(transit_remembered as i64);
+    let switched = IntGauge::new(
+        "std_transition_switched",
+        "1 while a transition keeps a previous table",
+    )?;
+    switched.set(i64::from(plan.previous().is_some()));
+    let moved = IntGauge::new(
+        "std_transition_moved_buckets",
+        "Buckets whose owner changed in the running transition",
+    )?;
+    moved.set(plan.moved().map_or(0, |m| m.len()) as i64);
+    let overflows = IntCounterVec::new(
+        Opts::new(
+            "std_transition_overflows_total",
+            "Flows started in a moved bucket that the transition memory had no room for (sent to the old owner)",
+        ),
+        &[],
+    )?;
+    overflows.with_label_values(&[]).inc_by(transit_overflows);
+    r.register(Box::new(switched))?;
+    r.register(Box::new(moved))?;
+    r.register(Box::new(overflows))?;
     let workers = IntGauge::new("std_workers", "Worker threads")?;
     workers.set(state.workers.len() as i64);
     r.register(Box::new(tm_packets))?;

@@ -146,6 +146,8 @@ pub mod tcp_flags {
     pub const SYN: u8 = 0x02;
     /// RST.
     pub const RST: u8 = 0x04;
+    /// PSH.
+    pub const PSH: u8 = 0x08;
     /// ACK.
     pub const ACK: u8 = 0x10;
 }

@@ -13,6 +13,7 @@ use thiserror::Error;
 use crate::bridge::BridgeConfig;
 use crate::frag::FragConfig;
 use crate::steer::{Plan, PortKind};
+use crate::transit::TransitConfig;
 use crate::verdict::PortId;
 use crate::worker::WorkerConfig;
 
@@ -211,6 +212,26 @@ impl Default for BridgeSection {
     }
 }
 
+/// Transition memory limits (see `TransitConfig`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransitionSection {
+    /// Flows started in moved buckets that each worker remembers.
+    pub memory: usize,
+    /// A remembered flow is forgotten after this long without a packet, seconds.
+    pub idle_s: u64,
+}
+
+impl Default for TransitionSection {
+    fn default() -> Self {
+        let t = TransitConfig::default();
+        TransitionSection {
+            memory: t.capacity,
+            idle_s: t.idle_ns / 1_000_000_000,
+        }
+    }
+}
+
 /// The whole configuration of one `stdd`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -241,6 +262,9 @@ pub struct DistributorConfig {
     /// MAC learning.
     #[serde(default)]
     pub bridge: BridgeSection,
+    /// Transition memory.
+    #[serde(default)]
+    pub transition: TransitionSection,
 }
 
 impl DistributorConfig {
@@ -365,6 +389,12 @@ impl DistributorConfig {
                 "the pcap backend runs one worker (libpcap cannot share a port between workers): list at most one CPU",
             ));
         }
+        if self.transition.memory == 0 || self.transition.memory > 1 << 24 {
+            return Err(invalid("transition.memory", "must be 1 to 16777216"));
+        }
+        if self.transition.idle_s == 0 {
+            return Err(invalid("transition.idle_s", "must be at least 1"));
+        }
         if self.workers.batch == 0 || self.workers.batch > 4096 {
             return Err(invalid("workers.batch", "must be 1 to 4096"));
         }
@@ -404,6 +434,10 @@ impl DistributorConfig {
             bridge: BridgeConfig {
                 capacity: self.bridge.capacity,
                 ageing_ns: self.bridge.ageing_s * 1_000_000_000,
+            },
+            transit: TransitConfig {
+                capacity: self.transition.memory,
+                idle_ns: self.transition.idle_s.saturating_mul(1_000_000_000),
             },
         }
     }

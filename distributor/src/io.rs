@@ -232,6 +232,10 @@ pub struct WorkerStats {
     pub fragments_remembered: usize,
     /// Learned MAC addresses.
     pub bridge_entries: usize,
+    /// Flows in the transition memory (while a transition is switched).
+    pub transit_remembered: usize,
+    /// Flows the transition memory had no room for.
+    pub transit_overflows: u64,
 }
 
 /// Shared between a worker thread and the admin endpoint.
@@ -285,11 +289,19 @@ pub fn run_worker<B: Backend>(
     let start = Instant::now();
     let mut last_publish = start;
     let publish = |worker: &Worker, at: Instant| {
+        let in_transition = plan.load().previous().is_some();
+        let now = at.saturating_duration_since(start).as_nanos() as u64;
         if let Ok(mut s) = shared.stats.lock() {
             s.counters.clone_from(&worker.counters);
             s.fragments_held = worker.fragments_held();
             s.fragments_remembered = worker.fragments_remembered();
             s.bridge_entries = worker.bridge_size();
+            s.transit_overflows = worker.transit_overflows();
+            s.transit_remembered = if in_transition {
+                worker.transit_remembered(now)
+            } else {
+                0
+            };
         }
         shared.heartbeat_ms.store(
             at.saturating_duration_since(shared.epoch).as_millis() as u64,

@@ -6,10 +6,13 @@
 //! * [`worker`] — a core's state: fragment memory and hold pool, MAC
 //!   learning, counters; turns verdicts into [`verdict::Action`]s;
 //! * [`build`] — frame builders for tests, simulations and benchmarks;
+//! * [`transit`] — the transition memory: flows started in moved buckets
+//!   while a new table is switched in (DESIGN §4);
 //! * [`pcap`] and [`replay`] — capture files, and `stdd replay`: a capture
-//!   through the real steering, one capture per TM and a summary out.
-//!
-//! The live I/O backends and the `stdd` daemon mode are not part of this crate yet.
+//!   through the real steering, one capture per TM and a summary out;
+//! * [`io`] and [`backend`] — batches, the backend trait and its memory,
+//!   pcap-file and live pcap backends, the worker loop;
+//! * [`config`] and [`admin`] — the `stdd` configuration and its admin endpoint.
 #![deny(missing_docs)]
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
@@ -24,10 +27,11 @@ pub mod pcap;
 pub mod replay;
 pub mod steer;
 pub mod table;
+pub mod transit;
 pub mod verdict;
 pub mod wire;
 pub mod worker;
 
-pub use steer::{decide, FragKey, Plan, PlanError, PortKind, Verdict};
+pub use steer::{decide, FlowKey, FragKey, Moved, Plan, PlanError, PortKind, Verdict};
 pub use verdict::{Action, Branch, Counters, Drop, PortId};
 pub use worker::{Worker, WorkerConfig};

@@ -45,9 +45,92 @@ pub enum PlanError {
         /// Port.
         port: PortId,
     },
-    /// A TM-port mapping names a TM id the table does not have.
-    #[error("TM id {0} is mapped to a port but is not in the table")]
-    UnknownTm(u32),
+    /// The previous table of a transition must be older than the new one.
+    #[error(
+        "the previous table (version {previous}) is not older than the new one (version {current})"
+    )]
+    PreviousNotOlder {
+        /// Previous table version.
+        previous: u64,
+        /// New table version.
+        current: u64,
+    },
+}
+
+/// The previous table while a transition is switched (DESIGN §4): flows in
+/// buckets whose owner changed stay with the old owner unless seen starting.
+#[derive(Debug, Clone)]
+struct Previous {
+    table: AllocationTable,
+    /// The route index (see [`Plan::tm_route`]) of each of its TM indexes.
+    route: Vec<TmIndex>,
+    /// When both tables are one endpoint-hashed group with the same key:
+    /// the buckets whose owner changed (one bit each), for the batch fast path.
+    moved: Option<Box<MovedSet>>,
+}
+
+/// One bit per bucket: set where the owner changed between two tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MovedSet([u64; allocation::TABLE_SIZE / 64]);
+
+impl MovedSet {
+    /// True if bucket `b` moved.
+    #[inline(always)]
+    pub fn contains(&self, b: usize) -> bool {
+        self.0[(b / 64) % self.0.len()] & (1 << (b % 64)) != 0
+    }
+
+    /// Buckets that moved.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// True if no bucket moved.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A flow in a moved bucket, as the steering saw it: the worker's
+/// transition memory decides between the new owner and the old one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moved {
+    /// The flow, both directions alike.
+    pub key: FlowKey,
+    /// Where the previous table steers it (a route index).
+    pub old: TmIndex,
+    /// The packet starts a flow (a TCP SYN without ACK): it is remembered
+    /// where it goes.
+    pub start: bool,
+}
+
+/// A flow named the same in both directions: protocol and the two
+/// endpoints, the lesser first. Flows without ports have port 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Protocol.
+    pub proto: u8,
+    /// The lesser endpoint.
+    pub a: (IpAddr, u16),
+    /// The greater endpoint.
+    pub b: (IpAddr, u16),
+}
+
+impl FlowKey {
+    /// The key of `flow` (either direction gives the same key).
+    pub fn of(flow: &Flow) -> Self {
+        let (sp, dp) = flow.ports.unwrap_or((0, 0));
+        let (x, y) = (
+            (allocation::hash::canonical(flow.src), sp),
+            (allocation::hash::canonical(flow.dst), dp),
+        );
+        let (a, b) = if x <= y { (x, y) } else { (y, x) };
+        FlowKey {
+            proto: flow.protocol,
+            a,
+            b,
+        }
+    }
 }
 
 /// Everything the steering reads, immutable, swapped as one snapshot: the
@@ -61,12 +144,18 @@ pub struct Plan {
     ports: Vec<PortKind>,
     tm_port: Vec<Option<PortId>>,
     tm_mac: Vec<MacAddr>,
+    /// TM id of each route index.
+    tm_id: Vec<u32>,
+    /// Where each TM id is reached, as configured (to route a previous table's TMs).
+    tm_ports: Vec<(u32, PortId)>,
+    previous: Option<Previous>,
 }
 
 impl Plan {
     /// Builds a plan. `tm_ports` maps TM ids to the port that reaches them;
     /// a TM without a port gets no traffic (its frames are dropped as
-    /// `no_tm_port`, counted).
+    /// `no_tm_port`, counted); ids the table does not have are kept for
+    /// the previous table of a transition.
     pub fn new(
         table: AllocationTable,
         group_mac: MacAddr,
@@ -79,11 +168,14 @@ impl Plan {
         }
         let mut tm_port = vec![None; table.tms().len()];
         for &(id, port) in tm_ports {
-            let i = table.tm_index_by_id(id).ok_or(PlanError::UnknownTm(id))?;
             if ports.get(usize::from(port)) != Some(&PortKind::Tm) {
                 return Err(PlanError::NotTmPort { tm: id, port });
             }
-            tm_port[usize::from(i)] = Some(port);
+            // A TM this table does not have (removed, or not yet added)
+            // keeps its mapping for a transition's previous table.
+            if let Some(i) = table.tm_index_by_id(id) {
+                tm_port[usize::from(i)] = Some(port);
+            }
         }
         let mut cluster: Vec<IpAddr> = cluster
             .iter()
@@ -92,6 +184,7 @@ impl Plan {
         cluster.sort_unstable();
         cluster.dedup();
         let tm_mac = table.tms().iter().map(|t| t.mac).collect();
+        let tm_id = table.tms().iter().map(|t| t.id).collect();
         Ok(Plan {
             table,
             group_mac,
@@ -99,6 +192,137 @@ impl Plan {
             ports,
             tm_port,
             tm_mac,
+            tm_id,
+            tm_ports: tm_ports.to_vec(),
+            previous: None,
+        })
+    }
+
+    /// This plan switched into a transition from `previous` (DESIGN §4
+    /// step 2): buckets whose owner differs between the two tables are
+    /// steered by the transition rule. A TM only the previous table has
+    /// keeps its route (its established flows still reach it); it gets
+    /// route index `tms + j`.
+    pub fn with_previous(mut self, previous: AllocationTable) -> Result<Self, PlanError> {
+        if previous.version() >= self.table.version() {
+            return Err(PlanError::PreviousNotOlder {
+                previous: previous.version(),
+                current: self.table.version(),
+            });
+        }
+        self.drop_previous_routes();
+        let mut route = Vec::with_capacity(previous.tms().len());
+        for t in previous.tms() {
+            let r = match self.table.tm_index_by_id(t.id) {
+                Some(i) => i,
+                None => {
+                    let port = self
+                        .tm_ports
+                        .iter()
+                        .find(|&&(id, _)| id == t.id)
+                        .map(|&(_, p)| p);
+                    self.tm_port.push(port);
+                    self.tm_mac.push(t.mac);
+                    self.tm_id.push(t.id);
+                    (self.tm_id.len() - 1) as TmIndex
+                }
+            };
+            route.push(r);
+        }
+        let moved = match (self.table.groups(), previous.groups()) {
+            ([g], [p])
+                if g.hash == allocation::HashMode::Endpoint
+                    && p.hash == allocation::HashMode::Endpoint
+                    && self.table.key() == previous.key() =>
+            {
+                let mut set = MovedSet([0; allocation::TABLE_SIZE / 64]);
+                for b in 0..allocation::TABLE_SIZE {
+                    if route[usize::from(p.buckets.get(b))] != g.buckets.get(b) {
+                        set.0[b / 64] |= 1 << (b % 64);
+                    }
+                }
+                Some(Box::new(set))
+            }
+            _ => None,
+        };
+        self.previous = Some(Previous {
+            table: previous,
+            route,
+            moved,
+        });
+        Ok(self)
+    }
+
+    /// This plan without its transition (DESIGN §4 step 3, commit).
+    pub fn without_previous(mut self) -> Self {
+        self.drop_previous_routes();
+        self.previous = None;
+        self
+    }
+
+    fn drop_previous_routes(&mut self) {
+        let n = self.table.tms().len();
+        self.tm_port.truncate(n);
+        self.tm_mac.truncate(n);
+        self.tm_id.truncate(n);
+    }
+
+    /// The previous table while a transition is switched.
+    pub fn previous(&self) -> Option<&AllocationTable> {
+        self.previous.as_ref().map(|p| &p.table)
+    }
+
+    /// Buckets whose owner changed, when both tables are one
+    /// endpoint-hashed group with the same key.
+    pub fn moved(&self) -> Option<&MovedSet> {
+        self.previous.as_ref().and_then(|p| p.moved.as_deref())
+    }
+
+    /// Route indexes: the table's TMs, then TMs only the previous table has.
+    pub fn routes(&self) -> usize {
+        self.tm_id.len()
+    }
+
+    /// The TM id of a route index.
+    pub fn tm_id(&self, route: TmIndex) -> Option<u32> {
+        self.tm_id.get(usize::from(route)).copied()
+    }
+
+    /// The route index of a TM id (a scan: transition path only).
+    pub fn route_of(&self, id: u32) -> Option<TmIndex> {
+        self.tm_id
+            .iter()
+            .position(|&i| i == id)
+            .map(|i| i as TmIndex)
+    }
+
+    /// The TM behind `port` that sent a frame from `mac`: the one with that
+    /// MAC on the port, or the port's only TM.
+    pub fn tm_at(&self, port: PortId, mac: MacAddr) -> Option<TmIndex> {
+        let mut only = None;
+        let mut count = 0;
+        for (i, p) in self.tm_port.iter().enumerate() {
+            if *p == Some(port) {
+                if self.tm_mac[i] == mac {
+                    return Some(i as TmIndex);
+                }
+                only = Some(i as TmIndex);
+                count += 1;
+            }
+        }
+        (count == 1).then_some(only).flatten()
+    }
+
+    /// In a transition: how `flow` (steered to route `new` by the table)
+    /// is affected. `None` when no transition runs or the owner did not change.
+    #[inline]
+    fn moved_flow(&self, flow: &Flow, new: TmIndex, start: bool) -> Option<Moved> {
+        let prev = self.previous.as_ref()?;
+        let old = *prev.route.get(usize::from(prev.table.steer(flow).tm))?;
+        (old != new).then(|| Moved {
+            key: FlowKey::of(flow),
+            old,
+            start,
         })
     }
 
@@ -137,10 +361,26 @@ impl Plan {
 
     /// The hash key and buckets when the table has a single group that
     /// hashes endpoints (the common case): what the batch fast path needs.
+    /// During a transition also the moved buckets, which the fast path
+    /// leaves to the general one; `None` when a transition runs between
+    /// tables that cannot be compared bucket by bucket.
     #[inline]
-    pub fn single_endpoint_group(&self) -> Option<(&allocation::HashKey, &allocation::Buckets)> {
+    #[allow(clippy::type_complexity)]
+    pub fn single_endpoint_group(
+        &self,
+    ) -> Option<(
+        &allocation::HashKey,
+        &allocation::Buckets,
+        Option<&MovedSet>,
+    )> {
+        let moved = match &self.previous {
+            None => None,
+            Some(p) => Some(p.moved.as_deref()?),
+        };
         match self.table.groups() {
-            [g] if g.hash == allocation::HashMode::Endpoint => Some((self.table.key(), &g.buckets)),
+            [g] if g.hash == allocation::HashMode::Endpoint => {
+                Some((self.table.key(), &g.buckets, moved))
+            }
             _ => None,
         }
     }
@@ -186,9 +426,21 @@ pub enum Verdict {
         branch: Branch,
         /// Key to remember for later fragments.
         remember: Option<FragKey>,
+        /// A flow in a bucket a transition moved: the worker decides.
+        moved: Option<Moved>,
     },
     /// Bridge (MAC learning decides the port).
     Bridge(Branch),
+    /// Bridge, and remember that the flow `key` (in a moved bucket) was
+    /// started by route `tm`: a TM's SYN toward a server during a transition.
+    BridgeStarted {
+        /// Deciding branch.
+        branch: Branch,
+        /// The flow.
+        key: FlowKey,
+        /// The TM that sent it.
+        tm: TmIndex,
+    },
     /// The frame was rewritten into a reply of `len` bytes.
     Reply {
         /// New length.
@@ -218,7 +470,7 @@ pub fn decide(buf: &mut [u8], len: usize, ingress: PortId, plan: &Plan) -> Verdi
     let (l3, ty, dst_mac) = (eth.payload_offset(), eth.ethertype(), eth.dst());
     match plan.ports.get(usize::from(ingress)) {
         Some(PortKind::Outside) => from_outside(buf, len, l3, ty, dst_mac, plan),
-        Some(PortKind::Tm) => from_tm(buf, len, l3, ty, plan),
+        Some(PortKind::Tm) => from_tm(buf, len, ingress, l3, ty, plan),
         _ => Verdict::Bridge(Branch::Bridge),
     }
 }
@@ -284,10 +536,13 @@ fn from_outside(
             return Verdict::Follow(key);
         }
         return match steer_ip(&buf[l3..len], &ip, plan) {
-            Verdict::ToTm { tm, branch, .. } => Verdict::ToTm {
+            Verdict::ToTm {
+                tm, branch, moved, ..
+            } => Verdict::ToTm {
                 tm,
                 branch,
                 remember: Some(key),
+                moved,
             },
             other => other,
         };
@@ -324,6 +579,7 @@ fn steer_ip(packet: &[u8], ip: &IpHeader, plan: &Plan) -> Verdict {
             tm: s.tm,
             branch: Branch::IcmpError,
             remember: None,
+            moved: plan.moved_flow(&flow, s.tm, false),
         };
     }
     let flow = if wire::has_ports(ip.proto) {
@@ -341,11 +597,22 @@ fn steer_ip(packet: &[u8], ip: &IpHeader, plan: &Plan) -> Verdict {
         SteerBy::Address { .. } => Branch::Address,
         SteerBy::NoPorts { .. } => Branch::NoPorts,
     };
+    let moved = match plan.previous {
+        None => None,
+        Some(_) => plan.moved_flow(&flow, s.tm, ip.frag.is_none() && is_tcp_syn(ip.proto, l4)),
+    };
     Verdict::ToTm {
         tm: s.tm,
         branch,
         remember: None,
+        moved,
     }
+}
+
+/// A TCP segment that opens a connection: SYN without ACK.
+#[inline]
+fn is_tcp_syn(protocol: u8, l4: &[u8]) -> bool {
+    protocol == proto::TCP && l4.get(13).is_some_and(|&f| f & 0x12 == 0x02)
 }
 
 /// ARP request → reply in place: the group MAC answers for the cluster address.
@@ -435,7 +702,14 @@ fn neighbour_from_outside(
 
 /// Frames from a TM go toward their destination unhashed; what they say
 /// about cluster addresses is said with the group MAC.
-fn from_tm(buf: &mut [u8], len: usize, l3: usize, ty: u16, plan: &Plan) -> Verdict {
+fn from_tm(
+    buf: &mut [u8],
+    len: usize,
+    ingress: PortId,
+    l3: usize,
+    ty: u16,
+    plan: &Plan,
+) -> Verdict {
     let group = plan.group_mac;
     if ty == ethertype::ARP {
         let arp = match ArpPacket::new_checked(&buf[l3..len]) {
@@ -454,14 +728,45 @@ fn from_tm(buf: &mut [u8], len: usize, l3: usize, ty: u16, plan: &Plan) -> Verdi
         Some(Err(d)) => return Verdict::Drop(d),
         Some(Ok(ip)) => ip,
     };
-    if !plan.owns(ip.src) {
-        return Verdict::Bridge(Branch::FromTm);
+    let started = match plan.previous {
+        Some(_) if ip.frag.is_none() => started_by_tm(&buf[..len], l3, &ip, ingress, plan),
+        _ => None,
+    };
+    let branch = if plan.owns(ip.src) {
+        if ip.proto == proto::ICMPV6 && ip.frag.is_none() {
+            rewrite_nd_option(&mut buf[l3..len], &ip, group);
+        }
+        wire::set_src_mac(buf, group);
+        Branch::FromTmRewritten
+    } else {
+        Branch::FromTm
+    };
+    match started {
+        Some((key, tm)) => Verdict::BridgeStarted { branch, key, tm },
+        None => Verdict::Bridge(branch),
     }
-    if ip.proto == proto::ICMPV6 && ip.frag.is_none() {
-        rewrite_nd_option(&mut buf[l3..len], &ip, group);
+}
+
+/// During a transition, a TCP SYN a TM sends (e.g. a DNAT-only connection
+/// toward a server) in a moved bucket: the flow and the TM that sent it, to
+/// be remembered so that the server's answers reach that TM.
+fn started_by_tm(
+    frame: &[u8],
+    l3: usize,
+    ip: &IpHeader,
+    ingress: PortId,
+    plan: &Plan,
+) -> Option<(FlowKey, TmIndex)> {
+    let l4 = frame.get(l3 + ip.l4..l3 + ip.end)?;
+    if !is_tcp_syn(ip.proto, l4) {
+        return None;
     }
-    wire::set_src_mac(buf, group);
-    Verdict::Bridge(Branch::FromTmRewritten)
+    let (s, d) = wire::ports(l4)?;
+    let flow = Flow::with_ports(ip.proto, ip.src, s, ip.dst, d);
+    let src_mac = EthernetFrame::new_checked(frame).ok()?.src();
+    let tm = plan.tm_at(ingress, src_mac)?;
+    let m = plan.moved_flow(&flow, plan.table.steer(&flow).tm, true)?;
+    Some((m.key, tm))
 }
 
 /// In a TM's NS/NA from a cluster address, replaces the link-layer address

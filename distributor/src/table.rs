@@ -86,6 +86,55 @@ impl<K: MapKey, V: Copy> ExpiringMap<K, V> {
         self.slots[victim] = Some((k, v, expiry));
     }
 
+    /// Inserts or refreshes `k` until `expiry` only if there is room in its
+    /// probe window (a free or expired slot, or `k` itself): never evicts a
+    /// live entry. False when full.
+    pub fn try_insert(&mut self, k: K, v: V, expiry: u64, now: u64) -> bool {
+        let h = self.home(&k);
+        let mut free = None;
+        for i in 0..PROBE {
+            let at = (h + i) & self.mask;
+            match &self.slots[at] {
+                Some((sk, _, _)) if *sk == k => {
+                    self.slots[at] = Some((k, v, expiry));
+                    return true;
+                }
+                Some((_, _, exp)) if *exp > now => {}
+                other => {
+                    if free.is_none() {
+                        free = Some((at, other.is_none()));
+                    }
+                }
+            }
+        }
+        match free {
+            Some((at, empty)) => {
+                if empty {
+                    self.live += 1;
+                }
+                self.slots[at] = Some((k, v, expiry));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The live value of `k`, its expiry pushed to `expiry`.
+    #[inline]
+    pub fn get_refresh(&mut self, k: &K, now: u64, expiry: u64) -> Option<V> {
+        let h = self.home(k);
+        for i in 0..PROBE {
+            let at = (h + i) & self.mask;
+            if let Some((sk, v, exp)) = &mut self.slots[at] {
+                if sk == k && *exp > now {
+                    *exp = expiry;
+                    return Some(*v);
+                }
+            }
+        }
+        None
+    }
+
     /// Occupied slots (live or not yet reused).
     pub fn len(&self) -> usize {
         self.live
@@ -143,5 +192,30 @@ mod test {
         assert!(m.len() <= m.capacity());
         assert!(m.evictions() > 0);
         assert_eq!(m.get(&K(1099), 0), Some(1), "the newest entry is present");
+    }
+
+    #[test]
+    fn try_insert_never_evicts_and_refresh_extends() {
+        let mut m: ExpiringMap<K, u8> = ExpiringMap::new(8, HashKey::from_bytes([9; 16]));
+        let mut refused = 0;
+        for i in 0..32 {
+            if !m.try_insert(K(i), 1, 100, 0) {
+                refused += 1;
+            }
+        }
+        assert_eq!(
+            refused,
+            32 - m.capacity(),
+            "exactly the overflow is refused"
+        );
+        assert_eq!(m.evictions(), 0);
+        let kept: Vec<u32> = (0..32).filter(|&i| m.get(&K(i), 0).is_some()).collect();
+        assert_eq!(kept.len(), m.capacity());
+        let k = K(kept[0]);
+        assert!(m.try_insert(k, 2, 100, 0), "an existing key is refreshed");
+        assert_eq!(m.get(&k, 0), Some(2));
+        assert_eq!(m.get_refresh(&k, 50, 300), Some(2));
+        assert_eq!(m.get(&k, 200), Some(2), "refreshed past its first expiry");
+        assert!(m.try_insert(K(99), 3, 400, 200), "expired slots are reused");
     }
 }

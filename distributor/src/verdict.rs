@@ -96,11 +96,18 @@ pub enum Branch {
     Address,
     /// No ports: (src, dst, protocol) was hashed.
     NoPorts,
+    /// Transition, moved bucket: a flow seen starting (TCP SYN from
+    /// outside) goes to the new owner, and is remembered there.
+    TransitionNew,
+    /// Transition, moved bucket: a flow remembered from its start follows it.
+    TransitionRemembered,
+    /// Transition, moved bucket: any other packet goes to the old owner.
+    TransitionOld,
 }
 
 impl Branch {
     /// Every branch, for metrics.
-    pub const ALL: [Branch; 12] = [
+    pub const ALL: [Branch; 15] = [
         Branch::Bridge,
         Branch::ArpReply,
         Branch::NdReply,
@@ -113,6 +120,9 @@ impl Branch {
         Branch::Endpoint,
         Branch::Address,
         Branch::NoPorts,
+        Branch::TransitionNew,
+        Branch::TransitionRemembered,
+        Branch::TransitionOld,
     ];
 
     /// Metric label.
@@ -130,6 +140,9 @@ impl Branch {
             Branch::Endpoint => "endpoint",
             Branch::Address => "address",
             Branch::NoPorts => "no_ports",
+            Branch::TransitionNew => "transition_new",
+            Branch::TransitionRemembered => "transition_remembered",
+            Branch::TransitionOld => "transition_old",
         }
     }
 

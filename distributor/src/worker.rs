@@ -13,7 +13,8 @@ use crate::bridge::{Bridge, BridgeConfig};
 use crate::frag::{FragConfig, FragTable};
 use crate::io::Batch;
 use crate::steer::PortKind;
-use crate::steer::{decide, Plan, Verdict};
+use crate::steer::{decide, Moved, Plan, Verdict};
+use crate::transit::{Transit, TransitConfig};
 use crate::verdict::{Action, Branch, Counters, Drop, PortId};
 use crate::wire::{self, EthernetFrame};
 
@@ -24,6 +25,8 @@ pub struct WorkerConfig {
     pub frag: FragConfig,
     /// MAC learning limits.
     pub bridge: BridgeConfig,
+    /// Transition memory limits.
+    pub transit: TransitConfig,
 }
 
 /// Per-core steering state.
@@ -31,6 +34,7 @@ pub struct WorkerConfig {
 pub struct Worker {
     frag: FragTable,
     bridge: Bridge,
+    transit: Transit,
     /// This worker's counters.
     pub counters: Counters,
     /// The branch that decided the last frame (`None`: dropped or held).
@@ -44,6 +48,7 @@ impl Worker {
         Worker {
             frag: FragTable::new(cfg.frag, key),
             bridge: Bridge::new(cfg.bridge, key),
+            transit: Transit::new(cfg.transit, key),
             counters: Counters::default(),
             last: None,
         }
@@ -75,7 +80,12 @@ impl Worker {
                 tm,
                 branch,
                 remember,
+                moved,
             } => {
+                let (tm, branch) = match moved {
+                    None => (tm, branch),
+                    Some(m) => self.transition(tm, m, plan, now),
+                };
                 let action = self.send_to_tm(buf, len, tm, branch, plan);
                 if let (Some(key), Action::ToTm { .. }) = (remember, action) {
                     self.frag.remember(key, tm, now);
@@ -97,14 +107,12 @@ impl Worker {
                     }
                 }
             },
-            Verdict::Bridge(branch) => {
-                self.count(branch);
-                let dst = src.map(|(_, d)| d).unwrap_or_default();
-                match self.bridge.port_of(dst, now) {
-                    Some(p) if p == ingress => self.dropped(Drop::Hairpin),
-                    Some(p) => Action::Forward(p),
-                    None => Action::Flood,
+            Verdict::Bridge(branch) => self.bridged(branch, src.map(|(_, d)| d), ingress, now),
+            Verdict::BridgeStarted { branch, key, tm } => {
+                if let Some(id) = plan.tm_id(tm) {
+                    self.transit.remember(key, id, plan.table().version(), now);
                 }
+                self.bridged(branch, src.map(|(_, d)| d), ingress, now)
             }
             Verdict::Reply { len, branch } => {
                 self.count(branch);
@@ -116,6 +124,43 @@ impl Worker {
             }
             Verdict::Drop(d) => self.dropped(d),
         }
+    }
+
+    fn bridged(
+        &mut self,
+        branch: Branch,
+        dst: Option<MacAddr>,
+        ingress: PortId,
+        now: u64,
+    ) -> Action {
+        self.count(branch);
+        match self.bridge.port_of(dst.unwrap_or_default(), now) {
+            Some(p) if p == ingress => self.dropped(Drop::Hairpin),
+            Some(p) => Action::Forward(p),
+            None => Action::Flood,
+        }
+    }
+
+    /// The transition rule for a flow in a moved bucket (DESIGN §4 step 2):
+    /// remembered flows go where they started; a flow starting now starts
+    /// on the new owner `new` and is remembered (or, with no room left,
+    /// starts on the old owner: counted, and it still works there);
+    /// everything else goes to the old owner.
+    fn transition(&mut self, new: TmIndex, m: Moved, plan: &Plan, now: u64) -> (TmIndex, Branch) {
+        let version = plan.table().version();
+        if let Some(id) = self.transit.lookup(&m.key, version, now) {
+            if let Some(tm) = plan.route_of(id) {
+                return (tm, Branch::TransitionRemembered);
+            }
+        }
+        if m.start {
+            if let Some(id) = plan.tm_id(new) {
+                if self.transit.remember(m.key, id, version, now) {
+                    return (new, Branch::TransitionNew);
+                }
+            }
+        }
+        (m.old, Branch::TransitionOld)
     }
 
     #[inline]
@@ -164,7 +209,7 @@ impl Worker {
     /// other frame takes [`Worker::process`].
     pub fn process_batch(&mut self, batch: &mut Batch, plan: &Plan, now: u64) {
         let n = batch.len();
-        let Some((key, buckets)) = plan.single_endpoint_group() else {
+        let Some((key, buckets, moved)) = plan.single_endpoint_group() else {
             for i in 0..n {
                 let (port, _, buf, len) = batch.get_mut(i);
                 let a = self.process(buf, len, port, plan, now);
@@ -188,13 +233,15 @@ impl Worker {
             }
             for i in start..end {
                 let (port, _, buf, len) = batch.get_mut(i);
-                let a = match keys[i - start] {
+                let b = bucket(hashes[i - start]);
+                let fast = keys[i - start].filter(|_| moved.is_none_or(|m| !m.contains(b)));
+                let a = match fast {
                     Some(k) => {
                         self.last = None;
                         if k.src_mac != plan.group_mac() {
                             self.bridge.learn(k.src_mac, port, now);
                         }
-                        let tm = buckets.get(bucket(hashes[i - start]));
+                        let tm = buckets.get(b);
                         self.send_to_tm(buf, len, tm, Branch::Endpoint, plan)
                     }
                     None => self.process(buf, len, port, plan, now),
@@ -244,6 +291,16 @@ impl Worker {
     /// First fragments remembered (a metric).
     pub fn fragments_remembered(&self) -> usize {
         self.frag.remembered()
+    }
+
+    /// Flows remembered by the transition memory (a scan: metrics only).
+    pub fn transit_remembered(&self, now: u64) -> usize {
+        self.transit.live(now)
+    }
+
+    /// Flows the transition memory had no room for.
+    pub fn transit_overflows(&self) -> u64 {
+        self.transit.overflows()
     }
 
     /// Learned MAC addresses (a metric).

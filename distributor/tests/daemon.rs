@@ -217,6 +217,56 @@ fn stdd_runs_serves_admin_swaps_tables_and_stops_on_sigterm() {
     assert_eq!(metric(&m, "std_table_version"), 2, "the good table stays");
     assert_eq!(metric(&m, "std_table_swaps_total"), 1);
 
+    // The transition: switch keeps version 2 as previous, PUT is refused
+    // meanwhile, commit drops it; abort goes back.
+    let (code, body) = http(admin, "GET", "/transition", Some(TOKEN), "");
+    assert_eq!(code, 200);
+    assert!(body.contains("\"state\":\"idle\""), "{body}");
+    assert_eq!(
+        http(admin, "POST", "/transition/commit", Some(TOKEN), "").0,
+        409
+    );
+    let v3 = next
+        .rebalance(0, &Profile::Uniform)
+        .expect("rebalance")
+        .table;
+    let moved = allocation::rebalance::minimum_moves(&next.counts(0), &v3.counts(0));
+    let v3_text = allocation::file::render(&v3);
+    let (code, body) = http(admin, "POST", "/transition/switch", Some(TOKEN), &v3_text);
+    assert_eq!(code, 200, "{body}");
+    let (_, body) = http(admin, "GET", "/transition", Some(TOKEN), "");
+    assert!(body.contains("\"state\":\"switched\""), "{body}");
+    assert!(
+        body.contains(&format!("\"moved_buckets\":{moved}")),
+        "{body}"
+    );
+    assert!(body.contains("\"previous_version\":2"), "{body}");
+    let m = http(admin, "GET", "/metrics", Some(TOKEN), "").1;
+    assert_eq!(metric(&m, "std_transition_switched"), 1);
+    assert_eq!(metric(&m, "std_transition_moved_buckets"), moved as u64);
+    let (code, body) = http(admin, "POST", "/transition/switch", Some(TOKEN), &v3_text);
+    assert_eq!(code, 409, "one transition at a time: {body}");
+    let (code, body) = http(admin, "PUT", "/table", Some(TOKEN), &v3_text);
+    assert_eq!(code, 409, "no PUT while switched: {body}");
+    let (code, body) = http(admin, "POST", "/transition/abort", Some(TOKEN), "");
+    assert_eq!(code, 200, "{body}");
+    let m = http(admin, "GET", "/metrics", Some(TOKEN), "").1;
+    assert_eq!(
+        metric(&m, "std_table_version"),
+        2,
+        "abort: back to version 2"
+    );
+    assert_eq!(metric(&m, "std_transition_switched"), 0);
+    let (code, body) = http(admin, "POST", "/transition/switch", Some(TOKEN), &v3_text);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = http(admin, "POST", "/transition/commit", Some(TOKEN), "");
+    assert_eq!(code, 200, "{body}");
+    let m = http(admin, "GET", "/metrics", Some(TOKEN), "").1;
+    assert_eq!(metric(&m, "std_table_version"), 3);
+    assert_eq!(metric(&m, "std_transition_switched"), 0);
+    let (code, body) = http(admin, "GET", "/table", Some(TOKEN), "");
+    assert_eq!((code, body.trim_end()), (200, v3_text.trim_end()));
+
     let pid = d.child.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])

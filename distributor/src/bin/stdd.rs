@@ -327,6 +327,9 @@ mod daemon {
             std::thread::sleep(Duration::from_millis(100));
             if reload.swap(false, Ordering::Relaxed) {
                 match load(path) {
+                    Ok(_) if plan.load().previous().is_some() => log::error!(
+                        "SIGHUP: reload refused while a transition is switched: commit or abort it first"
+                    ),
                     Ok((new_cfg, new_plan)) => {
                         if new_cfg.ports
                             != state

@@ -1,0 +1,414 @@
+//! The transition rule on real frames (DESIGN §4 step 2): in moved buckets, flows seen starting stay where they started, everything else goes to the old owner; commit drops the previous table.
+
+use std::net::IpAddr;
+
+use allocation::rules::proto;
+use allocation::{AllocationTable, Flow, GroupSpec, HashKey, MacAddr, Profile, Tm};
+use distributor::build::{self, tcp_flags, L2};
+use distributor::io::Batch;
+use distributor::transit::TransitConfig;
+use distributor::{Action, Branch, Plan, PlanError, PortKind, Worker, WorkerConfig};
+use proptest::prelude::*;
+
+const GROUP: MacAddr = MacAddr([0x02, 0x57, 0x44, 0, 0, 1]);
+const CLIENT_MAC: MacAddr = MacAddr([0x02, 0xc1, 0, 0, 0, 1]);
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("addr")
+}
+
+fn tm_mac(i: u32) -> MacAddr {
+    MacAddr([0x02, 0x53, 0x54, 0, 0, i as u8 + 1])
+}
+
+/// Version 1: four TMs, uniform.
+fn v1() -> AllocationTable {
+    let tms = (0..4)
+        .map(|i| Tm {
+            id: i,
+            name: format!("tm{i}"),
+            mac: tm_mac(i),
+            weight: 1,
+            group: 0,
+        })
+        .collect();
+    let key: HashKey = "000102030405060708090a0b0c0d0e0f".parse().expect("key");
+    AllocationTable::new(
+        1,
+        key,
+        tms,
+        vec![GroupSpec::default_group(Profile::Uniform)],
+    )
+    .expect("table")
+}
+
+/// Version 2: v1 rebalanced to a Gaussian (minimal moves).
+fn v2() -> AllocationTable {
+    v1().rebalance(
+        0,
+        &Profile::Gaussian {
+            mean: None,
+            sigma: None,
+        },
+    )
+    .expect("rebalance")
+    .table
+}
+
+/// Port 0 outside, ports 1–4 one TM each.
+fn plan(table: AllocationTable) -> Plan {
+    let ports = vec![
+        PortKind::Outside,
+        PortKind::Tm,
+        PortKind::Tm,
+        PortKind::Tm,
+        PortKind::Tm,
+    ];
+    Plan::new(
+        table,
+        GROUP,
+        &[ip("198.51.100.10"), ip("10.1.0.1")],
+        ports,
+        &[(0, 1), (1, 2), (2, 3), (3, 4)],
+    )
+    .expect("plan")
+}
+
+fn switched() -> Plan {
+    plan(v2()).with_previous(v1()).expect("switch")
+}
+
+fn worker(capacity: usize) -> Worker {
+    Worker::new(
+        WorkerConfig {
+            transit: TransitConfig {
+                capacity,
+                idle_ns: 60_000_000_000,
+            },
+            ..WorkerConfig::default()
+        },
+        HashKey::from_bytes([5; 16]),
+    )
+}
+
+fn route_id(p: &Plan, a: Action) -> Option<u32> {
+    match a {
+        Action::ToTm { tm, .. } => p.tm_id(tm),
+        _ => None,
+    }
+}
+
+fn run(w: &mut Worker, p: &Plan, frame: &[u8], ingress: u16) -> (Action, Option<Branch>) {
+    let mut buf = frame.to_vec();
+    let a = w.process(&mut buf, frame.len(), ingress, p, 1_000);
+    (a, w.last_branch())
+}
+
+fn owner_id(t: &AllocationTable, f: &Flow) -> u32 {
+    t.tms()[usize::from(t.steer(f).tm)].id
+}
+
+/// Client endpoints (address, port) toward the VIP whose owner changed / did not.
+fn client_flows(moved: bool, n: usize) -> Vec<(IpAddr, u16)> {
+    let (a, b) = (v1(), v2());
+    let mut out = Vec::new();
+    for port in 20_000u16.. {
+        let c = ip(&format!("203.0.113.{}", port % 200 + 1));
+        let f = Flow::with_ports(proto::TCP, c, port, ip("198.51.100.10"), 80);
+        if (owner_id(&a, &f) != owner_id(&b, &f)) == moved {
+            out.push((c, port));
+            if out.len() == n {
+                return out;
+            }
+        }
+    }
+    out
+}
+
+fn to_vip(c: (IpAddr, u16), flags: u8) -> Vec<u8> {
+    build::tcp_frame(
+        &L2::new(GROUP, CLIENT_MAC),
+        c.0,
+        c.1,
+        ip("198.51.100.10"),
+        80,
+        flags,
+        b"x",
+    )
+}
+
+#[test]
+fn switch_rejects_a_previous_that_is_not_older() {
+    assert!(matches!(
+        plan(v1()).with_previous(v1()),
+        Err(PlanError::PreviousNotOlder { .. })
+    ));
+    let p = switched();
+    assert_eq!(p.previous().map(|t| t.version()), Some(1));
+    let moved = p.moved().expect("comparable tables").len();
+    let min = allocation::rebalance::minimum_moves(&v1().counts(0), &v2().counts(0));
+    assert_eq!(moved, min, "the moved set is exactly the rebalance's moves");
+    let committed = p.without_previous();
+    assert!(committed.previous().is_none() && committed.moved().is_none());
+}
+
+#[test]
+fn moved_buckets_follow_the_transition_rule() {
+    let p = switched();
+    let (old, new) = (v1(), v2());
+    let mut w = worker(1024);
+    let flows = client_flows(true, 20);
+    let (started, established) = flows.split_at(10);
+    for &c in started {
+        let f = Flow::with_ports(proto::TCP, c.0, c.1, ip("198.51.100.10"), 80);
+        // A SYN from outside starts the flow on the new owner ...
+        let (a, b) = run(&mut w, &p, &to_vip(c, tcp_flags::SYN), 0);
+        assert_eq!(route_id(&p, a), Some(owner_id(&new, &f)));
+        assert_eq!(b, Some(Branch::TransitionNew));
+        // ... and every later packet of it follows there.
+        for flags in [
+            tcp_flags::ACK,
+            tcp_flags::ACK | tcp_flags::PSH,
+            tcp_flags::FIN | tcp_flags::ACK,
+        ] {
+            let (a, b) = run(&mut w, &p, &to_vip(c, flags), 0);
+            assert_eq!(route_id(&p, a), Some(owner_id(&new, &f)));
+            assert_eq!(b, Some(Branch::TransitionRemembered));
+        }
+    }
+    for &c in established {
+        // A flow not seen starting is an established one: the old owner keeps it.
+        let f = Flow::with_ports(proto::TCP, c.0, c.1, ip("198.51.100.10"), 80);
+        let (a, b) = run(&mut w, &p, &to_vip(c, tcp_flags::ACK), 0);
+        assert_eq!(route_id(&p, a), Some(owner_id(&old, &f)));
+        assert_eq!(b, Some(Branch::TransitionOld));
+        // A SYN-ACK is no start either.
+        let (a, _) = run(&mut w, &p, &to_vip(c, tcp_flags::SYN | tcp_flags::ACK), 0);
+        assert_eq!(route_id(&p, a), Some(owner_id(&old, &f)));
+    }
+    // Buckets that did not move are steered as always.
+    for c in client_flows(false, 10) {
+        let f = Flow::with_ports(proto::TCP, c.0, c.1, ip("198.51.100.10"), 80);
+        for flags in [tcp_flags::SYN, tcp_flags::ACK] {
+            let (a, b) = run(&mut w, &p, &to_vip(c, flags), 0);
+            assert_eq!(route_id(&p, a), Some(owner_id(&new, &f)));
+            assert_eq!(b, Some(Branch::Endpoint));
+        }
+    }
+    assert_eq!(w.transit_overflows(), 0);
+    assert_eq!(w.transit_remembered(1_000), 10);
+}
+
+#[test]
+fn udp_and_server_replies_in_moved_buckets_stay_with_the_old_owner() {
+    let p = switched();
+    let (old, _) = (v1(), v2());
+    let mut w = worker(64);
+    let l2 = L2::new(GROUP, CLIENT_MAC);
+    for c in client_flows(true, 10) {
+        // UDP has no SYN: the old owner until commit.
+        let frame = build::udp_frame(&l2, c.0, c.1, ip("198.51.100.10"), 53, b"q");
+        let f = Flow::with_ports(proto::UDP, c.0, c.1, ip("198.51.100.10"), 53);
+        let (a, b) = run(&mut w, &p, &frame, 0);
+        assert_eq!(route_id(&p, a), Some(owner_id(&old, &f)));
+        assert_eq!(b, Some(Branch::TransitionOld));
+    }
+    // A server's reply to a SNAT port in a moved bucket (back distributor):
+    // the port was handed out by the old owner before the transition.
+    let snat = ip("10.1.0.1");
+    let mut checked = 0;
+    for port in 30_000u16..40_000 {
+        let f = Flow::with_ports(proto::TCP, ip("10.2.0.5"), 80, snat, port);
+        if owner_id(&v1(), &f) == owner_id(&v2(), &f) {
+            continue;
+        }
+        let frame = build::tcp_frame(
+            &l2,
+            ip("10.2.0.5"),
+            80,
+            snat,
+            port,
+            tcp_flags::SYN | tcp_flags::ACK,
+            b"",
+        );
+        let (a, _) = run(&mut w, &p, &frame, 0);
+        assert_eq!(route_id(&p, a), Some(owner_id(&old, &f)));
+        checked += 1;
+    }
+    assert!(checked > 100, "{checked}");
+}
+
+#[test]
+fn a_syn_sent_by_a_tm_keeps_the_servers_answers_on_that_tm() {
+    let p = switched();
+    let mut w = worker(64);
+    // A DNAT-only connection: TM 2 opens client:port → server:80 itself.
+    let server = ip("10.2.0.5");
+    let c = client_flows(true, 1)[0];
+    let f = Flow::with_ports(proto::TCP, c.0, c.1, server, 80);
+    let sender = 2u32;
+    assert_ne!(owner_id(&v1(), &f), sender, "the test wants a third TM");
+    let syn = build::tcp_frame(
+        &L2::new(ip_mac(), tm_mac(sender)),
+        c.0,
+        c.1,
+        server,
+        80,
+        tcp_flags::SYN,
+        b"",
+    );
+    let (a, b) = run(&mut w, &p, &syn, 3);
+    assert!(matches!(a, Action::Flood | Action::Forward(_)), "{a:?}");
+    assert_eq!(b, Some(Branch::FromTm));
+    // The server's SYN-ACK and data come back to TM 2, not to either owner.
+    for flags in [tcp_flags::SYN | tcp_flags::ACK, tcp_flags::ACK] {
+        let back = build::tcp_frame(&L2::new(GROUP, ip_mac()), server, 80, c.0, c.1, flags, b"");
+        let (a, b) = run(&mut w, &p, &back, 0);
+        assert_eq!(route_id(&p, a), Some(sender));
+        assert_eq!(b, Some(Branch::TransitionRemembered));
+    }
+    // An ICMP error about that flow reaches TM 2 as well.
+    let offending = build::ip(
+        c.0,
+        server,
+        proto::TCP,
+        9,
+        &build::tcp(c.0, c.1, server, 80, tcp_flags::ACK, 5, &[0; 40]),
+    );
+    let err = build::too_big(
+        &L2::new(GROUP, ip_mac()),
+        ip("10.9.9.9"),
+        c.0,
+        1280,
+        &offending,
+    );
+    let (a, b) = run(&mut w, &p, &err, 0);
+    assert_eq!(route_id(&p, a), Some(sender));
+    assert_eq!(b, Some(Branch::TransitionRemembered));
+}
+
+fn ip_mac() -> MacAddr {
+    MacAddr([0x02, 0x5e, 0, 0, 0, 5])
+}
+
+#[test]
+fn commit_and_a_later_transition_forget_the_window() {
+    let p = switched();
+    let mut w = worker(64);
+    let c = client_flows(true, 1)[0];
+    let f = Flow::with_ports(proto::TCP, c.0, c.1, ip("198.51.100.10"), 80);
+    run(&mut w, &p, &to_vip(c, tcp_flags::SYN), 0);
+    let committed = p.without_previous();
+    let (a, b) = run(&mut w, &committed, &to_vip(c, tcp_flags::ACK), 0);
+    assert_eq!(route_id(&committed, a), Some(owner_id(&v2(), &f)));
+    assert_eq!(b, Some(Branch::Endpoint));
+    // Back to v1 as version 3: the flow's bucket moves again; what was
+    // remembered for version 2 does not apply to version 3.
+    let v3 = v1().with_version(3);
+    let again = plan(v3.clone()).with_previous(v2()).expect("switch");
+    let (a, b) = run(&mut w, &again, &to_vip(c, tcp_flags::ACK), 0);
+    assert_eq!(
+        route_id(&again, a),
+        Some(owner_id(&v2(), &f)),
+        "old owner of this window"
+    );
+    assert_eq!(b, Some(Branch::TransitionOld));
+}
+
+#[test]
+fn a_removed_tm_keeps_its_established_flows_until_commit() {
+    let t1 = v1();
+    let removed = t1.remove_tm(3).expect("remove").table;
+    let p = plan(removed.clone())
+        .with_previous(t1.clone())
+        .expect("switch");
+    assert_eq!(p.routes(), 4, "the removed TM keeps a route");
+    let mut w = worker(4096);
+    let mut seen = 0;
+    for port in 20_000u16..22_000 {
+        let c = (ip("203.0.113.7"), port);
+        let f = Flow::with_ports(proto::TCP, c.0, c.1, ip("198.51.100.10"), 80);
+        if owner_id(&t1, &f) != 3 {
+            continue;
+        }
+        seen += 1;
+        let (a, _) = run(&mut w, &p, &to_vip(c, tcp_flags::ACK), 0);
+        assert_eq!(route_id(&p, a), Some(3), "established: still TM 3");
+        assert!(matches!(a, Action::ToTm { port: 4, .. }));
+        let (a, _) = run(&mut w, &p, &to_vip(c, tcp_flags::SYN), 0);
+        assert_eq!(
+            route_id(&p, a),
+            Some(owner_id(&removed, &f)),
+            "new: a survivor"
+        );
+    }
+    assert!(seen > 100);
+    let committed = p.without_previous();
+    assert_eq!(committed.routes(), 3);
+}
+
+#[test]
+fn overflow_sends_new_flows_to_the_old_owner_where_they_stay() {
+    let p = switched();
+    // A tiny memory: most SYNs in moved buckets cannot be remembered.
+    let mut w = worker(8);
+    let flows = client_flows(true, 200);
+    let mut first = Vec::new();
+    for &c in &flows {
+        let (a, _) = run(&mut w, &p, &to_vip(c, tcp_flags::SYN), 0);
+        first.push(route_id(&p, a));
+    }
+    assert!(w.transit_overflows() > 0);
+    assert_eq!(
+        w.transit_overflows() as usize + w.transit_remembered(1_000),
+        flows.len()
+    );
+    // Whatever each SYN got, the rest of its flow gets the same.
+    for (&c, tm) in flows.iter().zip(&first) {
+        for flags in [tcp_flags::ACK, tcp_flags::ACK | tcp_flags::FIN] {
+            let (a, _) = run(&mut w, &p, &to_vip(c, flags), 0);
+            assert_eq!(route_id(&p, a), *tm, "{c:?}");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The batch fast path steers exactly as frame-by-frame processing
+    /// during a transition (moved buckets leave the fast path).
+    #[test]
+    fn batch_equals_per_frame_in_a_transition(
+        frames in prop::collection::vec((20_000u16..60_000, 1u8..250, prop::bool::ANY), 1..96)
+    ) {
+        let p = switched();
+        let raw: Vec<Vec<u8>> = frames
+            .iter()
+            .map(|&(port, host, syn)| {
+                let c = (ip(&format!("203.0.113.{host}")), port);
+                to_vip(c, if syn { tcp_flags::SYN } else { tcp_flags::ACK })
+            })
+            .collect();
+        let mut one = worker(256);
+        let want: Vec<(Action, Vec<u8>)> = raw
+            .iter()
+            .map(|f| {
+                let mut b = f.clone();
+                let a = one.process(&mut b, f.len(), 0, &p, 7);
+                (a, b)
+            })
+            .collect();
+        let mut many = worker(256);
+        let mut batch = Batch::new(raw.len());
+        for f in &raw {
+            prop_assert!(batch.push(0, 0, f));
+        }
+        many.process_batch(&mut batch, &p, 7);
+        for (i, (a, bytes)) in want.iter().enumerate() {
+            prop_assert_eq!(batch.action(i), *a);
+            let (_, _, buf, len) = batch.get_mut(i);
+            prop_assert_eq!(&buf[..len], &bytes[..]);
+        }
+        prop_assert_eq!(&one.counters, &many.counters);
+    }
+}
