@@ -636,4 +636,25 @@ mod test {
             check_change(&t, &a, 0);
         }
     }
+
+    #[test]
+    fn targets_excluding_spreads_the_profile_over_the_others() {
+        let t = uniform(4);
+        let tg = t
+            .targets_excluding(0, &Profile::Uniform, &[2])
+            .expect("targets");
+        assert_eq!(tg[2], 0);
+        assert_eq!(tg.iter().sum::<u32>(), 4096);
+        assert!(tg
+            .iter()
+            .enumerate()
+            .all(|(i, &n)| i == 2 || (1365..=1366).contains(&n)));
+        // Rebalancing to them moves exactly TM 2's buckets and the minimum.
+        let c = t.rebalance_to_targets(0, &tg, None).expect("rebalance");
+        assert_eq!(c.table.counts(0), tg);
+        assert_eq!(c.moves.len(), minimum_moves(&t.counts(0), &tg));
+        assert!(t
+            .targets_excluding(0, &Profile::Uniform, &[0, 1, 2, 3])
+            .is_err());
+    }
 }

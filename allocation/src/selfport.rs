@@ -155,6 +155,14 @@ impl SelfPorts {
         })
     }
 
+    /// This set without `ports` (ports another node may still hold).
+    pub fn without(mut self, ports: impl IntoIterator<Item = u16>) -> SelfPorts {
+        for p in ports {
+            self.bits.set(usize::from(p), false);
+        }
+        self
+    }
+
     fn words(&self) -> &[u64] {
         self.bits.as_raw_slice()
     }
@@ -387,6 +395,30 @@ impl SnatAllocator {
                 ports = ports.intersect(&SelfPorts::build(n, pool.addr, tm_next, range)?)?;
             }
             pool.set_ports(&ports);
+        }
+        self.tm = tm;
+        Ok(())
+    }
+
+    /// A transition's prepare for a node that owns no bucket of the running
+    /// table (added, or readmitted after a failover; `tm` is its index in
+    /// `next`): the ports `next` gives it, but none of `held` — the
+    /// (address, port) pairs the old owners still hold in buckets moving to
+    /// it, which they keep until their connections end. Ports in use stay
+    /// reserved.
+    pub fn prepare_joining(
+        &mut self,
+        next: &AllocationTable,
+        tm: TmIndex,
+        held: &[(IpAddr, u16)],
+        range: PortRange,
+    ) -> Result<(), PortError> {
+        for pool in self.pools.iter_mut() {
+            let ports = SelfPorts::build(next, pool.addr, tm, range)?;
+            let addr = pool.addr;
+            pool.set_ports(
+                &ports.without(held.iter().filter(|(a, _)| *a == addr).map(|&(_, p)| p)),
+            );
         }
         self.tm = tm;
         Ok(())

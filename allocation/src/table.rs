@@ -553,6 +553,37 @@ impl AllocationTable {
         Ok(out)
     }
 
+    /// Like [`AllocationTable::targets`], with the TMs of `excluded` given
+    /// no entry (failed or drained TMs): the profile spreads over the other
+    /// members. An error if no member is left.
+    pub fn targets_excluding(
+        &self,
+        g: usize,
+        profile: &Profile,
+        excluded: &[TmIndex],
+    ) -> Result<Vec<u32>, TableError> {
+        let group = self
+            .groups
+            .get(g)
+            .ok_or_else(|| TableError::Groups(format!("no group #{g}")))?;
+        let members: Vec<TmIndex> = self
+            .members(g)
+            .into_iter()
+            .filter(|m| !excluded.contains(m))
+            .collect();
+        if members.is_empty() {
+            return Err(TableError::NoSurvivors {
+                group: group.name.clone(),
+            });
+        }
+        let t = profile_targets(profile, &self.tms, &members, &group.name)?;
+        let mut out = vec![0u32; self.tms.len()];
+        for (&m, &v) in members.iter().zip(&t) {
+            out[usize::from(m)] = v;
+        }
+        Ok(out)
+    }
+
     /// The group whose rules match `flow`: the first non-default group with a
     /// matching rule, else the default group (0).
     #[inline]

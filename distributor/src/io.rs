@@ -209,6 +209,20 @@ pub fn dispatch<B: Backend>(
                 }
             }
         }
+        Action::ToTmAndCopy {
+            port,
+            also,
+            also_port,
+            ..
+        } => {
+            send(backend, port, frame);
+            if let Some((_, mac)) = plan.tm_route(also) {
+                let copy = &mut scratch[..frame.len()];
+                copy.copy_from_slice(frame);
+                wire::set_dst_mac(copy, mac);
+                send(backend, also_port, copy);
+            }
+        }
         Action::ToAllTms => {
             let copy = &mut scratch[..frame.len()];
             copy.copy_from_slice(frame);

@@ -296,9 +296,12 @@ pub fn replay_with<R: Read>(
                 }
             }
             Action::Held | Action::Drop(_) => {}
-            Action::Forward(_) | Action::Flood | Action::ToAllTms | Action::Reply { .. } => {
-                not_steered += 1
-            }
+            // A copy to two TMs happens only during a transition, which replay never runs.
+            Action::Forward(_)
+            | Action::Flood
+            | Action::ToAllTms
+            | Action::Reply { .. }
+            | Action::ToTmAndCopy { .. } => not_steered += 1,
         }
         let mut failed = None;
         worker.drain_released(&plan, |frame, a| {

@@ -102,6 +102,9 @@ pub struct Moved {
     /// The packet starts a flow (a TCP SYN without ACK): it is remembered
     /// where it goes.
     pub start: bool,
+    /// The packet is an ICMP error about the flow (it may come through
+    /// another distributor than the flow's own packets).
+    pub icmp: bool,
 }
 
 /// A flow named the same in both directions: protocol and the two
@@ -323,6 +326,7 @@ impl Plan {
             key: FlowKey::of(flow),
             old,
             start,
+            icmp: false,
         })
     }
 
@@ -579,7 +583,9 @@ fn steer_ip(packet: &[u8], ip: &IpHeader, plan: &Plan) -> Verdict {
             tm: s.tm,
             branch: Branch::IcmpError,
             remember: None,
-            moved: plan.moved_flow(&flow, s.tm, false),
+            moved: plan
+                .moved_flow(&flow, s.tm, false)
+                .map(|m| Moved { icmp: true, ..m }),
         };
     }
     let flow = if wire::has_ports(ip.proto) {

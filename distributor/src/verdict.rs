@@ -103,11 +103,15 @@ pub enum Branch {
     TransitionRemembered,
     /// Transition, moved bucket: any other packet goes to the old owner.
     TransitionOld,
+    /// Transition, moved bucket: an ICMP error about a flow this
+    /// distributor did not see start (it may have taken another
+    /// distributor) goes to both the old and the new owner.
+    TransitionIcmpBoth,
 }
 
 impl Branch {
     /// Every branch, for metrics.
-    pub const ALL: [Branch; 15] = [
+    pub const ALL: [Branch; 16] = [
         Branch::Bridge,
         Branch::ArpReply,
         Branch::NdReply,
@@ -123,6 +127,7 @@ impl Branch {
         Branch::TransitionNew,
         Branch::TransitionRemembered,
         Branch::TransitionOld,
+        Branch::TransitionIcmpBoth,
     ];
 
     /// Metric label.
@@ -143,6 +148,7 @@ impl Branch {
             Branch::TransitionNew => "transition_new",
             Branch::TransitionRemembered => "transition_remembered",
             Branch::TransitionOld => "transition_old",
+            Branch::TransitionIcmpBoth => "transition_icmp_both",
         }
     }
 
@@ -162,6 +168,21 @@ pub enum Action {
         tm: TmIndex,
         /// Its port.
         port: PortId,
+    },
+    /// Send to TM `tm` out of `port`, and a copy to TM `also` out of
+    /// `also_port` (that copy's destination MAC rewritten to `also`'s): an
+    /// ICMP error about a flow in a moved bucket that this distributor did
+    /// not see start. Either the old or the new owner has the flow; the
+    /// other has no such connection and ignores the error.
+    ToTmAndCopy {
+        /// The new owner.
+        tm: TmIndex,
+        /// Its port.
+        port: PortId,
+        /// The old owner.
+        also: TmIndex,
+        /// Its port.
+        also_port: PortId,
     },
     /// Send out of one port unchanged (bridged).
     Forward(PortId),

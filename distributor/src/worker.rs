@@ -84,7 +84,10 @@ impl Worker {
             } => {
                 let (tm, branch) = match moved {
                     None => (tm, branch),
-                    Some(m) => self.transition(tm, m, plan, now),
+                    Some(m) => match self.transition(tm, m, plan, now) {
+                        Some(d) => d,
+                        None => return self.send_to_both(buf, len, tm, m.old, plan),
+                    },
                 };
                 let action = self.send_to_tm(buf, len, tm, branch, plan);
                 if let (Some(key), Action::ToTm { .. }) = (remember, action) {
@@ -146,21 +149,59 @@ impl Worker {
     /// on the new owner `new` and is remembered (or, with no room left,
     /// starts on the old owner: counted, and it still works there);
     /// everything else goes to the old owner.
-    fn transition(&mut self, new: TmIndex, m: Moved, plan: &Plan, now: u64) -> (TmIndex, Branch) {
+    ///
+    /// An ICMP error about a flow not remembered here may concern a flow
+    /// that started through another distributor (routers spray the error
+    /// by its own addresses): `None` — it goes to both owners.
+    fn transition(
+        &mut self,
+        new: TmIndex,
+        m: Moved,
+        plan: &Plan,
+        now: u64,
+    ) -> Option<(TmIndex, Branch)> {
         let version = plan.table().version();
         if let Some(id) = self.transit.lookup(&m.key, version, now) {
             if let Some(tm) = plan.route_of(id) {
-                return (tm, Branch::TransitionRemembered);
+                return Some((tm, Branch::TransitionRemembered));
             }
+        }
+        if m.icmp {
+            return None;
         }
         if m.start {
             if let Some(id) = plan.tm_id(new) {
                 if self.transit.remember(m.key, id, version, now) {
-                    return (new, Branch::TransitionNew);
+                    return Some((new, Branch::TransitionNew));
                 }
             }
         }
-        (m.old, Branch::TransitionOld)
+        Some((m.old, Branch::TransitionOld))
+    }
+
+    /// The frame for TM `tm`, and a copy for TM `also` (see [`Action::ToTmAndCopy`]).
+    fn send_to_both(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        tm: TmIndex,
+        also: TmIndex,
+        plan: &Plan,
+    ) -> Action {
+        let (Some((port, mac)), Some((also_port, _))) = (plan.tm_route(tm), plan.tm_route(also))
+        else {
+            return self.dropped(Drop::NoTmPort);
+        };
+        wire::set_dst_mac(buf, mac);
+        self.count(Branch::TransitionIcmpBoth);
+        self.counters.to_tm(tm, len);
+        self.counters.to_tm(also, len);
+        Action::ToTmAndCopy {
+            tm,
+            port,
+            also,
+            also_port,
+        }
     }
 
     #[inline]

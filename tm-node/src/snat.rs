@@ -134,7 +134,9 @@ impl Snat {
     /// Recomputes the self-port tables for a new table (and, during a
     /// transition, only ports valid under both); leased ports stay
     /// reserved. This node is found in each table by its TM id — never by
-    /// index, which shifts when a TM is removed.
+    /// index, which shifts when a TM is removed. A node that owns no
+    /// bucket of `table` has no port valid under both: see
+    /// [`Snat::prepare_joining`].
     pub fn retable(
         &self,
         table: &AllocationTable,
@@ -160,30 +162,66 @@ impl Snat {
         Ok(())
     }
 
+    /// A transition's prepare for a node *joining* it: one that owns no
+    /// bucket of the running table (added, or readmitted after a
+    /// failover). It takes the ports `next` gives it except `held`, the
+    /// (address, port) pairs the old owners still hold in buckets moving to
+    /// it ([`Snat::moving_ports`] of every other node, taken after they
+    /// prepared: from then on that set only shrinks). The distributors
+    /// remember the connections it opens during the window (DESIGN §4), so
+    /// the servers' answers reach it.
+    pub fn prepare_joining(
+        &self,
+        next: &AllocationTable,
+        held: &[(IpAddr, u16)],
+    ) -> Result<(), PortError> {
+        let tm = next
+            .tm_index_by_id(self.tm_id)
+            .ok_or(PortError::NotInTable(self.tm_id))?;
+        for alloc in [&self.v4, &self.v6].into_iter().flatten() {
+            alloc
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .prepare_joining(next, tm, held, self.range)?;
+        }
+        Ok(())
+    }
+
+    /// True if this node owns no bucket of `table` (it would join a transition from it).
+    pub fn joins_from(&self, table: &AllocationTable) -> bool {
+        match table.tm_index_by_id(self.tm_id) {
+            None => true,
+            Some(i) => table
+                .groups()
+                .iter()
+                .all(|g| g.buckets.as_slice().iter().all(|&o| o != i)),
+        }
+    }
+
     /// Ports in use whose replies would not steer to this TM under `next`:
     /// the open connections living in buckets a transition moves away.
+    pub fn moving_ports(&self, next: &AllocationTable) -> Vec<(IpAddr, u16)> {
+        let tm = next.tm_index_by_id(self.tm_id);
+        let mut out = Vec::new();
+        for m in [&self.v4, &self.v6].into_iter().flatten() {
+            let a = m.lock().unwrap_or_else(|p| p.into_inner());
+            for p in a.pools() {
+                let valid = tm.and_then(|tm| {
+                    allocation::SelfPorts::build(next, p.addr(), tm, self.range).ok()
+                });
+                out.extend(
+                    p.used_ports()
+                        .filter(|&port| valid.as_ref().is_none_or(|v| !v.contains(port)))
+                        .map(|port| (p.addr(), port)),
+                );
+            }
+        }
+        out
+    }
+
+    /// How many of [`Snat::moving_ports`] there are.
     pub fn in_use_moving(&self, next: &AllocationTable) -> usize {
-        let Some(tm) = next.tm_index_by_id(self.tm_id) else {
-            return self.usage().iter().map(|u| u.1).sum();
-        };
-        [&self.v4, &self.v6]
-            .into_iter()
-            .flatten()
-            .map(|m| {
-                let a = m.lock().unwrap_or_else(|p| p.into_inner());
-                a.pools()
-                    .iter()
-                    .map(
-                        |p| match allocation::SelfPorts::build(next, p.addr(), tm, self.range) {
-                            Ok(valid) => {
-                                p.used_ports().filter(|&port| !valid.contains(port)).count()
-                            }
-                            Err(_) => p.in_use(),
-                        },
-                    )
-                    .sum::<usize>()
-            })
-            .sum()
+        self.moving_ports(next).len()
     }
 
     /// (address, ports in use, ports free) per SNAT address.
@@ -303,5 +341,84 @@ mod test {
             snat.retable(&without, None),
             Err(PortError::NotInTable(3))
         ));
+    }
+
+    #[test]
+    fn a_joining_node_prepares_with_the_next_table() {
+        let t = table();
+        let range = PortRange {
+            lo: 1024,
+            hi: 65535,
+        };
+        let addr: IpAddr = "10.1.0.1".parse().expect("addr");
+        // TM 2 failed: the failover table keeps it, with no bucket.
+        let failover = t.failover(&[2]).expect("failover").table;
+        let back = failover
+            .rebalance_to_targets(0, &t.counts(0), None)
+            .expect("readmit")
+            .table;
+        let snat = Arc::new(Snat::new(&failover, 2, &[addr], range).expect("snat"));
+        assert!(snat.lease(true, 80).is_err(), "no bucket, no port");
+        assert!(snat.joins_from(&failover));
+        // A member holds ports in buckets moving to TM 2 ...
+        let member = Arc::new(Snat::new(&failover, 1, &[addr], range).expect("snat"));
+        let mut leases: Vec<Lease> = (0..400)
+            .map(|_| member.lease(true, 80).expect("lease"))
+            .collect();
+        member.retable(&failover, Some(&back)).expect("prepare");
+        let held = member.moving_ports(&back);
+        assert!(!held.is_empty());
+        let held_to_2: Vec<u16> = held
+            .iter()
+            .filter(|&&(_, p)| {
+                back.steer(&Flow::with_ports(
+                    proto::TCP,
+                    "198.51.100.1".parse().expect("addr"),
+                    80,
+                    addr,
+                    p,
+                ))
+                .tm == 2
+            })
+            .map(|&(_, p)| p)
+            .collect();
+        assert!(!held_to_2.is_empty(), "some held ports move to TM 2");
+        // ... which the joining TM never takes.
+        snat.prepare_joining(&back, &held).expect("prepare");
+        let mut got = Vec::new();
+        while let Ok(lease) = snat.lease(true, 80) {
+            let reply = Flow::with_ports(
+                proto::TCP,
+                "198.51.100.1".parse().expect("addr"),
+                80,
+                addr,
+                lease.port,
+            );
+            assert_eq!(back.steer(&reply).tm, 2, "a port of the next table");
+            assert!(
+                !held_to_2.contains(&lease.port),
+                "port {} is held by TM 1",
+                lease.port
+            );
+            got.push(lease);
+            if got.len() > 20_000 {
+                break;
+            }
+        }
+        assert!(got.len() > 1000);
+        // The member, prepared, only takes ports valid under both tables.
+        leases.clear();
+        for _ in 0..100 {
+            let lease = member.lease(true, 80).expect("lease");
+            let reply = Flow::with_ports(
+                proto::TCP,
+                "198.51.100.1".parse().expect("addr"),
+                80,
+                addr,
+                lease.port,
+            );
+            assert_eq!(failover.steer(&reply).tm, 1);
+            assert_eq!(back.steer(&reply).tm, 1);
+        }
     }
 }

@@ -1,0 +1,1411 @@
+//! The simulation engine: clients, front and back distributors, traffic managers and servers exchanging real frames in virtual time.
+//!
+//! What is real: every frame is built as Ethernet/IP bytes and steered by
+//! the `distributor` crate's `Worker` under a `Plan` (the same code `stdd`
+//! runs), the transition memory included; every TM picks its self-source
+//! ports with `tm_node::snat::Snat` (the same allocator `tmd` uses), and
+//! retables it on prepare, commit and failover; tables are built, rebalanced
+//! and failed over by the `allocation` crate. What is modelled: the TMs'
+//! connection bookkeeping and the endpoints (TCP-like flows: SYN, SYN-ACK,
+//! requests and responses, FIN; UDP sessions with optionally fragmented
+//! requests), link delays, and the operator driving the transition protocol
+//! (DESIGN §4) over all nodes.
+//!
+//! Which TM a frame reached is read back from the bytes the distributor
+//! produced (its destination MAC and port); which flow it belongs to from
+//! its addresses, ports, fragment id or embedded header. A flow whose
+//! packets reach two TMs is a split flow; the TM that sees a packet of a
+//! connection it does not own would reset it, so the flow is broken there.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use allocation::rules::proto;
+use allocation::{AllocationTable, Flow, GroupSpec, HashKey, MacAddr, Tm, TmIndex};
+use distributor::build::{self, tcp_flags, L2};
+use distributor::transit::TransitConfig;
+use distributor::wire::{self, EthernetFrame};
+use distributor::{Action, Plan, PortKind, Worker, WorkerConfig};
+use fnv::FnvHashMap;
+use tm_node::snat::{Lease, Snat};
+
+use crate::report::{EventReport, PhaseReport, Report, TmShare};
+use crate::scenario::{Event, Family, PortPattern, Scenario};
+use crate::stats::{self, Rng};
+
+/// The cluster's group MAC.
+pub const GROUP: MacAddr = MacAddr([0x02, 0x53, 0x54, 0x44, 0, 1]);
+const CLIENT_ROUTER: MacAddr = MacAddr([0x02, 0xc0, 0, 0, 0, 1]);
+const SERVER_ROUTER: MacAddr = MacAddr([0x02, 0x5e, 0, 0, 0, 1]);
+const VIP4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10);
+const SNAT4: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 100);
+const SNAT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x20, 0, 0, 0, 0, 0x100);
+const SERVERS: usize = 4;
+
+/// One-way delay between clients and the cluster, ns.
+const CLIENT_DELAY: u64 = 500_000;
+/// One-way delay between the cluster and the servers, ns.
+const SERVER_DELAY: u64 = 100_000;
+/// Time between prepare and the first distributor's switch, ns.
+const PREPARE_NS: u64 = 1_000_000;
+/// Time between two distributors' switches (they do not switch at once), ns.
+const SWITCH_SKEW_NS: u64 = 200_000;
+/// How often the operator asks the TMs whether old owners have drained, ns.
+const CHECK_NS: u64 = 10_000_000;
+/// Ports 1.. of every distributor face TM ids 0..; room for TMs added later.
+const MAX_TM_IDS: u32 = 250;
+
+/// A TM's MAC (the one the distributors write for it).
+pub fn tm_mac(id: u32) -> MacAddr {
+    MacAddr([0x02, 0x53, 0x54, 0, (id >> 8) as u8, id as u8 + 1])
+}
+
+fn vip(v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(VIP6)
+    } else {
+        IpAddr::V4(VIP4)
+    }
+}
+
+fn snat_addrs() -> [IpAddr; 2] {
+    [IpAddr::V4(SNAT4), IpAddr::V6(SNAT6)]
+}
+
+fn server(v6: bool, i: usize) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, i as u16 + 1))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(10, 2, 0, i as u8 + 1))
+    }
+}
+
+fn router(v6: bool, server_side: bool) -> IpAddr {
+    match (v6, server_side) {
+        (false, false) => IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+        (false, true) => IpAddr::V4(Ipv4Addr::new(10, 2, 255, 1)),
+        (true, false) => IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1)),
+        (true, true) => IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 2, 0xff, 0, 0, 0, 1)),
+    }
+}
+
+fn client_addr(v6: bool, i: u64) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            0xc,
+            0,
+            0,
+            (i >> 32) as u16,
+            (i >> 16) as u16,
+            i as u16,
+        ))
+    } else {
+        // 100.64.0.0/10 holds 4M clients; beyond, wrap (a client reused).
+        let n = 0x6440_0000u32 | (i as u32 & 0x003f_ffff);
+        IpAddr::V4(Ipv4Addr::from(n))
+    }
+}
+
+/// Which side of the cluster a frame travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Side {
+    Front,
+    Back,
+}
+
+/// What a step of a flow does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Step {
+    Syn,
+    Request,
+    Fin,
+    SynAck,
+    Response,
+    FinAck,
+    UdpRequest,
+    UdpResponse,
+    TooBig,
+}
+
+/// The operator's (and the failure detector's) actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Op {
+    Switch(usize),
+    Check,
+    Failover(u32),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Ev {
+    Arrive,
+    Flow(u64, usize, Step),
+    Op(Op),
+}
+
+/// A flow's packets are found again by these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Key {
+    /// Client side: protocol, client address and port.
+    Client(u8, IpAddr, u16),
+    /// Server side: protocol, SNAT address and port.
+    Server(u8, IpAddr, u16),
+    /// A non-first fragment: source and identification.
+    Frag(IpAddr, u32),
+}
+
+#[derive(Debug)]
+struct FlowSt {
+    serial: u64,
+    tcp: bool,
+    v6: bool,
+    client: (IpAddr, u16),
+    vip_port: u16,
+    server: (IpAddr, u16),
+    lease: Option<Lease>,
+    owner: Option<u32>,
+    rounds: u8,
+    think_ns: u64,
+    frag: bool,
+    icmp: bool,
+    phase: Option<usize>,
+    commits_at_start: u64,
+    ip_id: u32,
+}
+
+#[derive(Debug)]
+struct TmSt {
+    id: u32,
+    alive: bool,
+    snat: Arc<Snat>,
+}
+
+#[derive(Debug)]
+struct Dist {
+    worker: Worker,
+    plan: Plan,
+}
+
+/// How a flow ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Done,
+    Refused(&'static str),
+    Broken(&'static str),
+}
+
+/// A scenario in progress.
+#[derive(Debug)]
+pub struct Sim {
+    sc: Scenario,
+    rng: Rng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(u64, u64, Ev)>>,
+    table: AllocationTable,
+    next: Option<AllocationTable>,
+    front: Vec<Dist>,
+    back: Vec<Dist>,
+    tms: Vec<TmSt>,
+    flows: Vec<Option<FlowSt>>,
+    free: Vec<usize>,
+    keys: FnvHashMap<Key, usize>,
+    arrived: u64,
+    next_event: usize,
+    pending: Vec<Event>,
+    busy: bool,
+    commits: u64,
+    switched_at: u64,
+    phase: Option<usize>,
+    released: Vec<(u32, Vec<u8>)>,
+    /// Results so far.
+    report: Report,
+    progress: Option<Progress>,
+}
+
+/// A progress callback: (flows started, flows in the scenario).
+struct Progress(Box<dyn FnMut(u64, u64)>);
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress")
+    }
+}
+
+/// Why a scenario cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The table could not be built or changed.
+    #[error("table: {0}")]
+    Table(#[from] allocation::TableError),
+    /// Self-source ports could not be set up.
+    #[error("self-source ports: {0}")]
+    Ports(#[from] allocation::PortError),
+    /// A distributor plan could not be built.
+    #[error("plan: {0}")]
+    Plan(#[from] distributor::PlanError),
+    /// The scenario itself is inconsistent.
+    #[error("scenario: {0}")]
+    Scenario(String),
+}
+
+fn bad(msg: impl Into<String>) -> SimError {
+    SimError::Scenario(msg.into())
+}
+
+/// The distributor plan for `table` (port 0 outside, port 1 + id for TM id).
+fn plan(table: AllocationTable) -> Result<Plan, SimError> {
+    let mut ports = vec![PortKind::Outside];
+    ports.extend((0..MAX_TM_IDS).map(|_| PortKind::Tm));
+    let map: Vec<(u32, u16)> = (0..MAX_TM_IDS).map(|id| (id, id as u16 + 1)).collect();
+    let mut cluster = vec![vip(false), vip(true)];
+    cluster.extend(snat_addrs());
+    Ok(Plan::new(table, GROUP, &cluster, ports, &map)?)
+}
+
+fn tm_entry(id: u32) -> Tm {
+    Tm {
+        id,
+        name: format!("tm{id}"),
+        mac: tm_mac(id),
+        weight: 1,
+        group: 0,
+    }
+}
+
+fn index_of(table: &AllocationTable, id: u32) -> Result<TmIndex, SimError> {
+    table.tm_index_by_id(id).ok_or_else(|| {
+        bad(format!(
+            "TM {id} is not in table version {}",
+            table.version()
+        ))
+    })
+}
+
+/// The TM id that owns the bucket of `flow` under `table`.
+fn owner(table: &AllocationTable, flow: &Flow) -> u32 {
+    table.tms()[usize::from(table.steer(flow).tm)].id
+}
+
+impl Sim {
+    /// Sets up the cluster of `sc`: the table, distributors and TMs.
+    pub fn new(sc: Scenario) -> Result<Self, SimError> {
+        if sc.tms == 0 || sc.tms > 64 {
+            return Err(bad("tms must be 1 to 64"));
+        }
+        if sc.distributors == 0 || sc.distributors > 16 {
+            return Err(bad("distributors must be 1 to 16"));
+        }
+        if sc.arrival_ns == 0 {
+            return Err(bad("arrival_ns must be positive"));
+        }
+        for e in &sc.events {
+            if !(0.0..=1.0).contains(&e.at) {
+                return Err(bad(format!(
+                    "event '{}' at {}: must be 0 to 1",
+                    e.what, e.at
+                )));
+            }
+        }
+        let mut rng = Rng::new(sc.seed);
+        let mut key = [0u8; 16];
+        for c in key.chunks_mut(8) {
+            c.copy_from_slice(&rng.next_u64().to_be_bytes());
+        }
+        let table = AllocationTable::new(
+            1,
+            HashKey::from_bytes(key),
+            (0..sc.tms).map(tm_entry).collect(),
+            vec![GroupSpec::default_group(sc.profile.clone())],
+        )?;
+        let mk = |i: u64| -> Result<Dist, SimError> {
+            Ok(Dist {
+                worker: Worker::new(
+                    WorkerConfig {
+                        transit: TransitConfig {
+                            capacity: sc.transit_memory,
+                            ..TransitConfig::default()
+                        },
+                        ..WorkerConfig::default()
+                    },
+                    HashKey::from_bytes([i as u8 + 1; 16]),
+                ),
+                plan: plan(table.clone())?,
+            })
+        };
+        let front = (0..u64::from(sc.distributors))
+            .map(mk)
+            .collect::<Result<_, _>>()?;
+        let back = (0..u64::from(sc.distributors))
+            .map(|i| mk(i + 100))
+            .collect::<Result<_, _>>()?;
+        let tms = (0..sc.tms)
+            .map(|id| {
+                Ok(TmSt {
+                    id,
+                    alive: true,
+                    snat: Arc::new(Snat::new(
+                        &table,
+                        index_of(&table, id)?,
+                        &snat_addrs(),
+                        sc.snat_range,
+                    )?),
+                })
+            })
+            .collect::<Result<_, SimError>>()?;
+        let mut events = sc.events.clone();
+        events.sort_by(|a, b| a.at.total_cmp(&b.at));
+        let report = Report::new(sc.clone());
+        let mut sim = Sim {
+            sc: Scenario { events, ..sc },
+            rng,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            table,
+            next: None,
+            front,
+            back,
+            tms,
+            flows: Vec::new(),
+            free: Vec::new(),
+            keys: FnvHashMap::default(),
+            arrived: 0,
+            next_event: 0,
+            pending: Vec::new(),
+            busy: false,
+            commits: 0,
+            switched_at: 0,
+            phase: Some(0),
+            released: Vec::new(),
+            report,
+            progress: None,
+        };
+        sim.open_phase("start");
+        Ok(sim)
+    }
+
+    /// Calls `f(flows started, flows total)` now and then.
+    pub fn on_progress(&mut self, f: impl FnMut(u64, u64) + 'static) {
+        self.progress = Some(Progress(Box::new(f)));
+    }
+
+    fn at(&mut self, t: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Reverse((t, self.seq, ev)));
+    }
+
+    /// Runs the scenario to its end and returns the report.
+    pub fn run(mut self) -> Result<Report, SimError> {
+        let wall = Instant::now();
+        if self.sc.flows > 0 {
+            self.at(0, Ev::Arrive);
+        }
+        while let Some(Reverse((t, _, ev))) = self.queue.pop() {
+            self.now = t;
+            match ev {
+                Ev::Arrive => self.arrive()?,
+                Ev::Flow(serial, slot, step) => self.step(serial, slot, step)?,
+                Ev::Op(op) => self.op(op)?,
+            }
+        }
+        // Events after the last flow (at = 1.0) still happen, with no traffic.
+        while self.next_event < self.sc.events.len() || !self.pending.is_empty() {
+            self.release_events(u64::MAX)?;
+            while let Some(Reverse((t, _, ev))) = self.queue.pop() {
+                self.now = t;
+                if let Ev::Op(op) = ev {
+                    self.op(op)?;
+                }
+            }
+        }
+        let mut r = self.report;
+        r.virtual_s = self.now as f64 / 1e9;
+        r.wall_s = wall.elapsed().as_secs_f64();
+        r.packets_per_s = r.packets as f64 / r.wall_s.max(1e-9);
+        for d in self.front.iter().chain(&self.back) {
+            r.checks.transit_overflows += d.worker.transit_overflows();
+            for reason in distributor::Drop::ALL {
+                let n = d.worker.counters.of_drop(reason);
+                if n > 0 {
+                    *r.checks.drops.entry(reason.name().to_string()).or_default() += n;
+                }
+            }
+        }
+        r.finish();
+        Ok(r)
+    }
+
+    // ---- flows ---------------------------------------------------------
+
+    fn arrive(&mut self) -> Result<(), SimError> {
+        let i = self.arrived;
+        self.release_events(i)?;
+        self.arrived += 1;
+        if let Some(p) = self.progress.as_mut() {
+            if i % 10_000 == 0 {
+                (p.0)(i, self.sc.flows);
+            }
+        }
+        if self.arrived < self.sc.flows {
+            let gap = self
+                .rng
+                .range(self.sc.arrival_ns / 2, self.sc.arrival_ns * 3 / 2);
+            self.at(self.now + gap, Ev::Arrive);
+        }
+        let sc = &self.sc;
+        let v6 = match sc.family {
+            Family::V4 => false,
+            Family::V6 => true,
+            Family::Mixed => i % 2 == 1,
+        };
+        let tcp = !self.rng.chance(sc.udp_share);
+        let high = self.rng.chance(sc.high_port_share);
+        let vip_port = match (tcp, high) {
+            (_, true) => 8443,
+            (true, false) => 80,
+            (false, false) => 53,
+        };
+        let clients = (sc.flows / 1000).clamp(1, 1 << 20);
+        let (cidx, j) = (i % clients, i / clients);
+        let (caddr, cport) = match sc.ports {
+            PortPattern::Random => (i % clients, self.rng.range(1024, 65535) as u16),
+            PortPattern::Sequential => (cidx, 32768 + (j % 32000) as u16),
+            PortPattern::Strided(s) => (cidx, 1024 + ((j * u64::from(s)) % 64000) as u16),
+            PortPattern::Fixed => (i, 40000),
+        };
+        let client = (client_addr(v6, caddr), cport);
+        let p = if tcp { proto::TCP } else { proto::UDP };
+        if self.keys.contains_key(&Key::Client(p, client.0, client.1)) {
+            // The endpoint is still in use by an open flow: a real client
+            // would pick another port. Counted, not started.
+            self.report.flows.endpoint_busy += 1;
+            return Ok(());
+        }
+        let long = self.rng.chance(0.01);
+        let think_ns = if long {
+            self.rng.range(100_000_000, 400_000_000)
+        } else {
+            self.rng.range(1_000_000, 50_000_000)
+        };
+        let f = FlowSt {
+            serial: i,
+            tcp,
+            v6,
+            client,
+            vip_port,
+            server: (server(v6, (i % SERVERS as u64) as usize), vip_port),
+            lease: None,
+            owner: None,
+            rounds: self.rng.range(1, 3) as u8,
+            think_ns,
+            frag: !tcp && self.rng.chance(sc.fragment_share),
+            icmp: tcp && self.rng.chance(sc.icmp_share),
+            phase: if self.busy { None } else { self.phase },
+            commits_at_start: self.commits,
+            ip_id: 0,
+        };
+        self.report.flows.started += 1;
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.flows[s] = Some(f);
+                s
+            }
+            None => {
+                self.flows.push(Some(f));
+                self.flows.len() - 1
+            }
+        };
+        self.keys.insert(Key::Client(p, client.0, client.1), slot);
+        let step = if tcp { Step::Syn } else { Step::UdpRequest };
+        self.step(i, slot, step)
+    }
+
+    fn flow(&self, slot: usize) -> Option<&FlowSt> {
+        self.flows.get(slot).and_then(Option::as_ref)
+    }
+
+    fn step(&mut self, serial: u64, slot: usize, step: Step) -> Result<(), SimError> {
+        let Some(f) = self.flow(slot) else {
+            return Ok(());
+        };
+        if f.serial != serial {
+            return Ok(()); // the flow ended and its slot was reused
+        }
+        let (v6, tcp, client, vip_port, server) = (f.v6, f.tcp, f.client, f.vip_port, f.server);
+        let snat = f.lease.as_ref().map(|l| (l.addr, l.port));
+        let vip = vip(v6);
+        let front = L2::new(GROUP, CLIENT_ROUTER);
+        let back = L2::new(GROUP, SERVER_ROUTER);
+        match step {
+            Step::Syn | Step::Request | Step::Fin => {
+                let (flags, payload): (u8, &[u8]) = match step {
+                    Step::Syn => (tcp_flags::SYN, b""),
+                    Step::Request => (tcp_flags::ACK | tcp_flags::PSH, b"GET / HTTP/1.1\r\n\r\n"),
+                    _ => (tcp_flags::FIN | tcp_flags::ACK, b""),
+                };
+                let frame =
+                    build::tcp_frame(&front, client.0, client.1, vip, vip_port, flags, payload);
+                let Some(tm) = self.send_in(Side::Front, slot, frame)? else {
+                    return Ok(());
+                };
+                self.at_tm_from_client(slot, tm, step)?;
+            }
+            Step::SynAck | Step::Response | Step::FinAck => {
+                let Some((sa, sp)) = snat else {
+                    return Ok(());
+                };
+                let flags = match step {
+                    Step::SynAck => tcp_flags::SYN | tcp_flags::ACK,
+                    Step::Response => tcp_flags::ACK | tcp_flags::PSH,
+                    _ => tcp_flags::FIN | tcp_flags::ACK,
+                };
+                let frame = build::tcp_frame(&back, server.0, server.1, sa, sp, flags, b"ok");
+                let Some(tm) = self.send_in(Side::Back, slot, frame)? else {
+                    return Ok(());
+                };
+                self.at_tm_from_server(slot, tm, step)?;
+            }
+            Step::UdpRequest => self.udp_request(slot)?,
+            Step::UdpResponse => {
+                let Some((sa, sp)) = snat else {
+                    return Ok(());
+                };
+                let frame = build::udp_frame(&back, server.0, server.1, sa, sp, b"answer");
+                let Some(tm) = self.send_in(Side::Back, slot, frame)? else {
+                    return Ok(());
+                };
+                // The TM relays the answer to the client.
+                let out = build::udp_frame(
+                    &L2::new(CLIENT_ROUTER, tm_mac(tm)),
+                    vip,
+                    vip_port,
+                    client.0,
+                    client.1,
+                    b"answer",
+                );
+                self.tm_sends(Side::Front, tm, out);
+                self.next_round(slot, Step::UdpRequest);
+            }
+            Step::TooBig => {
+                let Some((sa, sp)) = snat else {
+                    return Ok(());
+                };
+                // A router inside the path cannot forward a packet of this
+                // flow (smaller MTU): on the server side one the TM sent to
+                // the server, on the client side one the TM sent to the client.
+                let server_side = serial % 2 == 0;
+                let p = if tcp { proto::TCP } else { proto::UDP };
+                let (src, dst, l2, side) = if server_side {
+                    ((sa, sp), server, back, Side::Back)
+                } else {
+                    ((vip, vip_port), client, front, Side::Front)
+                };
+                let seg = build::tcp(src.0, src.1, dst.0, dst.1, tcp_flags::ACK, 1, &[0; 1400]);
+                let offending = build::ip(src.0, dst.0, p, 77, &seg);
+                let err = build::too_big(&l2, router(v6, server_side), src.0, 1280, &offending);
+                if let Some(tm) = self.send_in(side, slot, err)? {
+                    self.report.checks.icmp_errors_delivered += 1;
+                    let _ = tm;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A client's segment reached TM `tm` (its owner).
+    fn at_tm_from_client(&mut self, slot: usize, tm: u32, step: Step) -> Result<(), SimError> {
+        let Some(f) = self.flow(slot) else {
+            return Ok(());
+        };
+        let (v6, server, client, vip_port, icmp) = (f.v6, f.server, f.client, f.vip_port, f.icmp);
+        if step == Step::Syn {
+            // Open the server side from a self-source port.
+            let Some(node) = self.tms.iter().find(|t| t.id == tm) else {
+                return Ok(());
+            };
+            match node.snat.lease(!v6, server.1) {
+                Err(_) => {
+                    let rst = build::tcp_frame(
+                        &L2::new(CLIENT_ROUTER, tm_mac(tm)),
+                        vip(v6),
+                        vip_port,
+                        client.0,
+                        client.1,
+                        tcp_flags::RST | tcp_flags::ACK,
+                        b"",
+                    );
+                    self.tm_sends(Side::Front, tm, rst);
+                    self.end(slot, End::Refused("port_exhausted"));
+                    return Ok(());
+                }
+                Ok(lease) => {
+                    self.check_port(tm, lease.addr, lease.port, server);
+                    self.keys
+                        .insert(Key::Server(proto::TCP, lease.addr, lease.port), slot);
+                    if let Some(Some(f)) = self.flows.get_mut(slot) {
+                        f.lease = Some(lease);
+                    }
+                }
+            }
+        }
+        let Some((sa, sp)) = self
+            .flow(slot)
+            .and_then(|f| f.lease.as_ref().map(|l| (l.addr, l.port)))
+        else {
+            return Ok(());
+        };
+        let (flags, next) = match step {
+            Step::Syn => (tcp_flags::SYN, Step::SynAck),
+            Step::Request => (tcp_flags::ACK | tcp_flags::PSH, Step::Response),
+            _ => (tcp_flags::FIN | tcp_flags::ACK, Step::FinAck),
+        };
+        let out = build::tcp_frame(
+            &L2::new(SERVER_ROUTER, tm_mac(tm)),
+            sa,
+            sp,
+            server.0,
+            server.1,
+            flags,
+            b"",
+        );
+        self.tm_sends(Side::Back, tm, out);
+        let serial = self.flow(slot).map_or(0, |f| f.serial);
+        self.at(self.now + 2 * SERVER_DELAY, Ev::Flow(serial, slot, next));
+        if icmp && step == Step::Request {
+            self.at(
+                self.now + SERVER_DELAY / 2,
+                Ev::Flow(serial, slot, Step::TooBig),
+            );
+        }
+        Ok(())
+    }
+
+    /// A server's segment reached TM `tm` (its owner): relayed to the client.
+    fn at_tm_from_server(&mut self, slot: usize, tm: u32, step: Step) -> Result<(), SimError> {
+        let Some(f) = self.flow(slot) else {
+            return Ok(());
+        };
+        let (v6, client, vip_port, serial) = (f.v6, f.client, f.vip_port, f.serial);
+        let flags = match step {
+            Step::SynAck => tcp_flags::SYN | tcp_flags::ACK,
+            Step::Response => tcp_flags::ACK | tcp_flags::PSH,
+            _ => tcp_flags::FIN | tcp_flags::ACK,
+        };
+        let out = build::tcp_frame(
+            &L2::new(CLIENT_ROUTER, tm_mac(tm)),
+            vip(v6),
+            vip_port,
+            client.0,
+            client.1,
+            flags,
+            b"ok",
+        );
+        self.tm_sends(Side::Front, tm, out);
+        match step {
+            Step::SynAck => {
+                self.at(
+                    self.now + 2 * CLIENT_DELAY,
+                    Ev::Flow(serial, slot, Step::Request),
+                );
+            }
+            Step::Response => self.next_round(slot, Step::Request),
+            _ => self.end(slot, End::Done),
+        }
+        Ok(())
+    }
+
+    /// After a response: another request after the think time, or the end.
+    fn next_round(&mut self, slot: usize, again: Step) {
+        let Some(Some(f)) = self.flows.get_mut(slot) else {
+            return;
+        };
+        f.rounds = f.rounds.saturating_sub(1);
+        let (serial, think, tcp) = (f.serial, f.think_ns, f.tcp);
+        if f.rounds > 0 {
+            self.at(
+                self.now + CLIENT_DELAY + think,
+                Ev::Flow(serial, slot, again),
+            );
+        } else if tcp {
+            self.at(
+                self.now + CLIENT_DELAY + think,
+                Ev::Flow(serial, slot, Step::Fin),
+            );
+        } else {
+            self.end(slot, End::Done);
+        }
+    }
+
+    /// A UDP request from the client: one datagram, or its fragments (in
+    /// reverse order every other time: non-first fragments then wait in the
+    /// distributor's hold pool for their first).
+    fn udp_request(&mut self, slot: usize) -> Result<(), SimError> {
+        let Some(f) = self.flow(slot) else {
+            return Ok(());
+        };
+        let (v6, client, vip_port, frag, serial, server) =
+            (f.v6, f.client, f.vip_port, f.frag, f.serial, f.server);
+        let vip = vip(v6);
+        let l2 = L2::new(GROUP, CLIENT_ROUTER);
+        let tm = if frag {
+            let mut id = (serial as u32).wrapping_mul(2_654_435_761) | 1;
+            if !v6 {
+                id &= 0xffff;
+            }
+            while self.keys.contains_key(&Key::Frag(client.0, id)) {
+                id = id.wrapping_add(1) & if v6 { u32::MAX } else { 0xffff };
+            }
+            self.keys.insert(Key::Frag(client.0, id), slot);
+            if let Some(Some(f)) = self.flows.get_mut(slot) {
+                f.ip_id = id;
+            }
+            let payload = vec![0x5au8; 2400];
+            let dgram = build::udp(client.0, client.1, vip, vip_port, &payload);
+            let packets = match (client.0, vip) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => build::fragment_v4(
+                    &build::ipv4(s, d, proto::UDP, id as u16, (0, false), &[], &dgram),
+                    1480,
+                ),
+                _ => build::fragment_v6(&build::ip(client.0, vip, proto::UDP, 0, &dgram), id, 1400),
+            };
+            let mut frames: Vec<Vec<u8>> = packets.iter().map(|p| build::frame(&l2, p)).collect();
+            if serial % 2 == 1 {
+                frames.reverse();
+            }
+            let n = frames.len();
+            let mut reached = Vec::with_capacity(n);
+            for fr in frames {
+                if self.flow(slot).is_none_or(|f| f.serial != serial) {
+                    break;
+                }
+                if let Some(tm) = self.send_in(Side::Front, slot, fr)? {
+                    reached.push(tm);
+                }
+                let released = std::mem::take(&mut self.released);
+                for (tm, _) in released {
+                    if self.reach(slot, tm)? {
+                        reached.push(tm);
+                    }
+                }
+            }
+            self.keys.remove(&Key::Frag(client.0, id));
+            if reached.len() != n {
+                // A fragment never reached a TM (the flow already broke, or
+                // the hold pool gave up): the datagram is lost.
+                if self.flow(slot).is_some_and(|f| f.serial == serial) {
+                    self.end(slot, End::Broken("fragment_lost"));
+                }
+                return Ok(());
+            }
+            self.report.checks.fragmented_datagrams += 1;
+            reached[0]
+        } else {
+            let frame = build::udp_frame(&l2, client.0, client.1, vip, vip_port, b"query");
+            match self.send_in(Side::Front, slot, frame)? {
+                Some(tm) => tm,
+                None => return Ok(()),
+            }
+        };
+        // The TM relays the request from its session's self-source port.
+        if self.flow(slot).is_some_and(|f| f.lease.is_none()) {
+            let Some(node) = self.tms.iter().find(|t| t.id == tm) else {
+                return Ok(());
+            };
+            match node.snat.lease(!v6, server.1) {
+                Err(_) => {
+                    self.end(slot, End::Refused("port_exhausted"));
+                    return Ok(());
+                }
+                Ok(lease) => {
+                    self.check_port(tm, lease.addr, lease.port, server);
+                    self.keys
+                        .insert(Key::Server(proto::UDP, lease.addr, lease.port), slot);
+                    if let Some(Some(f)) = self.flows.get_mut(slot) {
+                        f.lease = Some(lease);
+                    }
+                }
+            }
+        }
+        let Some((sa, sp)) = self
+            .flow(slot)
+            .and_then(|f| f.lease.as_ref().map(|l| (l.addr, l.port)))
+        else {
+            return Ok(());
+        };
+        let out = build::udp_frame(
+            &L2::new(SERVER_ROUTER, tm_mac(tm)),
+            sa,
+            sp,
+            server.0,
+            server.1,
+            b"query",
+        );
+        self.tm_sends(Side::Back, tm, out);
+        self.at(
+            self.now + 2 * SERVER_DELAY,
+            Ev::Flow(serial, slot, Step::UdpResponse),
+        );
+        Ok(())
+    }
+
+    /// Property 5: the port the TM was given steers the server's reply to
+    /// it, under the running table and, while prepared, the next one too.
+    fn check_port(&mut self, tm: u32, addr: IpAddr, port: u16, server: (IpAddr, u16)) {
+        self.report.checks.ports_leased += 1;
+        // Another TM's open connection on the same SNAT address and port
+        // (all TMs share the address): their replies could not be told apart.
+        if [proto::TCP, proto::UDP]
+            .iter()
+            .any(|&p| self.keys.contains_key(&Key::Server(p, addr, port)))
+        {
+            self.report.checks.port_collision += 1;
+        }
+        let reply = Flow::with_ports(proto::TCP, server.0, server.1, addr, port);
+        let joining = self.next.is_some()
+            && self
+                .table
+                .tm_index_by_id(tm)
+                .is_none_or(|i| self.table.counts(0)[usize::from(i)] == 0);
+        let ok_now = joining || owner(&self.table, &reply) == tm;
+        let ok_next = self.next.as_ref().is_none_or(|n| owner(n, &reply) == tm);
+        if !(ok_now && ok_next) || port <= server.1 || !self.sc.snat_range.contains(port) {
+            self.report.checks.wrong_port += 1;
+        }
+    }
+
+    /// Sends `frame` of flow `slot` into the cluster on `side` (through
+    /// the distributor the spray picks): the TM it reached, if the flow
+    /// goes on. Dropped and held frames give `None`; held fragments come
+    /// out in `self.released` when their first is steered.
+    fn send_in(
+        &mut self,
+        side: Side,
+        slot: usize,
+        mut frame: Vec<u8>,
+    ) -> Result<Option<u32>, SimError> {
+        let d = self.spray(&frame);
+        self.report.packets += 1;
+        let now = self.now;
+        let dist = match side {
+            Side::Front => &mut self.front[d],
+            Side::Back => &mut self.back[d],
+        };
+        let len = frame.len();
+        let action = dist.worker.process(&mut frame, len, 0, &dist.plan, now);
+        let mut released = Vec::new();
+        if dist.worker.has_released() {
+            dist.worker.drain_released(&dist.plan, |fr, a| {
+                if let Action::ToTm { tm, port } = a {
+                    released.push((tm, port, fr.to_vec()));
+                }
+            });
+        }
+        let plan_ids: Vec<(u32, u16, Vec<u8>)> = released
+            .into_iter()
+            .filter_map(|(tm, port, fr)| dist.plan.tm_id(tm).map(|id| (id, port, fr)))
+            .collect();
+        let mut copy = None;
+        let reached = match action {
+            Action::ToTm { tm, port } => {
+                let id = dist.plan.tm_id(tm);
+                id.map(|id| (id, port))
+            }
+            Action::ToTmAndCopy {
+                tm,
+                port,
+                also,
+                also_port,
+            } => {
+                copy = dist.plan.tm_id(also).map(|id| (id, also_port));
+                dist.plan.tm_id(tm).map(|id| (id, port))
+            }
+            Action::Held => None,
+            Action::Drop(_) => {
+                self.report.checks.dropped += 1;
+                None
+            }
+            _ => {
+                self.report.checks.not_steered += 1;
+                None
+            }
+        };
+        for (id, port, fr) in plan_ids {
+            self.report.packets += 1;
+            if port != id as u16 + 1 || fr.get(..6) != Some(&tm_mac(id).0[..]) {
+                self.report.checks.bad_rewrite += 1;
+            }
+            self.released.push((id, fr));
+        }
+        let Some((mut id, port)) = reached else {
+            return Ok(None);
+        };
+        if port != id as u16 + 1 || frame.get(..6) != Some(&tm_mac(id).0[..]) {
+            self.report.checks.bad_rewrite += 1;
+        }
+        if let Some((also, also_port)) = copy {
+            // Two copies (an ICMP error in a moved bucket): the TM that
+            // does not have the flow ignores its copy.
+            self.report.packets += 1;
+            if also_port != also as u16 + 1 {
+                self.report.checks.bad_rewrite += 1;
+            }
+            if self.flow(slot).and_then(|f| f.owner) == Some(also) {
+                id = also;
+            }
+        }
+        Ok(self.reach(slot, id)?.then_some(id))
+    }
+
+    /// A packet of flow `slot` reached TM `tm`: the first packet makes it
+    /// the owner; a packet at another TM splits the flow (broken there); a
+    /// dead TM breaks it. True if the flow goes on.
+    fn reach(&mut self, slot: usize, tm: u32) -> Result<bool, SimError> {
+        let alive = self.tms.iter().any(|t| t.id == tm && t.alive);
+        let Some(Some(f)) = self.flows.get_mut(slot) else {
+            return Ok(false);
+        };
+        let (tcp, moved_by_commit) = (f.tcp, f.commits_at_start != self.commits);
+        match f.owner {
+            None => {
+                f.owner = Some(tm);
+                if let Some(p) = f.phase {
+                    self.report.count_owner(p, tm);
+                }
+                if !alive {
+                    self.end(slot, End::Broken("dead_tm"));
+                    return Ok(false);
+                }
+                Ok(true)
+            }
+            Some(o) if o == tm => {
+                if !alive {
+                    self.end(slot, End::Broken("dead_tm"));
+                    return Ok(false);
+                }
+                Ok(true)
+            }
+            Some(_) => {
+                let cause = if !tcp && moved_by_commit {
+                    "udp_moved_at_commit"
+                } else {
+                    "misrouted"
+                };
+                self.report.flows.split += 1;
+                if self.report.flows.split_examples.len() < 10 {
+                    self.report.flows.split_examples.push(format!(
+                        "t={:.6}s {} {}:{} -> VIP:{} (SNAT port {:?}) owned by TM {:?}, a packet reached TM {tm}{}",
+                        self.now as f64 / 1e9,
+                        if f.tcp { "TCP" } else { "UDP" },
+                        f.client.0,
+                        f.client.1,
+                        f.vip_port,
+                        f.lease.as_ref().map(|l| l.port),
+                        f.owner,
+                        if self.busy { " during a transition" } else { "" }
+                    ));
+                }
+                self.end(slot, End::Broken(cause));
+                Ok(false)
+            }
+        }
+    }
+
+    /// A frame a TM sends (toward a client on the front side, a server on
+    /// the back side): bridged by the distributor from the TM's port.
+    fn tm_sends(&mut self, side: Side, tm: u32, mut frame: Vec<u8>) {
+        let d = self.spray(&frame);
+        self.report.packets += 1;
+        let now = self.now;
+        let dist = match side {
+            Side::Front => &mut self.front[d],
+            Side::Back => &mut self.back[d],
+        };
+        let len = frame.len();
+        match dist
+            .worker
+            .process(&mut frame, len, tm as u16 + 1, &dist.plan, now)
+        {
+            Action::Forward(0) | Action::Flood => {}
+            _ => self.report.checks.bad_bridge += 1,
+        }
+    }
+
+    /// The ECMP-like spray: a symmetric hash of the frame's two addresses
+    /// picks the distributor (fragments of one datagram and both directions
+    /// of a flow take the same one, as with L3 hashing on routers).
+    fn spray(&self, frame: &[u8]) -> usize {
+        let n = self.front.len();
+        if n == 1 {
+            return 0;
+        }
+        let addrs = EthernetFrame::new_checked(frame).ok().and_then(|e| {
+            let l3 = frame.get(e.payload_offset()..)?;
+            let ip = match e.ethertype() {
+                wire::ethertype::IPV4 => wire::parse_ipv4(l3).ok()?,
+                wire::ethertype::IPV6 => wire::parse_ipv6(l3).ok()?,
+                _ => return None,
+            };
+            Some((ip.src, ip.dst))
+        });
+        let Some((a, b)) = addrs else { return 0 };
+        let (a, b) = if a <= b { (a, b) } else { (b, a) };
+        let mut h = fnv::FnvHasher::default();
+        std::hash::Hash::hash(&(a, b), &mut h);
+        (std::hash::Hasher::finish(&h) % n as u64) as usize
+    }
+
+    fn end(&mut self, slot: usize, how: End) {
+        let Some(f) = self.flows.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        let p = if f.tcp { proto::TCP } else { proto::UDP };
+        self.keys.remove(&Key::Client(p, f.client.0, f.client.1));
+        if let Some(l) = &f.lease {
+            self.keys.remove(&Key::Server(p, l.addr, l.port));
+        }
+        if f.frag {
+            self.keys.remove(&Key::Frag(f.client.0, f.ip_id));
+        }
+        self.free.push(slot);
+        let t = &mut self.report.flows;
+        match how {
+            End::Done => t.completed += 1,
+            End::Refused(why) => *t.refused.entry(why.to_string()).or_default() += 1,
+            End::Broken(why) => {
+                *t.broken.entry(why.to_string()).or_default() += 1;
+                if let Some(o) = f.owner {
+                    *t.broken_by_tm.entry(o).or_default() += 1;
+                }
+            }
+        }
+    }
+
+    // ---- operator events -----------------------------------------------
+
+    /// Starts the events due before flow `i` (or queues them behind a
+    /// transition in progress).
+    fn release_events(&mut self, i: u64) -> Result<(), SimError> {
+        while let Some(e) = self.sc.events.get(self.next_event) {
+            let due = (e.at * self.sc.flows as f64).floor() as u64;
+            if due > i {
+                break;
+            }
+            self.pending.push(e.what.clone());
+            self.next_event += 1;
+        }
+        self.start_pending()
+    }
+
+    fn start_pending(&mut self) -> Result<(), SimError> {
+        if self.busy || self.pending.is_empty() {
+            return Ok(());
+        }
+        let what = self.pending.remove(0);
+        self.busy = true;
+        self.phase = None;
+        let at_flow = self.arrived;
+        match what.clone() {
+            Event::Swap => {
+                let next = self.table.clone().with_version(self.table.version() + 1);
+                self.report
+                    .events
+                    .push(EventReport::new(&what, at_flow, 0, 0));
+                self.install(next)?;
+                self.busy = false;
+                self.open_phase(&what.to_string());
+            }
+            Event::Rebalance(p) => {
+                // Failed TMs stay out: the profile spreads over the others.
+                let targets = self
+                    .table
+                    .targets_excluding(0, &p, &self.failed_indexes(None))?;
+                let change = self.table.rebalance_to_targets(0, &targets, Some(p))?;
+                self.begin_transition(&what, change.table, change.optimum)?;
+            }
+            Event::AddTm => {
+                let id = self.tms.iter().map(|t| t.id).max().map_or(0, |m| m + 1);
+                if id >= MAX_TM_IDS {
+                    return Err(bad("too many TMs added"));
+                }
+                let change = self.table.add_tm(tm_entry(id))?;
+                let idx = index_of(&change.table, id)?;
+                self.tms.push(TmSt {
+                    id,
+                    alive: true,
+                    snat: Arc::new(Snat::new(
+                        &change.table,
+                        idx,
+                        &snat_addrs(),
+                        self.sc.snat_range,
+                    )?),
+                });
+                self.begin_transition(&what, change.table, change.optimum)?;
+            }
+            Event::FailTm(id) => {
+                let Some(t) = self.tms.iter_mut().find(|t| t.id == id && t.alive) else {
+                    return Err(bad(format!("TM {id} cannot fail: it is not running")));
+                };
+                t.alive = false;
+                // Every open connection of the dead TM is lost with it.
+                let owned: Vec<usize> = (0..self.flows.len())
+                    .filter(|&s| self.flow(s).is_some_and(|f| f.owner == Some(id)))
+                    .collect();
+                for s in owned {
+                    self.end(s, End::Broken("tm_failed"));
+                }
+                self.report
+                    .events
+                    .push(EventReport::new(&what, at_flow, 0, 0));
+                self.at(self.now + self.sc.detect_ns, Ev::Op(Op::Failover(id)));
+            }
+            Event::ReturnTm(id) => {
+                if self.tms.iter().any(|t| t.id == id && t.alive) {
+                    return Err(bad(format!("TM {id} cannot return: it did not fail")));
+                }
+                // Its share of the table's profile comes back; other failed TMs stay out.
+                let profile = self.table.groups()[0].profile.clone();
+                let targets =
+                    self.table
+                        .targets_excluding(0, &profile, &self.failed_indexes(Some(id)))?;
+                let change = self.table.rebalance_to_targets(0, &targets, None)?;
+                let idx = index_of(&change.table, id)?;
+                let snat = Arc::new(Snat::new(
+                    &change.table,
+                    idx,
+                    &snat_addrs(),
+                    self.sc.snat_range,
+                )?);
+                if let Some(t) = self.tms.iter_mut().find(|t| t.id == id) {
+                    t.alive = true;
+                    t.snat = snat;
+                }
+                self.begin_transition(&what, change.table, change.optimum)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Table indexes of the failed TMs (but `except`).
+    fn failed_indexes(&self, except: Option<u32>) -> Vec<TmIndex> {
+        self.tms
+            .iter()
+            .filter(|t| !t.alive && Some(t.id) != except)
+            .filter_map(|t| self.table.tm_index_by_id(t.id))
+            .collect()
+    }
+
+    /// Installs `next` everywhere at once (a plain swap, or a failover).
+    fn install(&mut self, next: AllocationTable) -> Result<(), SimError> {
+        for d in self.front.iter_mut().chain(self.back.iter_mut()) {
+            d.plan = plan(next.clone())?;
+        }
+        for t in self.tms.iter().filter(|t| t.alive) {
+            t.snat.retable(&next, None)?;
+        }
+        self.table = next;
+        Ok(())
+    }
+
+    /// DESIGN §4 step 1 (prepare every TM) now; the distributors switch
+    /// one after the other shortly after; commit follows the drain.
+    fn begin_transition(
+        &mut self,
+        what: &Event,
+        next: AllocationTable,
+        optimum: usize,
+    ) -> Result<(), SimError> {
+        let moved = (0..allocation::TABLE_SIZE)
+            .filter(|&b| {
+                let old = self.table.tms()[usize::from(self.table.groups()[0].buckets.get(b))].id;
+                let new = next.tms()[usize::from(next.groups()[0].buckets.get(b))].id;
+                old != new
+            })
+            .count();
+        self.report
+            .events
+            .push(EventReport::new(what, self.arrived, moved, optimum));
+        // Prepare: members take only ports valid under both tables; then a
+        // joining TM (added, or readmitted with no bucket) takes the next
+        // table's ports but none the members still hold in moving buckets.
+        let mut held = Vec::new();
+        for t in self
+            .tms
+            .iter()
+            .filter(|t| t.alive && !t.snat.joins_from(&self.table))
+        {
+            t.snat.retable(&self.table, Some(&next))?;
+            held.extend(t.snat.moving_ports(&next));
+        }
+        for t in self
+            .tms
+            .iter()
+            .filter(|t| t.alive && t.snat.joins_from(&self.table))
+        {
+            t.snat.prepare_joining(&next, &held)?;
+        }
+        self.next = Some(next);
+        for i in 0..self.front.len() {
+            self.at(
+                self.now + PREPARE_NS + i as u64 * SWITCH_SKEW_NS,
+                Ev::Op(Op::Switch(i)),
+            );
+        }
+        Ok(())
+    }
+
+    fn op(&mut self, op: Op) -> Result<(), SimError> {
+        match op {
+            Op::Switch(i) => {
+                let Some(next) = self.next.clone() else {
+                    return Ok(());
+                };
+                let p = plan(next)?.with_previous(self.table.clone())?;
+                self.front[i].plan = p.clone();
+                self.back[i].plan = p;
+                if i + 1 == self.front.len() {
+                    self.switched_at = self.now;
+                    self.at(self.now + CHECK_NS, Ev::Op(Op::Check));
+                }
+            }
+            Op::Check => {
+                let moving = self.moving();
+                let waited = self.now - self.switched_at;
+                if moving > 0 && waited < self.sc.drain_window_ns {
+                    self.at(self.now + CHECK_NS, Ev::Op(Op::Check));
+                    return Ok(());
+                }
+                let Some(next) = self.next.take() else {
+                    return Ok(());
+                };
+                if let Some(e) = self.report.events.last_mut() {
+                    e.window_ms = waited as f64 / 1e6;
+                    e.forced_commit = moving > 0;
+                    e.moving_at_commit = moving;
+                }
+                self.install(next)?;
+                self.commits += 1;
+                self.busy = false;
+                let label = self
+                    .report
+                    .events
+                    .last()
+                    .map(|e| e.what.clone())
+                    .unwrap_or_default();
+                self.open_phase(&label);
+                self.start_pending()?;
+            }
+            Op::Failover(id) => {
+                let idx = index_of(&self.table, id)?;
+                let counts = self.table.counts(0);
+                // Every failed TM, in any order: the same table everywhere.
+                let change = self.table.failover(&self.failed_indexes(None))?;
+                if let Some(e) = self.report.events.last_mut() {
+                    e.moved_buckets = change.moves.len();
+                    e.optimum = counts[usize::from(idx)] as usize;
+                    e.window_ms = self.sc.detect_ns as f64 / 1e6;
+                }
+                self.install(change.table)?;
+                self.busy = false;
+                self.open_phase(&format!("failover without TM {id}"));
+                self.start_pending()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What the TMs report as connections in buckets moving away from them
+    /// (their server-side ports, from the real allocator; their client-side
+    /// TCP connections). UDP sessions are not connections: not waited for.
+    fn moving(&self) -> usize {
+        let Some(next) = &self.next else { return 0 };
+        let server_side: usize = self
+            .tms
+            .iter()
+            .filter(|t| t.alive && self.table.tm_index_by_id(t.id).is_some())
+            .map(|t| t.snat.in_use_moving(next))
+            .sum();
+        let client_side = self
+            .flows
+            .iter()
+            .flatten()
+            .filter(|f| f.tcp)
+            .filter(|f| {
+                let flow =
+                    Flow::with_ports(proto::TCP, f.client.0, f.client.1, vip(f.v6), f.vip_port);
+                f.owner.is_some_and(|o| owner(next, &flow) != o)
+            })
+            .count();
+        server_side + client_side
+    }
+
+    fn open_phase(&mut self, label: &str) {
+        let counts = self.table.counts(0);
+        let tms = self
+            .table
+            .tms()
+            .iter()
+            .zip(&counts)
+            .map(|(t, &c)| TmShare {
+                id: t.id,
+                name: t.name.clone(),
+                flows: 0,
+                share: 0.0,
+                target: f64::from(c) / allocation::TABLE_SIZE as f64,
+            })
+            .collect();
+        self.report.phases.push(PhaseReport {
+            after: label.to_string(),
+            version: self.table.version(),
+            flows: 0,
+            tms,
+            max_abs_diff: 0.0,
+            chi_square: 0.0,
+            dof: 0,
+            p_value: 1.0,
+        });
+        self.phase = Some(self.report.phases.len() - 1);
+    }
+}
+
+/// Runs `sc` and returns its report.
+pub fn simulate(sc: Scenario) -> Result<Report, SimError> {
+    Sim::new(sc)?.run()
+}
+
+impl Report {
+    fn count_owner(&mut self, phase: usize, tm: u32) {
+        if let Some(p) = self.phases.get_mut(phase) {
+            p.flows += 1;
+            if let Some(t) = p.tms.iter_mut().find(|t| t.id == tm) {
+                t.flows += 1;
+            }
+        }
+    }
+
+    /// Shares, their largest distance from target, and the chi-square test per phase.
+    fn finish(&mut self) {
+        for p in &mut self.phases {
+            let n = p.flows.max(1) as f64;
+            let observed: Vec<u64> = p.tms.iter().map(|t| t.flows).collect();
+            let expected: Vec<f64> = p.tms.iter().map(|t| t.target * p.flows as f64).collect();
+            for t in &mut p.tms {
+                t.share = t.flows as f64 / n;
+            }
+            p.max_abs_diff = p
+                .tms
+                .iter()
+                .map(|t| (t.share - t.target).abs())
+                .fold(0.0, f64::max);
+            let (x, dof) = stats::chi_square(&observed, &expected);
+            p.chi_square = x;
+            p.dof = dof;
+            p.p_value = stats::chi_square_p(x, dof);
+        }
+    }
+}
