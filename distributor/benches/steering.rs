@@ -170,6 +170,60 @@ fn steering(c: &mut Criterion) {
             })
         });
     }
+    // The same TCP frames while a transition (uniform → Gaussian, ~10 % of
+    // buckets moved) is open: moved buckets take the per-frame path and the
+    // transition memory.
+    {
+        let current = p.table().clone();
+        let next = current
+            .rebalance(
+                0,
+                &Profile::Gaussian {
+                    mean: None,
+                    sigma: None,
+                },
+            )
+            .expect("rebalance")
+            .table;
+        let mut ports = vec![PortKind::Outside];
+        ports.extend([PortKind::Tm; 8]);
+        let map: Vec<(u32, u16)> = (0..8).map(|i| (i, i as u16 + 1)).collect();
+        let tp = Plan::new(next, GROUP, &[], ports, &map)
+            .expect("plan")
+            .with_previous(current)
+            .expect("switch")
+            .opened();
+        let mut batches: Vec<Batch> = frames("tcp64", n)
+            .chunks(64)
+            .map(|chunk| {
+                let mut b = Batch::new(chunk.len());
+                for f in chunk {
+                    b.push(0, 0, f);
+                }
+                b
+            })
+            .collect();
+        let mut w = Worker::new(WorkerConfig::default(), HashKey::from_bytes([3; 16]));
+        let mut now = 0u64;
+        g.bench_function("batch_tcp64_in_transition", |b| {
+            b.iter(|| {
+                now += 1;
+                let mut acc = 0usize;
+                for batch in batches.iter_mut() {
+                    for i in 0..batch.len() {
+                        let (_, _, buf, _) = batch.get_mut(i);
+                        buf[..6].copy_from_slice(&GROUP.0);
+                    }
+                    w.process_batch(black_box(batch), &tp, now);
+                    acc = acc
+                        .wrapping_add(
+                            matches!(batch.action(0), distributor::Action::ToTm { .. }) as usize
+                        );
+                }
+                acc
+            })
+        });
+    }
     // Baselines: the table lookup alone on pre-parsed flows, and the L2 work alone.
     let flows: Vec<Flow> = frames("tcp64", n)
         .iter()

@@ -118,16 +118,17 @@ fn handle(mut req: Request, state: &AdminState) {
             (Method::Put, "/table") => put_table(&mut req, state),
             (Method::Get, "/transition") => transition_state(state),
             (Method::Post, "/transition/switch") => switch(&mut req, state),
+            (Method::Post, "/transition/open") => open(state),
             (Method::Post, "/transition/commit") => commit(state),
             (Method::Post, "/transition/abort") => abort(state),
             (
                 _,
                 "/metrics" | "/healthz" | "/table" | "/transition" | "/transition/switch"
-                | "/transition/commit" | "/transition/abort",
+                | "/transition/open" | "/transition/commit" | "/transition/abort",
             ) => text(405, "method not allowed"),
             _ => text(
                 404,
-                "not found: /metrics, /healthz, /table, /transition[/switch|/commit|/abort]",
+                "not found: /metrics, /healthz, /table, /transition[/switch|/open|/commit|/abort]",
             ),
         }
     };
@@ -197,7 +198,11 @@ fn transition_state(state: &AdminState) -> Reply {
     let plan = state.plan.load();
     let (remembered, overflows) = transit_totals(state);
     let body = serde_json::json!({
-        "state": if plan.previous().is_some() { "switched" } else { "idle" },
+        "state": match (plan.previous().is_some(), plan.is_open()) {
+            (false, _) => "idle",
+            (true, false) => "switched",
+            (true, true) => "open",
+        },
         "version": plan.table().version(),
         "previous_version": plan.previous().map(|p| p.version()),
         "moved_buckets": plan.moved().map(|m| m.len()),
@@ -262,6 +267,25 @@ fn switch(req: &mut Request, state: &AdminState) -> Reply {
         }
         Err(e) => text(409, format!("switch refused: {e}")),
     }
+}
+
+/// POST /transition/open: new flows in moved buckets start on their new
+/// owner (once every distributor has switched).
+fn open(state: &AdminState) -> Reply {
+    let Ok(_config) = state.config.lock() else {
+        return text(500, "configuration lock poisoned");
+    };
+    let current = state.plan.snapshot();
+    if current.previous().is_none() {
+        return text(409, "open refused: no transition is switched");
+    }
+    if current.is_open() {
+        return text(200, "already open");
+    }
+    let v = current.table().version();
+    state.plan.replace((*current).clone().opened());
+    log::info!("transition: table version {v} open to new flows");
+    text(200, format!("table version {v} open to new flows"))
 }
 
 /// POST /transition/commit: the previous table is dropped (DESIGN §4 step 3).

@@ -67,6 +67,9 @@ struct Previous {
     /// When both tables are one endpoint-hashed group with the same key:
     /// the buckets whose owner changed (one bit each), for the batch fast path.
     moved: Option<Box<MovedSet>>,
+    /// New flows in moved buckets start on their new owner (phase "open");
+    /// before, they still start on the old one (phase "switched").
+    open: bool,
 }
 
 /// One bit per bucket: set where the owner changed between two tables.
@@ -206,6 +209,14 @@ impl Plan {
     /// steered by the transition rule. A TM only the previous table has
     /// keeps its route (its established flows still reach it); it gets
     /// route index `tms + j`.
+    ///
+    /// The switch comes in two phases, each applied to every distributor
+    /// before the next begins: *switched* — everything in a moved bucket
+    /// still goes to the old owner, but flows a TM starts are remembered;
+    /// then *open* ([`Plan::opened`]) — flows starting from outside start
+    /// on the new owner. So no new owner gets a flow while some distributor
+    /// (on the other side, or in parallel) would not yet remember what that
+    /// owner starts toward the servers.
     pub fn with_previous(mut self, previous: AllocationTable) -> Result<Self, PlanError> {
         if previous.version() >= self.table.version() {
             return Err(PlanError::PreviousNotOlder {
@@ -252,8 +263,23 @@ impl Plan {
             table: previous,
             route,
             moved,
+            open: false,
         });
         Ok(self)
+    }
+
+    /// The switched plan, opened: flows starting from outside in moved
+    /// buckets start on their new owner. No effect outside a transition.
+    pub fn opened(mut self) -> Self {
+        if let Some(p) = self.previous.as_mut() {
+            p.open = true;
+        }
+        self
+    }
+
+    /// True once a transition is open (new flows start on new owners).
+    pub fn is_open(&self) -> bool {
+        self.previous.as_ref().is_some_and(|p| p.open)
     }
 
     /// This plan without its transition (DESIGN §4 step 3, commit).
@@ -325,7 +351,7 @@ impl Plan {
         (old != new).then(|| Moved {
             key: FlowKey::of(flow),
             old,
-            start,
+            start: start && prev.open,
             icmp: false,
         })
     }
@@ -771,7 +797,9 @@ fn started_by_tm(
     let flow = Flow::with_ports(ip.proto, ip.src, s, ip.dst, d);
     let src_mac = EthernetFrame::new_checked(frame).ok()?.src();
     let tm = plan.tm_at(ingress, src_mac)?;
-    let m = plan.moved_flow(&flow, plan.table.steer(&flow).tm, true)?;
+    // Remembered in both phases of the switch, whatever `moved_flow` says
+    // of starts from outside.
+    let m = plan.moved_flow(&flow, plan.table.steer(&flow).tm, false)?;
     Some((m.key, tm))
 }
 

@@ -236,6 +236,12 @@ fn stdd_runs_serves_admin_swaps_tables_and_stops_on_sigterm() {
     assert_eq!(code, 200, "{body}");
     let (_, body) = http(admin, "GET", "/transition", Some(TOKEN), "");
     assert!(body.contains("\"state\":\"switched\""), "{body}");
+    assert_eq!(
+        http(admin, "POST", "/transition/open", Some(TOKEN), "").0,
+        200
+    );
+    let (_, body) = http(admin, "GET", "/transition", Some(TOKEN), "");
+    assert!(body.contains("\"state\":\"open\""), "{body}");
     assert!(
         body.contains(&format!("\"moved_buckets\":{moved}")),
         "{body}"

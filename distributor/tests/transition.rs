@@ -75,7 +75,7 @@ fn plan(table: AllocationTable) -> Plan {
 }
 
 fn switched() -> Plan {
-    plan(v2()).with_previous(v1()).expect("switch")
+    plan(v2()).with_previous(v1()).expect("switch").opened()
 }
 
 fn worker(capacity: usize) -> Worker {
@@ -200,6 +200,40 @@ fn moved_buckets_follow_the_transition_rule() {
 }
 
 #[test]
+fn before_open_new_flows_start_on_the_old_owner_but_tm_starts_are_remembered() {
+    let closed = plan(v2()).with_previous(v1()).expect("switch");
+    assert!(!closed.is_open() && closed.opened().is_open());
+    let closed = plan(v2()).with_previous(v1()).expect("switch");
+    let mut w = worker(64);
+    let c = client_flows(true, 1)[0];
+    let f = Flow::with_ports(proto::TCP, c.0, c.1, ip("198.51.100.10"), 80);
+    let (a, b) = run(&mut w, &closed, &to_vip(c, tcp_flags::SYN), 0);
+    assert_eq!(route_id(&closed, a), Some(owner_id(&v1(), &f)));
+    assert_eq!(b, Some(Branch::TransitionOld));
+    assert_eq!(w.transit_remembered(1_000), 0);
+    // A TM's own SYN is remembered already.
+    let server = ip("10.2.0.5");
+    let syn = build::tcp_frame(
+        &L2::new(ip_mac(), tm_mac(2)),
+        c.0,
+        c.1,
+        server,
+        80,
+        tcp_flags::SYN,
+        b"",
+    );
+    run(&mut w, &closed, &syn, 3);
+    assert_eq!(w.transit_remembered(1_000), 1);
+    // After opening, the same client's next connection starts on the new owner.
+    let open = closed.opened();
+    let c2 = client_flows(true, 2)[1];
+    let f2 = Flow::with_ports(proto::TCP, c2.0, c2.1, ip("198.51.100.10"), 80);
+    let (a, b) = run(&mut w, &open, &to_vip(c2, tcp_flags::SYN), 0);
+    assert_eq!(route_id(&open, a), Some(owner_id(&v2(), &f2)));
+    assert_eq!(b, Some(Branch::TransitionNew));
+}
+
+#[test]
 fn udp_and_server_replies_in_moved_buckets_stay_with_the_old_owner() {
     let p = switched();
     let (old, _) = (v1(), v2());
@@ -305,7 +339,10 @@ fn commit_and_a_later_transition_forget_the_window() {
     // Back to v1 as version 3: the flow's bucket moves again; what was
     // remembered for version 2 does not apply to version 3.
     let v3 = v1().with_version(3);
-    let again = plan(v3.clone()).with_previous(v2()).expect("switch");
+    let again = plan(v3.clone())
+        .with_previous(v2())
+        .expect("switch")
+        .opened();
     let (a, b) = run(&mut w, &again, &to_vip(c, tcp_flags::ACK), 0);
     assert_eq!(
         route_id(&again, a),
@@ -321,7 +358,8 @@ fn a_removed_tm_keeps_its_established_flows_until_commit() {
     let removed = t1.remove_tm(3).expect("remove").table;
     let p = plan(removed.clone())
         .with_previous(t1.clone())
-        .expect("switch");
+        .expect("switch")
+        .opened();
     assert_eq!(p.routes(), 4, "the removed TM keeps a route");
     let mut w = worker(4096);
     let mut seen = 0;

@@ -92,8 +92,8 @@ pub struct FlowTotals {
     /// `udp_moved_at_commit` (a UDP session in a moved bucket, cut when the
     /// old table was dropped), `fragment_lost`.
     pub broken: BTreeMap<String, u64>,
-    /// Broken flows per owning TM id.
-    pub broken_by_tm: BTreeMap<u32, u64>,
+    /// Flows broken by a TM failure (`tm_failed`, `dead_tm`), per TM id.
+    pub broken_by_failed_tm: BTreeMap<u32, u64>,
     /// Flows whose packets reached two TMs.
     pub split: u64,
     /// The first few split flows, described.

@@ -137,6 +137,7 @@ enum Step {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Op {
     Switch(usize),
+    Open(usize),
     Check,
     Failover(u32),
 }
@@ -999,11 +1000,10 @@ impl Sim {
                 self.report.flows.split += 1;
                 if self.report.flows.split_examples.len() < 10 {
                     self.report.flows.split_examples.push(format!(
-                        "t={:.6}s {} {}:{} -> VIP:{} (SNAT port {:?}) owned by TM {:?}, a packet reached TM {tm}{}",
+                        "t={:.6}s {} {} -> VIP port {} (SNAT port {:?}) owned by TM {:?}, a packet reached TM {tm}{}",
                         self.now as f64 / 1e9,
                         if f.tcp { "TCP" } else { "UDP" },
-                        f.client.0,
-                        f.client.1,
+                        std::net::SocketAddr::from(f.client),
                         f.vip_port,
                         f.lease.as_ref().map(|l| l.port),
                         f.owner,
@@ -1079,8 +1079,8 @@ impl Sim {
             End::Refused(why) => *t.refused.entry(why.to_string()).or_default() += 1,
             End::Broken(why) => {
                 *t.broken.entry(why.to_string()).or_default() += 1;
-                if let Some(o) = f.owner {
-                    *t.broken_by_tm.entry(o).or_default() += 1;
+                if let (Some(o), "tm_failed" | "dead_tm") = (f.owner, why) {
+                    *t.broken_by_failed_tm.entry(o).or_default() += 1;
                 }
             }
         }
@@ -1268,6 +1268,20 @@ impl Sim {
                 let p = plan(next)?.with_previous(self.table.clone())?;
                 self.front[i].plan = p.clone();
                 self.back[i].plan = p;
+                if i + 1 == self.front.len() {
+                    // Every distributor switched: open them, one after the other.
+                    for j in 0..self.front.len() {
+                        self.at(
+                            self.now + SWITCH_SKEW_NS * (j as u64 + 1),
+                            Ev::Op(Op::Open(j)),
+                        );
+                    }
+                }
+            }
+            Op::Open(i) => {
+                for d in [&mut self.front[i], &mut self.back[i]] {
+                    d.plan = std::mem::replace(&mut d.plan, plan(self.table.clone())?).opened();
+                }
                 if i + 1 == self.front.len() {
                     self.switched_at = self.now;
                     self.at(self.now + CHECK_NS, Ev::Op(Op::Check));

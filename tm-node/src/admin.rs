@@ -208,9 +208,10 @@ fn transition_state(state: &AdminState) -> String {
     match state.tables.next.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
         None => format!("{{\"phase\":\"idle\",\"current\":{}}}", current.version()),
         Some(next) => format!(
-            "{{\"phase\":\"prepared\",\"current\":{},\"next\":{},\"connections_in_moved_buckets\":{}}}",
+            "{{\"phase\":\"prepared\",\"current\":{},\"next\":{},\"connections_in_moved_buckets\":{},\"ports_in_moved_buckets\":{}}}",
             current.version(),
             next.version(),
+            state.tables.moving(next),
             state.snat.in_use_moving(next)
         ),
     }
@@ -420,7 +421,7 @@ fn metrics(state: &AdminState) -> Result<Reply, prometheus::Error> {
         .as_ref()
     {
         prepared.set(1);
-        moving.set(state.snat.in_use_moving(n) as i64);
+        moving.set(state.tables.moving(n) as i64);
     }
     for c in [
         Box::new(conns) as Box<dyn prometheus::core::Collector>,

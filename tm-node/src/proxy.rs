@@ -170,6 +170,8 @@ pub struct VirtualServer {
     pub persistence: Option<crate::persist::Affinity>,
     /// DNAT-only mode, with the tables its reply check reads.
     pub dnat_only: Option<Arc<crate::tables::Tables>>,
+    /// The node's tables, where open connections are registered.
+    pub tables: Arc<crate::tables::Tables>,
     /// Counters.
     pub stats: VsStats,
 }
@@ -242,6 +244,8 @@ async fn handle(vs: Arc<VirtualServer>, client: TcpStream, peer: SocketAddr) {
     let done = |vs: &VirtualServer| {
         vs.stats.active.fetch_sub(1, Ordering::AcqRel);
     };
+    let local = client.local_addr().unwrap_or(peer);
+    let open = vs.tables.open(peer, local);
     let now = std::time::Instant::now();
     // Persistence first: the client's server, if its affinity is alive and the server up.
     let sticky = vs.persistence.as_ref().and_then(|a| {
@@ -286,6 +290,7 @@ async fn handle(vs: Arc<VirtualServer>, client: TcpStream, peer: SocketAddr) {
         if peer.is_ipv4() == server.is_ipv4() && tables.steers_home(&reply) {
             match connect_transparent(peer, server, vs.connect_timeout).await {
                 Ok(upstream) => {
+                    open.connected(server, peer);
                     st.dnat_kept.fetch_add(1, Ordering::Relaxed);
                     st.total.fetch_add(1, Ordering::Relaxed);
                     let (up, down) = relay(client, upstream, vs.idle_timeout).await;
@@ -321,6 +326,7 @@ async fn handle(vs: Arc<VirtualServer>, client: TcpStream, peer: SocketAddr) {
             log::warn!("{}: refusing {peer}: {e}", vs.name);
         }
         Ok((upstream, lease)) => {
+            open.connected(server, SocketAddr::new(lease.addr, lease.port));
             st.total.fetch_add(1, Ordering::Relaxed);
             let _ = client.set_nodelay(true);
             let _ = upstream.set_nodelay(true);

@@ -1,8 +1,21 @@
-//! The running table and, during a transition, the next one: shared by the admin endpoint (which changes them) and the proxy (DNAT-only checks).
+//! The running table and, during a transition, the next one: shared by the admin endpoint (which changes them) and the proxy (DNAT-only checks); and the open TCP connections, to tell which live in buckets a transition moves.
 
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use allocation::rules::proto;
 use allocation::{AllocationTable, Flow};
+
+/// An open TCP connection: the client's side, and the server side once connected.
+#[derive(Debug, Clone, Copy)]
+struct Open {
+    /// Client → virtual server.
+    client: Flow,
+    /// Server → (SNAT address, port) or the client's own endpoint (DNAT-only): the reply direction.
+    server: Option<Flow>,
+}
 
 /// This node's tables.
 #[derive(Debug)]
@@ -13,6 +26,38 @@ pub struct Tables {
     pub current: Mutex<Arc<AllocationTable>>,
     /// The next table while a transition is prepared.
     pub next: Mutex<Option<Arc<AllocationTable>>>,
+    open: Mutex<HashMap<u64, Open>>,
+    ids: AtomicU64,
+}
+
+/// Keeps a connection registered while it lives (see [`Tables::open`]).
+#[derive(Debug)]
+pub struct OpenGuard<'a> {
+    tables: &'a Tables,
+    id: u64,
+}
+
+impl OpenGuard<'_> {
+    /// Records the server side: `server` is the server, `from` the local
+    /// endpoint the connection to it uses.
+    pub fn connected(&self, server: SocketAddr, from: SocketAddr) {
+        let reply = Flow::with_ports(
+            proto::TCP,
+            server.ip(),
+            server.port(),
+            from.ip(),
+            from.port(),
+        );
+        if let Some(o) = self.tables.open_map().get_mut(&self.id) {
+            o.server = Some(reply);
+        }
+    }
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.tables.open_map().remove(&self.id);
+    }
 }
 
 impl Tables {
@@ -22,7 +67,56 @@ impl Tables {
             tm_id,
             current: Mutex::new(Arc::new(table)),
             next: Mutex::new(None),
+            open: Mutex::new(HashMap::new()),
+            ids: AtomicU64::new(0),
         }
+    }
+
+    fn open_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Open>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers an accepted TCP connection from `peer` to `local` (a
+    /// virtual server) until the guard drops. One lock per connection, not
+    /// per packet.
+    pub fn open(&self, peer: SocketAddr, local: SocketAddr) -> OpenGuard<'_> {
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        let client = Flow::with_ports(proto::TCP, peer.ip(), peer.port(), local.ip(), local.port());
+        self.open_map().insert(
+            id,
+            Open {
+                client,
+                server: None,
+            },
+        );
+        OpenGuard { tables: self, id }
+    }
+
+    /// Open TCP connections.
+    pub fn open_connections(&self) -> usize {
+        self.open_map().len()
+    }
+
+    /// Open TCP connections that live, on either side, in a bucket `next`
+    /// does not steer to this node: the ones a transition's commit must
+    /// wait for (DESIGN §4).
+    pub fn moving(&self, next: &AllocationTable) -> usize {
+        let Some(me) = next.tm_index_by_id(self.tm_id) else {
+            return self.open_connections();
+        };
+        let away = |f: &Flow| next.steer(f).tm != me;
+        self.open_map()
+            .values()
+            .filter(|o| away(&o.client) || o.server.as_ref().is_some_and(away))
+            .count()
+    }
+
+    /// The SNAT endpoints of open connections (for a joining node's prepare: see `Snat::prepare_joining`).
+    pub fn server_endpoints(&self) -> Vec<(IpAddr, u16)> {
+        self.open_map()
+            .values()
+            .filter_map(|o| o.server.map(|f| (f.dst, f.ports.map_or(0, |p| p.1))))
+            .collect()
     }
 
     /// The running table.
@@ -44,5 +138,103 @@ impl Tables {
                 .is_some_and(|me| t.steer(reply).tm == me)
         };
         home(&self.current()) && self.next().is_none_or(|n| home(&n))
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use allocation::{GroupSpec, HashKey, MacAddr, Profile, Tm};
+
+    fn table() -> AllocationTable {
+        let tms = (0..4)
+            .map(|i| Tm {
+                id: i,
+                name: format!("tm{i}"),
+                mac: MacAddr([2, 0, 0, 0, 0, i as u8 + 1]),
+                weight: 1,
+                group: 0,
+            })
+            .collect();
+        AllocationTable::new(
+            1,
+            HashKey::from_bytes([4; 16]),
+            tms,
+            vec![GroupSpec::default_group(Profile::Uniform)],
+        )
+        .expect("table")
+    }
+
+    #[test]
+    fn open_connections_count_as_moving_by_either_side() {
+        let t = table();
+        let next = t
+            .rebalance(
+                0,
+                &Profile::Gaussian {
+                    mean: None,
+                    sigma: None,
+                },
+            )
+            .expect("rebalance")
+            .table;
+        // TM 0 gives buckets away in a Gaussian rebalance of four TMs.
+        let tables = Tables::new(0, t.clone());
+        let vip: SocketAddr = "198.51.100.10:80".parse().expect("vip");
+        let server: SocketAddr = "10.2.0.5:80".parse().expect("server");
+        let me_now = t.tm_index_by_id(0).expect("tm");
+        let me_next = next.tm_index_by_id(0).expect("tm");
+        let mine = |tab: &AllocationTable, me, f: &Flow| tab.steer(f).tm == me;
+        // Client endpoints this TM owns now; SNAT ports it owns under both tables.
+        let clients: Vec<SocketAddr> = (20_000u16..)
+            .map(|p| SocketAddr::new("203.0.113.9".parse().expect("addr"), p))
+            .filter(|c| {
+                mine(
+                    &t,
+                    me_now,
+                    &Flow::with_ports(proto::TCP, c.ip(), c.port(), vip.ip(), vip.port()),
+                )
+            })
+            .take(200)
+            .collect();
+        let snat: IpAddr = "10.20.0.100".parse().expect("addr");
+        let ports: Vec<u16> = (1024u16..)
+            .filter(|&p| {
+                let f = Flow::with_ports(proto::TCP, server.ip(), server.port(), snat, p);
+                mine(&t, me_now, &f) && mine(&next, me_next, &f)
+            })
+            .take(200)
+            .collect();
+        let guards: Vec<OpenGuard<'_>> = clients
+            .iter()
+            .zip(&ports)
+            .map(|(&c, &p)| {
+                let g = tables.open(c, vip);
+                g.connected(server, SocketAddr::new(snat, p));
+                g
+            })
+            .collect();
+        // Server sides never move here: every moving connection moves by its client side.
+        let want = clients
+            .iter()
+            .filter(|c| {
+                !mine(
+                    &next,
+                    me_next,
+                    &Flow::with_ports(proto::TCP, c.ip(), c.port(), vip.ip(), vip.port()),
+                )
+            })
+            .count();
+        assert!(want > 0 && want < 200, "{want}");
+        assert_eq!(tables.moving(&next), want);
+        assert_eq!(tables.open_connections(), 200);
+        assert_eq!(tables.server_endpoints().len(), 200);
+        drop(guards);
+        assert_eq!(
+            tables.open_connections(),
+            0,
+            "closed connections are forgotten"
+        );
+        assert_eq!(tables.moving(&next), 0);
     }
 }

@@ -121,6 +121,7 @@ fn run(path: &Path) -> Result<()> {
             idle_timeout: Duration::from_millis(v.idle_timeout_ms),
             persistence: v.persistence.map(tm_node::persist::Affinity::new),
             dnat_only: v.dnat_only.then(|| Arc::clone(&tables)),
+            tables: Arc::clone(&tables),
             stats: VsStats::default(),
         }));
     }

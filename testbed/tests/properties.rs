@@ -1,0 +1,311 @@
+//! The simulation's properties over random scenarios (proptest: a failure shrinks to a small readable scenario): symmetry, fidelity, minimal disruption, zero breakage, ports that steer home.
+
+use allocation::{PortRange, Profile};
+use proptest::prelude::*;
+use testbed::{simulate, Event, Family, PortPattern, Report, Scenario, Timed};
+
+/// A small, fast scenario: 200 µs between arrivals, 100 ms failure detection.
+fn small(flows: u64) -> Scenario {
+    Scenario {
+        flows,
+        arrival_ns: 200_000,
+        detect_ns: 100_000_000,
+        ..Scenario::default()
+    }
+}
+
+fn profile() -> impl Strategy<Value = Profile> {
+    prop_oneof![
+        Just(Profile::Uniform),
+        Just(Profile::Gaussian {
+            mean: None,
+            sigma: None
+        }),
+        Just(Profile::Rayleigh { sigma: None }),
+    ]
+}
+
+fn scenario() -> impl Strategy<Value = Scenario> {
+    (
+        (any::<u64>(), 2u32..=8, 1500u64..=3000, profile(), 1u32..=3),
+        (
+            prop_oneof![Just(Family::V4), Just(Family::V6), Just(Family::Mixed)],
+            prop_oneof![
+                Just(PortPattern::Random),
+                Just(PortPattern::Sequential),
+                (1u16..=64).prop_map(PortPattern::Strided),
+                Just(PortPattern::Fixed)
+            ],
+            0.0f64..0.3,
+            0.0f64..0.5,
+            0.0f64..0.1,
+            0.0f64..0.2,
+        ),
+        (
+            proptest::option::of((profile(), 0.1f64..0.6)),
+            proptest::option::of((
+                any::<u32>(),
+                0.1f64..0.5,
+                proptest::option::of(0.55f64..0.9),
+            )),
+            proptest::option::of(0.1f64..0.9),
+            proptest::option::of(0.1f64..0.9),
+        ),
+    )
+        .prop_map(
+            |(
+                (seed, tms, flows, profile, distributors),
+                (family, ports, udp, frag, icmp, high),
+                (rebalance, fail, add, swap),
+            )| {
+                let mut events = Vec::new();
+                if let Some((p, at)) = rebalance {
+                    events.push(Timed {
+                        at,
+                        what: Event::Rebalance(p),
+                    });
+                }
+                if let Some((id, at, back)) = fail {
+                    let id = id % tms;
+                    events.push(Timed {
+                        at,
+                        what: Event::FailTm(id),
+                    });
+                    if let Some(b) = back {
+                        events.push(Timed {
+                            at: b,
+                            what: Event::ReturnTm(id),
+                        });
+                    }
+                }
+                if let Some(at) = add {
+                    events.push(Timed {
+                        at,
+                        what: Event::AddTm,
+                    });
+                }
+                if let Some(at) = swap {
+                    events.push(Timed {
+                        at,
+                        what: Event::Swap,
+                    });
+                }
+                Scenario {
+                    seed,
+                    tms,
+                    profile,
+                    distributors,
+                    family,
+                    ports,
+                    udp_share: udp,
+                    fragment_share: frag,
+                    icmp_share: icmp,
+                    high_port_share: high,
+                    events,
+                    ..small(flows)
+                }
+            },
+        )
+}
+
+/// Properties 1, 3, 4 and 5 on one report.
+fn check(r: &Report) -> Result<(), TestCaseError> {
+    let f = &r.flows;
+    let c = &r.checks;
+    // 5. Every port steers its reply home; no two TMs share a SNAT port.
+    prop_assert_eq!(c.wrong_port, 0);
+    prop_assert_eq!(c.port_collision, 0);
+    // Every frame to a TM carries its MAC; every frame from a TM is bridged.
+    prop_assert_eq!(c.bad_rewrite, 0);
+    prop_assert_eq!(c.bad_bridge, 0);
+    prop_assert_eq!(c.not_steered, 0);
+    // 1. Symmetry: no packet of a flow reaches another TM than its owner,
+    // except UDP sessions in moved buckets cut at commit (DESIGN §4).
+    let udp_cut = f.broken.get("udp_moved_at_commit").copied().unwrap_or(0);
+    prop_assert_eq!(f.split, udp_cut, "split flows: {:?}", f.split_examples);
+    // 4. Zero breakage: flows break only with a failed TM (and those are that TM's).
+    for (cause, n) in &f.broken {
+        prop_assert!(
+            matches!(
+                cause.as_str(),
+                "tm_failed" | "dead_tm" | "udp_moved_at_commit"
+            ),
+            "{} flows broken: {}",
+            n,
+            cause
+        );
+    }
+    let failed: Vec<u32> = r
+        .scenario
+        .events
+        .iter()
+        .filter_map(|e| match e.what {
+            Event::FailTm(id) => Some(id),
+            _ => None,
+        })
+        .collect();
+    for tm in f.broken_by_failed_tm.keys() {
+        prop_assert!(
+            failed.contains(tm),
+            "flows of TM {} broke, failed: {:?}",
+            tm,
+            failed
+        );
+    }
+    // 3. Minimal disruption: every change moved exactly the minimum.
+    for e in &r.events {
+        prop_assert_eq!(e.moved_buckets, e.optimum, "{}", e.what);
+        prop_assert!(!e.forced_commit, "{}: drain window ran out", e.what);
+    }
+    // Nothing accepted is lost: every started flow ended, one way or another.
+    let refused: u64 = f.refused.values().sum();
+    prop_assert_eq!(f.started, f.completed + refused + r.broken());
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 24,
+        max_shrink_iters: 200,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn every_scenario_keeps_flows_whole(sc in scenario()) {
+        let r = simulate(sc).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        check(&r)?;
+        prop_assert!(r.packets > r.flows.started * 3);
+    }
+}
+
+#[test]
+fn fidelity_shares_follow_the_table_before_and_after_a_rebalance() {
+    let sc = Scenario {
+        seed: 11,
+        tms: 8,
+        profile: Profile::Gaussian {
+            mean: None,
+            sigma: None,
+        },
+        udp_share: 0.1,
+        events: vec![Timed {
+            at: 0.4,
+            what: Event::Rebalance(Profile::Uniform),
+        }],
+        ..small(60_000)
+    };
+    let r = simulate(sc).expect("simulate");
+    check(&r).expect("properties");
+    assert_eq!(r.phases.len(), 2);
+    for p in &r.phases {
+        assert!(p.flows > 20_000, "{} flows after {}", p.flows, p.after);
+        // 2. Fidelity: within 1 percentage point of the target, and the
+        // counts pass a chi-square test against the table.
+        assert!(
+            p.max_abs_diff < 0.01,
+            "after {}: {}",
+            p.after,
+            p.max_abs_diff
+        );
+        assert!(p.p_value > 0.001, "after {}: p = {}", p.after, p.p_value);
+    }
+    let (before, after) = (&r.phases[0], &r.phases[1]);
+    assert!(before.tms[0].target < 0.06 && after.tms[0].target == 0.125);
+    // The test has power: the first phase's counts fail against the second's targets.
+    let observed: Vec<u64> = before.tms.iter().map(|t| t.flows).collect();
+    let wrong: Vec<f64> = after
+        .tms
+        .iter()
+        .map(|t| t.target * before.flows as f64)
+        .collect();
+    let (x, dof) = testbed::stats::chi_square(&observed, &wrong);
+    assert!(testbed::stats::chi_square_p(x, dof) < 1e-9);
+}
+
+#[test]
+fn exhausted_ports_are_refused_never_wrong() {
+    let sc = Scenario {
+        seed: 3,
+        snat_range: PortRange {
+            lo: 40_000,
+            hi: 40_060,
+        },
+        arrival_ns: 20_000,
+        events: vec![Timed {
+            at: 0.5,
+            what: Event::Rebalance(Profile::Gaussian {
+                mean: None,
+                sigma: None,
+            }),
+        }],
+        ..small(3000)
+    };
+    let r = simulate(sc).expect("simulate");
+    check(&r).expect("properties");
+    let refused = r.flows.refused.get("port_exhausted").copied().unwrap_or(0);
+    assert!(refused > 1000, "{refused}");
+    assert!(r.checks.ports_leased > 50);
+}
+
+#[test]
+fn a_drain_window_too_short_breaks_flows_and_the_report_says_so() {
+    // The checks can fail: commit the transition at once and established
+    // connections in moved buckets go to their new owner.
+    let sc = Scenario {
+        seed: 5,
+        drain_window_ns: 0,
+        events: vec![Timed {
+            at: 0.5,
+            what: Event::Rebalance(Profile::Gaussian {
+                mean: None,
+                sigma: None,
+            }),
+        }],
+        ..small(3000)
+    };
+    let r = simulate(sc).expect("simulate");
+    assert!(r.events[0].forced_commit);
+    assert!(r.flows.broken.get("misrouted").copied().unwrap_or(0) > 0);
+    assert!(!r.violations().is_empty());
+    assert!(!r.flows.split_examples.is_empty());
+}
+
+#[test]
+fn a_small_transition_memory_overflows_gracefully() {
+    let sc = Scenario {
+        seed: 8,
+        transit_memory: 4,
+        events: vec![Timed {
+            at: 0.3,
+            what: Event::Rebalance(Profile::Rayleigh { sigma: None }),
+        }],
+        ..small(3000)
+    };
+    let r = simulate(sc).expect("simulate");
+    check(&r).expect("properties");
+    assert!(r.checks.transit_overflows > 0);
+}
+
+#[test]
+fn the_same_seed_gives_the_same_run() {
+    let sc = Scenario {
+        seed: 99,
+        family: Family::Mixed,
+        distributors: 2,
+        events: vec![Timed {
+            at: 0.5,
+            what: Event::AddTm,
+        }],
+        ..small(2000)
+    };
+    let (a, b) = (simulate(sc.clone()).expect("a"), simulate(sc).expect("b"));
+    assert_eq!(a.packets, b.packets);
+    assert_eq!(a.flows.completed, b.flows.completed);
+    let shares = |r: &Report| -> Vec<u64> {
+        r.phases
+            .iter()
+            .flat_map(|p| p.tms.iter().map(|t| t.flows))
+            .collect()
+    };
+    assert_eq!(shares(&a), shares(&b));
+}
