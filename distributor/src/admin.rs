@@ -40,6 +40,8 @@ pub struct AdminState {
     pub swaps: AtomicU64,
     /// Required bearer token, if any.
     pub token: Option<String>,
+    /// TM liveness and failover state.
+    pub failover: crate::failover::FailoverState,
 }
 
 /// Serves admin requests until `stop` is set.
@@ -180,9 +182,11 @@ fn put_table(req: &mut Request, state: &AdminState) -> Reply {
         Ok(p) => p,
         Err(e) => return text(400, format!("table rejected: {e}")),
     };
+    let installed = plan.table().clone();
     match state.plan.swap(plan) {
         Ok(old) => {
             state.swaps.fetch_add(1, Ordering::Relaxed);
+            state.failover.installed(&installed);
             log::info!(
                 "table version {} replaced by version {version} (PUT /table)",
                 old.table().version()
@@ -253,9 +257,11 @@ fn switch(req: &mut Request, state: &AdminState) -> Reply {
         Err(e) => return text(400, format!("switch refused: {e}")),
     };
     let moved = plan.moved().map(|m| m.len());
+    let installed = plan.table().clone();
     match state.plan.swap(plan) {
         Ok(old) => {
             state.swaps.fetch_add(1, Ordering::Relaxed);
+            state.failover.installed(&installed);
             log::info!(
                 "transition: switched from table version {} to {version}{}",
                 old.table().version(),
@@ -316,6 +322,7 @@ fn abort(state: &AdminState) -> Reply {
     let v = prev.version();
     match config.plan(prev.clone()) {
         Ok(p) => {
+            state.failover.installed(prev);
             state.plan.replace(p);
             state.swaps.fetch_add(1, Ordering::Relaxed);
             log::warn!(
@@ -423,6 +430,32 @@ fn metrics(state: &AdminState) -> Result<String, prometheus::Error> {
     r.register(Box::new(switched))?;
     r.register(Box::new(moved))?;
     r.register(Box::new(overflows))?;
+    let up = IntGaugeVec::new(
+        Opts::new(
+            "std_tm_up",
+            "1 if the TM's last health probe answered (probed TMs only)",
+        ),
+        &["tm_id"],
+    )?;
+    for (id, alive) in state.failover.up() {
+        up.with_label_values(&[&id.to_string()])
+            .set(i64::from(alive));
+    }
+    let failed = IntGauge::new(
+        "std_failed_tms",
+        "TMs declared failed (their buckets failed over) since the last table install",
+    )?;
+    failed.set(state.failover.failed().len() as i64);
+    let failovers = IntCounterVec::new(
+        Opts::new("std_failovers_total", "Automatic failovers performed"),
+        &[],
+    )?;
+    failovers
+        .with_label_values(&[])
+        .inc_by(state.failover.failovers.load(Ordering::Relaxed));
+    r.register(Box::new(up))?;
+    r.register(Box::new(failed))?;
+    r.register(Box::new(failovers))?;
     let workers = IntGauge::new("std_workers", "Worker threads")?;
     workers.set(state.workers.len() as i64);
     r.register(Box::new(tm_packets))?;

@@ -265,6 +265,9 @@ pub struct DistributorConfig {
     /// Transition memory.
     #[serde(default)]
     pub transition: TransitionSection,
+    /// TM liveness probes and automatic failover.
+    #[serde(default)]
+    pub failover: crate::failover::FailoverConfig,
 }
 
 impl DistributorConfig {
@@ -387,6 +390,26 @@ impl DistributorConfig {
             return Err(invalid(
                 "workers.cpus",
                 "the pcap backend runs one worker (libpcap cannot share a port between workers): list at most one CPU",
+            ));
+        }
+        for (i, t) in self.failover.tms.iter().enumerate() {
+            if !self.ports.iter().any(|p| p.tms.contains(&t.id)) {
+                return Err(invalid(
+                    format!("failover.tm[{i}].id"),
+                    format!("TM id {} is on no port", t.id),
+                ));
+            }
+            if !t.health.starts_with("http://") {
+                return Err(invalid(
+                    format!("failover.tm[{i}].health"),
+                    "must be an http:// URL",
+                ));
+            }
+        }
+        if self.failover.misses == 0 || self.failover.interval_ms == 0 {
+            return Err(invalid(
+                "failover",
+                "misses and interval_ms must be at least 1",
             ));
         }
         if self.transition.memory == 0 || self.transition.memory > 1 << 24 {

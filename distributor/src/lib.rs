@@ -21,6 +21,7 @@ pub mod backend;
 pub mod bridge;
 pub mod build;
 pub mod config;
+pub mod failover;
 pub mod frag;
 pub mod io;
 pub mod pcap;

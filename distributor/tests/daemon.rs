@@ -95,6 +95,10 @@ fn table() -> AllocationTable {
 }
 
 fn start(dir: &Path, admin: u16) -> Daemon {
+    start_with(dir, admin, "")
+}
+
+fn start_with(dir: &Path, admin: u16, extra: &str) -> Daemon {
     let t = table();
     allocation::file::save(dir.join("table.toml"), &t).expect("table");
     let group: MacAddr = GROUP.parse().expect("mac");
@@ -125,6 +129,7 @@ fn start(dir: &Path, admin: u16) -> Daemon {
         );
     }
     cfg += &format!("\n[admin]\nlisten = \"127.0.0.1:{admin}\"\ntoken = \"{TOKEN}\"\n");
+    cfg += extra;
     std::fs::write(dir.join("stdd.toml"), cfg).expect("config");
     let child = Command::new(env!("CARGO_BIN_EXE_stdd"))
         .args(["run", "--config"])
@@ -351,4 +356,100 @@ fn bad_configurations_are_one_clear_line() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A health endpoint answering 200 while `up`, 503 otherwise.
+fn health_server(up: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let answer = if up.load(std::sync::atomic::Ordering::Relaxed) {
+                "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
+            } else {
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 5\r\nConnection: close\r\n\r\ndown\n"
+            };
+            let _ = s.write_all(answer.as_bytes());
+        }
+    });
+    port
+}
+
+#[test]
+fn a_tm_that_stops_answering_is_failed_over_and_only_a_new_table_readmits_it() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = std::env::temp_dir().join(format!("stdd-failover-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let up: Vec<Arc<AtomicBool>> = (0..4).map(|_| Arc::new(AtomicBool::new(true))).collect();
+    let mut extra = String::from("\n[failover]\ninterval_ms = 50\nmisses = 3\ntimeout_ms = 200\n");
+    for (k, u) in up.iter().enumerate() {
+        let port = health_server(Arc::clone(u));
+        extra +=
+            &format!("\n[[failover.tm]]\nid = {k}\nhealth = \"http://127.0.0.1:{port}/healthz\"\n");
+    }
+    let admin = free_port();
+    let _d = start_with(&dir, admin, &extra);
+    wait_for("healthz", || {
+        TcpStream::connect(("127.0.0.1", admin)).is_ok()
+            && http(admin, "GET", "/healthz", Some(TOKEN), "").0 == 200
+    });
+    let m = || http(admin, "GET", "/metrics", Some(TOKEN), "").1;
+    wait_for("probes", || metric(&m(), "std_tm_up") == 4);
+    assert_eq!(metric(&m(), "std_failed_tms"), 0);
+
+    // TM 2 stops answering: after three misses its buckets fail over.
+    let t0 = Instant::now();
+    up[2].store(false, Ordering::Relaxed);
+    wait_for("failover", || metric(&m(), "std_failed_tms") == 1);
+    let detection = t0.elapsed();
+    assert!(detection < Duration::from_secs(2), "{detection:?}");
+    let t = table();
+    let failover = t.failover(&[2]).expect("failover").table;
+    let (code, body) = http(admin, "GET", "/table", Some(TOKEN), "");
+    assert_eq!(
+        (code, body.trim_end()),
+        (200, allocation::file::render(&failover).trim_end())
+    );
+    assert_eq!(metric(&m(), "std_failovers_total"), 1);
+    assert_eq!(metric(&m(), "std_tm_up{tm_id=\"2\"}"), 0);
+
+    // It answers again: no flapping, it stays out.
+    up[2].store(true, Ordering::Relaxed);
+    wait_for("probe up", || metric(&m(), "std_tm_up{tm_id=\"2\"}") == 1);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(metric(&m(), "std_failed_tms"), 1);
+    assert_eq!(metric(&m(), "std_failovers_total"), 1);
+
+    // A second failure: the failover table for both, as any distributor computes it.
+    up[0].store(false, Ordering::Relaxed);
+    wait_for("second failover", || metric(&m(), "std_failed_tms") == 2);
+    let both = t.failover(&[0, 2]).expect("failover").table;
+    assert_eq!(
+        http(admin, "GET", "/table", Some(TOKEN), "").1.trim_end(),
+        allocation::file::render(&both).trim_end()
+    );
+    up[0].store(true, Ordering::Relaxed);
+
+    // Readmission is a new table (what `stdctl tm readmit` pushes).
+    let readmit = both
+        .rebalance_to_targets(0, &t.counts(0), None)
+        .expect("readmit")
+        .table;
+    let (code, body) = http(
+        admin,
+        "PUT",
+        "/table",
+        Some(TOKEN),
+        &allocation::file::render(&readmit),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        metric(&m(), "std_failed_tms"),
+        0,
+        "a table giving them buckets readmits them"
+    );
 }

@@ -33,6 +33,39 @@ pub enum Command {
     Tm(TmCmd),
     /// Show (and optionally write) the failover table for failed TMs.
     Failover(FailoverArgs),
+    /// A running cluster: every node's health, table version, transition and load share.
+    Status(ClusterArg),
+    /// Install a table on a running cluster with the transition protocol
+    /// (prepare every TM, switch and open every distributor, drain, commit;
+    /// roll back if a node fails before the commit).
+    Push(PushArgs),
+}
+
+/// The cluster file.
+#[derive(Debug, Clone, Args)]
+pub struct ClusterArg {
+    /// Cluster file: every distributor's and TM's admin endpoint (docs/stdctl.md).
+    #[arg(long)]
+    pub cluster: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The table file to install (version newer than the running one).
+    pub table: PathBuf,
+    #[command(flatten)]
+    pub cluster: ClusterArg,
+}
+
+#[derive(Debug, Args)]
+pub struct TmClusterArgs {
+    /// TM id or name.
+    pub tm: String,
+    #[command(flatten)]
+    pub cluster: ClusterArg,
+    /// Print what would move; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,9 +185,15 @@ pub struct SelfportsArgs {
 
 #[derive(Debug, Args)]
 pub struct RebalanceArgs {
-    /// Table file.
+    /// Table file (offline).
+    #[arg(long, conflicts_with = "cluster", required_unless_present = "cluster")]
+    pub table: Option<PathBuf>,
+    /// Cluster file: rebalance the running cluster (its table, pushed with the transition protocol).
     #[arg(long)]
-    pub table: PathBuf,
+    pub cluster: Option<PathBuf>,
+    /// With --cluster: print what would move; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub profile: ProfileArgs,
     /// Group to rebalance (default: the default group).
@@ -174,6 +213,11 @@ pub enum TmCmd {
     Add(TmAddArgs),
     /// Remove a TM; only its buckets (and what the profile needs) move.
     Remove(TmRemoveArgs),
+    /// Take a TM out of a running cluster: its share goes to 0 with the
+    /// transition protocol; its open connections finish where they are.
+    Drain(TmClusterArgs),
+    /// Put a drained or failed TM back into a running cluster (its share of the profile).
+    Readmit(TmClusterArgs),
 }
 
 #[derive(Debug, Args)]

@@ -1,6 +1,7 @@
-//! stdctl: the operator's tool for allocation tables (offline commands: build, show, verify, diff, lookup, selfports, rebalance).
+//! stdctl: the operator's tool for allocation tables (offline: build, show, verify, diff, lookup, selfports, rebalance) and for running clusters (status, push, rebalance, drain, readmit).
 
 mod cli;
+mod cluster;
 mod report;
 
 use std::net::{IpAddr, SocketAddr};
@@ -132,6 +133,21 @@ fn run(cmd: Command, out: &Out) -> Result<()> {
             out.change("removed TM", &t, &change, group, &a.output);
             Ok(())
         }
+        Command::Status(a) => {
+            let c = cluster::Cluster::load(&a.cluster)?;
+            let v = cluster::status(&c);
+            out.emit(v.clone(), || cluster::status_text(&v));
+            Ok(())
+        }
+        Command::Push(a) => {
+            let c = cluster::Cluster::load(&a.cluster.cluster)?;
+            let next = load(&a.table)?;
+            let summary = cluster::push(&c, &next, out.json)?;
+            out.emit(summary.clone(), || pushed_text(&summary));
+            Ok(())
+        }
+        Command::Tm(TmCmd::Drain(a)) => tm_cluster(a, true, out),
+        Command::Tm(TmCmd::Readmit(a)) => tm_cluster(a, false, out),
         Command::Failover(a) => {
             let t = load(&a.table)?;
             let failed =
@@ -337,8 +353,87 @@ fn selfports(a: cli::SelfportsArgs, out: &Out) -> Result<()> {
     Ok(())
 }
 
+fn pushed_text(v: &serde_json::Value) -> String {
+    format!(
+        "installed table version {} (from {}): {} buckets moved, drained in {:.1} s{}",
+        v["to_version"],
+        v["from_version"],
+        v["moved_buckets"],
+        v["drain_s"].as_f64().unwrap_or(0.0),
+        match v["moving_at_commit"].as_u64() {
+            Some(0) | None => String::new(),
+            Some(n) => format!(", {n} connections were still in moved buckets at commit"),
+        }
+    )
+}
+
+/// `tm drain` / `tm readmit` on a running cluster.
+fn tm_cluster(a: cli::TmClusterArgs, drain: bool, out: &Out) -> Result<()> {
+    let c = cluster::Cluster::load(&a.cluster.cluster)?;
+    let running = cluster::running_table(&c)?;
+    let k = resolve_tm(&running, &a.tm)?;
+    let mut out_of_service = cluster::out_of_service(&running, 0);
+    let counts = running.counts(0);
+    if drain {
+        if counts[usize::from(k)] == 0 {
+            bail!("TM {} has no bucket already", a.tm);
+        }
+        out_of_service.push(k);
+    } else {
+        if counts[usize::from(k)] > 0 {
+            bail!(
+                "TM {} is in service ({} buckets)",
+                a.tm,
+                counts[usize::from(k)]
+            );
+        }
+        out_of_service.retain(|&m| m != k);
+    }
+    let profile = running.groups()[0].profile.clone();
+    let change = cluster::plan_change(&running, &profile, &out_of_service)?;
+    let what = if drain { "drain" } else { "readmit" };
+    if a.dry_run {
+        out.rebalance(&running, &change, 0, None);
+    }
+    if a.dry_run {
+        return Ok(());
+    }
+    if !out.json {
+        println!(
+            "{what} {}: {} buckets move, table version {} → {}",
+            a.tm,
+            change.moves.len(),
+            running.version(),
+            change.table.version()
+        );
+    }
+    let summary = cluster::push(&c, &change.table, out.json)?;
+    out.emit(summary.clone(), || pushed_text(&summary));
+    Ok(())
+}
+
 fn rebalance(a: cli::RebalanceArgs, out: &Out) -> Result<()> {
-    let t = load(&a.table)?;
+    if let Some(path) = &a.cluster {
+        let c = cluster::Cluster::load(path)?;
+        let running = cluster::running_table(&c)?;
+        let profile = profile_from(&a.profile, running.members(0).len())?;
+        // Failed and drained TMs stay out; readmit brings them back.
+        let change =
+            cluster::plan_change(&running, &profile, &cluster::out_of_service(&running, 0))?;
+        if a.dry_run || !out.json {
+            out.rebalance(&running, &change, 0, None);
+        }
+        if a.dry_run {
+            return Ok(());
+        }
+        let summary = cluster::push(&c, &change.table, out.json)?;
+        out.emit(summary.clone(), || pushed_text(&summary));
+        return Ok(());
+    }
+    let Some(table) = &a.table else {
+        bail!("--table or --cluster is required");
+    };
+    let t = load(table)?;
     let g = resolve_group(&t, a.group.as_deref())?;
     let members = t.members(g);
     let profile = profile_from(&a.profile, members.len())?;

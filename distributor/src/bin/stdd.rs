@@ -279,7 +279,25 @@ mod daemon {
             workers: vec![Arc::clone(&shared)],
             swaps: AtomicU64::new(0),
             token: cfg.admin.token.clone(),
+            failover: distributor::failover::FailoverState::default(),
         });
+        state.failover.installed(plan.load().table());
+        let failover_thread = if cfg.failover.tms.is_empty() {
+            None
+        } else {
+            let (state, stop, fcfg) = (Arc::clone(&state), Arc::clone(&stop), cfg.failover.clone());
+            log::info!(
+                "probing {} TMs every {} ms; failover after {} misses",
+                fcfg.tms.len(),
+                fcfg.interval_ms,
+                fcfg.misses
+            );
+            Some(
+                std::thread::Builder::new()
+                    .name("stdd-failover".into())
+                    .spawn(move || distributor::failover::run(fcfg, &state, &stop))?,
+            )
+        };
         let admin_thread = {
             let (state, stop) = (Arc::clone(&state), Arc::clone(&stop));
             std::thread::Builder::new()
@@ -342,6 +360,7 @@ mod daemon {
                             log::warn!("SIGHUP: port or backend changes need a restart; steering settings and the table are reloaded");
                         }
                         let v = new_plan.table().version();
+                        state.failover.installed(new_plan.table());
                         plan.replace(new_plan);
                         state.swaps.fetch_add(1, Ordering::Relaxed);
                         if let Ok(mut c) = state.config.lock() {
@@ -360,6 +379,9 @@ mod daemon {
             .join()
             .map_err(|_| anyhow!("the worker thread panicked"))?;
         let _ = admin_thread.join();
+        if let Some(t) = failover_thread {
+            let _ = t.join();
+        }
         let steered: u64 = counters.tm_packets.iter().sum();
         let dropped: u64 = counters.drops.iter().sum();
         log::info!("stopped: {steered} frames steered to TMs, {dropped} dropped");

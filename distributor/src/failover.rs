@@ -1,0 +1,207 @@
+//! TM liveness and automatic failover: each TM's health endpoint is probed every interval; after enough misses in a row the distributor switches on its own to the failover table for the set of failed TMs.
+//!
+//! The failover table is computed from the last table installed by an
+//! operator (PUT /table, a transition, a reload) and the *set* of failed
+//! TMs (`AllocationTable::failover` is order-independent), so front and
+//! back distributors that detect the same failures install the same table
+//! without talking. A TM that answers again is not taken back: only a new
+//! table (`stdctl tm readmit`) readmits it — no flapping. Installing a new
+//! table forgets every failure except of TMs that table gives no bucket.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use allocation::AllocationTable;
+use serde::Deserialize;
+
+use crate::admin::AdminState;
+
+/// A TM's health endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TmHealth {
+    /// TM id.
+    pub id: u32,
+    /// URL answering 200 while the TM serves (tmd: `http://ADMIN/healthz`).
+    pub health: String,
+    /// Bearer token for it, if any.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// The `[failover]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    /// Time between probes of one TM, ms.
+    pub interval_ms: u64,
+    /// Misses in a row that declare a TM failed.
+    pub misses: u32,
+    /// Probe timeout, ms.
+    pub timeout_ms: u64,
+    /// The TMs to probe (none: no automatic failover).
+    #[serde(rename = "tm")]
+    pub tms: Vec<TmHealth>,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            interval_ms: 300,
+            misses: 3,
+            timeout_ms: 250,
+            tms: Vec::new(),
+        }
+    }
+}
+
+/// What the prober and the admin endpoint share.
+#[derive(Debug, Default)]
+pub struct FailoverState {
+    /// The last table an operator installed (failovers are computed from it).
+    base: Mutex<Option<AllocationTable>>,
+    /// TMs declared failed since.
+    failed: Mutex<BTreeSet<u32>>,
+    /// Per probed TM id: 1 if its last probe answered.
+    up: Mutex<Vec<(u32, bool)>>,
+    /// Failovers performed.
+    pub failovers: AtomicU64,
+}
+
+impl FailoverState {
+    /// A new table was installed by an operator: it is the new base; only
+    /// failures of TMs it gives no bucket are kept.
+    pub fn installed(&self, table: &AllocationTable) {
+        let counts = table.counts(0);
+        let lock = |m: &Mutex<BTreeSet<u32>>| {
+            let mut f = m.lock().unwrap_or_else(|p| p.into_inner());
+            f.retain(|&id| {
+                table
+                    .tm_index_by_id(id)
+                    .is_none_or(|i| counts[usize::from(i)] == 0)
+            });
+        };
+        lock(&self.failed);
+        *self.base.lock().unwrap_or_else(|p| p.into_inner()) = Some(table.clone());
+    }
+
+    /// TMs declared failed.
+    pub fn failed(&self) -> Vec<u32> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// (TM id, up) of every probed TM.
+    pub fn up(&self) -> Vec<(u32, bool)> {
+        self.up.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn probe(agent: &ureq::Agent, tm: &TmHealth) -> bool {
+    let mut req = agent.get(&tm.health);
+    if let Some(t) = &tm.token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    matches!(req.call(), Ok(r) if r.status() == 200)
+}
+
+/// Probes until `stop`; fails TMs over as they are declared failed.
+pub fn run(cfg: FailoverConfig, state: &AdminState, stop: &AtomicBool) {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_millis(cfg.timeout_ms.max(1)))
+        .build();
+    let fo = &state.failover;
+    let mut misses = vec![0u32; cfg.tms.len()];
+    *fo.up.lock().unwrap_or_else(|p| p.into_inner()) =
+        cfg.tms.iter().map(|t| (t.id, true)).collect();
+    let interval = Duration::from_millis(cfg.interval_ms.max(10));
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now < next {
+            std::thread::sleep((next - now).min(Duration::from_millis(50)));
+            continue;
+        }
+        next = now + interval;
+        for (i, tm) in cfg.tms.iter().enumerate() {
+            let alive = probe(&agent, tm);
+            if let Some(u) = fo.up.lock().unwrap_or_else(|p| p.into_inner()).get_mut(i) {
+                u.1 = alive;
+            }
+            if alive {
+                misses[i] = 0;
+                continue;
+            }
+            misses[i] += 1;
+            if misses[i] == cfg.misses {
+                log::warn!(
+                    "TM {}: {} probes in a row unanswered ({})",
+                    tm.id,
+                    cfg.misses,
+                    tm.health
+                );
+                fail_over(state, tm.id);
+            }
+        }
+    }
+}
+
+/// Declares TM `id` failed and installs the failover table for every failed TM.
+pub fn fail_over(state: &AdminState, id: u32) {
+    let fo = &state.failover;
+    let Ok(config) = state.config.lock() else {
+        return;
+    };
+    let base = fo
+        .base
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_else(|| state.plan.load().table().clone());
+    let Some(k) = base.tm_index_by_id(id) else {
+        return;
+    };
+    if base.counts(0)[usize::from(k)] == 0 {
+        return; // out of service already: nothing to move
+    }
+    let set: Vec<u32> = {
+        let mut f = fo.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if !f.insert(id) {
+            return;
+        }
+        f.iter().copied().collect()
+    };
+    let indexes: Vec<allocation::TmIndex> =
+        set.iter().filter_map(|&i| base.tm_index_by_id(i)).collect();
+    let table = match base.failover(&indexes) {
+        Ok(c) => c.table,
+        Err(e) => {
+            log::error!("failover for TMs {set:?} impossible: {e}; the running table stays");
+            return;
+        }
+    };
+    match config.plan(table) {
+        Ok(plan) => {
+            let had_transition = state.plan.load().previous().is_some();
+            state.plan.replace(plan);
+            state.swaps.fetch_add(1, Ordering::Relaxed);
+            fo.failovers.fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "failover: TMs {set:?} failed; their buckets now go to the others (table version {}){}",
+                base.version(),
+                if had_transition {
+                    "; the transition in progress was dropped"
+                } else {
+                    ""
+                }
+            );
+        }
+        Err(e) => log::error!("failover for TMs {set:?}: {e}; the running table stays"),
+    }
+}
