@@ -5,7 +5,7 @@
 //! end, so no live connection is touched.
 
 use std::io::Read;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,11 +111,12 @@ fn handle(mut req: Request, state: &AdminState) {
             (Method::Get, "/table") => text(200, allocation::file::render(&current(state))),
             (Method::Put, "/table") => put_table(&mut req, state),
             (Method::Get, "/transition") => text(200, transition_state(state)),
+            (Method::Get, "/transition/ports") => moving_ports(state),
             (Method::Post, "/transition/prepare") => prepare(&mut req, state),
             (Method::Post, "/transition/commit") => finish(state, true),
             (Method::Post, "/transition/abort") => finish(state, false),
             (_, "/metrics" | "/healthz" | "/table") => text(405, "method not allowed"),
-            _ => text(404, "not found: /metrics, /healthz, /table, /transition, /transition/{prepare,commit,abort}"),
+            _ => text(404, "not found: /metrics, /healthz, /table, /transition, /transition/{ports,prepare,commit,abort}"),
         }
     };
     if let Err(e) = req.respond(reply) {
@@ -133,18 +134,28 @@ fn current(state: &AdminState) -> Arc<AllocationTable> {
     )
 }
 
-/// The table in a request body, checked to be a valid table that lists this node.
-fn body_table(req: &mut Request, state: &AdminState) -> Result<AllocationTable, Reply> {
+/// A request body, bounded.
+fn read_body(req: &mut Request) -> Result<String, Reply> {
     let mut body = String::new();
-    let limit = allocation::file::MAX_FILE_BYTES;
+    let limit = allocation::file::MAX_FILE_BYTES * 2;
     if let Err(e) = req.as_reader().take(limit + 1).read_to_string(&mut body) {
         return Err(text(400, format!("table rejected: unreadable body: {e}")));
     }
     if body.len() as u64 > limit {
         return Err(text(413, "table rejected: too large"));
     }
+    Ok(body)
+}
+
+/// The table in a request body, checked to be a valid table that lists this node.
+fn body_table(req: &mut Request, state: &AdminState) -> Result<AllocationTable, Reply> {
+    let body = read_body(req)?;
+    parse_table(&body, state)
+}
+
+fn parse_table(body: &str, state: &AdminState) -> Result<AllocationTable, Reply> {
     let table =
-        allocation::file::parse(&body).map_err(|e| text(400, format!("table rejected: {e}")))?;
+        allocation::file::parse(body).map_err(|e| text(400, format!("table rejected: {e}")))?;
     if table.tm_index_by_id(state.tm_id).is_none() {
         return Err(text(
             400,
@@ -217,12 +228,62 @@ fn transition_state(state: &AdminState) -> String {
     }
 }
 
+/// GET /transition/ports: the self-source ports this node holds in buckets
+/// the prepared transition moves away, as `[["addr", port], …]` — what a
+/// joining node must not take (see `Snat::prepare_joining`).
+fn moving_ports(state: &AdminState) -> Reply {
+    let next = state.tables.next();
+    let Some(next) = next else {
+        return text(409, "no transition is prepared");
+    };
+    let list: Vec<serde_json::Value> = state
+        .snat
+        .moving_ports(&next)
+        .into_iter()
+        .map(|(a, p)| serde_json::json!([a.to_string(), p]))
+        .collect();
+    text(200, serde_json::Value::Array(list).to_string())
+}
+
+/// A joining node's prepare body: `{"table": "<table file>", "held": [["addr", port], …]}`.
+fn joining_body(
+    body: &str,
+    state: &AdminState,
+) -> Result<(AllocationTable, Vec<(IpAddr, u16)>), Reply> {
+    let v: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| text(400, format!("prepare rejected: {e}")))?;
+    let table = parse_table(v["table"].as_str().unwrap_or(""), state)?;
+    let mut held = Vec::new();
+    for h in v["held"].as_array().into_iter().flatten() {
+        let addr = h[0].as_str().and_then(|a| a.parse::<IpAddr>().ok());
+        let port = h[1].as_u64().and_then(|p| u16::try_from(p).ok());
+        match (addr, port) {
+            (Some(a), Some(p)) => held.push((a, p)),
+            _ => return Err(text(400, format!("prepare rejected: bad held port {h}"))),
+        }
+    }
+    Ok((table, held))
+}
+
 /// Prepare: from now on only ports valid under both tables are handed out;
-/// the answer counts the open connections in buckets that move away.
+/// the answer counts the open connections in buckets that move away. A
+/// joining node (the body is `{"table": …, "held": […]}`) takes the next
+/// table's ports except the held ones.
 fn prepare(req: &mut Request, state: &AdminState) -> Reply {
-    let table = match body_table(req, state) {
-        Ok(t) => t,
+    let body = match read_body(req) {
+        Ok(b) => b,
         Err(reply) => return reply,
+    };
+    let (table, held) = if body.trim_start().starts_with('{') {
+        match joining_body(&body, state) {
+            Ok((t, h)) => (t, Some(h)),
+            Err(reply) => return reply,
+        }
+    } else {
+        match parse_table(&body, state) {
+            Ok(t) => (t, None),
+            Err(reply) => return reply,
+        }
     };
     let running = current(state);
     let mut next = state.tables.next.lock().unwrap_or_else(|p| p.into_inner());
@@ -249,13 +310,19 @@ fn prepare(req: &mut Request, state: &AdminState) -> Reply {
             ),
         );
     }
-    if let Err(e) = state.snat.retable(&running, Some(&table)) {
+    let prepared = match &held {
+        None => state.snat.retable(&running, Some(&table)),
+        Some(h) => state.snat.prepare_joining(&table, h),
+    };
+    if let Err(e) = prepared {
         return text(400, format!("table rejected: {e}"));
     }
     log::info!(
-        "transition prepared: version {} → {}",
+        "transition prepared: version {} → {}{}",
         running.version(),
-        table.version()
+        table.version(),
+        held.map(|h| format!(" (joining; {} ports held by others)", h.len()))
+            .unwrap_or_default()
     );
     *next = Some(Arc::new(table));
     drop(next);

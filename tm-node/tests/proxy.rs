@@ -679,6 +679,14 @@ fn a_transition_prepares_dual_table_ports_counts_moving_connections_and_commits(
         409,
         "no PUT during a transition"
     );
+    // The ports a joining node must not take: the open connection's.
+    let first_peer = *peers.lock().expect("lock").last().expect("the held connection");
+    let (code, ports) = http(admin, "GET", "/transition/ports", "");
+    assert_eq!(code, 200);
+    assert_eq!(
+        ports.trim(),
+        format!("[[\"{}\",{}]]", first_peer.ip(), first_peer.port())
+    );
     assert!(
         !exchange(vip),
         "no port is valid under both tables: new connections are refused"

@@ -259,20 +259,59 @@ pub fn push(c: &Cluster, next: &AllocationTable, json: bool) -> Result<Value> {
             }
         }
     };
-    for t in &c.tms {
-        match ok(&agent, &t.node, "POST", "/transition/prepare", Some(&body)) {
+    // Members first; then TMs joining (no bucket now, some in the next
+    // table: added, or readmitted) with the ports the members still hold in
+    // moving buckets, which they must not take.
+    let joining = |t: &TmNode| !has_buckets(&running, t.id) && has_buckets(next, t.id);
+    let mut held: Vec<Value> = Vec::new();
+    let members: Vec<&TmNode> = c.tms.iter().filter(|t| !joining(t)).collect();
+    let joiners: Vec<&TmNode> = c.tms.iter().filter(|t| joining(t)).collect();
+    let mut asked = false;
+    for t in members.into_iter().chain(joiners) {
+        let joins = joining(t);
+        if joins && !asked {
+            asked = true;
+            for m in &prepared {
+                match ok(&agent, &m.node, "GET", "/transition/ports", None)
+                    .ok()
+                    .and_then(|b| serde_json::from_str::<Value>(&b).ok())
+                {
+                    Some(Value::Array(list)) => held.extend(list),
+                    _ => {
+                        rollback(&prepared, &[]);
+                        bail!(
+                            "{}: GET /transition/ports gave no list; every prepared TM was rolled back",
+                            m.node.name
+                        );
+                    }
+                }
+            }
+        }
+        let joining_body;
+        let request = if joins {
+            joining_body = json!({ "table": body, "held": held }).to_string();
+            &joining_body
+        } else {
+            &body
+        };
+        match ok(
+            &agent,
+            &t.node,
+            "POST",
+            "/transition/prepare",
+            Some(request),
+        ) {
             Ok(b) => {
                 let moving = serde_json::from_str::<Value>(&b)
                     .ok()
                     .and_then(|v| v["connections_in_moved_buckets"].as_u64())
                     .unwrap_or(0);
-                progress(
-                    json,
-                    format!(
-                        "prepare  {:<12} ok ({moving} connections in moved buckets)",
-                        t.node.name
-                    ),
-                );
+                let detail = if joins {
+                    format!("joining; {} ports held by the others", held.len())
+                } else {
+                    format!("{moving} connections in moved buckets")
+                };
+                progress(json, format!("prepare  {:<12} ok ({detail})", t.node.name));
                 prepared.push(t);
             }
             Err(e) if !has_buckets(&running, t.id) && !has_buckets(next, t.id) => {

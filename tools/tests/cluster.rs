@@ -47,6 +47,7 @@ fn fake_node(name: &str, script: Script, log: Log) -> String {
                     polls += 1;
                     format!("{{\"phase\":\"prepared\",\"connections_in_moved_buckets\":{m}}}")
                 }
+                "GET /transition/ports" => "[[\"10.20.0.100\", 4242]]".to_string(),
                 "POST /transition/prepare" => {
                     "{\"phase\":\"prepared\",\"connections_in_moved_buckets\":3}".to_string()
                 }
@@ -312,6 +313,32 @@ fn rebalance_dry_run_changes_nothing_and_drain_readmit_push_the_right_tables() {
     )
     .expect("table");
     assert_eq!(back.version(), 6);
+    // tm1 joins: it is prepared last, with the ports the members hold.
+    let prep: Vec<String> = c2
+        .posts()
+        .into_iter()
+        .filter(|(_, w)| w.ends_with("prepare"))
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(prep, ["tm0", "tm2", "tm1"]);
+    let joining: serde_json::Value = serde_json::from_str(
+        &c2.body_of("tm1", "POST /transition/prepare")
+            .expect("prepared"),
+    )
+    .expect("json");
+    assert_eq!(
+        joining["held"],
+        serde_json::json!([["10.20.0.100", 4242], ["10.20.0.100", 4242]])
+    );
+    assert_eq!(
+        file::parse(joining["table"].as_str().expect("table")).expect("table"),
+        back
+    );
+    assert_eq!(
+        c2.body_of("tm0", "POST /transition/prepare"),
+        Some(file::render(&back)),
+        "members get the plain table"
+    );
     assert!(
         back.counts(0).iter().all(|&n| (1365..=1366).contains(&n)),
         "{:?}",
