@@ -1,6 +1,5 @@
 //! stdctl against a cluster of scripted admin endpoints: the transition protocol's order, the drain, rollback when a node fails, dry runs, drain and readmit tables.
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
