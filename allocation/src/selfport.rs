@@ -382,6 +382,14 @@ impl SnatAllocator {
     /// phase). Indexes are per table — they shift when a TM is removed —
     /// so the caller resolves them from the node's stable TM id. Ports in
     /// use stay reserved.
+    ///
+    /// A node the next table drains to zero has no port valid under both;
+    /// it keeps its current ports instead, so that connections still
+    /// steered to it before the distributors open the transition are
+    /// served rather than refused. That is safe because its buckets go to
+    /// nodes that only take ports valid under both (their own), and the
+    /// servers' replies to those ports reach it as the old owner until
+    /// commit, which waits for them.
     pub fn retable(
         &mut self,
         table: &AllocationTable,
@@ -392,7 +400,10 @@ impl SnatAllocator {
         for pool in self.pools.iter_mut() {
             let mut ports = SelfPorts::build(table, pool.addr, tm, range)?;
             if let Some((n, tm_next)) = next {
-                ports = ports.intersect(&SelfPorts::build(n, pool.addr, tm_next, range)?)?;
+                let after = SelfPorts::build(n, pool.addr, tm_next, range)?;
+                if after.count() > 0 {
+                    ports = ports.intersect(&after)?;
+                }
             }
             pool.set_ports(&ports);
         }

@@ -41,6 +41,9 @@ pub struct FailoverConfig {
     pub misses: u32,
     /// Probe timeout, ms.
     pub timeout_ms: u64,
+    /// After start, misses of a TM that has not answered yet count only
+    /// once this long has passed (TMs starting with the distributor), ms.
+    pub startup_grace_ms: u64,
     /// The TMs to probe (none: no automatic failover).
     #[serde(rename = "tm")]
     pub tms: Vec<TmHealth>,
@@ -52,6 +55,7 @@ impl Default for FailoverConfig {
             interval_ms: 300,
             misses: 3,
             timeout_ms: 250,
+            startup_grace_ms: 10_000,
             tms: Vec::new(),
         }
     }
@@ -118,6 +122,9 @@ pub fn run(cfg: FailoverConfig, state: &AdminState, stop: &AtomicBool) {
         .build();
     let fo = &state.failover;
     let mut misses = vec![0u32; cfg.tms.len()];
+    let mut seen = vec![false; cfg.tms.len()];
+    let started = Instant::now();
+    let grace = Duration::from_millis(cfg.startup_grace_ms);
     *fo.up.lock().unwrap_or_else(|p| p.into_inner()) =
         cfg.tms.iter().map(|t| (t.id, true)).collect();
     let interval = Duration::from_millis(cfg.interval_ms.max(10));
@@ -136,7 +143,11 @@ pub fn run(cfg: FailoverConfig, state: &AdminState, stop: &AtomicBool) {
             }
             if alive {
                 misses[i] = 0;
+                seen[i] = true;
                 continue;
+            }
+            if !seen[i] && started.elapsed() < grace {
+                continue; // not up yet: starting with us
             }
             misses[i] += 1;
             if misses[i] == cfg.misses {

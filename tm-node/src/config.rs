@@ -238,11 +238,11 @@ impl NodeConfig {
         for (i, v) in self.virtual_servers.iter().enumerate() {
             if self.virtual_servers[..i]
                 .iter()
-                .any(|w| w.name == v.name || w.listen == v.listen)
+                .any(|w| w.name == v.name || (w.listen == v.listen && w.protocol == v.protocol))
             {
                 return Err(invalid(
                     format!("virtual_server[{i}]"),
-                    "name and listen address must be unique",
+                    "names must be unique, and listen addresses per protocol",
                 ));
             }
             if v.protocol == Protocol::Udp && v.persistence.is_some() {

@@ -680,25 +680,44 @@ fn a_transition_prepares_dual_table_ports_counts_moving_connections_and_commits(
         "no PUT during a transition"
     );
     // The ports a joining node must not take: the open connection's.
-    let first_peer = *peers.lock().expect("lock").last().expect("the held connection");
+    let first_peer = *peers
+        .lock()
+        .expect("lock")
+        .last()
+        .expect("the held connection");
     let (code, ports) = http(admin, "GET", "/transition/ports", "");
     assert_eq!(code, 200);
     assert_eq!(
         ports.trim(),
         format!("[[\"{}\",{}]]", first_peer.ip(), first_peer.port())
     );
+    // Drained to zero: no port is valid under both tables, so the node
+    // keeps its current ports for connections still steered to it before
+    // the distributors open the transition (they count as moving).
+    let before = peers.lock().expect("lock").len();
     assert!(
-        !exchange(vip),
-        "no port is valid under both tables: new connections are refused"
+        exchange(vip),
+        "a drained node still serves until the switch"
     );
+    let late = *peers.lock().expect("lock").last().expect("peer");
+    assert_eq!(peers.lock().expect("lock").len(), before + 1);
+    let late_reply = Flow::with_ports(
+        proto::TCP,
+        server.ip(),
+        server.port(),
+        late.ip(),
+        late.port(),
+    );
+    assert_eq!(t.steer(&late_reply).tm, me, "a port of the running table");
     open.write_all(b"b\n").expect("write during the transition");
     open.read_exact(&mut buf)
         .expect("the open connection still works");
     let m = http(admin, "GET", "/metrics", "").1;
     assert_eq!(metric(&m, "tmd_transition_prepared"), 1);
-    assert!(
-        metric(&m, "tmd_refused_total{reason=\"no_port\",vs=\"web\"}") >= 1,
-        "{m}"
+    assert_eq!(
+        metric(&m, "tmd_connections_in_moved_buckets"),
+        1,
+        "the open one: {m}"
     );
 
     // Abort: back to the running table, new connections work again.

@@ -214,7 +214,7 @@ fn progress(json: bool, line: String) {
     if json {
         eprintln!("{line}");
     } else {
-        println!("{line}");
+        crate::report::say(&line);
     }
 }
 
@@ -263,6 +263,15 @@ pub fn push(c: &Cluster, next: &AllocationTable, json: bool) -> Result<Value> {
     // table: added, or readmitted) with the ports the members still hold in
     // moving buckets, which they must not take.
     let joining = |t: &TmNode| !has_buckets(&running, t.id) && has_buckets(next, t.id);
+    // A TM drained to zero keeps its current ports during the window
+    // (docs/tmd.md); a joining TM must not meet them: one at a time.
+    let draining = c
+        .tms
+        .iter()
+        .any(|t| has_buckets(&running, t.id) && !has_buckets(next, t.id));
+    if draining && c.tms.iter().any(joining) {
+        bail!("this table drains a TM to zero and admits a joining TM at once: push one change, then the other");
+    }
     let mut held: Vec<Value> = Vec::new();
     let members: Vec<&TmNode> = c.tms.iter().filter(|t| !joining(t)).collect();
     let joiners: Vec<&TmNode> = c.tms.iter().filter(|t| joining(t)).collect();

@@ -399,13 +399,13 @@ fn tm_cluster(a: cli::TmClusterArgs, drain: bool, out: &Out) -> Result<()> {
         return Ok(());
     }
     if !out.json {
-        println!(
+        crate::report::say(&format!(
             "{what} {}: {} buckets move, table version {} → {}",
             a.tm,
             change.moves.len(),
             running.version(),
             change.table.version()
-        );
+        ));
     }
     let summary = cluster::push(&c, &change.table, out.json)?;
     out.emit(summary.clone(), || pushed_text(&summary));

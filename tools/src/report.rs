@@ -16,6 +16,13 @@ pub struct Out {
 
 const BAR: usize = 40;
 
+/// Writes a line to standard output. A closed pipe (`stdctl … | head`) is
+/// not an error worth dying for — least of all in the middle of a push.
+pub fn say(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
+}
+
 fn pct(n: u32) -> f64 {
     f64::from(n) * 100.0 / TABLE_SIZE as f64
 }
@@ -33,12 +40,9 @@ impl Out {
     /// Prints `value` as JSON, or the text `human` builds.
     pub fn emit(&self, value: Value, human: impl FnOnce() -> String) {
         if self.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&value).unwrap_or_default()
-            );
+            say(&serde_json::to_string_pretty(&value).unwrap_or_default());
         } else {
-            println!("{}", human());
+            say(&human());
         }
     }
 

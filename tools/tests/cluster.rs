@@ -383,3 +383,27 @@ fn status_reports_every_node_and_a_dead_one() {
     let o = stdctl(&["status", "--cluster", "/nonexistent/cluster.toml"]);
     assert_eq!(o.status.code(), Some(1));
 }
+
+#[test]
+fn draining_one_tm_and_admitting_another_at_once_is_refused() {
+    // Running: tm1 drained. Next: tm1 back, tm0 drained.
+    let drained = table()
+        .rebalance_to_targets(0, &[2048, 0, 2048], None)
+        .expect("drain")
+        .table;
+    let text = file::render(&drained);
+    let c = cluster("swap-roles", |n| Script {
+        table: text.clone(),
+        ..normal(n)
+    });
+    let next = drained
+        .rebalance_to_targets(0, &[0, 2048, 2048], None)
+        .expect("swap")
+        .table;
+    let path = c.dir.join("next.toml");
+    file::save(&path, &next).expect("save");
+    let o = stdctl(&["push", &path.display().to_string(), "--cluster", &c.file()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("one change, then the other"));
+    assert!(c.posts().is_empty());
+}
