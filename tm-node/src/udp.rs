@@ -165,10 +165,25 @@ async fn open(
         );
         tokio::spawn(async move {
             let mut buf = vec![0u8; MAX_DATAGRAM];
-            while let Ok(n) = up.recv(&mut buf).await {
-                *last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-                if down.send_to(&buf[..n], client).await.is_ok() {
-                    vs.stats.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
+            loop {
+                match up.recv(&mut buf).await {
+                    Ok(n) => {
+                        *last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                        if down.send_to(&buf[..n], client).await.is_ok() {
+                            vs.stats.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                    }
+                    // A connected UDP socket reports ICMP errors about earlier
+                    // datagrams (port unreachable, fragmentation needed — the
+                    // kernel has learned the smaller path MTU) on the next
+                    // receive: the session goes on; it ends by idling out.
+                    Err(e) if icmp_reported(&e) => {
+                        log::debug!("{}: session to {server} for {client}: {e}", vs.name);
+                    }
+                    Err(e) => {
+                        log::warn!("{}: session to {server} for {client}: {e}", vs.name);
+                        break;
+                    }
                 }
             }
         })
@@ -180,6 +195,23 @@ async fn open(
         reader,
         _lease: lease,
     })
+}
+
+/// Errors a connected UDP socket reports for ICMP errors about datagrams it
+/// sent (Linux errno values): port unreachable, fragmentation needed,
+/// host or network unreachable, protocol errors.
+fn icmp_reported(e: &std::io::Error) -> bool {
+    const EPROTO: i32 = 71;
+    const EMSGSIZE: i32 = 90;
+    const ENETUNREACH: i32 = 101;
+    const EHOSTUNREACH: i32 = 113;
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+    ) || matches!(
+        e.raw_os_error(),
+        Some(EPROTO | EMSGSIZE | ENETUNREACH | EHOSTUNREACH)
+    )
 }
 
 fn close(vs: &VirtualServer, s: Session) {

@@ -971,3 +971,66 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
         "exited well before the 10 s deadline"
     );
 }
+
+#[test]
+fn a_udp_session_survives_an_icmp_error_from_its_server() {
+    // The server's port is closed at first: the session's datagram draws a
+    // port unreachable, which the kernel reports on the session's socket.
+    let server = std::net::UdpSocket::bind((ip("127.0.0.33"), 0))
+        .and_then(|s| s.local_addr())
+        .expect("a free server port");
+    let vip = std::net::UdpSocket::bind((ip("127.0.0.19"), 0))
+        .and_then(|s| s.local_addr())
+        .expect("free udp port");
+    let dir = tmd_dir("udp-icmp");
+    std::fs::write(
+        dir.join("tmd.toml"),
+        format!(
+            "tm_id = {TM_ID}\ntable = \"table.toml\"\nsnat_addresses = [\"127.0.0.34\"]\ndrain_timeout_ms = 2000\n\n\
+             [[pool]]\nname = \"late\"\nservers = [{{ address = \"{server}\" }}]\n\n\
+             [[virtual_server]]\nname = \"late\"\nprotocol = \"udp\"\nlisten = \"{vip}\"\npool = \"late\"\nidle_timeout_ms = 5000\n\n\
+             [admin]\nlisten = \"127.0.0.1:{}\"\n",
+            free_vip("127.0.0.1").port()
+        ),
+    )
+    .expect("config");
+    let tmd = spawn_tmd(dir, 0, "warn");
+    let client = std::net::UdpSocket::bind((ip("127.0.0.1"), 0)).expect("client");
+    client
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let mut buf = [0u8; 64];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Until tmd listens, and a few more: each draws a port unreachable.
+    let mut sent = 0;
+    while sent < 3 {
+        assert!(Instant::now() < deadline, "tmd did not start");
+        if client.send_to(b"early", vip).is_ok() {
+            sent += 1;
+        }
+        assert!(client.recv_from(&mut buf).is_err(), "nobody answers yet");
+    }
+    // Now the server comes up on that port: the same session answers.
+    let up = std::net::UdpSocket::bind(server).expect("server binds its port");
+    std::thread::spawn(move || {
+        let mut b = [0u8; 64];
+        while let Ok((n, from)) = up.recv_from(&mut b) {
+            let _ = up.send_to(&b[..n], from);
+        }
+    });
+    let mut answered = false;
+    for _ in 0..10 {
+        let _ = client.send_to(b"later", vip);
+        if let Ok((n, _)) = client.recv_from(&mut buf) {
+            answered = &buf[..n] == b"later";
+            if answered {
+                break;
+            }
+        }
+    }
+    assert!(
+        answered,
+        "the session's return path survived the ICMP errors"
+    );
+    stop(tmd);
+}
