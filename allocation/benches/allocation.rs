@@ -14,6 +14,10 @@ use allocation::{
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
+#[allow(dead_code)] // the bench uses the lookup only
+#[path = "../examples/maglev/mod.rs"]
+mod maglev;
+
 const BATCH: usize = 4096;
 
 fn key() -> HashKey {
@@ -246,6 +250,42 @@ fn rebalance(c: &mut Criterion) {
     g.finish();
 }
 
+/// Our 4096-entry table against Maglev's 65537-entry one: hash + lookup per
+/// flow, the same hash, 8 and 64 TMs (balance and disruption:
+/// `cargo run --release -p allocation --example maglev_compare`).
+fn maglev(c: &mut Criterion) {
+    let k = key();
+    let eps = endpoints();
+    let mut g = c.benchmark_group("maglev");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    for n in [8usize, 64] {
+        let t = table(n);
+        let buckets = &t.groups()[0].buckets;
+        let names: Vec<(String, u32)> = (0..n).map(|i| (format!("tm{i}"), 1)).collect();
+        let mg = maglev::Maglev::new(&names);
+        g.bench_function(format!("table_{n}"), |b| {
+            b.iter(|| {
+                let mut acc = 0u32;
+                for &(a, p) in black_box(&eps) {
+                    acc = acc
+                        .wrapping_add(u32::from(buckets.get(bucket(hash_v4_endpoint(&k, a, p)))));
+                }
+                acc
+            })
+        });
+        g.bench_function(format!("maglev_{n}"), |b| {
+            b.iter(|| {
+                let mut acc = 0u32;
+                for &(a, p) in black_box(&eps) {
+                    acc = acc.wrapping_add(u32::from(mg.lookup(hash_v4_endpoint(&k, a, p))));
+                }
+                acc
+            })
+        });
+    }
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(500))
@@ -256,6 +296,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = steering, selfports, allocator, rebalance
+    targets = steering, selfports, allocator, rebalance, maglev
 }
 criterion_main!(benches);
