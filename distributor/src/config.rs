@@ -67,6 +67,9 @@ pub enum BackendKind {
     Pcap,
     /// Capture files: each port reads `input` (if set) and writes `output` (if set).
     PcapFile,
+    /// Live interfaces through AF_PACKET memory-mapped rings (no syscall per
+    /// frame; one worker per listed CPU, flows spread by a fan-out hash).
+    Afpacket,
 }
 
 /// One distributor port.
@@ -371,10 +374,10 @@ impl DistributorConfig {
                 seen_tms.push(id);
             }
             match self.backend {
-                BackendKind::Pcap if p.interface.is_none() => {
+                BackendKind::Pcap | BackendKind::Afpacket if p.interface.is_none() => {
                     return Err(invalid(
                         format!("port[{i}].interface"),
-                        "the pcap backend needs an interface per port",
+                        "the pcap and afpacket backends need an interface per port",
                     ))
                 }
                 BackendKind::PcapFile if p.input.is_none() && p.output.is_none() => {

@@ -17,6 +17,7 @@
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod admin;
+pub mod afpacket;
 pub mod backend;
 pub mod bridge;
 pub mod build;

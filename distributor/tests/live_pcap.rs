@@ -1,4 +1,4 @@
-//! The live pcap backend on real kernel interfaces: veth pairs in a private network namespace (root only; skipped loudly otherwise).
+//! The live backends (pcap, and afpacket with two workers) on real kernel interfaces: veth pairs in a private network namespace (root only; skipped loudly otherwise).
 //!
 //! Topology, all inside one namespace made for the test and deleted after:
 //! `o0 ─veth─ o1 [stdd outside port]`, `t0 ─veth─ t1 [stdd TM port]`.
@@ -120,11 +120,20 @@ fn captured(path: &Path) -> Vec<Vec<u8>> {
 
 #[test]
 fn the_live_pcap_backend_steers_real_frames_between_veth_links() {
+    live("pcap", "");
+}
+
+#[test]
+fn the_afpacket_backend_with_two_workers_steers_real_frames_between_veth_links() {
+    live("afpacket", "\n[workers]\ncpus = [0, 1]\n");
+}
+
+fn live(backend: &str, workers: &str) {
     if let Err(why) = root_with_tools() {
-        eprintln!("SKIPPED the live pcap backend test: {why} (it needs root, ip and python3 to build a private network namespace)");
+        eprintln!("SKIPPED the live {backend} backend test: {why} (it needs root, ip and python3 to build a private network namespace)");
         return;
     }
-    let name = format!("stdt{}", std::process::id());
+    let name = format!("stdt{}{}", std::process::id(), &backend[..2]);
     let dir = std::env::temp_dir().join(&name);
     std::fs::create_dir_all(&dir).expect("dir");
     let mut ns = Netns {
@@ -168,9 +177,9 @@ fn the_live_pcap_backend_steers_real_frames_between_veth_links() {
     std::fs::write(
         dir.join("stdd.toml"),
         format!(
-            "role = \"front\"\ngroup_mac = \"{GROUP}\"\ncluster_addresses = [\"198.51.100.10\"]\ntable = \"table.toml\"\nbackend = \"pcap\"\n\n\
+            "role = \"front\"\ngroup_mac = \"{GROUP}\"\ncluster_addresses = [\"198.51.100.10\"]\ntable = \"table.toml\"\nbackend = \"{backend}\"\n\n\
              [[port]]\nname = \"outside\"\nkind = \"outside\"\ninterface = \"o1\"\n\n\
-             [[port]]\nname = \"tms\"\nkind = \"tm\"\ninterface = \"t1\"\ntms = [0, 1, 2, 3]\n\n[admin]\nlisten = \"127.0.0.1:9180\"\n"
+             [[port]]\nname = \"tms\"\nkind = \"tm\"\ninterface = \"t1\"\ntms = [0, 1, 2, 3]\n\n[admin]\nlisten = \"127.0.0.1:9180\"\n{workers}"
         ),
     )
     .expect("config");

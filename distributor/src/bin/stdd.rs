@@ -211,6 +211,7 @@ mod daemon {
         wcfg: distributor::WorkerConfig,
         batch: usize,
         cpu: Option<usize>,
+        index: usize,
     }
 
     impl WorkerSpawn {
@@ -226,9 +227,10 @@ mod daemon {
                 wcfg,
                 batch,
                 cpu,
+                index,
             } = self;
             Ok(std::thread::Builder::new()
-                .name("stdd-worker-0".into())
+                .name(format!("stdd-worker-{index}"))
                 .spawn(move || {
                     if let Some(cpu) = cpu {
                         if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
@@ -269,14 +271,22 @@ mod daemon {
         signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reload))
             .context("installing signal handlers")?;
 
-        let shared = Arc::new(WorkerShared::default());
+        // One worker per configured CPU with the afpacket backend (a fan-out
+        // group per port spreads flows over them); one otherwise.
+        let nworkers = match cfg.backend {
+            BackendKind::Afpacket => cfg.workers.cpus.len().max(1),
+            _ => 1,
+        };
+        let shared: Vec<Arc<WorkerShared>> = (0..nworkers)
+            .map(|_| Arc::new(WorkerShared::default()))
+            .collect();
         let server = tiny_http::Server::http(cfg.admin.listen)
             .map_err(|e| anyhow!("admin.listen {}: {e}", cfg.admin.listen))?;
         log::info!("admin endpoint on http://{}", cfg.admin.listen);
         let state = Arc::new(AdminState {
             config: Mutex::new(cfg.clone()),
             plan: Arc::clone(&plan),
-            workers: vec![Arc::clone(&shared)],
+            workers: shared.clone(),
             swaps: AtomicU64::new(0),
             token: cfg.admin.token.clone(),
             failover: distributor::failover::FailoverState::default(),
@@ -304,33 +314,39 @@ mod daemon {
                 .name("stdd-admin".into())
                 .spawn(move || admin::serve(server, state, &stop))?
         };
-        let worker_thread = {
-            let (plan, stop, shared) = (Arc::clone(&plan), Arc::clone(&stop), Arc::clone(&shared));
-            let (wcfg, batch, cpu) = (
-                cfg.worker_config(),
-                cfg.workers.batch,
-                cfg.workers.cpus.first().copied(),
-            );
+        let names: Vec<&str> = cfg
+            .ports
+            .iter()
+            .filter_map(|p| p.interface.as_deref())
+            .collect();
+        // A fan-out group id per port, the same for every worker of this
+        // process and unlikely to meet another process's.
+        let group_base = (std::process::id() as u16).wrapping_mul(64);
+        let mut worker_threads = Vec::with_capacity(nworkers);
+        for (index, shared) in shared.iter().enumerate() {
             let spawn = WorkerSpawn {
-                plan,
-                stop,
-                shared,
-                wcfg,
-                batch,
-                cpu,
+                plan: Arc::clone(&plan),
+                stop: Arc::clone(&stop),
+                shared: Arc::clone(shared),
+                wcfg: cfg.worker_config(),
+                batch: cfg.workers.batch,
+                cpu: cfg.workers.cpus.get(index).copied(),
+                index,
             };
-            match cfg.backend {
-                BackendKind::Pcap => {
-                    let names: Vec<&str> = cfg
-                        .ports
-                        .iter()
-                        .filter_map(|p| p.interface.as_deref())
-                        .collect();
-                    spawn.start(
-                        PcapBackend::open(&names, Duration::from_micros(200))
-                            .context("opening interfaces")?,
-                    )?
-                }
+            worker_threads.push(match cfg.backend {
+                BackendKind::Afpacket => spawn.start(
+                    distributor::afpacket::AfPacketBackend::open(
+                        &names,
+                        distributor::afpacket::RingConfig::default(),
+                        cfg.workers.poll_ms,
+                        (nworkers > 1).then_some(group_base),
+                    )
+                    .context("opening interfaces (afpacket)")?,
+                )?,
+                BackendKind::Pcap => spawn.start(
+                    PcapBackend::open(&names, Duration::from_micros(200))
+                        .context("opening interfaces")?,
+                )?,
                 BackendKind::PcapFile => {
                     let files: Vec<_> = cfg
                         .ports
@@ -339,8 +355,11 @@ mod daemon {
                         .collect();
                     spawn.start(PcapFileBackend::open(&files).context("opening capture files")?)?
                 }
-            }
-        };
+            });
+        }
+        if nworkers > 1 {
+            log::info!("{nworkers} workers, flows spread over them by the kernel's fan-out hash");
+        }
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(100));
             if reload.swap(false, Ordering::Relaxed) {
@@ -375,9 +394,10 @@ mod daemon {
             }
         }
         log::info!("stopping");
-        let counters = worker_thread
-            .join()
-            .map_err(|_| anyhow!("the worker thread panicked"))?;
+        let mut counters = distributor::Counters::default();
+        for t in worker_threads {
+            counters.add(&t.join().map_err(|_| anyhow!("a worker thread panicked"))?);
+        }
         let _ = admin_thread.join();
         if let Some(t) = failover_thread {
             let _ = t.join();
