@@ -68,13 +68,26 @@ const H_NSEC: usize = 20;
 /// sockaddr_ll.sll_pkttype, after the 32-byte aligned header.
 const H_PKTTYPE: usize = 32 + 10;
 
-/// Ring sizes.
+/// How frames are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxMode {
+    /// A memory-mapped TX ring, kicked once per batch.
+    Ring,
+    /// Frames copied into a per-port staging area and sent with one
+    /// `sendmmsg` per batch (no zero-copy pages to copy again on delivery to
+    /// a local veth peer, no per-frame completion callback).
+    Sendmmsg,
+}
+
+/// Ring sizes and the send mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingConfig {
     /// Blocks of 1 MiB (512 frames each) in each port's RX ring.
     pub rx_blocks: u32,
-    /// Blocks in each port's TX ring.
+    /// Blocks in each port's TX ring (`TxMode::Ring`).
     pub tx_blocks: u32,
+    /// How frames are sent.
+    pub tx: TxMode,
 }
 
 impl Default for RingConfig {
@@ -82,9 +95,16 @@ impl Default for RingConfig {
         RingConfig {
             rx_blocks: 4,
             tx_blocks: 4,
+            tx: TxMode::Sendmmsg,
         }
     }
 }
+
+/// How long an idle worker busy-polls its rings before it sleeps in poll(2).
+const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// Frames staged per port before a `sendmmsg`.
+const STAGE_FRAMES: usize = 256;
 
 #[repr(C)]
 struct TpacketReq {
@@ -106,6 +126,13 @@ struct Port {
     tx_next: usize,
     pending: bool,
     filter_outgoing: bool,
+    /// `TxMode::Sendmmsg`: staged frames, their lengths, and the message
+    /// arrays (allocated once; their pointers are refreshed at each flush).
+    stage: Vec<u8>,
+    stage_len: Vec<usize>,
+    iov: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+    tx_ring: bool,
 }
 
 // SAFETY: the mapping is owned by this value alone (no other pointer to it
@@ -176,6 +203,11 @@ impl Port {
             tx_next: 0,
             pending: false,
             filter_outgoing: false,
+            stage: Vec::new(),
+            stage_len: Vec::new(),
+            iov: Vec::new(),
+            msgs: Vec::new(),
+            tx_ring: rings.tx == TxMode::Ring,
         };
         let per_block = BLOCK_SIZE / FRAME_SIZE;
         setsockopt(fd, PACKET_VERSION, &TPACKET_V2).map_err(|e| err("TPACKET_V2", iface, e))?;
@@ -192,10 +224,18 @@ impl Port {
             frame_nr: rings.tx_blocks.max(1) * per_block as u32,
         };
         setsockopt(fd, PACKET_RX_RING, &rx).map_err(|e| err("RX ring", iface, e))?;
-        setsockopt(fd, PACKET_TX_RING, &tx).map_err(|e| err("TX ring", iface, e))?;
         port.rx_frames = rx.frame_nr as usize;
-        port.tx_frames = tx.frame_nr as usize;
-        let len = (rx.block_nr + tx.block_nr) as usize * BLOCK_SIZE;
+        let mut len = rx.block_nr as usize * BLOCK_SIZE;
+        if port.tx_ring {
+            setsockopt(fd, PACKET_TX_RING, &tx).map_err(|e| err("TX ring", iface, e))?;
+            port.tx_frames = tx.frame_nr as usize;
+            len += tx.block_nr as usize * BLOCK_SIZE;
+        } else {
+            port.stage = vec![0u8; STAGE_FRAMES * FRAME_SIZE];
+            port.stage_len = Vec::with_capacity(STAGE_FRAMES);
+            port.iov = Vec::with_capacity(STAGE_FRAMES);
+            port.msgs = Vec::with_capacity(STAGE_FRAMES);
+        }
         // SAFETY: maps the rings the kernel just allocated for this socket;
         // the result is checked before use and unmapped in `drop`.
         let map = unsafe {
@@ -274,6 +314,49 @@ impl Port {
 
     fn tx_base(&self) -> usize {
         self.rx_frames * FRAME_SIZE
+    }
+
+    /// Sends the staged frames with `sendmmsg` (as many calls as it takes).
+    fn send_staged(&mut self) -> io::Result<()> {
+        let n = self.stage_len.len();
+        self.iov.clear();
+        self.msgs.clear();
+        for (i, &len) in self.stage_len.iter().enumerate() {
+            self.iov.push(libc::iovec {
+                // SAFETY: slot i of the staging area holds `len` bytes.
+                iov_base: unsafe { self.stage.as_mut_ptr().add(i * FRAME_SIZE) }.cast(),
+                iov_len: len,
+            });
+        }
+        for i in 0..n {
+            // SAFETY: an all-zero msghdr is valid (no name, no control data).
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = &mut self.iov[i];
+            m.msg_hdr.msg_iovlen = 1;
+            self.msgs.push(m);
+        }
+        let mut done = 0;
+        let mut result = Ok(());
+        while done < n {
+            // SAFETY: msgs[done..n] are live mmsghdr whose iovecs point into
+            // `stage`, which outlives the call; the socket is bound to its
+            // interface, so no address is needed.
+            let r = unsafe {
+                libc::sendmmsg(
+                    self.fd,
+                    self.msgs.as_mut_ptr().add(done),
+                    (n - done) as libc::c_uint,
+                    0,
+                )
+            };
+            if r <= 0 {
+                result = Err(io::Error::last_os_error());
+                break;
+            }
+            done += r as usize;
+        }
+        self.stage_len.clear();
+        result
     }
 }
 
@@ -372,6 +455,20 @@ impl Backend for AfPacketBackend {
         if n > 0 {
             return Ok(n);
         }
+        // Busy-poll the rings for a moment before sleeping in poll(2): under
+        // load the next frames are microseconds away, and a wake-up per frame
+        // (with a batch of one) would cost more than the frame itself.
+        let spin_until = std::time::Instant::now() + SPIN;
+        while std::time::Instant::now() < spin_until {
+            if self
+                .ports
+                .iter()
+                .any(|p| p.status(0, p.rx_next).load(Ordering::Acquire) & TP_STATUS_USER != 0)
+            {
+                return Ok(self.drain_rx(batch));
+            }
+            std::hint::spin_loop();
+        }
         let mut fds: Vec<libc::pollfd> = self
             .ports
             .iter()
@@ -402,6 +499,16 @@ impl Backend for AfPacketBackend {
                 io::ErrorKind::InvalidInput,
                 "frame larger than a ring slot",
             ));
+        }
+        if !p.tx_ring {
+            if p.stage_len.len() == STAGE_FRAMES {
+                p.send_staged()?;
+            }
+            let at = p.stage_len.len() * FRAME_SIZE;
+            p.stage[at..at + frame.len()].copy_from_slice(frame);
+            p.stage_len.push(frame.len());
+            p.pending = true;
+            return Ok(());
         }
         let base = p.tx_base();
         let mut tries = 0;
@@ -436,7 +543,12 @@ impl Backend for AfPacketBackend {
         let mut result = Ok(());
         for p in self.ports.iter_mut().filter(|p| p.pending) {
             p.pending = false;
-            if let Err(e) = kick(p.fd) {
+            let sent = if p.tx_ring {
+                kick(p.fd)
+            } else {
+                p.send_staged()
+            };
+            if let Err(e) = sent {
                 result = Err(e);
             }
         }
