@@ -377,6 +377,42 @@ impl FastKey {
     }
 }
 
+/// IPv4 read straight from the bytes, accepting exactly what `parse_ipv4`
+/// and the port read of [`decide`] accept for an unfragmented TCP/UDP
+/// datagram (the batch property test holds the two paths equal).
+#[inline(always)]
+fn fast_key_v4(b: &[u8], src_mac: MacAddr) -> Option<FastKey> {
+    if b.len() < 20 || b[0] >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(b[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([b[2], b[3]]));
+    if ihl < 20 || total > b.len() || total < ihl + 4 {
+        return None;
+    }
+    if u16::from_be_bytes([b[6], b[7]]) & 0x3fff != 0 {
+        return None;
+    }
+    if b[9] != wire::proto::TCP && b[9] != wire::proto::UDP {
+        return None;
+    }
+    let sp = u16::from_be_bytes([b[ihl], b[ihl + 1]]);
+    let dp = u16::from_be_bytes([b[ihl + 2], b[ihl + 3]]);
+    let (at, port) = match sp.cmp(&dp) {
+        std::cmp::Ordering::Greater => (12, sp),
+        std::cmp::Ordering::Less => (16, dp),
+        std::cmp::Ordering::Equal => return None,
+    };
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&b[at..at + 4]);
+    Some(FastKey {
+        v6: false,
+        addr,
+        port,
+        src_mac,
+    })
+}
+
 /// The greater-port endpoint of a frame the fast path may steer, with the
 /// same parsers as [`decide`]; `None` sends the frame down the general path.
 #[inline(always)]
@@ -389,6 +425,9 @@ fn fast_key(frame: &[u8], ingress: PortId, plan: &Plan) -> Option<FastKey> {
         return None;
     }
     let l3 = &frame[eth.payload_offset()..];
+    if eth.ethertype() == wire::ethertype::IPV4 {
+        return fast_key_v4(l3, eth.src());
+    }
     let ip = match eth.ethertype() {
         wire::ethertype::IPV4 => wire::parse_ipv4(l3).ok()?,
         wire::ethertype::IPV6 => wire::parse_ipv6(l3).ok()?,
