@@ -70,6 +70,9 @@ pub enum BackendKind {
     /// Live interfaces through AF_PACKET memory-mapped rings (no syscall per
     /// frame; one worker per listed CPU, flows spread by a fan-out hash).
     Afpacket,
+    /// Live interfaces through netmap (cargo feature `netmap`; needs the
+    /// netmap kernel module).
+    Netmap,
 }
 
 /// One distributor port.
@@ -374,10 +377,12 @@ impl DistributorConfig {
                 seen_tms.push(id);
             }
             match self.backend {
-                BackendKind::Pcap | BackendKind::Afpacket if p.interface.is_none() => {
+                BackendKind::Pcap | BackendKind::Afpacket | BackendKind::Netmap
+                    if p.interface.is_none() =>
+                {
                     return Err(invalid(
                         format!("port[{i}].interface"),
-                        "the pcap and afpacket backends need an interface per port",
+                        "the pcap, afpacket and netmap backends need an interface per port",
                     ))
                 }
                 BackendKind::PcapFile if p.input.is_none() && p.output.is_none() => {
@@ -389,10 +394,18 @@ impl DistributorConfig {
                 _ => {}
             }
         }
-        if self.backend == BackendKind::Pcap && self.workers.cpus.len() > 1 {
+        if self.backend == BackendKind::Netmap && !cfg!(feature = "netmap") {
+            return Err(invalid(
+                "backend",
+                "this stdd was built without the netmap backend (cargo feature `netmap`)",
+            ));
+        }
+        if matches!(self.backend, BackendKind::Pcap | BackendKind::Netmap)
+            && self.workers.cpus.len() > 1
+        {
             return Err(invalid(
                 "workers.cpus",
-                "the pcap backend runs one worker (libpcap cannot share a port between workers): list at most one CPU",
+                "the pcap and netmap backends run one worker: list at most one CPU",
             ));
         }
         for (i, t) in self.failover.tms.iter().enumerate() {
@@ -593,6 +606,16 @@ listen = "127.0.0.1:9180"
             field_of(load(&GOOD.replace("127.0.0.1:9180", "0.0.0.0:9180"))),
             "admin.token"
         );
+        // The netmap backend: only in a build with the feature; one worker.
+        let netmap = GOOD.replace("backend = \"pcap\"", "backend = \"netmap\"");
+        if cfg!(feature = "netmap") {
+            assert!(load(&netmap).is_ok());
+        } else {
+            assert_eq!(field_of(load(&netmap)), "backend");
+        }
+        // The afpacket backend takes one worker per CPU listed.
+        let af = GOOD.replace("backend = \"pcap\"", "backend = \"afpacket\"");
+        assert!(load(&format!("{af}\n[workers]\ncpus = [0, 1]\n")).is_ok());
         assert!(load(
             &GOOD
                 .replace("0.0.0.0", "x")

@@ -25,6 +25,8 @@ pub mod config;
 pub mod failover;
 pub mod frag;
 pub mod io;
+#[cfg(feature = "netmap")]
+pub mod netmap;
 pub mod pcap;
 pub mod replay;
 pub mod steer;

@@ -343,6 +343,17 @@ mod daemon {
                     )
                     .context("opening interfaces (afpacket)")?,
                 )?,
+                #[cfg(feature = "netmap")]
+                BackendKind::Netmap => spawn.start(
+                    distributor::netmap::NetmapBackend::open(&names, cfg.workers.poll_ms)
+                        .context("opening interfaces (netmap)")?,
+                )?,
+                #[cfg(not(feature = "netmap"))]
+                BackendKind::Netmap => {
+                    return Err(anyhow!(
+                        "this stdd was built without the netmap backend (cargo feature `netmap`)"
+                    ))
+                }
                 BackendKind::Pcap => spawn.start(
                     PcapBackend::open(&names, Duration::from_micros(200))
                         .context("opening interfaces")?,
