@@ -469,23 +469,8 @@ impl Backend for AfPacketBackend {
             }
             std::hint::spin_loop();
         }
-        let mut fds: Vec<libc::pollfd> = self
-            .ports
-            .iter()
-            .map(|p| libc::pollfd {
-                fd: p.fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        // SAFETY: `fds` is a live array of `fds.len()` pollfd structures.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, self.poll_ms) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+        let fds: Vec<libc::c_int> = self.ports.iter().map(|p| p.fd).collect();
+        wait_readable(&fds, self.poll_ms)?;
         Ok(self.drain_rx(batch))
     }
 
@@ -554,6 +539,28 @@ impl Backend for AfPacketBackend {
         }
         result
     }
+}
+
+/// Waits up to `ms` milliseconds for any of `fds` to be readable (one
+/// `poll`); an interrupted wait is not an error.
+pub(crate) fn wait_readable(fds: &[libc::c_int], ms: i32) -> io::Result<()> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `pfds` is a live array of `pfds.len()` pollfd structures.
+    let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// Asks the kernel to send every frame marked in the TX ring (one syscall).

@@ -185,22 +185,9 @@ impl Backend for NetmapBackend {
         if n > 0 {
             return Ok(n);
         }
-        let mut fds: Vec<libc::pollfd> = self
-            .ports
-            .iter()
-            .map(|p| libc::pollfd {
-                fd: p.fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        // SAFETY: a live array of `fds.len()` pollfd structures.
-        if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, self.poll_ms) } < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+        // poll(2) also syncs the RX rings.
+        let fds: Vec<libc::c_int> = self.ports.iter().map(|p| p.fd).collect();
+        crate::afpacket::wait_readable(&fds, self.poll_ms)?;
         Ok(self.drain(batch))
     }
 

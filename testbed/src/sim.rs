@@ -625,40 +625,22 @@ impl Sim {
             return Ok(());
         };
         let (v6, server, client, vip_port, icmp) = (f.v6, f.server, f.client, f.vip_port, f.icmp);
-        if step == Step::Syn {
-            // Open the server side from a self-source port.
-            let Some(node) = self.tms.iter().find(|t| t.id == tm) else {
-                return Ok(());
-            };
-            match node.snat.lease(!v6, server.1) {
-                Err(_) => {
-                    let rst = build::tcp_frame(
-                        &L2::new(CLIENT_ROUTER, tm_mac(tm)),
-                        vip(v6),
-                        vip_port,
-                        client.0,
-                        client.1,
-                        tcp_flags::RST | tcp_flags::ACK,
-                        b"",
-                    );
-                    self.tm_sends(Side::Front, tm, rst);
-                    self.end(slot, End::Refused("port_exhausted"));
-                    return Ok(());
-                }
-                Ok(lease) => {
-                    self.check_port(tm, lease.addr, lease.port, server);
-                    self.keys
-                        .insert(Key::Server(proto::TCP, lease.addr, lease.port), slot);
-                    if let Some(Some(f)) = self.flows.get_mut(slot) {
-                        f.lease = Some(lease);
-                    }
-                }
-            }
+        if step == Step::Syn && !self.lease(slot, tm, proto::TCP) {
+            // No self-source port: the TM resets the client's connection.
+            let rst = build::tcp_frame(
+                &L2::new(CLIENT_ROUTER, tm_mac(tm)),
+                vip(v6),
+                vip_port,
+                client.0,
+                client.1,
+                tcp_flags::RST | tcp_flags::ACK,
+                b"",
+            );
+            self.tm_sends(Side::Front, tm, rst);
+            self.end(slot, End::Refused("port_exhausted"));
+            return Ok(());
         }
-        let Some((sa, sp)) = self
-            .flow(slot)
-            .and_then(|f| f.lease.as_ref().map(|l| (l.addr, l.port)))
-        else {
+        let Some((sa, sp)) = self.snat_of(slot) else {
             return Ok(());
         };
         let (flags, next) = match step {
@@ -814,29 +796,11 @@ impl Sim {
             }
         };
         // The TM relays the request from its session's self-source port.
-        if self.flow(slot).is_some_and(|f| f.lease.is_none()) {
-            let Some(node) = self.tms.iter().find(|t| t.id == tm) else {
-                return Ok(());
-            };
-            match node.snat.lease(!v6, server.1) {
-                Err(_) => {
-                    self.end(slot, End::Refused("port_exhausted"));
-                    return Ok(());
-                }
-                Ok(lease) => {
-                    self.check_port(tm, lease.addr, lease.port, server);
-                    self.keys
-                        .insert(Key::Server(proto::UDP, lease.addr, lease.port), slot);
-                    if let Some(Some(f)) = self.flows.get_mut(slot) {
-                        f.lease = Some(lease);
-                    }
-                }
-            }
+        if self.flow(slot).is_some_and(|f| f.lease.is_none()) && !self.lease(slot, tm, proto::UDP) {
+            self.end(slot, End::Refused("port_exhausted"));
+            return Ok(());
         }
-        let Some((sa, sp)) = self
-            .flow(slot)
-            .and_then(|f| f.lease.as_ref().map(|l| (l.addr, l.port)))
-        else {
+        let Some((sa, sp)) = self.snat_of(slot) else {
             return Ok(());
         };
         let out = build::udp_frame(
@@ -853,6 +817,33 @@ impl Sim {
             Ev::Flow(serial, slot, Step::UdpResponse),
         );
         Ok(())
+    }
+
+    /// TM `tm` leases a self-source port for flow `slot` toward its server
+    /// (the real allocator), checked and recorded. False when none is left.
+    fn lease(&mut self, slot: usize, tm: u32, protocol: u8) -> bool {
+        let Some((v6, server)) = self.flow(slot).map(|f| (f.v6, f.server)) else {
+            return false;
+        };
+        let Some(node) = self.tms.iter().find(|t| t.id == tm) else {
+            return false;
+        };
+        let Ok(lease) = node.snat.lease(!v6, server.1) else {
+            return false;
+        };
+        self.check_port(tm, lease.addr, lease.port, server);
+        self.keys
+            .insert(Key::Server(protocol, lease.addr, lease.port), slot);
+        if let Some(Some(f)) = self.flows.get_mut(slot) {
+            f.lease = Some(lease);
+        }
+        true
+    }
+
+    /// The SNAT endpoint flow `slot` holds.
+    fn snat_of(&self, slot: usize) -> Option<(IpAddr, u16)> {
+        self.flow(slot)
+            .and_then(|f| f.lease.as_ref().map(|l| (l.addr, l.port)))
     }
 
     /// Property 5: the port the TM was given steers the server's reply to
