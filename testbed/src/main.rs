@@ -129,6 +129,12 @@ struct Args {
     /// Add a TM at this point (with the transition protocol).
     #[arg(long)]
     add_tm_at: Option<String>,
+    /// Drain this TM id (its share to zero, with the transition protocol) at --drain-at.
+    #[arg(long)]
+    drain_tm: Option<u32>,
+    /// When the TM is drained.
+    #[arg(long, default_value = "40%")]
+    drain_at: String,
     /// Swap in a new table version with the same owners at this point.
     #[arg(long)]
     swap_at: Option<String>,
@@ -246,6 +252,18 @@ fn scenario(a: &Args) -> Result<Scenario> {
         events.push(Timed {
             at: fraction(at, "add-tm-at")?,
             what: Event::AddTm,
+        });
+    }
+    if let Some(id) = a.drain_tm {
+        if id >= a.tms {
+            bail!(
+                "--drain-tm {id}: TM ids are 0 to {}",
+                a.tms.saturating_sub(1)
+            );
+        }
+        events.push(Timed {
+            at: fraction(&a.drain_at, "drain-at")?,
+            what: Event::DrainTm(id),
         });
     }
     if let Some(at) = &a.swap_at {

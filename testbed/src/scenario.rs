@@ -45,6 +45,9 @@ pub enum Event {
     ReturnTm(u32),
     /// A new TM joins with the transition protocol.
     AddTm,
+    /// TM `id` is drained (its share to zero) with the transition protocol:
+    /// its open connections finish where they are.
+    DrainTm(u32),
 }
 
 fn profile_name<S: serde::Serializer>(p: &Profile, s: S) -> Result<S::Ok, S::Error> {
@@ -59,6 +62,7 @@ impl fmt::Display for Event {
             Event::FailTm(id) => write!(f, "TM {id} fails"),
             Event::ReturnTm(id) => write!(f, "TM {id} readmitted"),
             Event::AddTm => write!(f, "a TM is added"),
+            Event::DrainTm(id) => write!(f, "TM {id} drained"),
         }
     }
 }

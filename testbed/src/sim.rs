@@ -865,7 +865,13 @@ impl Sim {
                 .tm_index_by_id(tm)
                 .is_none_or(|i| self.table.counts(0)[usize::from(i)] == 0);
         let ok_now = joining || owner(&self.table, &reply) == tm;
-        let ok_next = self.next.as_ref().is_none_or(|n| owner(n, &reply) == tm);
+        // A TM the next table drains to zero keeps its current ports until
+        // the switch (they stay its as the old owner until commit).
+        let ok_next = self.next.as_ref().is_none_or(|n| {
+            owner(n, &reply) == tm
+                || n.tm_index_by_id(tm)
+                    .is_none_or(|i| n.counts(0)[usize::from(i)] == 0)
+        });
         if !(ok_now && ok_next) || port <= server.1 || !self.sc.snat_range.contains(port) {
             self.report.checks.wrong_port += 1;
         }
@@ -1117,6 +1123,17 @@ impl Sim {
                     .table
                     .targets_excluding(0, &p, &self.failed_indexes(None))?;
                 let change = self.table.rebalance_to_targets(0, &targets, Some(p))?;
+                self.begin_transition(&what, change.table, change.optimum)?;
+            }
+            Event::DrainTm(id) => {
+                let Some(k) = self.table.tm_index_by_id(id) else {
+                    return Err(bad(format!("TM {id} cannot be drained: not in the table")));
+                };
+                let mut out = self.failed_indexes(None);
+                out.push(k);
+                let profile = self.table.groups()[0].profile.clone();
+                let targets = self.table.targets_excluding(0, &profile, &out)?;
+                let change = self.table.rebalance_to_targets(0, &targets, None)?;
                 self.begin_transition(&what, change.table, change.optimum)?;
             }
             Event::AddTm => {

@@ -50,13 +50,14 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             )),
             proptest::option::of(0.1f64..0.9),
             proptest::option::of(0.1f64..0.9),
+            proptest::option::of((any::<u32>(), 0.1f64..0.9)),
         ),
     )
         .prop_map(
             |(
                 (seed, tms, flows, profile, distributors),
                 (family, ports, udp, frag, icmp, high),
-                (rebalance, fail, add, swap),
+                (rebalance, fail, add, swap, drain),
             )| {
                 let mut events = Vec::new();
                 if let Some((p, at)) = rebalance {
@@ -89,6 +90,17 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                         at,
                         what: Event::Swap,
                     });
+                }
+                // A drain of a TM that does not fail in the same scenario.
+                if let Some((id, at)) = drain {
+                    let id = id % tms;
+                    // (with three TMs or more: a failure and a drain leave one)
+                    if tms > 2 && !events.iter().any(|e| e.what == Event::FailTm(id)) {
+                        events.push(Timed {
+                            at,
+                            what: Event::DrainTm(id),
+                        });
+                    }
                 }
                 Scenario {
                     seed,
