@@ -275,16 +275,34 @@ fn switch(req: &mut Request, state: &AdminState) -> Reply {
     }
 }
 
+/// For the steps of a switched transition (open, commit, abort): the
+/// configuration lock, which serialises every table change, and the
+/// running plan — or the answer refusing `what`.
+fn switched<'a>(
+    state: &'a AdminState,
+    what: &str,
+) -> Result<(std::sync::MutexGuard<'a, DistributorConfig>, Arc<Plan>), Reply> {
+    let config = state
+        .config
+        .lock()
+        .map_err(|_| text(500, "configuration lock poisoned"))?;
+    let current = state.plan.snapshot();
+    if current.previous().is_none() {
+        return Err(text(
+            409,
+            format!("{what} refused: no transition is switched"),
+        ));
+    }
+    Ok((config, current))
+}
+
 /// POST /transition/open: new flows in moved buckets start on their new
 /// owner (once every distributor has switched).
 fn open(state: &AdminState) -> Reply {
-    let Ok(_config) = state.config.lock() else {
-        return text(500, "configuration lock poisoned");
+    let (_config, current) = match switched(state, "open") {
+        Ok(s) => s,
+        Err(r) => return r,
     };
-    let current = state.plan.snapshot();
-    if current.previous().is_none() {
-        return text(409, "open refused: no transition is switched");
-    }
     if current.is_open() {
         return text(200, "already open");
     }
@@ -296,13 +314,11 @@ fn open(state: &AdminState) -> Reply {
 
 /// POST /transition/commit: the previous table is dropped (DESIGN §4 step 3).
 fn commit(state: &AdminState) -> Reply {
-    let Ok(_config) = state.config.lock() else {
-        return text(500, "configuration lock poisoned");
+    let (_config, current) = match switched(state, "commit") {
+        Ok(s) => s,
+        Err(r) => return r,
     };
-    let current = state.plan.snapshot();
-    let Some(prev) = current.previous().map(|p| p.version()) else {
-        return text(409, "commit refused: no transition is switched");
-    };
+    let prev = current.previous().map_or(0, |p| p.version());
     let v = current.table().version();
     state.plan.replace((*current).clone().without_previous());
     log::info!("transition: committed table version {v} (version {prev} dropped)");
@@ -312,10 +328,10 @@ fn commit(state: &AdminState) -> Reply {
 /// POST /transition/abort: back to the previous table. Flows that started
 /// on a new owner during the window follow the previous table again.
 fn abort(state: &AdminState) -> Reply {
-    let Ok(config) = state.config.lock() else {
-        return text(500, "configuration lock poisoned");
+    let (config, current) = match switched(state, "abort") {
+        Ok(s) => s,
+        Err(r) => return r,
     };
-    let current = state.plan.snapshot();
     let Some(prev) = current.previous() else {
         return text(409, "abort refused: no transition is switched");
     };

@@ -376,6 +376,8 @@ fn read_u16(p: *const u8, off: usize) -> u16 {
 #[derive(Debug)]
 pub struct AfPacketBackend {
     ports: Vec<Port>,
+    /// Every port's descriptor, for the idle `poll`.
+    poll_set: Vec<libc::pollfd>,
     poll_ms: i32,
     next_port: usize,
     /// Frames the kernel truncated (larger than a ring frame), dropped.
@@ -383,9 +385,10 @@ pub struct AfPacketBackend {
 }
 
 impl AfPacketBackend {
-    /// Opens `interfaces` (one port each, in order) for worker `worker` of
-    /// `workers`: with more than one worker, each port's sockets form a
-    /// fan-out group named by `group_base + port`.
+    /// Opens `interfaces` (one port each, in order) for one worker. With
+    /// `group_base`, each port's socket joins the fan-out group
+    /// `group_base + port`, which every worker of the process joins: the
+    /// kernel then spreads the port's flows over the workers.
     pub fn open(
         interfaces: &[&str],
         rings: RingConfig,
@@ -398,6 +401,7 @@ impl AfPacketBackend {
             .map(|(i, name)| Port::open(name, rings, group_base.map(|g| g.wrapping_add(i as u16))))
             .collect::<io::Result<Vec<_>>>()?;
         Ok(AfPacketBackend {
+            poll_set: poll_set(ports.iter().map(|p| p.fd)),
             ports,
             poll_ms: poll_ms.min(1000) as i32,
             next_port: 0,
@@ -469,8 +473,7 @@ impl Backend for AfPacketBackend {
             }
             std::hint::spin_loop();
         }
-        let fds: Vec<libc::c_int> = self.ports.iter().map(|p| p.fd).collect();
-        wait_readable(&fds, self.poll_ms)?;
+        wait_readable(&mut self.poll_set, self.poll_ms)?;
         Ok(self.drain_rx(batch))
     }
 
@@ -541,19 +544,21 @@ impl Backend for AfPacketBackend {
     }
 }
 
-/// Waits up to `ms` milliseconds for any of `fds` to be readable (one
-/// `poll`); an interrupted wait is not an error.
-pub(crate) fn wait_readable(fds: &[libc::c_int], ms: i32) -> io::Result<()> {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    // SAFETY: `pfds` is a live array of `pfds.len()` pollfd structures.
-    let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+/// The `poll` set of some descriptors, built once.
+pub(crate) fn poll_set(fds: impl Iterator<Item = libc::c_int>) -> Vec<libc::pollfd> {
+    fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    })
+    .collect()
+}
+
+/// Waits up to `ms` milliseconds for any descriptor of `set` to be
+/// readable (one `poll`, no allocation); an interrupted wait is not an error.
+pub(crate) fn wait_readable(set: &mut [libc::pollfd], ms: i32) -> io::Result<()> {
+    // SAFETY: `set` is a live array of `set.len()` pollfd structures.
+    let r = unsafe { libc::poll(set.as_mut_ptr(), set.len() as libc::nfds_t, ms) };
     if r < 0 {
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {

@@ -130,17 +130,21 @@ impl Port {
 #[derive(Debug)]
 pub struct NetmapBackend {
     ports: Vec<Port>,
+    /// Every port's descriptor, for the idle `poll`.
+    poll_set: Vec<libc::pollfd>,
     poll_ms: i32,
 }
 
 impl NetmapBackend {
     /// Opens `interfaces` in netmap mode, one port each, in order.
     pub fn open(interfaces: &[&str], poll_ms: u64) -> io::Result<Self> {
+        let ports: Vec<Port> = interfaces
+            .iter()
+            .map(|i| Port::open(i))
+            .collect::<io::Result<_>>()?;
         Ok(NetmapBackend {
-            ports: interfaces
-                .iter()
-                .map(|i| Port::open(i))
-                .collect::<io::Result<_>>()?,
+            poll_set: crate::afpacket::poll_set(ports.iter().map(|p| p.fd)),
+            ports,
             poll_ms: poll_ms.min(1000) as i32,
         })
     }
@@ -186,8 +190,7 @@ impl Backend for NetmapBackend {
             return Ok(n);
         }
         // poll(2) also syncs the RX rings.
-        let fds: Vec<libc::c_int> = self.ports.iter().map(|p| p.fd).collect();
-        crate::afpacket::wait_readable(&fds, self.poll_ms)?;
+        crate::afpacket::wait_readable(&mut self.poll_set, self.poll_ms)?;
         Ok(self.drain(batch))
     }
 

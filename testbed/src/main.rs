@@ -389,7 +389,7 @@ fn gen(a: &GenArgs) -> Result<bool> {
     let end = start + std::time::Duration::from_secs_f64(a.seconds);
     let (mut sent, mut full) = (0u64, 0u64);
     let mut i = 0usize;
-    let mut stamped = frames.clone();
+    let mut stamped = if a.stamp { frames.clone() } else { Vec::new() };
     'run: loop {
         let burst = if a.rate > 0 { 32 } else { 256 };
         for _ in 0..burst {
