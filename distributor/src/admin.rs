@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use allocation::{AllocationTable, SharedTable};
-use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::config::DistributorConfig;
@@ -406,6 +408,11 @@ fn metrics(state: &AdminState) -> Result<String, prometheus::Error> {
     )?;
     io_errors.with_label_values(&["rx"]).inc_by(total.rx_errors);
     io_errors.with_label_values(&["tx"]).inc_by(total.tx_errors);
+    let backend_drops = IntCounter::new(
+        "std_backend_drops_total",
+        "Frames the packet I/O backend dropped before steering",
+    )?;
+    backend_drops.inc_by(total.backend_drops);
     let gauges = IntGaugeVec::new(Opts::new("std_state", "Worker state sizes"), &["what"])?;
     gauges.with_label_values(&["fragments_held"]).set(held);
     gauges
@@ -479,6 +486,7 @@ fn metrics(state: &AdminState) -> Result<String, prometheus::Error> {
     r.register(Box::new(branches))?;
     r.register(Box::new(drops))?;
     r.register(Box::new(io_errors))?;
+    r.register(Box::new(backend_drops))?;
     r.register(Box::new(gauges))?;
     r.register(Box::new(version))?;
     r.register(Box::new(swaps))?;

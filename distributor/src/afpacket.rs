@@ -38,6 +38,7 @@ const SOL_PACKET: libc::c_int = 263;
 const PACKET_RX_RING: libc::c_int = 5;
 const PACKET_VERSION: libc::c_int = 10;
 const PACKET_TX_RING: libc::c_int = 13;
+const PACKET_STATISTICS: libc::c_int = 6;
 const PACKET_FANOUT: libc::c_int = 18;
 const PACKET_QDISC_BYPASS: libc::c_int = 20;
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
@@ -382,6 +383,9 @@ pub struct AfPacketBackend {
     next_port: usize,
     /// Frames the kernel truncated (larger than a ring frame), dropped.
     pub oversized: u64,
+    /// Frames the kernel dropped for want of ring room (PACKET_STATISTICS
+    /// resets on read: the running sum).
+    kernel_drops: u64,
 }
 
 impl AfPacketBackend {
@@ -406,6 +410,7 @@ impl AfPacketBackend {
             poll_ms: poll_ms.min(1000) as i32,
             next_port: 0,
             oversized: 0,
+            kernel_drops: 0,
         })
     }
 
@@ -525,6 +530,30 @@ impl Backend for AfPacketBackend {
         p.tx_next = (p.tx_next + 1) % p.tx_frames;
         p.pending = true;
         Ok(())
+    }
+
+    fn dropped(&mut self) -> u64 {
+        for p in &self.ports {
+            let mut st = libc::tpacket_stats {
+                tp_packets: 0,
+                tp_drops: 0,
+            };
+            let mut len = std::mem::size_of::<libc::tpacket_stats>() as libc::socklen_t;
+            // SAFETY: `st` is a live tpacket_stats of `len` bytes.
+            let r = unsafe {
+                libc::getsockopt(
+                    p.fd,
+                    SOL_PACKET,
+                    PACKET_STATISTICS,
+                    (&mut st as *mut libc::tpacket_stats).cast(),
+                    &mut len,
+                )
+            };
+            if r == 0 {
+                self.kernel_drops += u64::from(st.tp_drops);
+            }
+        }
+        self.oversized + self.kernel_drops
     }
 
     fn flush(&mut self) -> io::Result<()> {

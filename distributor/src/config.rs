@@ -70,6 +70,10 @@ pub enum BackendKind {
     /// Live interfaces through AF_PACKET memory-mapped rings (no syscall per
     /// frame; one worker per listed CPU, flows spread by a fan-out hash).
     Afpacket,
+    /// Live interfaces through AF_XDP sockets fed by an XDP program on each
+    /// port (no syscall per frame; one worker per listed CPU, worker *i* on
+    /// receive queue *i* of every port).
+    Afxdp,
     /// Live interfaces through netmap (cargo feature `netmap`; needs the
     /// netmap kernel module).
     Netmap,
@@ -149,6 +153,18 @@ pub struct WorkersConfig {
     /// Receive poll timeout, in milliseconds.
     #[serde(default = "default_poll")]
     pub poll_ms: u64,
+    /// Where the afxdp backend's XDP program runs: `native` (in the driver),
+    /// `generic`, or `auto` (native where the driver supports it).
+    #[serde(default = "default_xdp_mode")]
+    pub xdp_mode: crate::afxdp::XdpMode,
+    /// afxdp: busy-poll budget in microseconds (0: off). The worker then
+    /// runs its queues' driver polls itself (`SO_PREFER_BUSY_POLL`).
+    #[serde(default)]
+    pub busy_poll_us: u32,
+}
+
+fn default_xdp_mode() -> crate::afxdp::XdpMode {
+    crate::afxdp::XdpMode::Auto
 }
 
 fn default_batch() -> usize {
@@ -165,6 +181,8 @@ impl Default for WorkersConfig {
             cpus: Vec::new(),
             batch: DEFAULT_BATCH,
             poll_ms: DEFAULT_POLL_MS,
+            xdp_mode: default_xdp_mode(),
+            busy_poll_us: 0,
         }
     }
 }
@@ -377,12 +395,15 @@ impl DistributorConfig {
                 seen_tms.push(id);
             }
             match self.backend {
-                BackendKind::Pcap | BackendKind::Afpacket | BackendKind::Netmap
+                BackendKind::Pcap
+                | BackendKind::Afpacket
+                | BackendKind::Afxdp
+                | BackendKind::Netmap
                     if p.interface.is_none() =>
                 {
                     return Err(invalid(
                         format!("port[{i}].interface"),
-                        "the pcap, afpacket and netmap backends need an interface per port",
+                        "the pcap, afpacket, afxdp and netmap backends need an interface per port",
                     ))
                 }
                 BackendKind::PcapFile if p.input.is_none() && p.output.is_none() => {
@@ -629,5 +650,20 @@ listen = "127.0.0.1:9180"
         assert!(unknown.contains("colour"), "{unknown}");
         let missing = field_of(load(&GOOD.replace("group_mac = \"02:53:54:44:00:01\"", "")));
         assert!(missing.contains("group_mac"), "{missing}");
+        // The afxdp backend: one worker per CPU, an XDP mode, busy polling.
+        let xdp = GOOD.replace("backend = \"pcap\"", "backend = \"afxdp\"");
+        let cfg = load(&format!(
+            "{xdp}\n[workers]\ncpus = [0, 1]\nxdp_mode = \"native\"\nbusy_poll_us = 50\n"
+        ))
+        .expect("afxdp config");
+        assert_eq!(cfg.backend, BackendKind::Afxdp);
+        assert_eq!(cfg.workers.xdp_mode, crate::afxdp::XdpMode::Native);
+        assert_eq!(cfg.workers.busy_poll_us, 50);
+        assert_eq!(
+            load(&xdp).expect("defaults").workers.xdp_mode,
+            crate::afxdp::XdpMode::Auto
+        );
+        let bad = field_of(load(&format!("{xdp}\n[workers]\nxdp_mode = \"offload\"\n")));
+        assert!(bad.contains("xdp_mode"), "{bad}");
     }
 }

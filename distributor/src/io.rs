@@ -114,6 +114,12 @@ pub trait Backend {
     fn send(&mut self, port: PortId, frame: &[u8]) -> io::Result<()>;
     /// Sends what is queued.
     fn flush(&mut self) -> io::Result<()>;
+    /// Frames the backend dropped before steering, in all (larger than its
+    /// buffers; lost by the kernel for want of ring room). Read at most
+    /// every publish period: it may cost a system call.
+    fn dropped(&mut self) -> u64 {
+        0
+    }
     /// True when no frame will ever come again (a capture file read to its end).
     fn finished(&self) -> bool {
         false
@@ -371,11 +377,13 @@ pub fn run_worker<B: Backend>(
         }
         worker.tick(now);
         if now_i.duration_since(last_publish) >= PUBLISH_EVERY {
+            worker.counters.backend_drops = backend.dropped();
             publish(&worker, now_i);
             last_publish = now_i;
         }
     }
     let _ = backend.flush();
+    worker.counters.backend_drops = backend.dropped();
     publish(&worker, Instant::now());
     worker.counters
 }

@@ -18,6 +18,7 @@
 
 pub mod admin;
 pub mod afpacket;
+pub mod afxdp;
 pub mod backend;
 pub mod bridge;
 pub mod build;

@@ -217,6 +217,9 @@ pub struct Counters {
     pub rx_errors: u64,
     /// Frames the backend failed to send.
     pub tx_errors: u64,
+    /// Frames the backend dropped before steering (larger than its
+    /// buffers, or lost by the kernel for want of receive-ring room).
+    pub backend_drops: u64,
 }
 
 impl Counters {
@@ -273,6 +276,7 @@ impl Counters {
         }
         self.rx_errors += other.rx_errors;
         self.tx_errors += other.tx_errors;
+        self.backend_drops += other.backend_drops;
         let n = self.tm_packets.len().max(other.tm_packets.len());
         self.tm_packets.resize(n, 0);
         self.tm_bytes.resize(n, 0);

@@ -1,4 +1,4 @@
-//! The live backends (pcap, and afpacket with two workers) on real kernel interfaces: veth pairs in a private network namespace (root only; skipped loudly otherwise).
+//! The live backends (pcap; afpacket with two workers; afxdp with one worker and with two workers on two queues) on real kernel interfaces: veth pairs in a private network namespace (root only; skipped loudly otherwise).
 //!
 //! Topology, all inside one namespace made for the test and deleted after:
 //! `o0 ─veth─ o1 [stdd outside port]`, `t0 ─veth─ t1 [stdd TM port]`.
@@ -120,20 +120,39 @@ fn captured(path: &Path) -> Vec<Vec<u8>> {
 
 #[test]
 fn the_live_pcap_backend_steers_real_frames_between_veth_links() {
-    live("pcap", "");
+    live("pcap", "", 1);
 }
 
 #[test]
 fn the_afpacket_backend_with_two_workers_steers_real_frames_between_veth_links() {
-    live("afpacket", "\n[workers]\ncpus = [0, 1]\n");
+    live("afpacket", "\n[workers]\ncpus = [0, 1]\n", 1);
 }
 
-fn live(backend: &str, workers: &str) {
+#[test]
+fn the_afxdp_backend_in_native_mode_steers_real_frames_between_veth_links() {
+    live(
+        "afxdp",
+        "\n[workers]\ncpus = [1]\nxdp_mode = \"native\"\n",
+        1,
+    );
+}
+
+#[test]
+fn the_afxdp_backend_with_two_workers_on_two_queues_steers_real_frames() {
+    live(
+        "afxdp",
+        "\n[workers]\ncpus = [0, 1]\nxdp_mode = \"native\"\n",
+        2,
+    );
+}
+
+/// Runs stdd with `backend` between two veth pairs of `queues` queues each.
+fn live(backend: &str, workers: &str, queues: usize) {
     if let Err(why) = root_with_tools() {
         eprintln!("SKIPPED the live {backend} backend test: {why} (it needs root, ip and python3 to build a private network namespace)");
         return;
     }
-    let name = format!("stdt{}{}", std::process::id(), &backend[..2]);
+    let name = format!("stdt{}{}{queues}", std::process::id(), &backend[..3]);
     let dir = std::env::temp_dir().join(&name);
     std::fs::create_dir_all(&dir).expect("dir");
     let mut ns = Netns {
@@ -147,8 +166,9 @@ fn live(backend: &str, workers: &str) {
         assert!(sh(&v), "ip -n {name} {args}");
     };
     assert!(sh(&["ip", "netns", "add", &name]), "ip netns add");
-    ip("link add o0 type veth peer name o1");
-    ip("link add t0 type veth peer name t1");
+    let q = format!("numtxqueues {queues} numrxqueues {queues}");
+    ip(&format!("link add o0 {q} type veth peer name o1 {q}"));
+    ip(&format!("link add t0 {q} type veth peer name t1 {q}"));
     // No IPv6 on these links: no router solicitations or DAD frames in the captures.
     assert!(sh(&[
         "ip",

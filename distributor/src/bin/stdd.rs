@@ -274,7 +274,7 @@ mod daemon {
         // One worker per configured CPU with the afpacket backend (a fan-out
         // group per port spreads flows over them); one otherwise.
         let nworkers = match cfg.backend {
-            BackendKind::Afpacket => cfg.workers.cpus.len().max(1),
+            BackendKind::Afpacket | BackendKind::Afxdp => cfg.workers.cpus.len().max(1),
             _ => 1,
         };
         let shared: Vec<Arc<WorkerShared>> = (0..nworkers)
@@ -322,6 +322,26 @@ mod daemon {
         // A fan-out group id per port, the same for every worker of this
         // process and unlikely to meet another process's.
         let group_base = (std::process::id() as u16).wrapping_mul(64);
+        // The afxdp backend: an XDP program per port, attached for as long as
+        // this value lives (to the end of `run`).
+        let xdp = match cfg.backend {
+            BackendKind::Afxdp => {
+                let ports = distributor::afxdp::XdpPorts::attach(
+                    &names,
+                    nworkers as u32,
+                    cfg.workers.xdp_mode,
+                )
+                .context("attaching XDP programs (afxdp)")?;
+                for (name, native) in ports.native() {
+                    log::info!(
+                        "{name}: XDP program attached in {} mode",
+                        if native { "native" } else { "generic" }
+                    );
+                }
+                Some(ports)
+            }
+            _ => None,
+        };
         let mut worker_threads = Vec::with_capacity(nworkers);
         for (index, shared) in shared.iter().enumerate() {
             let spawn = WorkerSpawn {
@@ -343,6 +363,27 @@ mod daemon {
                     )
                     .context("opening interfaces (afpacket)")?,
                 )?,
+                BackendKind::Afxdp => {
+                    let ports = xdp
+                        .as_ref()
+                        .ok_or_else(|| anyhow!("XDP programs not attached"))?;
+                    let backend = distributor::afxdp::AfXdpBackend::open(
+                        ports,
+                        index as u32,
+                        cfg.workers.poll_ms,
+                        cfg.workers.busy_poll_us,
+                    )
+                    .with_context(|| format!("opening XDP sockets on queue {index}"))?;
+                    log::info!(
+                        "worker {index}: XDP sockets on queue {index} ({})",
+                        if backend.zerocopy() {
+                            "zero-copy"
+                        } else {
+                            "copy mode"
+                        }
+                    );
+                    spawn.start(backend)?
+                }
                 #[cfg(feature = "netmap")]
                 BackendKind::Netmap => spawn.start(
                     distributor::netmap::NetmapBackend::open(&names, cfg.workers.poll_ms)

@@ -1,0 +1,1000 @@
+//! The AF_XDP backend: a six-instruction XDP program per port redirects each receive queue to an XDP socket, whose UMEM rings move frames in batches without a system call per frame.
+//!
+//! Setup ([`XdpPorts::attach`], once per process): for each port an
+//! `XSKMAP` (one entry per queue) and an XDP program —
+//! `return bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_PASS)` — written
+//! here as BPF instructions (no compiler, no libbpf) and attached with a BPF
+//! link, native (driver) mode first, generic mode as the fallback where the
+//! configuration allows it. The link belongs to the process: when `stdd`
+//! exits, for whatever reason, the kernel detaches the program and the port
+//! is an ordinary interface again. A queue without a socket passes frames
+//! to the kernel (`XDP_PASS` is the map's default action).
+//!
+//! Each worker ([`AfXdpBackend::open`]) opens one socket per port bound to
+//! its queue (worker *i* ↔ queue *i*), each with its own UMEM of
+//! [`FRAMES`] frames of [`FRAME_SIZE`] bytes: the first half serves the
+//! fill/RX rings, the second half is the TX pool. Receiving copies a frame
+//! out of the RX ring into the batch and gives its UMEM frame straight back
+//! to the fill ring; sending copies into a free TX frame and writes a TX
+//! descriptor; `flush` publishes the descriptors and wakes the socket with
+//! `sendto` only when the kernel asks for it (`XDP_USE_NEED_WAKEUP`), then
+//! takes completed frames back. Zero-copy binding is tried first and copy
+//! mode used where the driver has no zero-copy support (veth).
+//!
+//! Several workers need as many receive queues and a symmetric RSS hash on
+//! the ports (both directions of a flow, and all its fragments, must reach
+//! the same worker): see `docs/operations.md`.
+//!
+//! `unsafe` here is the memory shared with the kernel (UMEM and rings) and
+//! the raw `bpf(2)` calls.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::afpacket::{poll_set, wait_readable};
+use crate::io::{Backend, Batch};
+use crate::verdict::PortId;
+
+/// Bytes per UMEM frame.
+pub const FRAME_SIZE: usize = 2048;
+/// UMEM frames per socket (half for receiving, half for sending).
+pub const FRAMES: usize = 4096;
+/// Descriptors per ring (each of RX, TX, fill, completion).
+const RING: u32 = 2048;
+/// Largest frame sent or received.
+pub const MAX_FRAME: usize = FRAME_SIZE;
+/// How long an idle worker busy-polls its rings before it sleeps in poll(2).
+const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
+/// Frames one busy poll may take from the driver.
+const BUSY_BUDGET: u32 = 64;
+/// `sendto` wake-ups per flush at most (copy mode sends 32 frames per call).
+const MAX_KICKS: usize = 64;
+
+const SO_BUSY_POLL: libc::c_int = 46;
+const SO_PREFER_BUSY_POLL: libc::c_int = 69;
+const SO_BUSY_POLL_BUDGET: libc::c_int = 70;
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_MAP_TYPE_XSKMAP: u32 = 17;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_XDP: u32 = 37;
+const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+const XDP_PASS: i32 = 2;
+const BPF_FUNC_REDIRECT_MAP: i32 = 51;
+
+/// Where the XDP program runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpMode {
+    /// In the driver, before any socket buffer exists (fails where the
+    /// driver has no XDP support).
+    Native,
+    /// In the kernel's generic receive path (any interface; slower).
+    Generic,
+    /// Native where the driver supports it, generic elsewhere.
+    Auto,
+}
+
+impl<'de> serde::Deserialize<'de> for XdpMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "native" => Ok(XdpMode::Native),
+            "generic" => Ok(XdpMode::Generic),
+            "auto" => Ok(XdpMode::Auto),
+            other => Err(serde::de::Error::custom(format!(
+                "xdp_mode \"{other}\": expected \"native\", \"generic\" or \"auto\""
+            ))),
+        }
+    }
+}
+
+/// One BPF instruction (`struct bpf_insn`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Insn {
+    code: u8,
+    regs: u8,
+    off: i16,
+    imm: i32,
+}
+
+/// The redirect program for an XSKMAP descriptor.
+fn program(map_fd: i32) -> [Insn; 6] {
+    let i = |code, dst: u8, src: u8, off, imm| Insn {
+        code,
+        regs: dst | (src << 4),
+        off,
+        imm,
+    };
+    [
+        // r2 = ctx->rx_queue_index (struct xdp_md, offset 16)
+        i(0x61, 2, 1, 16, 0),
+        // r1 = &xsks (ld_imm64, src = BPF_PSEUDO_MAP_FD)
+        i(0x18, 1, 1, 0, map_fd),
+        i(0, 0, 0, 0, 0),
+        // r3 = XDP_PASS (the action when the queue has no socket)
+        i(0xb7, 3, 0, 0, XDP_PASS),
+        // r0 = bpf_redirect_map(r1, r2, r3)
+        i(0x85, 0, 0, 0, BPF_FUNC_REDIRECT_MAP),
+        // return r0
+        i(0x95, 0, 0, 0, 0),
+    ]
+}
+
+/// `bpf(2)` with an attribute block of 128 bytes (zero beyond what is set).
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i32> {
+    // SAFETY: `attr` is a live, 8-byte aligned block of the size passed; the
+    // kernel reads it, and writes into it only for commands that return data
+    // (none of ours), and reads the buffers its pointers name, which the
+    // callers keep alive for the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of::<[u64; 16]>(),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as i32)
+    }
+}
+
+fn owned(fd: i32) -> OwnedFd {
+    // SAFETY: `fd` was just returned by the kernel and is owned by no one else.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+fn err(what: &str, iface: &str, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{iface}: {what}: {e}"))
+}
+
+/// One port's XDP program, its socket map and the link holding it on the
+/// interface.
+#[derive(Debug)]
+struct XdpPort {
+    name: String,
+    ifindex: u32,
+    map: OwnedFd,
+    _prog: OwnedFd,
+    _link: OwnedFd,
+    native: bool,
+}
+
+/// The XDP programs on every port of a process; workers open their
+/// sockets against it. Dropping it detaches the programs.
+#[derive(Debug)]
+pub struct XdpPorts {
+    ports: Vec<XdpPort>,
+    queues: u32,
+}
+
+impl XdpPorts {
+    /// Loads and attaches the redirect program on each interface, for
+    /// `queues` queues (one per worker).
+    pub fn attach(interfaces: &[&str], queues: u32, mode: XdpMode) -> io::Result<Self> {
+        let ports = interfaces
+            .iter()
+            .map(|name| XdpPort::attach(name, queues.max(1), mode))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(XdpPorts {
+            ports,
+            queues: queues.max(1),
+        })
+    }
+
+    /// Which ports run the program in their driver (the others: generic).
+    pub fn native(&self) -> Vec<(String, bool)> {
+        self.ports
+            .iter()
+            .map(|p| (p.name.clone(), p.native))
+            .collect()
+    }
+}
+
+impl XdpPort {
+    fn attach(name: &str, queues: u32, mode: XdpMode) -> io::Result<XdpPort> {
+        let c = CString::new(name)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface name has a NUL"))?;
+        // SAFETY: `c` is a valid C string for the call's duration.
+        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        if ifindex == 0 {
+            return Err(err("no such interface", name, io::Error::last_os_error()));
+        }
+        let mut attr = [0u64; 16];
+        // map_type, key_size | value_size, max_entries
+        attr[0] = u64::from(BPF_MAP_TYPE_XSKMAP) | (4 << 32);
+        attr[1] = 4 | (u64::from(queues) << 32);
+        let map = owned(bpf(BPF_MAP_CREATE, &mut attr).map_err(|e| err("XSKMAP", name, e))?);
+        let insns = program(map.as_raw_fd());
+        let license = b"Dual BSD/GPL\0";
+        let load = |log: &mut [u8]| {
+            let mut attr = [0u64; 16];
+            attr[0] = u64::from(BPF_PROG_TYPE_XDP) | ((insns.len() as u64) << 32);
+            attr[1] = insns.as_ptr() as u64;
+            attr[2] = license.as_ptr() as u64;
+            if !log.is_empty() {
+                attr[3] = 1 | ((log.len() as u64) << 32);
+                attr[4] = log.as_mut_ptr() as u64;
+            }
+            // prog_ifindex (offset 64) stays 0; expected_attach_type at 68.
+            attr[8] = u64::from(BPF_XDP) << 32;
+            bpf(BPF_PROG_LOAD, &mut attr)
+        };
+        let prog = match load(&mut []) {
+            Ok(fd) => owned(fd),
+            Err(e) => {
+                let mut log = vec![0u8; 16 * 1024];
+                let _ = load(&mut log);
+                let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+                let text = String::from_utf8_lossy(&log[..end]);
+                return Err(err(
+                    &format!("loading the XDP program ({})", text.trim()),
+                    name,
+                    e,
+                ));
+            }
+        };
+        let link = |flags: u32| {
+            let mut attr = [0u64; 16];
+            attr[0] = prog.as_raw_fd() as u64 | (u64::from(ifindex) << 32);
+            attr[1] = u64::from(BPF_XDP) | (u64::from(flags) << 32);
+            bpf(BPF_LINK_CREATE, &mut attr)
+        };
+        let (link, native) = match mode {
+            XdpMode::Native => (link(XDP_FLAGS_DRV_MODE), true),
+            XdpMode::Generic => (link(XDP_FLAGS_SKB_MODE), false),
+            XdpMode::Auto => match link(XDP_FLAGS_DRV_MODE) {
+                Ok(fd) => (Ok(fd), true),
+                Err(_) => (link(XDP_FLAGS_SKB_MODE), false),
+            },
+        };
+        let link = owned(link.map_err(|e| {
+            let hint = if e.raw_os_error() == Some(libc::EBUSY) {
+                " (another XDP program is attached: `ip link set dev IF xdp off`)"
+            } else {
+                ""
+            };
+            err(
+                &format!(
+                    "attaching the XDP program in {} mode{hint}",
+                    if native { "native" } else { "generic" }
+                ),
+                name,
+                e,
+            )
+        })?);
+        Ok(XdpPort {
+            name: name.to_string(),
+            ifindex,
+            map,
+            _prog: prog,
+            _link: link,
+            native,
+        })
+    }
+
+    fn update(&self, queue: u32, xsk: i32) -> io::Result<()> {
+        let value = xsk as u32;
+        let mut attr = [0u64; 16];
+        attr[0] = self.map.as_raw_fd() as u64;
+        attr[1] = &queue as *const u32 as u64;
+        attr[2] = &value as *const u32 as u64;
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+    }
+}
+
+/// One mapped ring: producer and consumer indexes, flags, descriptors.
+#[derive(Debug)]
+struct Ring {
+    map: *mut u8,
+    map_len: usize,
+    producer: *const AtomicU32,
+    consumer: *const AtomicU32,
+    flags: *const AtomicU32,
+    descs: *mut u8,
+    /// Our copy of the index we advance (producer for fill/TX, consumer
+    /// for RX/completion), published with a release store.
+    local: u32,
+}
+
+impl Ring {
+    fn map(
+        fd: i32,
+        off: &libc::xdp_ring_offset,
+        desc_size: usize,
+        pgoff: libc::off_t,
+    ) -> io::Result<Ring> {
+        let map_len = off.desc as usize + RING as usize * desc_size;
+        // SAFETY: maps the ring the kernel allocated for this socket at the
+        // offset it documents; checked before use, unmapped in `drop`.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd,
+                pgoff,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let map = map.cast::<u8>();
+        // SAFETY: the offsets come from XDP_MMAP_OFFSETS and lie inside the
+        // mapping; the index words are 4-byte aligned u32 the kernel also
+        // accesses atomically.
+        unsafe {
+            Ok(Ring {
+                map,
+                map_len,
+                producer: map.add(off.producer as usize).cast(),
+                consumer: map.add(off.consumer as usize).cast(),
+                flags: map.add(off.flags as usize).cast(),
+                descs: map.add(off.desc as usize),
+                local: 0,
+            })
+        }
+    }
+
+    #[inline(always)]
+    fn producer(&self) -> &AtomicU32 {
+        // SAFETY: points into the live mapping (see `map`).
+        unsafe { &*self.producer }
+    }
+
+    #[inline(always)]
+    fn consumer(&self) -> &AtomicU32 {
+        // SAFETY: as in `producer`.
+        unsafe { &*self.consumer }
+    }
+
+    #[inline(always)]
+    fn needs_wakeup(&self) -> bool {
+        // SAFETY: as in `producer`.
+        unsafe { &*self.flags }.load(Ordering::Relaxed) & libc::XDP_RING_NEED_WAKEUP != 0
+    }
+
+    /// Descriptor slot `i` (any index; wrapped here) of `size` bytes.
+    #[inline(always)]
+    fn slot(&self, i: u32, size: usize) -> *mut u8 {
+        // SAFETY: (i & (RING - 1)) < RING slots of `size` bytes follow `descs`.
+        unsafe { self.descs.add((i & (RING - 1)) as usize * size) }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping made in `map`, unmapped once.
+        unsafe {
+            libc::munmap(self.map.cast(), self.map_len);
+        }
+    }
+}
+
+const DESC: usize = std::mem::size_of::<libc::xdp_desc>();
+
+/// One XDP socket (a port's queue for one worker) and its UMEM.
+#[derive(Debug)]
+struct Xsk {
+    fd: OwnedFd,
+    umem: *mut u8,
+    rx: Ring,
+    tx: Ring,
+    fill: Ring,
+    comp: Ring,
+    /// TX frames not in flight.
+    free: Vec<u64>,
+    /// RX frames taken back but not yet on the fill ring (only if it was full).
+    spare: Vec<u64>,
+    pending: bool,
+    zerocopy: bool,
+}
+
+// SAFETY: the UMEM and ring mappings are owned by this value alone (no
+// other pointer to them escapes) and an `Xsk` is used by one thread at a
+// time (`&mut self`).
+unsafe impl Send for Xsk {}
+
+impl Drop for Xsk {
+    fn drop(&mut self) {
+        // SAFETY: the UMEM mapping made in `open`, unmapped once; the socket
+        // (closed after, by `OwnedFd`) no longer needs it once closed, and
+        // the kernel holds its own page references until then.
+        unsafe {
+            libc::munmap(self.umem.cast(), FRAMES * FRAME_SIZE);
+        }
+    }
+}
+
+fn set<T>(fd: i32, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `value` points to a live `T` of the size passed; read only.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_XDP,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+impl Xsk {
+    fn open(port: &XdpPort, queue: u32, busy_poll_us: u32) -> io::Result<Xsk> {
+        let name = port.name.as_str();
+        // SAFETY: plain socket(2) call; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(err("AF_XDP socket", name, io::Error::last_os_error()));
+        }
+        let fd = owned(fd);
+        let raw = fd.as_raw_fd();
+        let len = FRAMES * FRAME_SIZE;
+        // SAFETY: an anonymous private mapping, checked; unmapped in `drop`.
+        let umem = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if umem == libc::MAP_FAILED {
+            return Err(err("UMEM", name, io::Error::last_os_error()));
+        }
+        let umem = umem.cast::<u8>();
+        let unmap = |e: io::Error| {
+            // SAFETY: the mapping above, on the error path, once.
+            unsafe { libc::munmap(umem.cast(), len) };
+            e
+        };
+        // SAFETY: a zeroed xdp_umem_reg is valid; the fields bind reads are set.
+        let mut reg: libc::xdp_umem_reg = unsafe { std::mem::zeroed() };
+        reg.addr = umem as u64;
+        reg.len = len as u64;
+        reg.chunk_size = FRAME_SIZE as u32;
+        set(raw, libc::XDP_UMEM_REG, &reg).map_err(|e| unmap(err("UMEM registration", name, e)))?;
+        for (opt, what) in [
+            (libc::XDP_UMEM_FILL_RING, "fill ring"),
+            (libc::XDP_UMEM_COMPLETION_RING, "completion ring"),
+            (libc::XDP_RX_RING, "RX ring"),
+            (libc::XDP_TX_RING, "TX ring"),
+        ] {
+            set(raw, opt, &RING).map_err(|e| unmap(err(what, name, e)))?;
+        }
+        // SAFETY: zeroed offsets are valid; the kernel fills them in.
+        let mut off: libc::xdp_mmap_offsets = unsafe { std::mem::zeroed() };
+        let mut optlen = std::mem::size_of::<libc::xdp_mmap_offsets>() as libc::socklen_t;
+        // SAFETY: `off` is a live buffer of `optlen` bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                raw,
+                libc::SOL_XDP,
+                libc::XDP_MMAP_OFFSETS,
+                (&mut off as *mut libc::xdp_mmap_offsets).cast(),
+                &mut optlen,
+            )
+        };
+        if r != 0 {
+            return Err(unmap(err("ring offsets", name, io::Error::last_os_error())));
+        }
+        let rings = (|| {
+            Ok::<_, io::Error>((
+                Ring::map(raw, &off.rx, DESC, libc::XDP_PGOFF_RX_RING)?,
+                Ring::map(raw, &off.tx, DESC, libc::XDP_PGOFF_TX_RING)?,
+                Ring::map(
+                    raw,
+                    &off.fr,
+                    8,
+                    libc::XDP_UMEM_PGOFF_FILL_RING as libc::off_t,
+                )?,
+                Ring::map(
+                    raw,
+                    &off.cr,
+                    8,
+                    libc::XDP_UMEM_PGOFF_COMPLETION_RING as libc::off_t,
+                )?,
+            ))
+        })();
+        let (rx, tx, fill, comp) = rings.map_err(|e| unmap(err("mapping rings", name, e)))?;
+        let half = (FRAMES / 2) as u64;
+        let mut xsk = Xsk {
+            fd,
+            umem,
+            rx,
+            tx,
+            fill,
+            comp,
+            free: (half..FRAMES as u64)
+                .map(|f| f * FRAME_SIZE as u64)
+                .collect(),
+            spare: Vec::with_capacity(FRAMES / 2),
+            pending: false,
+            zerocopy: false,
+        };
+        // The receive half of the UMEM goes to the fill ring.
+        for f in 0..half {
+            xsk.fill_slot(xsk.fill.local, f * FRAME_SIZE as u64);
+            xsk.fill.local = xsk.fill.local.wrapping_add(1);
+        }
+        xsk.fill.producer().store(xsk.fill.local, Ordering::Release);
+        let bind = |flags: u16| {
+            // SAFETY: zeroed sockaddr_xdp is valid; the fields bind reads are set.
+            let mut sa: libc::sockaddr_xdp = unsafe { std::mem::zeroed() };
+            sa.sxdp_family = libc::AF_XDP as u16;
+            sa.sxdp_flags = flags;
+            sa.sxdp_ifindex = port.ifindex;
+            sa.sxdp_queue_id = queue;
+            // SAFETY: `sa` is a live sockaddr_xdp of the size passed.
+            let r = unsafe {
+                libc::bind(
+                    raw,
+                    (&sa as *const libc::sockaddr_xdp).cast(),
+                    std::mem::size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
+                )
+            };
+            if r == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        };
+        let wake = libc::XDP_USE_NEED_WAKEUP;
+        if port.native && bind(libc::XDP_ZEROCOPY | wake).is_ok() {
+            xsk.zerocopy = true;
+        } else {
+            bind(libc::XDP_COPY | wake).map_err(|e| {
+                err(
+                    &format!("binding an XDP socket to queue {queue} (the interface needs that many queues)"),
+                    name,
+                    e,
+                )
+            })?;
+        }
+        if busy_poll_us > 0 {
+            let sock = |opt, v: u32| {
+                // SAFETY: `v` is a live int of the size passed; read only.
+                let r = unsafe {
+                    libc::setsockopt(
+                        raw,
+                        libc::SOL_SOCKET,
+                        opt,
+                        (&v as *const u32).cast(),
+                        std::mem::size_of::<u32>() as libc::socklen_t,
+                    )
+                };
+                if r == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            };
+            sock(SO_PREFER_BUSY_POLL, 1)
+                .and_then(|()| sock(SO_BUSY_POLL, busy_poll_us))
+                .and_then(|()| sock(SO_BUSY_POLL_BUDGET, BUSY_BUDGET))
+                .map_err(|e| err("busy-poll options", name, e))?;
+        }
+        port.update(queue, raw)
+            .map_err(|e| err("XSKMAP entry", name, e))?;
+        Ok(xsk)
+    }
+
+    #[inline(always)]
+    fn fill_slot(&self, i: u32, addr: u64) {
+        // SAFETY: a fill-ring slot (8 bytes, 8-aligned), ours until published.
+        unsafe { std::ptr::write(self.fill.slot(i, 8).cast::<u64>(), addr) }
+    }
+
+    /// Free slots in the fill ring.
+    fn fill_room(&self) -> u32 {
+        RING.wrapping_sub(
+            self.fill
+                .local
+                .wrapping_sub(self.fill.consumer().load(Ordering::Acquire)),
+        )
+    }
+
+    /// Gives a receive frame back to the fill ring (published by
+    /// `publish_fill`), or keeps it in `spare` if the ring is full.
+    #[inline(always)]
+    fn give_back(&mut self, addr: u64, room: &mut u32) {
+        if *room > 0 {
+            self.fill_slot(self.fill.local, addr);
+            self.fill.local = self.fill.local.wrapping_add(1);
+            *room -= 1;
+        } else {
+            self.spare.push(addr);
+        }
+    }
+
+    fn publish_fill(&self) {
+        self.fill
+            .producer()
+            .store(self.fill.local, Ordering::Release);
+    }
+
+    /// Takes completed TX frames back into the free pool.
+    fn reap(&mut self) {
+        let ready = self
+            .comp
+            .producer()
+            .load(Ordering::Acquire)
+            .wrapping_sub(self.comp.local);
+        for k in 0..ready {
+            // SAFETY: a completion slot the kernel published (8 bytes).
+            let a = unsafe {
+                std::ptr::read(
+                    self.comp
+                        .slot(self.comp.local.wrapping_add(k), 8)
+                        .cast::<u64>(),
+                )
+            };
+            self.free.push(a & !(FRAME_SIZE as u64 - 1));
+        }
+        if ready > 0 {
+            self.comp.local = self.comp.local.wrapping_add(ready);
+            self.comp
+                .consumer()
+                .store(self.comp.local, Ordering::Release);
+        }
+    }
+
+    /// Runs the queue's NAPI poll in this thread (busy polling): the
+    /// driver fills the RX ring now, without a softirq or a thread switch.
+    fn busy_poll(&self) {
+        // SAFETY: recvfrom with no buffer: the RX ring is the data; the
+        // socket's busy-poll options make the call poll the queue.
+        unsafe {
+            libc::recvfrom(
+                self.fd.as_raw_fd(),
+                std::ptr::null_mut(),
+                0,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
+        }
+    }
+
+    /// Wakes the kernel to send what the TX ring holds.
+    fn kick(&self) -> io::Result<()> {
+        // SAFETY: sendto with no buffer and no address: the TX ring is the data.
+        let r = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                std::ptr::null(),
+                0,
+                libc::MSG_DONTWAIT,
+                std::ptr::null(),
+                0,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN | libc::EBUSY | libc::ENOBUFS) => {}
+                _ => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes the written TX descriptors and wakes the kernel until it
+    /// has taken them (copy mode takes 32 per wake-up).
+    fn flush(&mut self) -> io::Result<()> {
+        self.pending = false;
+        self.tx.producer().store(self.tx.local, Ordering::Release);
+        let mut kicks = 0;
+        while kicks < MAX_KICKS
+            && self.tx.consumer().load(Ordering::Acquire) != self.tx.local
+            && (self.tx.needs_wakeup() || kicks == 0)
+        {
+            self.kick()?;
+            kicks += 1;
+        }
+        self.reap();
+        Ok(())
+    }
+}
+
+/// The AF_XDP backend of one worker: a socket per port on the worker's queue.
+#[derive(Debug)]
+pub struct AfXdpBackend {
+    xsks: Vec<Xsk>,
+    /// The per-port maps, to take this worker's entries out on drop.
+    ports: Vec<(OwnedFd, u32)>,
+    poll_set: Vec<libc::pollfd>,
+    poll_ms: i32,
+    next_port: usize,
+    /// Frames the kernel reported larger than a UMEM frame, dropped.
+    pub oversized: u64,
+    busy: bool,
+}
+
+impl AfXdpBackend {
+    /// Opens a socket on queue `queue` of every port of `ports`, in order.
+    /// With `busy_poll_us` > 0 the worker runs the queues' NAPI polls
+    /// itself (`SO_PREFER_BUSY_POLL`; pair it with the interfaces'
+    /// `napi_defer_hard_irqs` and `gro_flush_timeout`, docs/operations.md).
+    pub fn open(ports: &XdpPorts, queue: u32, poll_ms: u64, busy_poll_us: u32) -> io::Result<Self> {
+        if queue >= ports.queues {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "queue {queue}: the programs were set up for {} queues",
+                    ports.queues
+                ),
+            ));
+        }
+        let xsks = ports
+            .ports
+            .iter()
+            .map(|p| Xsk::open(p, queue, busy_poll_us))
+            .collect::<io::Result<Vec<_>>>()?;
+        let maps = ports
+            .ports
+            .iter()
+            .map(|p| p.map.try_clone().map(|m| (m, queue)))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(AfXdpBackend {
+            poll_set: poll_set(xsks.iter().map(|x| x.fd.as_raw_fd())),
+            xsks,
+            ports: maps,
+            poll_ms: poll_ms.min(1000) as i32,
+            next_port: 0,
+            oversized: 0,
+            busy: busy_poll_us > 0,
+        })
+    }
+
+    /// True if every socket runs zero-copy.
+    pub fn zerocopy(&self) -> bool {
+        self.xsks.iter().all(|x| x.zerocopy)
+    }
+
+    fn drain_rx(&mut self, batch: &mut Batch) -> usize {
+        let n = self.xsks.len();
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let mut taken = 0;
+        for k in 0..n {
+            let pi = (self.next_port + k) % n;
+            let x = &mut self.xsks[pi];
+            let ready =
+                x.rx.producer()
+                    .load(Ordering::Acquire)
+                    .wrapping_sub(x.rx.local);
+            let room = (batch.capacity() - batch.len()) as u32;
+            let take = ready.min(room);
+            if take == 0 {
+                continue;
+            }
+            let start = x.rx.local;
+            let mut room = x.fill_room();
+            while room > 0 {
+                match x.spare.pop() {
+                    Some(a) => x.give_back(a, &mut room),
+                    None => break,
+                }
+            }
+            for j in 0..take {
+                // SAFETY: an RX slot the kernel published (a 16-byte xdp_desc),
+                // not yet released.
+                let d = unsafe {
+                    std::ptr::read_unaligned(
+                        x.rx.slot(start.wrapping_add(j), DESC)
+                            .cast::<libc::xdp_desc>(),
+                    )
+                };
+                let (addr, len) = (d.addr as usize, d.len as usize);
+                if len > MAX_FRAME || addr.saturating_add(len) > FRAMES * FRAME_SIZE {
+                    self.oversized += 1;
+                } else {
+                    // SAFETY: [addr, addr + len) lies inside the UMEM (checked);
+                    // the kernel does not write this frame until it is refilled.
+                    let data = unsafe { std::slice::from_raw_parts(x.umem.add(addr), len) };
+                    if batch.push(pi as PortId, ts, data) {
+                        taken += 1;
+                    }
+                }
+                x.give_back(d.addr & !(FRAME_SIZE as u64 - 1), &mut room);
+            }
+            x.rx.local = start.wrapping_add(take);
+            x.rx.consumer().store(x.rx.local, Ordering::Release);
+            x.publish_fill();
+        }
+        self.next_port = (self.next_port + 1) % n.max(1);
+        taken
+    }
+}
+
+impl Drop for AfXdpBackend {
+    fn drop(&mut self) {
+        // The sockets close after this; their map entries go first so the
+        // program passes the queue's frames to the kernel meanwhile.
+        for (map, queue) in &self.ports {
+            let mut attr = [0u64; 16];
+            attr[0] = map.as_raw_fd() as u64;
+            attr[1] = queue as *const u32 as u64;
+            let _ = bpf(BPF_MAP_DELETE_ELEM, &mut attr);
+        }
+    }
+}
+
+impl Backend for AfXdpBackend {
+    fn ports(&self) -> usize {
+        self.xsks.len()
+    }
+
+    fn recv(&mut self, batch: &mut Batch) -> io::Result<usize> {
+        batch.clear();
+        if self.busy {
+            for x in &self.xsks {
+                x.busy_poll();
+            }
+        }
+        let n = self.drain_rx(batch);
+        if n > 0 {
+            return Ok(n);
+        }
+        // Busy-poll the rings for a moment before sleeping in poll(2), as
+        // the afpacket backend does.
+        let spin_until = std::time::Instant::now() + SPIN;
+        while std::time::Instant::now() < spin_until {
+            if self.busy {
+                for x in &self.xsks {
+                    x.busy_poll();
+                }
+            }
+            if self
+                .xsks
+                .iter()
+                .any(|x| x.rx.producer().load(Ordering::Acquire) != x.rx.local)
+            {
+                return Ok(self.drain_rx(batch));
+            }
+            std::hint::spin_loop();
+        }
+        for x in &mut self.xsks {
+            // Completions come back while idle too.
+            x.reap();
+        }
+        wait_readable(&mut self.poll_set, self.poll_ms)?;
+        Ok(self.drain_rx(batch))
+    }
+
+    fn send(&mut self, port: PortId, frame: &[u8]) -> io::Result<()> {
+        let x = self
+            .xsks
+            .get_mut(usize::from(port))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no such port"))?;
+        if frame.len() > MAX_FRAME {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "frame larger than a UMEM frame",
+            ));
+        }
+        if x.free.is_empty() {
+            x.reap();
+            if x.free.is_empty() {
+                x.flush()?;
+            }
+        }
+        let addr = x
+            .free
+            .pop()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::WouldBlock, "TX frames all in flight"))?;
+        // SAFETY: the frame at `addr` is ours (from the free pool) and
+        // FRAME_SIZE ≥ frame.len() bytes long inside the UMEM; the TX slot at
+        // `local` is ours until the producer index is published (the ring
+        // has as many slots as there are TX frames, so it is free).
+        unsafe {
+            std::ptr::copy_nonoverlapping(frame.as_ptr(), x.umem.add(addr as usize), frame.len());
+            std::ptr::write_unaligned(
+                x.tx.slot(x.tx.local, DESC).cast::<libc::xdp_desc>(),
+                libc::xdp_desc {
+                    addr,
+                    len: frame.len() as u32,
+                    options: 0,
+                },
+            );
+        }
+        x.tx.local = x.tx.local.wrapping_add(1);
+        x.pending = true;
+        Ok(())
+    }
+
+    fn dropped(&mut self) -> u64 {
+        let mut kernel = 0;
+        for x in &self.xsks {
+            // SAFETY: zeroed statistics are valid; the kernel fills them in.
+            let mut st: libc::xdp_statistics = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::xdp_statistics>() as libc::socklen_t;
+            // SAFETY: `st` is a live xdp_statistics of `len` bytes.
+            let r = unsafe {
+                libc::getsockopt(
+                    x.fd.as_raw_fd(),
+                    libc::SOL_XDP,
+                    libc::XDP_STATISTICS,
+                    (&mut st as *mut libc::xdp_statistics).cast(),
+                    &mut len,
+                )
+            };
+            if r == 0 {
+                // Running totals (not reset on read).
+                kernel += st.rx_dropped + st.rx_ring_full + st.tx_invalid_descs;
+            }
+        }
+        self.oversized + kernel
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let mut result = Ok(());
+        for x in self.xsks.iter_mut().filter(|x| x.pending) {
+            if let Err(e) = x.flush() {
+                result = Err(e);
+            }
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    /// The program's bytes, instruction by instruction (`struct bpf_insn`
+    /// little-endian: code, dst | src << 4, off, imm).
+    #[test]
+    fn the_redirect_program_encodes_as_written() {
+        let bytes: Vec<[u8; 8]> = program(7)
+            .iter()
+            .map(|i| {
+                let mut b = [0u8; 8];
+                b[0] = i.code;
+                b[1] = i.regs;
+                b[2..4].copy_from_slice(&i.off.to_le_bytes());
+                b[4..].copy_from_slice(&i.imm.to_le_bytes());
+                b
+            })
+            .collect();
+        assert_eq!(
+            bytes,
+            vec![
+                [0x61, 0x12, 16, 0, 0, 0, 0, 0], // r2 = *(u32 *)(r1 + 16)
+                [0x18, 0x11, 0, 0, 7, 0, 0, 0],  // r1 = map fd 7 (pseudo)
+                [0, 0, 0, 0, 0, 0, 0, 0],        // (upper half of the imm64)
+                [0xb7, 0x03, 0, 0, 2, 0, 0, 0],  // r3 = XDP_PASS
+                [0x85, 0x00, 0, 0, 51, 0, 0, 0], // call bpf_redirect_map
+                [0x95, 0, 0, 0, 0, 0, 0, 0],     // exit
+            ]
+        );
+        assert_eq!(std::mem::size_of::<Insn>(), 8);
+    }
+
+    #[test]
+    fn a_missing_interface_is_a_clear_error() {
+        let e = XdpPorts::attach(&["stdx-no-such0"], 1, XdpMode::Auto).expect_err("no interface");
+        assert!(e.to_string().contains("stdx-no-such0"), "{e}");
+        assert!(e.to_string().contains("no such interface"), "{e}");
+    }
+}
