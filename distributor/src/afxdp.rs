@@ -226,6 +226,8 @@ impl XdpPort {
                 attr[3] = 1 | ((log.len() as u64) << 32);
                 attr[4] = log.as_mut_ptr() as u64;
             }
+            // prog_name (offset 48, 16 bytes): what `ip link` and bpftool show.
+            attr[6] = u64::from_le_bytes(*b"std_xsk\0");
             // prog_ifindex (offset 64) stays 0; expected_attach_type at 68.
             attr[8] = u64::from(BPF_XDP) << 32;
             bpf(BPF_PROG_LOAD, &mut attr)
@@ -253,16 +255,21 @@ impl XdpPort {
         let (link, native) = match mode {
             XdpMode::Native => (link(XDP_FLAGS_DRV_MODE), true),
             XdpMode::Generic => (link(XDP_FLAGS_SKB_MODE), false),
+            // Generic only where the driver has no native XDP; any other
+            // failure (a program already there) is reported as it is.
             XdpMode::Auto => match link(XDP_FLAGS_DRV_MODE) {
-                Ok(fd) => (Ok(fd), true),
-                Err(_) => (link(XDP_FLAGS_SKB_MODE), false),
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    (link(XDP_FLAGS_SKB_MODE), false)
+                }
+                other => (other, true),
             },
         };
         let link = owned(link.map_err(|e| {
-            let hint = if e.raw_os_error() == Some(libc::EBUSY) {
-                " (another XDP program is attached: `ip link set dev IF xdp off`)"
-            } else {
-                ""
+            let hint = match e.raw_os_error() {
+                Some(libc::EBUSY | libc::EEXIST) => {
+                    " (another XDP program is attached: see `ip link show`; `ip link set dev IF xdp off` removes one attached by ip)"
+                }
+                _ => "",
             };
             err(
                 &format!(
