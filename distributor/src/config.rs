@@ -421,12 +421,10 @@ impl DistributorConfig {
                 "this stdd was built without the netmap backend (cargo feature `netmap`)",
             ));
         }
-        if matches!(self.backend, BackendKind::Pcap | BackendKind::Netmap)
-            && self.workers.cpus.len() > 1
-        {
+        if self.backend == BackendKind::Pcap && self.workers.cpus.len() > 1 {
             return Err(invalid(
                 "workers.cpus",
-                "the pcap and netmap backends run one worker: list at most one CPU",
+                "the pcap backend runs one worker: list at most one CPU",
             ));
         }
         for (i, t) in self.failover.tms.iter().enumerate() {
@@ -627,10 +625,12 @@ listen = "127.0.0.1:9180"
             field_of(load(&GOOD.replace("127.0.0.1:9180", "0.0.0.0:9180"))),
             "admin.token"
         );
-        // The netmap backend: only in a build with the feature; one worker.
+        // The netmap backend: only in a build with the feature; a worker
+        // per CPU listed (one per ring pair).
         let netmap = GOOD.replace("backend = \"pcap\"", "backend = \"netmap\"");
         if cfg!(feature = "netmap") {
             assert!(load(&netmap).is_ok());
+            assert!(load(&format!("{netmap}\n[workers]\ncpus = [0, 1]\n")).is_ok());
         } else {
             assert_eq!(field_of(load(&netmap)), "backend");
         }

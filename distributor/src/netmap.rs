@@ -1,4 +1,4 @@
-//! The netmap backend (cargo feature `netmap`): every port opened through `/dev/netmap` in native mode, its NIC rings mapped, frames copied between the rings and the worker's batch; one worker.
+//! The netmap backend (cargo feature `netmap`): every port opened through `/dev/netmap` in native mode, its NIC rings mapped, frames copied between the rings and the worker's batch; one worker per ring pair, as with afxdp.
 //!
 //! Needs the netmap kernel module and a netmap-enabled driver (or netmap's
 //! emulated mode) on the host: without `/dev/netmap` the backend refuses to
@@ -7,17 +7,25 @@
 //! legacy `NIOCREGIF` request (netmap API 11, still accepted by current
 //! netmap) through `netmap_sys`, which needs no netmap headers to build.
 //!
-//! Receiving walks every RX ring of every port between `head` and `tail`
-//! without a system call; when all are empty, one `poll` (which syncs the
-//! RX rings) waits up to the poll time. Sending fills TX ring 0 of the port
-//! and one `NIOCTXSYNC` per port per batch hands the frames over.
+//! One worker (`NetmapBackend::open` with no ring): every ring pair of
+//! every port (`NR_REG_ALL_NIC`). Several workers: worker *i* binds ring
+//! pair *i* of every port (`NR_REG_ONE_NIC`), so each port needs as many
+//! rings as workers and a symmetric RSS hash, as for afxdp
+//! (docs/operations.md).
+//!
+//! Receiving walks the bound RX rings of every port between `head` and
+//! `tail` without a system call; when all are empty, one `poll` (which
+//! syncs the RX rings) waits up to the poll time. Sending fills the port's
+//! first bound TX ring and one `NIOCTXSYNC` per port per batch hands the
+//! frames over.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
 use std::io;
 
 use netmap_sys::netmap::{
-    netmap_if, netmap_ring, nmreq, NETMAP_API, NIOCREGIF, NIOCTXSYNC, NR_REG_ALL_NIC,
+    netmap_if, netmap_ring, nmreq, NETMAP_API, NETMAP_RING_MASK, NIOCREGIF, NIOCTXSYNC,
+    NR_REG_ALL_NIC, NR_REG_ONE_NIC,
 };
 use netmap_sys::netmap_user::{NETMAP_BUF, NETMAP_IF, NETMAP_RXRING, NETMAP_TXRING};
 
@@ -31,7 +39,9 @@ struct Port {
     mem: *mut libc::c_void,
     mem_len: usize,
     nifp: *mut netmap_if,
-    rx_rings: u32,
+    /// The bound RX rings: `first..first + count`.
+    first: u32,
+    count: u32,
     pending: bool,
 }
 
@@ -53,7 +63,7 @@ impl Drop for Port {
 }
 
 impl Port {
-    fn open(iface: &str) -> io::Result<Port> {
+    fn open(iface: &str, ring: Option<u16>) -> io::Result<Port> {
         let path = CString::new("/dev/netmap").map_err(io::Error::other)?;
         // SAFETY: a valid C string; the result is checked.
         let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR) };
@@ -69,7 +79,8 @@ impl Port {
             mem: std::ptr::null_mut(),
             mem_len: 0,
             nifp: std::ptr::null_mut(),
-            rx_rings: 0,
+            first: 0,
+            count: 0,
             pending: false,
         };
         // SAFETY: an all-zero nmreq is the documented starting point.
@@ -85,7 +96,13 @@ impl Port {
             *d = s as libc::c_char;
         }
         req.nr_version = NETMAP_API as u32;
-        req.nr_flags = NR_REG_ALL_NIC;
+        match ring {
+            None => req.nr_flags = NR_REG_ALL_NIC,
+            Some(r) => {
+                req.nr_flags = NR_REG_ONE_NIC;
+                req.nr_ringid = r & NETMAP_RING_MASK as u16;
+            }
+        }
         // SAFETY: `req` is a live nmreq the kernel reads and fills.
         if unsafe { libc::ioctl(fd, NIOCREGIF as _, &mut req) } < 0 {
             let e = io::Error::last_os_error();
@@ -110,7 +127,17 @@ impl Port {
         port.mem = mem;
         // SAFETY: nr_offset locates this interface's netmap_if in the mapping.
         port.nifp = unsafe { NETMAP_IF(mem, req.nr_offset as isize) };
-        port.rx_rings = u32::from(req.nr_rx_rings).max(1);
+        let rings = u32::from(req.nr_rx_rings).max(1);
+        (port.first, port.count) = match ring {
+            None => (0, rings),
+            Some(r) if u32::from(r) < rings => (u32::from(r), 1),
+            Some(r) => return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{iface}: ring {r}: the interface has {rings} rings (one per worker is needed)"
+                ),
+            )),
+        };
         Ok(port)
     }
 
@@ -121,12 +148,13 @@ impl Port {
     }
 
     fn tx_ring(&self) -> *mut netmap_ring {
-        // SAFETY: ring 0 exists on every registered interface.
-        unsafe { NETMAP_TXRING(self.nifp, 0) }
+        // SAFETY: the first bound ring exists (checked in `open`; TX and RX
+        // rings come in pairs on NICs).
+        unsafe { NETMAP_TXRING(self.nifp, self.first as isize) }
     }
 }
 
-/// The netmap backend (one worker).
+/// The netmap backend of one worker.
 #[derive(Debug)]
 pub struct NetmapBackend {
     ports: Vec<Port>,
@@ -136,11 +164,12 @@ pub struct NetmapBackend {
 }
 
 impl NetmapBackend {
-    /// Opens `interfaces` in netmap mode, one port each, in order.
-    pub fn open(interfaces: &[&str], poll_ms: u64) -> io::Result<Self> {
+    /// Opens `interfaces` in netmap mode, one port each, in order: every
+    /// ring (`ring` None: the only worker) or ring pair `ring` of each.
+    pub fn open(interfaces: &[&str], ring: Option<u16>, poll_ms: u64) -> io::Result<Self> {
         let ports: Vec<Port> = interfaces
             .iter()
-            .map(|i| Port::open(i))
+            .map(|i| Port::open(i, ring))
             .collect::<io::Result<_>>()?;
         Ok(NetmapBackend {
             poll_set: crate::afpacket::poll_set(ports.iter().map(|p| p.fd)),
@@ -152,7 +181,7 @@ impl NetmapBackend {
     fn drain(&mut self, batch: &mut Batch) -> usize {
         let mut taken = 0;
         for (pi, p) in self.ports.iter().enumerate() {
-            for r in 0..p.rx_rings {
+            for r in p.first..p.first + p.count {
                 let ring = p.rx_ring(r);
                 // SAFETY: `ring` points to a live netmap_ring in our mapping;
                 // slots between head and tail belong to us until head moves;

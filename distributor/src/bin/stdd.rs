@@ -274,7 +274,9 @@ mod daemon {
         // One worker per configured CPU with the afpacket backend (a fan-out
         // group per port spreads flows over them); one otherwise.
         let nworkers = match cfg.backend {
-            BackendKind::Afpacket | BackendKind::Afxdp => cfg.workers.cpus.len().max(1),
+            BackendKind::Afpacket | BackendKind::Afxdp | BackendKind::Netmap => {
+                cfg.workers.cpus.len().max(1)
+            }
             _ => 1,
         };
         let shared: Vec<Arc<WorkerShared>> = (0..nworkers)
@@ -386,8 +388,12 @@ mod daemon {
                 }
                 #[cfg(feature = "netmap")]
                 BackendKind::Netmap => spawn.start(
-                    distributor::netmap::NetmapBackend::open(&names, cfg.workers.poll_ms)
-                        .context("opening interfaces (netmap)")?,
+                    distributor::netmap::NetmapBackend::open(
+                        &names,
+                        (nworkers > 1).then_some(index as u16),
+                        cfg.workers.poll_ms,
+                    )
+                    .context("opening interfaces (netmap)")?,
                 )?,
                 #[cfg(not(feature = "netmap"))]
                 BackendKind::Netmap => {
