@@ -704,18 +704,23 @@ impl Xsk {
         Ok(())
     }
 
-    /// Publishes the written TX descriptors and wakes the kernel until it
-    /// has taken them (copy mode takes 32 per wake-up).
+    /// Publishes the written TX descriptors and wakes the kernel: in copy
+    /// mode the `sendto` itself transmits (up to 32 frames a call), so it is
+    /// repeated until the ring is taken; a zero-copy driver sends on its
+    /// own and is woken only when it asks.
     fn flush(&mut self) -> io::Result<()> {
         self.pending = false;
         self.tx.producer().store(self.tx.local, Ordering::Release);
-        let mut kicks = 0;
-        while kicks < MAX_KICKS
-            && self.tx.consumer().load(Ordering::Acquire) != self.tx.local
-            && (self.tx.needs_wakeup() || kicks == 0)
-        {
-            self.kick()?;
-            kicks += 1;
+        if self.zerocopy {
+            if self.tx.needs_wakeup() {
+                self.kick()?;
+            }
+        } else {
+            let mut kicks = 0;
+            while kicks < MAX_KICKS && self.tx.consumer().load(Ordering::Acquire) != self.tx.local {
+                self.kick()?;
+                kicks += 1;
+            }
         }
         self.reap();
         Ok(())

@@ -131,12 +131,14 @@ impl Port {
         (port.first, port.count) = match ring {
             None => (0, rings),
             Some(r) if u32::from(r) < rings => (u32::from(r), 1),
-            Some(r) => return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
+            Some(r) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
                     "{iface}: ring {r}: the interface has {rings} rings (one per worker is needed)"
                 ),
-            )),
+                ))
+            }
         };
         Ok(port)
     }
