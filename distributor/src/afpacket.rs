@@ -170,19 +170,26 @@ fn setsockopt<T>(fd: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()
     }
 }
 
-fn err(what: &str, iface: &str, e: io::Error) -> io::Error {
+/// `e`, prefixed with the interface and what was being done.
+pub(crate) fn err(what: &str, iface: &str, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{iface}: {what}: {e}"))
+}
+
+/// The interface index of `iface`, or an error naming it.
+pub(crate) fn ifindex(iface: &str) -> io::Result<u32> {
+    let name = CString::new(iface)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface name has a NUL"))?;
+    // SAFETY: `name` is a valid C string for the call's duration.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(err("no such interface", iface, io::Error::last_os_error()));
+    }
+    Ok(index)
 }
 
 impl Port {
     fn open(iface: &str, rings: RingConfig, fanout: Option<u16>) -> io::Result<Port> {
-        let name = CString::new(iface)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface name has a NUL"))?;
-        // SAFETY: `name` is a valid C string for the call's duration.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        if ifindex == 0 {
-            return Err(err("no such interface", iface, io::Error::last_os_error()));
-        }
+        let ifindex = ifindex(iface)?;
         // SAFETY: plain socket(2) call; the result is checked.
         let fd = unsafe {
             libc::socket(
@@ -597,8 +604,9 @@ pub(crate) fn wait_readable(set: &mut [libc::pollfd], ms: i32) -> io::Result<()>
     Ok(())
 }
 
-/// Asks the kernel to send every frame marked in the TX ring (one syscall).
-fn kick(fd: libc::c_int) -> io::Result<()> {
+/// Asks the kernel to send what a socket's TX ring holds (one syscall);
+/// a full queue or a busy socket is not an error (the frames stay queued).
+pub(crate) fn kick(fd: libc::c_int) -> io::Result<()> {
     // SAFETY: sendto with no buffer and no address: the TX ring is the data.
     let r = unsafe {
         libc::sendto(
@@ -612,8 +620,9 @@ fn kick(fd: libc::c_int) -> io::Result<()> {
     };
     if r < 0 {
         let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::WouldBlock {
-            return Err(e);
+        match e.raw_os_error() {
+            Some(libc::EAGAIN | libc::EBUSY | libc::ENOBUFS) => {}
+            _ => return Err(e),
         }
     }
     Ok(())

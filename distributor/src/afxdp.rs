@@ -29,12 +29,11 @@
 //! the raw `bpf(2)` calls.
 #![allow(unsafe_code)]
 
-use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::afpacket::{poll_set, wait_readable};
+use crate::afpacket::{err, ifindex, kick, poll_set, wait_readable};
 use crate::io::{Backend, Batch};
 use crate::verdict::PortId;
 
@@ -154,10 +153,6 @@ fn owned(fd: i32) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
-fn err(what: &str, iface: &str, e: io::Error) -> io::Error {
-    io::Error::new(e.kind(), format!("{iface}: {what}: {e}"))
-}
-
 /// One port's XDP program, its socket map and the link holding it on the
 /// interface.
 #[derive(Debug)]
@@ -203,13 +198,7 @@ impl XdpPorts {
 
 impl XdpPort {
     fn attach(name: &str, queues: u32, mode: XdpMode) -> io::Result<XdpPort> {
-        let c = CString::new(name)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface name has a NUL"))?;
-        // SAFETY: `c` is a valid C string for the call's duration.
-        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
-        if ifindex == 0 {
-            return Err(err("no such interface", name, io::Error::last_os_error()));
-        }
+        let ifindex = ifindex(name)?;
         let mut attr = [0u64; 16];
         // map_type, key_size | value_size, max_entries
         attr[0] = u64::from(BPF_MAP_TYPE_XSKMAP) | (4 << 32);
@@ -683,25 +672,7 @@ impl Xsk {
 
     /// Wakes the kernel to send what the TX ring holds.
     fn kick(&self) -> io::Result<()> {
-        // SAFETY: sendto with no buffer and no address: the TX ring is the data.
-        let r = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                std::ptr::null(),
-                0,
-                libc::MSG_DONTWAIT,
-                std::ptr::null(),
-                0,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EAGAIN | libc::EBUSY | libc::ENOBUFS) => {}
-                _ => return Err(e),
-            }
-        }
-        Ok(())
+        kick(self.fd.as_raw_fd())
     }
 
     /// Publishes the written TX descriptors and wakes the kernel: in copy
