@@ -89,6 +89,11 @@ pub struct RingConfig {
     pub tx_blocks: u32,
     /// How frames are sent.
     pub tx: TxMode,
+    /// Hand sent frames straight to the driver (`PACKET_QDISC_BYPASS`).
+    /// The kernel then picks the transmit queue by CPU, not by flow: a
+    /// traffic generator that must spread flows over a multi-queue link's
+    /// queues turns it off.
+    pub qdisc_bypass: bool,
 }
 
 impl Default for RingConfig {
@@ -97,6 +102,7 @@ impl Default for RingConfig {
             rx_blocks: 4,
             tx_blocks: 4,
             tx: TxMode::Sendmmsg,
+            qdisc_bypass: true,
         }
     }
 }
@@ -279,7 +285,9 @@ impl Port {
         port.map = map.cast();
         port.map_len = len;
         // Output straight to the driver; and never our own output back.
-        let _ = setsockopt(fd, PACKET_QDISC_BYPASS, &1i32);
+        if rings.qdisc_bypass {
+            let _ = setsockopt(fd, PACKET_QDISC_BYPASS, &1i32);
+        }
         port.filter_outgoing = setsockopt(fd, PACKET_IGNORE_OUTGOING, &1i32).is_err();
         // SAFETY: a zeroed sockaddr_ll is valid; we fill the fields bind reads.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };

@@ -381,6 +381,10 @@ fn gen(a: &GenArgs) -> Result<bool> {
             rx_blocks: 1,
             tx_blocks: 16,
             tx: distributor::afpacket::TxMode::Ring,
+            // Through the (no-queue) qdisc layer: the transmit queue is then
+            // chosen by the flow hash, so a multi-queue link carries the
+            // flows on all its queues, as RSS would spread them.
+            qdisc_bypass: false,
         },
         1,
         None,
@@ -442,6 +446,7 @@ fn sink(a: &SinkArgs) -> Result<bool> {
             rx_blocks: 16,
             tx_blocks: 1,
             tx: distributor::afpacket::TxMode::Sendmmsg,
+            qdisc_bypass: true,
         },
         10,
         None,
