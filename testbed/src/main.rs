@@ -70,6 +70,12 @@ struct GenArgs {
     /// Stamp each frame with its send time (for latency measurement by `sink`).
     #[arg(long)]
     stamp: bool,
+    /// Send through the (no-queue) qdisc layer, so that the flow hash picks
+    /// the transmit queue and a multi-queue link carries the flows on all
+    /// its queues, as RSS would spread them (slower: by default frames go
+    /// straight to the driver, on the queue of the sending CPU).
+    #[arg(long)]
+    queue_by_flow: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -381,10 +387,7 @@ fn gen(a: &GenArgs) -> Result<bool> {
             rx_blocks: 1,
             tx_blocks: 16,
             tx: distributor::afpacket::TxMode::Ring,
-            // Through the (no-queue) qdisc layer: the transmit queue is then
-            // chosen by the flow hash, so a multi-queue link carries the
-            // flows on all its queues, as RSS would spread them.
-            qdisc_bypass: false,
+            qdisc_bypass: !a.queue_by_flow,
         },
         1,
         None,
