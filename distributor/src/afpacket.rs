@@ -158,12 +158,22 @@ impl Drop for Port {
 }
 
 fn setsockopt<T>(fd: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+    sockopt(fd, SOL_PACKET, name, value)
+}
+
+/// setsockopt(2) of option `name` at `level` to `value`.
+pub(crate) fn sockopt<T>(
+    fd: libc::c_int,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
     // SAFETY: `value` points to a live `T` of the size passed; the kernel
     // only reads it.
     let r = unsafe {
         libc::setsockopt(
             fd,
-            SOL_PACKET,
+            level,
             name,
             (value as *const T).cast(),
             std::mem::size_of::<T>() as libc::socklen_t,
@@ -479,19 +489,13 @@ impl Backend for AfPacketBackend {
         if n > 0 {
             return Ok(n);
         }
-        // Busy-poll the rings for a moment before sleeping in poll(2): under
-        // load the next frames are microseconds away, and a wake-up per frame
-        // (with a batch of one) would cost more than the frame itself.
-        let spin_until = std::time::Instant::now() + SPIN;
-        while std::time::Instant::now() < spin_until {
-            if self
-                .ports
+        let ports = &self.ports;
+        if spin_until_ready(|| {
+            ports
                 .iter()
                 .any(|p| p.status(0, p.rx_next).load(Ordering::Acquire) & TP_STATUS_USER != 0)
-            {
-                return Ok(self.drain_rx(batch));
-            }
-            std::hint::spin_loop();
+        }) {
+            return Ok(self.drain_rx(batch));
         }
         wait_readable(&mut self.poll_set, self.poll_ms)?;
         Ok(self.drain_rx(batch))
@@ -586,6 +590,21 @@ impl Backend for AfPacketBackend {
         }
         result
     }
+}
+
+/// Busy-polls `ready` for up to [`SPIN`] before a worker sleeps in
+/// poll(2): under load the next frames are microseconds away, and a wake-up
+/// per frame (with a batch of one) would cost more than the frame itself.
+/// True as soon as `ready` is.
+pub(crate) fn spin_until_ready(mut ready: impl FnMut() -> bool) -> bool {
+    let until = std::time::Instant::now() + SPIN;
+    while std::time::Instant::now() < until {
+        if ready() {
+            return true;
+        }
+        std::hint::spin_loop();
+    }
+    false
 }
 
 /// The `poll` set of some descriptors, built once.

@@ -33,7 +33,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::afpacket::{err, ifindex, kick, poll_set, wait_readable};
+use crate::afpacket::{err, ifindex, kick, poll_set, sockopt, spin_until_ready, wait_readable};
 use crate::io::{Backend, Batch};
 use crate::verdict::PortId;
 
@@ -45,8 +45,6 @@ pub const FRAMES: usize = 4096;
 const RING: u32 = 2048;
 /// Largest frame sent or received.
 pub const MAX_FRAME: usize = FRAME_SIZE;
-/// How long an idle worker busy-polls its rings before it sleeps in poll(2).
-const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
 /// Frames one busy poll may take from the driver.
 const BUSY_BUDGET: u32 = 64;
 /// `sendto` wake-ups per flush at most (copy mode sends 32 frames per call).
@@ -414,21 +412,7 @@ impl Drop for Xsk {
 }
 
 fn set<T>(fd: i32, name: libc::c_int, value: &T) -> io::Result<()> {
-    // SAFETY: `value` points to a live `T` of the size passed; read only.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_XDP,
-            name,
-            (value as *const T).cast(),
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    sockopt(fd, libc::SOL_XDP, name, value)
 }
 
 impl Xsk {
@@ -566,23 +550,7 @@ impl Xsk {
             })?;
         }
         if busy_poll_us > 0 {
-            let sock = |opt, v: u32| {
-                // SAFETY: `v` is a live int of the size passed; read only.
-                let r = unsafe {
-                    libc::setsockopt(
-                        raw,
-                        libc::SOL_SOCKET,
-                        opt,
-                        (&v as *const u32).cast(),
-                        std::mem::size_of::<u32>() as libc::socklen_t,
-                    )
-                };
-                if r == 0 {
-                    Ok(())
-                } else {
-                    Err(io::Error::last_os_error())
-                }
-            };
+            let sock = |opt, v: u32| sockopt(raw, libc::SOL_SOCKET, opt, &v);
             sock(SO_PREFER_BUSY_POLL, 1)
                 .and_then(|()| sock(SO_BUSY_POLL, busy_poll_us))
                 .and_then(|()| sock(SO_BUSY_POLL_BUDGET, BUSY_BUDGET))
@@ -839,23 +807,17 @@ impl Backend for AfXdpBackend {
         if n > 0 {
             return Ok(n);
         }
-        // Busy-poll the rings for a moment before sleeping in poll(2), as
-        // the afpacket backend does.
-        let spin_until = std::time::Instant::now() + SPIN;
-        while std::time::Instant::now() < spin_until {
-            if self.busy {
-                for x in &self.xsks {
+        let (xsks, busy) = (&self.xsks, self.busy);
+        if spin_until_ready(|| {
+            if busy {
+                for x in xsks {
                     x.busy_poll();
                 }
             }
-            if self
-                .xsks
-                .iter()
+            xsks.iter()
                 .any(|x| x.rx.producer().load(Ordering::Acquire) != x.rx.local)
-            {
-                return Ok(self.drain_rx(batch));
-            }
-            std::hint::spin_loop();
+        }) {
+            return Ok(self.drain_rx(batch));
         }
         for x in &mut self.xsks {
             // Completions come back while idle too.
