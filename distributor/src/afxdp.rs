@@ -55,7 +55,6 @@ const SO_PREFER_BUSY_POLL: libc::c_int = 69;
 const SO_BUSY_POLL_BUDGET: libc::c_int = 70;
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_MAP_TYPE_XSKMAP: u32 = 17;
@@ -669,9 +668,9 @@ impl Xsk {
 /// The AF_XDP backend of one worker: a socket per port on the worker's queue.
 #[derive(Debug)]
 pub struct AfXdpBackend {
+    /// One socket per port. Closing one takes it out of its port's map
+    /// (the kernel does), and the queue's frames pass to the kernel again.
     xsks: Vec<Xsk>,
-    /// The per-port maps, to take this worker's entries out on drop.
-    ports: Vec<(OwnedFd, u32)>,
     poll_set: Vec<libc::pollfd>,
     poll_ms: i32,
     next_port: usize,
@@ -700,15 +699,9 @@ impl AfXdpBackend {
             .iter()
             .map(|p| Xsk::open(p, queue, busy_poll_us))
             .collect::<io::Result<Vec<_>>>()?;
-        let maps = ports
-            .ports
-            .iter()
-            .map(|p| p.map.try_clone().map(|m| (m, queue)))
-            .collect::<io::Result<Vec<_>>>()?;
         Ok(AfXdpBackend {
             poll_set: poll_set(xsks.iter().map(|x| x.fd.as_raw_fd())),
             xsks,
-            ports: maps,
             poll_ms: poll_ms.min(1000) as i32,
             next_port: 0,
             oversized: 0,
@@ -775,19 +768,6 @@ impl AfXdpBackend {
         }
         self.next_port = (self.next_port + 1) % n.max(1);
         taken
-    }
-}
-
-impl Drop for AfXdpBackend {
-    fn drop(&mut self) {
-        // The sockets close after this; their map entries go first so the
-        // program passes the queue's frames to the kernel meanwhile.
-        for (map, queue) in &self.ports {
-            let mut attr = [0u64; 16];
-            attr[0] = map.as_raw_fd() as u64;
-            attr[1] = queue as *const u32 as u64;
-            let _ = bpf(BPF_MAP_DELETE_ELEM, &mut attr);
-        }
     }
 }
 

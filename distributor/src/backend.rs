@@ -167,6 +167,16 @@ impl Backend for PcapBackend {
         self.caps.len()
     }
 
+    fn dropped(&mut self) -> u64 {
+        // libpcap's running totals: dropped for want of buffer room, and
+        // by the interface.
+        self.caps
+            .iter_mut()
+            .filter_map(|c| c.stats().ok())
+            .map(|s| u64::from(s.dropped) + u64::from(s.if_dropped))
+            .sum()
+    }
+
     fn recv(&mut self, batch: &mut Batch) -> io::Result<usize> {
         batch.clear();
         // Round-robin over the ports so that a busy one does not starve the others.

@@ -215,6 +215,14 @@ fn profile(p: ProfileName, mean: Option<f64>, sigma: Option<f64>) -> Profile {
     }
 }
 
+/// `id` names one of `tms` TMs, or an error naming the flag.
+fn tm_in_range(id: u32, tms: u32, flag: &str) -> Result<()> {
+    if id >= tms {
+        bail!("--{flag} {id}: TM ids are 0 to {}", tms.saturating_sub(1));
+    }
+    Ok(())
+}
+
 fn scenario(a: &Args) -> Result<Scenario> {
     let (lo, hi) = a
         .snat_range
@@ -235,12 +243,7 @@ fn scenario(a: &Args) -> Result<Scenario> {
         });
     }
     if let Some(id) = a.fail_tm {
-        if id >= a.tms {
-            bail!(
-                "--fail-tm {id}: TM ids are 0 to {}",
-                a.tms.saturating_sub(1)
-            );
-        }
+        tm_in_range(id, a.tms, "fail-tm")?;
         events.push(Timed {
             at: fraction(&a.fail_at, "fail-at")?,
             what: Event::FailTm(id),
@@ -261,12 +264,7 @@ fn scenario(a: &Args) -> Result<Scenario> {
         });
     }
     if let Some(id) = a.drain_tm {
-        if id >= a.tms {
-            bail!(
-                "--drain-tm {id}: TM ids are 0 to {}",
-                a.tms.saturating_sub(1)
-            );
-        }
+        tm_in_range(id, a.tms, "drain-tm")?;
         events.push(Timed {
             at: fraction(&a.drain_at, "drain-at")?,
             what: Event::DrainTm(id),
