@@ -44,6 +44,21 @@ pub struct AdminState {
     pub token: Option<String>,
     /// TM liveness and failover state.
     pub failover: crate::failover::FailoverState,
+    /// The in-kernel steering (afxdp with `workers.xdp_steer`), whose maps
+    /// follow every plan change.
+    pub kernel: Option<Arc<crate::xdp_steer::XdpSteer>>,
+}
+
+impl AdminState {
+    /// Runs `store`, a change of the running plan. With the in-kernel
+    /// steering its maps follow: the kernel steers nothing while the plan
+    /// changes, then steers by the new plan.
+    pub fn change_plan<R>(&self, store: impl FnOnce() -> R) -> R {
+        match &self.kernel {
+            None => store(),
+            Some(k) => k.install(&self.plan, store),
+        }
+    }
 }
 
 /// Serves admin requests until `stop` is set.
@@ -185,7 +200,7 @@ fn put_table(req: &mut Request, state: &AdminState) -> Reply {
         Err(e) => return text(400, format!("table rejected: {e}")),
     };
     let installed = plan.table().clone();
-    match state.plan.swap(plan) {
+    match state.change_plan(|| state.plan.swap(plan)) {
         Ok(old) => {
             state.swaps.fetch_add(1, Ordering::Relaxed);
             state.failover.installed(&installed);
@@ -260,7 +275,7 @@ fn switch(req: &mut Request, state: &AdminState) -> Reply {
     };
     let moved = plan.moved().map(|m| m.len());
     let installed = plan.table().clone();
-    match state.plan.swap(plan) {
+    match state.change_plan(|| state.plan.swap(plan)) {
         Ok(old) => {
             state.swaps.fetch_add(1, Ordering::Relaxed);
             state.failover.installed(&installed);
@@ -309,7 +324,7 @@ fn open(state: &AdminState) -> Reply {
         return text(200, "already open");
     }
     let v = current.table().version();
-    state.plan.replace((*current).clone().opened());
+    state.change_plan(|| state.plan.replace((*current).clone().opened()));
     log::info!("transition: table version {v} open to new flows");
     text(200, format!("table version {v} open to new flows"))
 }
@@ -322,7 +337,7 @@ fn commit(state: &AdminState) -> Reply {
     };
     let prev = current.previous().map_or(0, |p| p.version());
     let v = current.table().version();
-    state.plan.replace((*current).clone().without_previous());
+    state.change_plan(|| state.plan.replace((*current).clone().without_previous()));
     log::info!("transition: committed table version {v} (version {prev} dropped)");
     text(200, format!("committed table version {v}"))
 }
@@ -341,7 +356,7 @@ fn abort(state: &AdminState) -> Reply {
     match config.plan(prev.clone()) {
         Ok(p) => {
             state.failover.installed(prev);
-            state.plan.replace(p);
+            state.change_plan(|| state.plan.replace(p));
             state.swaps.fetch_add(1, Ordering::Relaxed);
             log::warn!(
                 "transition: aborted, back to table version {v} from {}",
@@ -491,6 +506,23 @@ fn metrics(state: &AdminState) -> Result<String, prometheus::Error> {
     r.register(Box::new(version))?;
     r.register(Box::new(swaps))?;
     r.register(Box::new(workers))?;
+    if let Some(k) = &state.kernel {
+        let xdp = IntCounterVec::new(
+            Opts::new(
+                "std_xdp_frames_total",
+                "Frames the in-kernel steering program took from outside ports: steered to a TM by the kernel, or handed to the workers",
+            ),
+            &["path"],
+        )?;
+        match k.stats() {
+            Ok((steered, to_workers)) => {
+                xdp.with_label_values(&["steered"]).inc_by(steered);
+                xdp.with_label_values(&["to_workers"]).inc_by(to_workers);
+            }
+            Err(e) => log::warn!("in-kernel steering statistics unreadable: {e}"),
+        }
+        r.register(Box::new(xdp))?;
+    }
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.gather(), &mut out)?;
     Ok(String::from_utf8_lossy(&out).into_owned())

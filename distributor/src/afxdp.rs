@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use crate::afpacket::{err, ifindex, kick, poll_set, sockopt, spin_until_ready, wait_readable};
 use crate::io::{Backend, Batch};
 use crate::verdict::PortId;
+use crate::xdp_steer::XdpSteer;
 
 /// Bytes per UMEM frame.
 pub const FRAME_SIZE: usize = 2048;
@@ -53,17 +54,18 @@ const MAX_KICKS: usize = 64;
 const SO_BUSY_POLL: libc::c_int = 46;
 const SO_PREFER_BUSY_POLL: libc::c_int = 69;
 const SO_BUSY_POLL_BUDGET: libc::c_int = 70;
-const BPF_MAP_CREATE: libc::c_long = 0;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+pub(crate) const BPF_MAP_CREATE: libc::c_long = 0;
+pub(crate) const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+pub(crate) const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_MAP_TYPE_XSKMAP: u32 = 17;
+pub(crate) const BPF_MAP_TYPE_XSKMAP: u32 = 17;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
 const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
 const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
-const XDP_PASS: i32 = 2;
-const BPF_FUNC_REDIRECT_MAP: i32 = 51;
+pub(crate) const XDP_PASS: i32 = 2;
+pub(crate) const BPF_FUNC_REDIRECT_MAP: i32 = 51;
 
 /// Where the XDP program runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,12 +95,12 @@ impl<'de> serde::Deserialize<'de> for XdpMode {
 
 /// One BPF instruction (`struct bpf_insn`).
 #[repr(C)]
-#[derive(Clone, Copy)]
-struct Insn {
-    code: u8,
-    regs: u8,
-    off: i16,
-    imm: i32,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Insn {
+    pub(crate) code: u8,
+    pub(crate) regs: u8,
+    pub(crate) off: i16,
+    pub(crate) imm: i32,
 }
 
 /// The redirect program for an XSKMAP descriptor.
@@ -124,12 +126,54 @@ fn program(map_fd: i32) -> [Insn; 6] {
     ]
 }
 
+/// Loads an XDP program named `name` (at most 15 bytes and a NUL); the
+/// verifier's log is in the error when it refuses.
+pub(crate) fn load_xdp(insns: &[Insn], name: &[u8]) -> io::Result<OwnedFd> {
+    let license = b"Dual BSD/GPL\0";
+    let load = |log: &mut [u8]| {
+        let mut attr = [0u64; 16];
+        attr[0] = u64::from(BPF_PROG_TYPE_XDP) | ((insns.len() as u64) << 32);
+        attr[1] = insns.as_ptr() as u64;
+        attr[2] = license.as_ptr() as u64;
+        if !log.is_empty() {
+            attr[3] = 1 | ((log.len() as u64) << 32);
+            attr[4] = log.as_mut_ptr() as u64;
+        }
+        // prog_name (offset 48, 16 bytes): what `ip link` and bpftool show.
+        let mut n = [0u8; 16];
+        let len = name.len().min(15);
+        n[..len].copy_from_slice(&name[..len]);
+        attr[6] = u64::from_le_bytes([n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7]]);
+        attr[7] = u64::from_le_bytes([n[8], n[9], n[10], n[11], n[12], n[13], n[14], n[15]]);
+        // prog_ifindex (offset 64) stays 0; expected_attach_type at 68.
+        attr[8] = u64::from(BPF_XDP) << 32;
+        bpf(BPF_PROG_LOAD, &mut attr)
+    };
+    match load(&mut []) {
+        Ok(fd) => Ok(owned(fd)),
+        Err(e) => {
+            let mut log = vec![0u8; 64 * 1024];
+            let _ = load(&mut log);
+            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+            let text = String::from_utf8_lossy(&log[..end]);
+            // The verifier's last lines say why.
+            let tail: Vec<&str> = text.trim().lines().rev().take(6).collect();
+            let why: Vec<&str> = tail.into_iter().rev().collect();
+            Err(io::Error::new(
+                e.kind(),
+                format!("{e} ({})", why.join(" / ")),
+            ))
+        }
+    }
+}
+
 /// `bpf(2)` with an attribute block of 128 bytes (zero beyond what is set).
-fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i32> {
+pub(crate) fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i32> {
     // SAFETY: `attr` is a live, 8-byte aligned block of the size passed; the
-    // kernel reads it, and writes into it only for commands that return data
-    // (none of ours), and reads the buffers its pointers name, which the
-    // callers keep alive for the call.
+    // kernel reads it, writes into it only for commands that return data
+    // (a test run's return value and output size), and reads or writes the
+    // buffers its pointers name, which the callers keep alive, at the sizes
+    // they give, for the call.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -145,7 +189,7 @@ fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i32> {
     }
 }
 
-fn owned(fd: i32) -> OwnedFd {
+pub(crate) fn owned(fd: i32) -> OwnedFd {
     // SAFETY: `fd` was just returned by the kernel and is owned by no one else.
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
@@ -173,10 +217,23 @@ pub struct XdpPorts {
 impl XdpPorts {
     /// Loads and attaches the redirect program on each interface, for
     /// `queues` queues (one per worker).
-    pub fn attach(interfaces: &[&str], queues: u32, mode: XdpMode) -> io::Result<Self> {
+    ///
+    /// With `steer`, the ports it names as outside ports run the in-kernel
+    /// steering program instead (`crate::xdp_steer`): it sends the common
+    /// case to its TM itself and everything else to the sockets.
+    pub fn attach(
+        interfaces: &[&str],
+        queues: u32,
+        mode: XdpMode,
+        steer: Option<&XdpSteer>,
+    ) -> io::Result<Self> {
         let ports = interfaces
             .iter()
-            .map(|name| XdpPort::attach(name, queues.max(1), mode))
+            .enumerate()
+            .map(|(i, name)| {
+                let s = steer.filter(|s| s.steers_port(i));
+                XdpPort::attach(name, queues.max(1), mode, s)
+            })
             .collect::<io::Result<Vec<_>>>()?;
         Ok(XdpPorts {
             ports,
@@ -194,44 +251,23 @@ impl XdpPorts {
 }
 
 impl XdpPort {
-    fn attach(name: &str, queues: u32, mode: XdpMode) -> io::Result<XdpPort> {
+    fn attach(
+        name: &str,
+        queues: u32,
+        mode: XdpMode,
+        steer: Option<&XdpSteer>,
+    ) -> io::Result<XdpPort> {
         let ifindex = ifindex(name)?;
         let mut attr = [0u64; 16];
         // map_type, key_size | value_size, max_entries
         attr[0] = u64::from(BPF_MAP_TYPE_XSKMAP) | (4 << 32);
         attr[1] = 4 | (u64::from(queues) << 32);
         let map = owned(bpf(BPF_MAP_CREATE, &mut attr).map_err(|e| err("XSKMAP", name, e))?);
-        let insns = program(map.as_raw_fd());
-        let license = b"Dual BSD/GPL\0";
-        let load = |log: &mut [u8]| {
-            let mut attr = [0u64; 16];
-            attr[0] = u64::from(BPF_PROG_TYPE_XDP) | ((insns.len() as u64) << 32);
-            attr[1] = insns.as_ptr() as u64;
-            attr[2] = license.as_ptr() as u64;
-            if !log.is_empty() {
-                attr[3] = 1 | ((log.len() as u64) << 32);
-                attr[4] = log.as_mut_ptr() as u64;
-            }
-            // prog_name (offset 48, 16 bytes): what `ip link` and bpftool show.
-            attr[6] = u64::from_le_bytes(*b"std_xsk\0");
-            // prog_ifindex (offset 64) stays 0; expected_attach_type at 68.
-            attr[8] = u64::from(BPF_XDP) << 32;
-            bpf(BPF_PROG_LOAD, &mut attr)
-        };
-        let prog = match load(&mut []) {
-            Ok(fd) => owned(fd),
-            Err(e) => {
-                let mut log = vec![0u8; 16 * 1024];
-                let _ = load(&mut log);
-                let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-                let text = String::from_utf8_lossy(&log[..end]);
-                return Err(err(
-                    &format!("loading the XDP program ({})", text.trim()),
-                    name,
-                    e,
-                ));
-            }
-        };
+        let prog = match steer {
+            Some(s) => load_xdp(&s.program(map.as_raw_fd()), b"std_steer\0"),
+            None => load_xdp(&program(map.as_raw_fd()), b"std_xsk\0"),
+        }
+        .map_err(|e| err("loading the XDP program", name, e))?;
         let link = |flags: u32| {
             let mut attr = [0u64; 16];
             attr[0] = prog.as_raw_fd() as u64 | (u64::from(ifindex) << 32);
@@ -918,7 +954,8 @@ mod test {
 
     #[test]
     fn a_missing_interface_is_a_clear_error() {
-        let e = XdpPorts::attach(&["stdx-no-such0"], 1, XdpMode::Auto).expect_err("no interface");
+        let e =
+            XdpPorts::attach(&["stdx-no-such0"], 1, XdpMode::Auto, None).expect_err("no interface");
         assert!(e.to_string().contains("stdx-no-such0"), "{e}");
         assert!(e.to_string().contains("no such interface"), "{e}");
     }

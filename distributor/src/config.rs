@@ -161,6 +161,16 @@ pub struct WorkersConfig {
     /// runs its queues' driver polls itself (`SO_PREFER_BUSY_POLL`).
     #[serde(default)]
     pub busy_poll_us: u32,
+    /// afxdp: steer the common case in the kernel (`xdp_steer`): IPv4
+    /// TCP/UDP to the group MAC from an outside port, straight to its TM's
+    /// port. Every TM port must then take XDP redirects (a NIC driver with
+    /// `ndo_xdp_xmit`; a veth whose peer has an XDP program or GRO on).
+    #[serde(default = "default_true")]
+    pub xdp_steer: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_xdp_mode() -> crate::afxdp::XdpMode {
@@ -183,6 +193,7 @@ impl Default for WorkersConfig {
             poll_ms: DEFAULT_POLL_MS,
             xdp_mode: default_xdp_mode(),
             busy_poll_us: 0,
+            xdp_steer: true,
         }
     }
 }

@@ -200,7 +200,7 @@ pub fn fail_over(state: &AdminState, id: u32) {
     match config.plan(table) {
         Ok(plan) => {
             let had_transition = state.plan.load().previous().is_some();
-            state.plan.replace(plan);
+            state.change_plan(|| state.plan.replace(plan));
             state.swaps.fetch_add(1, Ordering::Relaxed);
             fo.failovers.fetch_add(1, Ordering::Relaxed);
             log::warn!(

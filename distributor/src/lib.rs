@@ -12,6 +12,8 @@
 //!   through the real steering, one capture per TM and a summary out;
 //! * [`io`] and [`backend`] — batches, the backend trait and its memory,
 //!   pcap-file and live pcap backends, the worker loop;
+//! * [`afpacket`], [`afxdp`] and [`xdp_steer`] — the Linux fast backends,
+//!   and the in-kernel steering of the common case under afxdp;
 //! * [`config`] and [`admin`] — the `stdd` configuration and its admin endpoint.
 #![deny(missing_docs)]
 #![deny(clippy::print_stdout, clippy::print_stderr)]
@@ -36,6 +38,7 @@ pub mod transit;
 pub mod verdict;
 pub mod wire;
 pub mod worker;
+pub mod xdp_steer;
 
 pub use steer::{decide, FlowKey, FragKey, Moved, Plan, PlanError, PortKind, Verdict};
 pub use verdict::{Action, Branch, Counters, Drop, PortId};

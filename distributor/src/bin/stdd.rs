@@ -285,7 +285,29 @@ mod daemon {
         let server = tiny_http::Server::http(cfg.admin.listen)
             .map_err(|e| anyhow!("admin.listen {}: {e}", cfg.admin.listen))?;
         log::info!("admin endpoint on http://{}", cfg.admin.listen);
+        // The in-kernel steering of the common case (afxdp): its maps exist
+        // before the admin endpoint can change the plan.
+        let kernel = match cfg.backend {
+            BackendKind::Afxdp if cfg.workers.xdp_steer => {
+                let interfaces: Vec<Option<&str>> =
+                    cfg.ports.iter().map(|p| p.interface.as_deref()).collect();
+                let k = distributor::xdp_steer::XdpSteer::new(
+                    plan.load().ports(),
+                    &interfaces,
+                    nworkers as u32,
+                )
+                .context("creating the in-kernel steering maps (workers.xdp_steer)")?;
+                match k.sync(&plan.load()) {
+                    Ok(true) => log::info!("in-kernel steering on for the outside ports"),
+                    Ok(false) => log::info!("in-kernel steering off for this table (several groups): the workers steer every frame"),
+                    Err(e) => return Err(anyhow!("writing the in-kernel steering maps: {e}")),
+                }
+                Some(Arc::new(k))
+            }
+            _ => None,
+        };
         let state = Arc::new(AdminState {
+            kernel: kernel.clone(),
             config: Mutex::new(cfg.clone()),
             plan: Arc::clone(&plan),
             workers: shared.clone(),
@@ -332,6 +354,7 @@ mod daemon {
                     &names,
                     nworkers as u32,
                     cfg.workers.xdp_mode,
+                    kernel.as_deref(),
                 )
                 .context("attaching XDP programs (afxdp)")?;
                 for (name, native) in ports.native() {
@@ -438,7 +461,7 @@ mod daemon {
                         }
                         let v = new_plan.table().version();
                         state.failover.installed(new_plan.table());
-                        plan.replace(new_plan);
+                        state.change_plan(|| plan.replace(new_plan));
                         state.swaps.fetch_add(1, Ordering::Relaxed);
                         if let Ok(mut c) = state.config.lock() {
                             *c = new_cfg;

@@ -1,0 +1,655 @@
+//! In-kernel steering for the afxdp backend: an XDP program on the outside ports that steers the common case to its TM itself, from maps projected from the running plan, and hands every other frame to the XDP sockets.
+//!
+//! The steering rule stays one function ([`crate::steer::decide`]); this is
+//! a second implementation of its most common branch only, held equal to it
+//! by a test that runs the loaded program on the kernel's own
+//! `BPF_PROG_TEST_RUN` against `decide` frame by frame
+//! (`distributor/tests/xdp_steer.rs`). The program steers a frame only when
+//! all of these hold, and otherwise redirects it to the queue's XDP socket,
+//! where the worker decides as it does for every frame:
+//!
+//! * the steering is enabled (the plan has one group, hashing endpoints);
+//! * the destination MAC is the group MAC, the EtherType IPv4 (no VLAN tag);
+//! * IPv4 without options (IHL 5), total length within the frame and at
+//!   least 24, not a fragment, protocol TCP or UDP;
+//! * source and destination ports differ (equal ports: the group's
+//!   predetermined TM, left to the worker);
+//! * the bucket of the greater-port endpoint — SipHash-1-3 over
+//!   `addr ‖ port`, the low 12 bits (DESIGN §2) — is steerable: its TM has a
+//!   port, and no transition has moved it;
+//! * the queue's MAC-learning sample is not due: once a second per queue a
+//!   steerable frame still goes to the worker, which learns its source MAC
+//!   (the bridge's table would otherwise age the router out).
+//!
+//! Steering rewrites the destination MAC to the TM's and redirects the frame
+//! out of the TM's port (`bpf_redirect`), counted in a per-CPU counter.
+//!
+//! The maps are written by the control path only ([`XdpSteer::install`]):
+//! before a plan change the steering is disabled (every frame to the
+//! workers, which are always right), the plan is stored, then the buckets
+//! are rewritten from the new plan and the steering enabled again. A frame
+//! is thus steered by the kernel only with maps that agree with the running
+//! plan, and a transition's moved buckets are never steered in the kernel.
+//!
+//! No `unsafe` here: the `bpf(2)` calls go through `crate::afxdp`.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Mutex;
+
+use allocation::{SharedTable, TABLE_SIZE};
+
+use crate::afxdp::{
+    bpf, owned, Insn, BPF_FUNC_REDIRECT_MAP, BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM,
+    BPF_MAP_UPDATE_ELEM, XDP_PASS,
+};
+use crate::steer::{Plan, PortKind};
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
+const BPF_FUNC_REDIRECT: i32 = 23;
+const BPF_FUNC_KTIME_GET_COARSE_NS: i32 = 160;
+const BPF_PSEUDO_MAP_FD: u8 = 1;
+
+/// Bytes of the configuration entry: group MAC (6), enabled (u16), 8
+/// reserved, SipHash's initial v0..v3 (4 × u64, little-endian).
+pub const CFG_SIZE: usize = 48;
+/// Bytes of a bucket entry: TM MAC (6), steerable (u16), egress ifindex
+/// (u32), 4 reserved.
+pub const BUCKET_SIZE: usize = 16;
+/// How often each queue sends one steerable frame to its worker anyway,
+/// for MAC learning.
+pub const LEARN_EVERY_NS: i32 = 1_000_000_000;
+
+/// Counter slots of the per-CPU statistics map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stat {
+    /// Frames steered to a TM by the kernel.
+    Steered = 0,
+    /// Frames handed to the XDP sockets (the workers decide).
+    ToWorkers = 1,
+}
+
+/// The maps the program reads, projected from the plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Projection {
+    /// The configuration entry.
+    pub cfg: [u8; CFG_SIZE],
+    /// One entry per bucket.
+    pub buckets: Vec<[u8; BUCKET_SIZE]>,
+}
+
+/// The maps for `plan`, given each port's interface index; `None` when the
+/// kernel must steer nothing (the table has several groups, or a
+/// source-address group, or a transition between tables that cannot be
+/// compared bucket by bucket).
+pub fn project(plan: &Plan, ifindex: &[Option<u32>]) -> Option<Projection> {
+    let (key, buckets, moved) = plan.single_endpoint_group()?;
+    let mut cfg = [0u8; CFG_SIZE];
+    cfg[..6].copy_from_slice(&plan.group_mac().0);
+    cfg[6..8].copy_from_slice(&1u16.to_le_bytes());
+    let k = key.to_bytes();
+    let k0 = u64::from_le_bytes([k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]]);
+    let k1 = u64::from_le_bytes([k[8], k[9], k[10], k[11], k[12], k[13], k[14], k[15]]);
+    let v = [
+        k0 ^ 0x736f_6d65_7073_6575,
+        k1 ^ 0x646f_7261_6e64_6f6d,
+        k0 ^ 0x6c79_6765_6e65_7261,
+        k1 ^ 0x7465_6462_7974_6573,
+    ];
+    for (i, x) in v.iter().enumerate() {
+        cfg[16 + 8 * i..24 + 8 * i].copy_from_slice(&x.to_le_bytes());
+    }
+    let entries = (0..TABLE_SIZE)
+        .map(|b| {
+            let mut e = [0u8; BUCKET_SIZE];
+            if moved.is_some_and(|m| m.contains(b)) {
+                return e;
+            }
+            let Some((port, mac)) = plan.tm_route(buckets.get(b)) else {
+                return e;
+            };
+            let Some(Some(ifindex)) = ifindex.get(usize::from(port)) else {
+                return e;
+            };
+            e[..6].copy_from_slice(&mac.0);
+            e[6..8].copy_from_slice(&1u16.to_le_bytes());
+            e[8..12].copy_from_slice(&ifindex.to_le_bytes());
+            e
+        })
+        .collect();
+    Some(Projection {
+        cfg,
+        buckets: entries,
+    })
+}
+
+/// The steering maps of one process, shared by every outside port's program.
+#[derive(Debug)]
+pub struct XdpSteer {
+    cfg: OwnedFd,
+    buckets: OwnedFd,
+    learn: OwnedFd,
+    stats: OwnedFd,
+    /// Which ports run the steering program (the outside ports).
+    outside: Vec<bool>,
+    /// Each port's interface index.
+    ifindex: Vec<Option<u32>>,
+    /// Serialises plan changes against map writes.
+    lock: Mutex<()>,
+}
+
+fn map_create(kind: u32, key: u32, value: u32, entries: u32, name: &[u8]) -> io::Result<OwnedFd> {
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(kind) | (u64::from(key) << 32);
+    attr[1] = u64::from(value) | (u64::from(entries) << 32);
+    // map_name: 16 bytes at offset 28 (after map_flags, inner_map_fd, numa_node).
+    let mut bytes = [0u8; 128];
+    for (i, w) in attr.iter().enumerate() {
+        bytes[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    let len = name.len().min(15);
+    bytes[28..28 + len].copy_from_slice(&name[..len]);
+    for (i, w) in attr.iter_mut().enumerate() {
+        let mut x = [0u8; 8];
+        x.copy_from_slice(&bytes[8 * i..8 * i + 8]);
+        *w = u64::from_le_bytes(x);
+    }
+    bpf(BPF_MAP_CREATE, &mut attr).map(owned)
+}
+
+fn map_update(map: &OwnedFd, key: u32, value: &[u8]) -> io::Result<()> {
+    let mut attr = [0u64; 16];
+    attr[0] = map.as_raw_fd() as u64;
+    attr[1] = &key as *const u32 as u64;
+    attr[2] = value.as_ptr() as u64;
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+}
+
+fn map_lookup(map: &OwnedFd, key: u32, value: &mut [u8]) -> io::Result<()> {
+    let mut attr = [0u64; 16];
+    attr[0] = map.as_raw_fd() as u64;
+    attr[1] = &key as *const u32 as u64;
+    attr[2] = value.as_mut_ptr() as u64;
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map(|_| ())
+}
+
+/// CPUs the kernel may run (the size of a per-CPU map's values).
+fn possible_cpus() -> io::Result<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    let mut n = 0;
+    for part in text.trim().split(',') {
+        let bad = || io::Error::new(io::ErrorKind::InvalidData, "cpu/possible unreadable");
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+        n = n.max(b + 1).max(a + 1);
+    }
+    Ok(n)
+}
+
+impl XdpSteer {
+    /// Creates the maps (steering disabled) for ports of `kinds` on
+    /// `interfaces` (port by port), for `queues` queues.
+    pub fn new(kinds: &[PortKind], interfaces: &[Option<&str>], queues: u32) -> io::Result<Self> {
+        let e = |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+        let ifindex = interfaces
+            .iter()
+            .map(|i| i.map(crate::afpacket::ifindex).transpose())
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(XdpSteer {
+            cfg: map_create(BPF_MAP_TYPE_ARRAY, 4, CFG_SIZE as u32, 1, b"std_cfg")
+                .map_err(|x| e("creating the steering configuration map", x))?,
+            buckets: map_create(
+                BPF_MAP_TYPE_ARRAY,
+                4,
+                BUCKET_SIZE as u32,
+                TABLE_SIZE as u32,
+                b"std_buckets",
+            )
+            .map_err(|x| e("creating the bucket map", x))?,
+            learn: map_create(BPF_MAP_TYPE_ARRAY, 4, 8, queues.max(1), b"std_learn")
+                .map_err(|x| e("creating the learning map", x))?,
+            stats: map_create(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 2, b"std_xdp_stats")
+                .map_err(|x| e("creating the statistics map", x))?,
+            outside: kinds.iter().map(|&k| k == PortKind::Outside).collect(),
+            ifindex,
+            lock: Mutex::new(()),
+        })
+    }
+
+    /// True if port `i` runs the steering program.
+    pub fn steers_port(&self, i: usize) -> bool {
+        self.outside.get(i).copied().unwrap_or(false)
+    }
+
+    /// Writes the maps for `plan`: disabled first, buckets, then the
+    /// configuration (enabled, if the plan can be steered in the kernel).
+    pub fn sync(&self, plan: &Plan) -> io::Result<bool> {
+        map_update(&self.cfg, 0, &[0u8; CFG_SIZE])?;
+        let Some(p) = project(plan, &self.ifindex) else {
+            return Ok(false);
+        };
+        for (b, e) in p.buckets.iter().enumerate() {
+            map_update(&self.buckets, b as u32, e)?;
+        }
+        map_update(&self.cfg, 0, &p.cfg)?;
+        Ok(true)
+    }
+
+    /// Runs `store` — a change of the running plan — with the steering
+    /// disabled, then writes the maps for the plan now running. A failed
+    /// map write leaves the steering disabled (every frame to the workers)
+    /// and is logged.
+    pub fn install<R>(&self, plan: &SharedTable<Plan>, store: impl FnOnce() -> R) -> R {
+        let _serial = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = map_update(&self.cfg, 0, &[0u8; CFG_SIZE]) {
+            log::error!("in-kernel steering: disabling it failed: {e}");
+        }
+        let r = store();
+        match self.sync(&plan.snapshot()) {
+            Ok(true) => {}
+            Ok(false) => log::info!(
+                "in-kernel steering off for this table (several groups, or a transition between incomparable tables): the workers steer every frame"
+            ),
+            Err(e) => {
+                let _ = map_update(&self.cfg, 0, &[0u8; CFG_SIZE]);
+                log::error!("in-kernel steering: writing its maps failed, the workers steer every frame: {e}");
+            }
+        }
+        r
+    }
+
+    /// The statistics, summed over CPUs: (steered, to workers).
+    pub fn stats(&self) -> io::Result<(u64, u64)> {
+        let cpus = possible_cpus()?;
+        let mut out = [0u64; 2];
+        for (slot, total) in out.iter_mut().enumerate() {
+            let mut v = vec![0u8; 8 * cpus];
+            map_lookup(&self.stats, slot as u32, &mut v)?;
+            *total = v
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .sum();
+        }
+        Ok((out[0], out[1]))
+    }
+
+    /// Sets queue `queue`'s next MAC-learning sample time (tests: `u64::MAX`
+    /// never samples).
+    pub fn set_learn_due(&self, queue: u32, ns: u64) -> io::Result<()> {
+        map_update(&self.learn, queue, &ns.to_le_bytes())
+    }
+
+    /// The steering program for a port whose XDP sockets are in `xsks`.
+    pub(crate) fn program(&self, xsks: i32) -> Vec<Insn> {
+        program(
+            self.cfg.as_raw_fd(),
+            self.buckets.as_raw_fd(),
+            self.learn.as_raw_fd(),
+            self.stats.as_raw_fd(),
+            xsks,
+        )
+    }
+}
+
+/// The steering program loaded but attached nowhere: the kernel runs it on
+/// a given frame (`BPF_PROG_TEST_RUN`), redirects reported, not carried
+/// out. For the tests that hold it equal to [`crate::steer::decide`].
+#[derive(Debug)]
+pub struct TestProgram {
+    prog: OwnedFd,
+    _xsks: OwnedFd,
+}
+
+/// What the program did with a frame in a test run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TestVerdict {
+    /// Steered by the kernel: the frame as it leaves.
+    Steered(Vec<u8>),
+    /// Handed to the workers (`XDP_PASS` here: the queue has no socket).
+    ToWorkers,
+    /// Any other XDP action (a defect).
+    Other(u32),
+}
+
+impl TestProgram {
+    /// Runs the program on `frame` (at least 14 bytes: the kernel refuses
+    /// shorter ones).
+    pub fn run(&self, frame: &[u8]) -> io::Result<TestVerdict> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut attr = [0u64; 16];
+        // prog_fd, retval | data_size_in, data_size_out
+        attr[0] = self.prog.as_raw_fd() as u64;
+        attr[1] = (frame.len() as u64) | ((out.len() as u64) << 32);
+        attr[2] = frame.as_ptr() as u64;
+        attr[3] = out.as_mut_ptr() as u64;
+        attr[4] = 1; // repeat
+        bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+        let retval = (attr[0] >> 32) as u32;
+        let out_len = ((attr[1] >> 32) as usize).min(out.len());
+        out.truncate(out_len);
+        Ok(match retval {
+            4 => TestVerdict::Steered(out),
+            2 => TestVerdict::ToWorkers,
+            r => TestVerdict::Other(r),
+        })
+    }
+}
+
+impl XdpSteer {
+    /// Loads the program for a test run (an empty socket map: frames for
+    /// the workers come back as `XDP_PASS`).
+    pub fn test_program(&self) -> io::Result<TestProgram> {
+        let mut attr = [0u64; 16];
+        attr[0] = u64::from(crate::afxdp::BPF_MAP_TYPE_XSKMAP) | (4 << 32);
+        attr[1] = 4 | (1 << 32);
+        let xsks = owned(bpf(BPF_MAP_CREATE, &mut attr)?);
+        let prog = crate::afxdp::load_xdp(&self.program(xsks.as_raw_fd()), b"std_steer_test")?;
+        Ok(TestProgram { prog, _xsks: xsks })
+    }
+}
+
+// ---- a small BPF assembler -------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Label {
+    ToWorkers,
+    SrcSide,
+    Hash,
+    Steer,
+}
+
+struct Asm {
+    insns: Vec<Insn>,
+    fixups: Vec<(usize, Label)>,
+    labels: Vec<(Label, usize)>,
+}
+
+// Registers.
+const R0: u8 = 0;
+const R1: u8 = 1;
+const R2: u8 = 2;
+const R3: u8 = 3;
+const R4: u8 = 4;
+const R5: u8 = 5;
+const R6: u8 = 6;
+const R7: u8 = 7;
+const R8: u8 = 8;
+const R9: u8 = 9;
+const FP: u8 = 10;
+
+// Opcodes (class | size/op | source).
+const LDXW: u8 = 0x61;
+const LDXH: u8 = 0x69;
+const LDXB: u8 = 0x71;
+const LDXDW: u8 = 0x79;
+const STXW: u8 = 0x63;
+const STXH: u8 = 0x6b;
+const STXDW: u8 = 0x7b;
+const STW: u8 = 0x62;
+const ADD_K: u8 = 0x07;
+const ADD_X: u8 = 0x0f;
+const OR_X: u8 = 0x4f;
+const AND_K: u8 = 0x57;
+const LSH_K: u8 = 0x67;
+const RSH_K: u8 = 0x77;
+const XOR_K: u8 = 0xa7;
+const XOR_X: u8 = 0xaf;
+const MOV_K: u8 = 0xb7;
+const MOV_X: u8 = 0xbf;
+const TO_BE: u8 = 0xdc;
+const JA: u8 = 0x05;
+const JEQ_K: u8 = 0x15;
+const JEQ_X: u8 = 0x1d;
+const JGT_X: u8 = 0x2d;
+const JNE_K: u8 = 0x55;
+const JNE_X: u8 = 0x5d;
+const JLT_K: u8 = 0xa5;
+const JLT_X: u8 = 0xad;
+const CALL: u8 = 0x85;
+const EXIT: u8 = 0x95;
+const LD_IMM64: u8 = 0x18;
+
+impl Asm {
+    fn new() -> Self {
+        Asm {
+            insns: Vec::with_capacity(256),
+            fixups: Vec::new(),
+            labels: Vec::new(),
+        }
+    }
+
+    fn op(&mut self, code: u8, dst: u8, src: u8, off: i16, imm: i32) {
+        self.insns.push(Insn {
+            code,
+            regs: dst | (src << 4),
+            off,
+            imm,
+        });
+    }
+
+    fn jump(&mut self, code: u8, dst: u8, src: u8, imm: i32, to: Label) {
+        self.fixups.push((self.insns.len(), to));
+        self.op(code, dst, src, 0, imm);
+    }
+
+    fn label(&mut self, l: Label) {
+        self.labels.push((l, self.insns.len()));
+    }
+
+    fn map(&mut self, dst: u8, fd: i32) {
+        self.op(LD_IMM64, dst, BPF_PSEUDO_MAP_FD, 0, fd);
+        self.op(0, 0, 0, 0, 0);
+    }
+
+    /// `dst = rotl(dst, n)` with `R0` as scratch.
+    fn rotl(&mut self, dst: u8, n: i32) {
+        self.op(MOV_X, R0, dst, 0, 0);
+        self.op(RSH_K, R0, 0, 0, 64 - n);
+        self.op(LSH_K, dst, 0, 0, n);
+        self.op(OR_X, dst, R0, 0, 0);
+    }
+
+    /// One SipRound on v0..v3 = R2..R5 (as `allocation::hash`).
+    fn sipround(&mut self) {
+        let (v0, v1, v2, v3) = (R2, R3, R4, R5);
+        self.op(ADD_X, v0, v1, 0, 0);
+        self.rotl(v1, 13);
+        self.op(XOR_X, v1, v0, 0, 0);
+        self.rotl(v0, 32);
+        self.op(ADD_X, v2, v3, 0, 0);
+        self.rotl(v3, 16);
+        self.op(XOR_X, v3, v2, 0, 0);
+        self.op(ADD_X, v0, v3, 0, 0);
+        self.rotl(v3, 21);
+        self.op(XOR_X, v3, v0, 0, 0);
+        self.op(ADD_X, v2, v1, 0, 0);
+        self.rotl(v1, 17);
+        self.op(XOR_X, v1, v2, 0, 0);
+        self.rotl(v2, 32);
+    }
+
+    /// `map_lookup_elem(map, &fp[-4] = key)` → R0; clobbers R1..R5.
+    fn lookup_stack_key(&mut self, map: i32) {
+        self.map(R1, map);
+        self.op(MOV_X, R2, FP, 0, 0);
+        self.op(ADD_K, R2, 0, 0, -4);
+        self.op(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM);
+    }
+
+    /// Adds one to per-CPU counter `slot`; clobbers R0..R5.
+    fn count(&mut self, stats: i32, slot: Stat) {
+        self.op(STW, FP, 0, -4, slot as i32);
+        self.lookup_stack_key(stats);
+        self.op(JEQ_K, R0, 0, 3, 0); // no counter: skip
+        self.op(LDXDW, R1, R0, 0, 0);
+        self.op(ADD_K, R1, 0, 0, 1);
+        self.op(STXDW, R0, R1, 0, 0);
+    }
+
+    fn finish(mut self) -> Vec<Insn> {
+        for &(at, to) in &self.fixups {
+            let target = self.labels.iter().find(|(l, _)| *l == to).map(|&(_, i)| i);
+            debug_assert!(target.is_some(), "label {to:?} never placed");
+            let target = target.unwrap_or(at + 1);
+            self.insns[at].off = (target as i64 - at as i64 - 1) as i16;
+        }
+        self.insns
+    }
+}
+
+/// The steering program. Registers: R6 the context, R7 the frame's start,
+/// R8 its end (later the bucket entry), R9 the configuration entry (later
+/// the learning slot).
+fn program(cfg: i32, buckets: i32, learn: i32, stats: i32, xsks: i32) -> Vec<Insn> {
+    use Label::*;
+    let mut a = Asm::new();
+    a.op(MOV_X, R6, R1, 0, 0);
+    a.op(LDXW, R7, R6, 0, 0); // ctx->data
+    a.op(LDXW, R8, R6, 4, 0); // ctx->data_end
+                              // Ethernet (14) + IPv4 without options (20) + the two ports (4).
+    a.op(MOV_X, R1, R7, 0, 0);
+    a.op(ADD_K, R1, 0, 0, 38);
+    a.jump(JGT_X, R1, R8, 0, ToWorkers);
+    // The configuration: enabled?
+    a.op(STW, FP, 0, -4, 0);
+    a.lookup_stack_key(cfg);
+    a.jump(JEQ_K, R0, 0, 0, ToWorkers);
+    a.op(MOV_X, R9, R0, 0, 0);
+    a.op(LDXH, R1, R9, 6, 0);
+    a.jump(JEQ_K, R1, 0, 0, ToWorkers);
+    // Destination MAC == group MAC.
+    a.op(LDXW, R1, R7, 0, 0);
+    a.op(LDXW, R2, R9, 0, 0);
+    a.jump(JNE_X, R1, R2, 0, ToWorkers);
+    a.op(LDXH, R1, R7, 4, 0);
+    a.op(LDXH, R2, R9, 4, 0);
+    a.jump(JNE_X, R1, R2, 0, ToWorkers);
+    // EtherType IPv4 (bytes 08 00, read little-endian).
+    a.op(LDXH, R1, R7, 12, 0);
+    a.jump(JNE_K, R1, 0, 0x0008, ToWorkers);
+    // Version 4, IHL 5.
+    a.op(LDXB, R1, R7, 14, 0);
+    a.jump(JNE_K, R1, 0, 0x45, ToWorkers);
+    // 24 <= total length, and 14 + total length within the frame.
+    a.op(LDXH, R1, R7, 16, 0);
+    a.op(TO_BE, R1, 0, 0, 16);
+    a.op(AND_K, R1, 0, 0, 0xffff);
+    a.jump(JLT_K, R1, 0, 24, ToWorkers);
+    a.op(MOV_X, R2, R7, 0, 0);
+    a.op(ADD_K, R2, 0, 0, 14);
+    a.op(ADD_X, R2, R1, 0, 0);
+    a.jump(JGT_X, R2, R8, 0, ToWorkers);
+    // Not a fragment: flags/offset & 0x3fff == 0 (bytes 20, 21 read little-endian).
+    a.op(LDXH, R1, R7, 20, 0);
+    a.op(AND_K, R1, 0, 0, 0xff3f);
+    a.jump(JNE_K, R1, 0, 0, ToWorkers);
+    // TCP or UDP.
+    a.op(LDXB, R1, R7, 23, 0);
+    a.op(JEQ_K, R1, 0, 1, 6);
+    a.jump(JNE_K, R1, 0, 17, ToWorkers);
+    // The ports: R2, R3 as they sit in the frame (the hash's byte order),
+    // R4, R5 as numbers.
+    a.op(LDXH, R2, R7, 34, 0);
+    a.op(LDXH, R3, R7, 36, 0);
+    a.op(MOV_X, R4, R2, 0, 0);
+    a.op(TO_BE, R4, 0, 0, 16);
+    a.op(MOV_X, R5, R3, 0, 0);
+    a.op(TO_BE, R5, 0, 0, 16);
+    a.jump(JEQ_X, R4, R5, 0, ToWorkers);
+    a.jump(JGT_X, R4, R5, 0, SrcSide);
+    // Destination port greater: the destination endpoint.
+    a.op(LDXW, R1, R7, 30, 0);
+    a.op(MOV_X, R2, R3, 0, 0);
+    a.jump(JA, 0, 0, 0, Hash);
+    a.label(SrcSide);
+    a.op(LDXW, R1, R7, 26, 0);
+    a.label(Hash);
+    // m = addr | port << 32 | 6 << 56: the one SipHash block of the
+    // 6-byte message.
+    a.op(LSH_K, R2, 0, 0, 32);
+    a.op(OR_X, R1, R2, 0, 0);
+    a.op(MOV_K, R2, 0, 0, 6);
+    a.op(LSH_K, R2, 0, 0, 56);
+    a.op(OR_X, R1, R2, 0, 0);
+    a.op(LDXDW, R2, R9, 16, 0);
+    a.op(LDXDW, R3, R9, 24, 0);
+    a.op(LDXDW, R4, R9, 32, 0);
+    a.op(LDXDW, R5, R9, 40, 0);
+    // compress: v3 ^= m; round; v0 ^= m
+    a.op(XOR_X, R5, R1, 0, 0);
+    a.sipround();
+    a.op(XOR_X, R2, R1, 0, 0);
+    // finish: v2 ^= 0xff; 3 rounds; v0 ^ v1 ^ v2 ^ v3
+    a.op(XOR_K, R4, 0, 0, 0xff);
+    a.sipround();
+    a.sipround();
+    a.sipround();
+    a.op(XOR_X, R2, R3, 0, 0);
+    a.op(XOR_X, R2, R4, 0, 0);
+    a.op(XOR_X, R2, R5, 0, 0);
+    a.op(AND_K, R2, 0, 0, (TABLE_SIZE - 1) as i32);
+    a.op(STXW, FP, R2, -4, 0);
+    a.lookup_stack_key(buckets);
+    a.jump(JEQ_K, R0, 0, 0, ToWorkers);
+    a.op(MOV_X, R8, R0, 0, 0);
+    a.op(LDXH, R1, R8, 6, 0);
+    a.jump(JEQ_K, R1, 0, 0, ToWorkers);
+    // The queue's learning sample: due → to the worker, next in a second.
+    a.op(LDXW, R1, R6, 16, 0); // ctx->rx_queue_index
+    a.op(STXW, FP, R1, -4, 0);
+    a.lookup_stack_key(learn);
+    a.jump(JEQ_K, R0, 0, 0, Steer);
+    a.op(MOV_X, R9, R0, 0, 0);
+    a.op(CALL, 0, 0, 0, BPF_FUNC_KTIME_GET_COARSE_NS);
+    a.op(LDXDW, R1, R9, 0, 0);
+    a.jump(JLT_X, R0, R1, 0, Steer);
+    a.op(ADD_K, R0, 0, 0, LEARN_EVERY_NS);
+    a.op(STXDW, R9, R0, 0, 0);
+    a.jump(JA, 0, 0, 0, ToWorkers);
+    // Steer: the TM's MAC, out of its port.
+    a.label(Steer);
+    a.op(LDXW, R1, R8, 0, 0);
+    a.op(STXW, R7, R1, 0, 0);
+    a.op(LDXH, R1, R8, 4, 0);
+    a.op(STXH, R7, R1, 4, 0);
+    a.count(stats, Stat::Steered);
+    a.op(LDXW, R1, R8, 8, 0);
+    a.op(MOV_K, R2, 0, 0, 0);
+    a.op(CALL, 0, 0, 0, BPF_FUNC_REDIRECT);
+    a.op(EXIT, 0, 0, 0, 0);
+    // To the queue's XDP socket (XDP_PASS if it has none).
+    a.label(ToWorkers);
+    a.count(stats, Stat::ToWorkers);
+    a.op(LDXW, R2, R6, 16, 0);
+    a.map(R1, xsks);
+    a.op(MOV_K, R3, 0, 0, XDP_PASS);
+    a.op(CALL, 0, 0, 0, BPF_FUNC_REDIRECT_MAP);
+    a.op(EXIT, 0, 0, 0, 0);
+    a.finish()
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    /// Every jump lands inside the program, and the program is what the
+    /// verifier was shown to accept (its size is pinned so a change is seen).
+    #[test]
+    fn jumps_land_inside() {
+        let p = program(3, 4, 5, 6, 7);
+        for (i, insn) in p.iter().enumerate() {
+            let class = insn.code & 0x07;
+            if class == 0x05 && insn.code != CALL && insn.code != EXIT {
+                let to = i as i64 + 1 + i64::from(insn.off);
+                assert!(
+                    to > i as i64 && (to as usize) < p.len(),
+                    "jump at {i} to {to}"
+                );
+            }
+        }
+        assert_eq!(p.last().map(|i| i.code), Some(EXIT));
+    }
+}
