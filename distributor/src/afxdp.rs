@@ -167,6 +167,98 @@ pub(crate) fn load_xdp(insns: &[Insn], name: &[u8]) -> io::Result<OwnedFd> {
     }
 }
 
+/// `NETDEV_XDP_ACT_NDO_XMIT`: the interface takes frames redirected to it by
+/// XDP programs.
+pub(crate) const XDP_ACT_NDO_XMIT: u64 = 1 << 2;
+
+/// The XDP features the kernel reports for `ifindex` (the generic netlink
+/// family `netdev`, Linux 6.3 and later): which XDP actions it supports,
+/// `NETDEV_XDP_ACT_*` bits. A veth pair reports `NDO_XMIT` only while its
+/// peer can receive redirected frames (an XDP program or GRO on the peer).
+pub(crate) fn xdp_features(ifindex: u32) -> io::Result<u64> {
+    // SAFETY: a plain socket(2) call; the descriptor is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_GENERIC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let sock = owned(fd);
+    let tv = libc::timeval {
+        tv_sec: 1,
+        tv_usec: 0,
+    };
+    sockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)?;
+    // One request, one answer: generic netlink header (cmd, version) and attributes.
+    let ask = |family: u16, cmd: u8, attr_type: u16, value: &[u8]| -> io::Result<Vec<u8>> {
+        let alen = 4 + value.len();
+        let mut m = Vec::with_capacity(32 + value.len());
+        let total = 16 + 4 + alen.div_ceil(4) * 4;
+        m.extend_from_slice(&(total as u32).to_ne_bytes());
+        m.extend_from_slice(&family.to_ne_bytes());
+        m.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+        m.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+        m.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+        m.extend_from_slice(&[cmd, 1, 0, 0]);
+        m.extend_from_slice(&(alen as u16).to_ne_bytes());
+        m.extend_from_slice(&attr_type.to_ne_bytes());
+        m.extend_from_slice(value);
+        m.resize(total, 0);
+        // SAFETY: `m` is a live buffer of the length passed.
+        let sent = unsafe { libc::send(sock.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; 8192];
+        // SAFETY: `buf` is a live, writable buffer of the length passed.
+        let got = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if got < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf.truncate(got as usize);
+        if buf.len() >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == libc::NLMSG_ERROR as u16 {
+            let code = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+            return Err(io::Error::from_raw_os_error(-code));
+        }
+        Ok(buf)
+    };
+    // Attribute `want` of an answer (after its 16 + 4 header bytes).
+    let find = |msg: &[u8], want: u16| -> Option<Vec<u8>> {
+        let mut i = 20;
+        while i + 4 <= msg.len() {
+            let len = usize::from(u16::from_ne_bytes([msg[i], msg[i + 1]]));
+            let ty = u16::from_ne_bytes([msg[i + 2], msg[i + 3]]) & 0x3fff;
+            if len < 4 || i + len > msg.len() {
+                return None;
+            }
+            if ty == want {
+                return Some(msg[i + 4..i + len].to_vec());
+            }
+            i += len.div_ceil(4) * 4;
+        }
+        None
+    };
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("netlink: {what}"));
+    // CTRL_CMD_GETFAMILY (3) by CTRL_ATTR_FAMILY_NAME (2) → CTRL_ATTR_FAMILY_ID (1).
+    let fam = ask(libc::GENL_ID_CTRL as u16, 3, 2, b"netdev\0")?;
+    let id = find(&fam, 1)
+        .filter(|v| v.len() >= 2)
+        .ok_or_else(|| bad("no netdev family"))?;
+    let family = u16::from_ne_bytes([id[0], id[1]]);
+    // NETDEV_CMD_DEV_GET (1) by NETDEV_A_DEV_IFINDEX (1) → NETDEV_A_DEV_XDP_FEATURES (3).
+    let dev = ask(family, 1, 1, &ifindex.to_ne_bytes())?;
+    let f = find(&dev, 3)
+        .filter(|v| v.len() >= 8)
+        .ok_or_else(|| bad("no xdp-features"))?;
+    Ok(u64::from_ne_bytes([
+        f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7],
+    ]))
+}
+
 /// `bpf(2)` with an attribute block of 128 bytes (zero beyond what is set).
 pub(crate) fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i32> {
     // SAFETY: `attr` is a live, 8-byte aligned block of the size passed; the

@@ -135,10 +135,16 @@ pub struct XdpSteer {
     stats: OwnedFd,
     /// Which ports run the steering program (the outside ports).
     outside: Vec<bool>,
+    /// Each port's kind.
+    kinds: Vec<PortKind>,
     /// Each port's interface index.
     ifindex: Vec<Option<u32>>,
-    /// Serialises plan changes against map writes.
-    lock: Mutex<()>,
+    /// Check that TM ports take XDP redirects (off only for test runs,
+    /// which send nothing).
+    check_targets: bool,
+    /// Serialises plan changes against map writes; holds the TM ports the
+    /// maps were last written with (those that take redirects).
+    lock: Mutex<Vec<Option<u32>>>,
 }
 
 fn map_create(kind: u32, key: u32, value: u32, entries: u32, name: &[u8]) -> io::Result<OwnedFd> {
@@ -215,8 +221,46 @@ impl XdpSteer {
                 .map_err(|x| e("creating the statistics map", x))?,
             outside: kinds.iter().map(|&k| k == PortKind::Outside).collect(),
             ifindex,
-            lock: Mutex::new(()),
+            kinds: kinds.to_vec(),
+            check_targets: true,
+            lock: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Skips the check that TM ports take XDP redirects: for test runs
+    /// (`BPF_PROG_TEST_RUN` reports a redirect and sends nothing).
+    pub fn assume_redirect_targets(mut self) -> Self {
+        self.check_targets = false;
+        self
+    }
+
+    /// Each port's interface index where frames may be redirected to it:
+    /// TM ports whose interface reports `NDO_XMIT` in its XDP features. A TM
+    /// port that does not (a veth whose peer has neither an XDP program nor
+    /// GRO on; a driver without `ndo_xdp_xmit`; a kernel before 6.3, which
+    /// does not say) keeps its TMs' frames with the workers, and is logged.
+    fn targets(&self) -> Vec<Option<u32>> {
+        self.ifindex
+            .iter()
+            .zip(&self.kinds)
+            .map(|(&ifindex, &kind)| {
+                let i = ifindex?;
+                if kind != PortKind::Tm {
+                    return None;
+                }
+                if !self.check_targets {
+                    return Some(i);
+                }
+                match crate::afxdp::xdp_features(i) {
+                    Ok(f) if f & crate::afxdp::XDP_ACT_NDO_XMIT != 0 => Some(i),
+                    Ok(_) => None,
+                    Err(e) => {
+                        log::debug!("ifindex {i}: XDP features unknown: {e}");
+                        None
+                    }
+                }
+            })
+            .collect()
     }
 
     /// True if port `i` runs the steering program.
@@ -227,8 +271,23 @@ impl XdpSteer {
     /// Writes the maps for `plan`: disabled first, buckets, then the
     /// configuration (enabled, if the plan can be steered in the kernel).
     pub fn sync(&self, plan: &Plan) -> io::Result<bool> {
+        let mut last = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.write(plan, &mut last)
+    }
+
+    fn write(&self, plan: &Plan, last: &mut Vec<Option<u32>>) -> io::Result<bool> {
         map_update(&self.cfg, 0, &[0u8; CFG_SIZE])?;
-        let Some(p) = project(plan, &self.ifindex) else {
+        let targets = self.targets();
+        for (port, (t, i)) in targets.iter().zip(&self.ifindex).enumerate() {
+            if self.kinds.get(port) == Some(&PortKind::Tm) && t.is_none() {
+                log::warn!(
+                    "in-kernel steering: TM port {port} (ifindex {}) does not take XDP redirects (for a veth: GRO or an XDP program on its peer); the workers steer its TMs' frames",
+                    i.unwrap_or(0)
+                );
+            }
+        }
+        *last = targets.clone();
+        let Some(p) = project(plan, &targets) else {
             return Ok(false);
         };
         for (b, e) in p.buckets.iter().enumerate() {
@@ -243,12 +302,12 @@ impl XdpSteer {
     /// map write leaves the steering disabled (every frame to the workers)
     /// and is logged.
     pub fn install<R>(&self, plan: &SharedTable<Plan>, store: impl FnOnce() -> R) -> R {
-        let _serial = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = map_update(&self.cfg, 0, &[0u8; CFG_SIZE]) {
             log::error!("in-kernel steering: disabling it failed: {e}");
         }
         let r = store();
-        match self.sync(&plan.snapshot()) {
+        match self.write(&plan.snapshot(), &mut last) {
             Ok(true) => {}
             Ok(false) => log::info!(
                 "in-kernel steering off for this table (several groups, or a transition between incomparable tables): the workers steer every frame"
@@ -259,6 +318,22 @@ impl XdpSteer {
             }
         }
         r
+    }
+
+    /// Re-checks which TM ports take XDP redirects (a veth peer's GRO may
+    /// have been switched) and rewrites the maps if that changed. For a
+    /// periodic call from the control path.
+    pub fn refresh(&self, plan: &SharedTable<Plan>) {
+        let changed = {
+            let last = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            *last != self.targets()
+        };
+        if changed {
+            log::info!(
+                "in-kernel steering: the TM ports that take XDP redirects changed; maps rewritten"
+            );
+            self.install(plan, || ());
+        }
     }
 
     /// The statistics, summed over CPUs: (steered, to workers).

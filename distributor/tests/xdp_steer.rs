@@ -77,7 +77,9 @@ fn plan(t: AllocationTable, all: bool) -> Plan {
 
 /// Every port on the loopback interface (a real ifindex; nothing is sent).
 fn steer_for(p: &Plan) -> XdpSteer {
-    let s = XdpSteer::new(&KINDS, &[Some("lo"); 4], 1).expect("maps");
+    let s = XdpSteer::new(&KINDS, &[Some("lo"); 4], 1)
+        .expect("maps")
+        .assume_redirect_targets();
     s.set_learn_due(0, u64::MAX).expect("learn slot");
     s.sync(p).expect("sync");
     s

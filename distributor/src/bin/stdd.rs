@@ -441,8 +441,13 @@ mod daemon {
         if nworkers > 1 {
             log::info!("{nworkers} workers, flows spread over them by the kernel's fan-out hash");
         }
+        let mut ticks = 0u64;
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(100));
+            ticks += 1;
+            if let (Some(k), 0) = (&kernel, ticks % 20) {
+                k.refresh(&plan);
+            }
             if reload.swap(false, Ordering::Relaxed) {
                 match load(path) {
                     Ok(_) if plan.load().previous().is_some() => log::error!(
