@@ -18,8 +18,10 @@
 //!   `addr ‖ port`, the low 12 bits (DESIGN §2) — is steerable: its TM has a
 //!   port, and no transition has moved it;
 //! * the queue's MAC-learning sample is not due: once a second per queue a
-//!   steerable frame still goes to the worker, which learns its source MAC
-//!   (the bridge's table would otherwise age the router out).
+//!   steerable UDP datagram or TCP SYN still goes to the worker, which
+//!   learns its source MAC (the bridge's table would otherwise age the
+//!   router out); never another TCP segment, which the detour could
+//!   reorder within its connection.
 //!
 //! Steering rewrites the destination MAC to the TM's and redirects the frame
 //! out of the TM's port (`bpf_redirect`), counted in a per-CPU counter.
@@ -434,6 +436,7 @@ enum Label {
     SrcSide,
     Hash,
     Steer,
+    Sample,
 }
 
 struct Asm {
@@ -672,7 +675,20 @@ fn program(cfg: i32, buckets: i32, learn: i32, stats: i32, xsks: i32) -> Vec<Ins
     a.op(MOV_X, R8, R0, 0, 0);
     a.op(LDXH, R1, R8, 6, 0);
     a.jump(JEQ_K, R1, 0, 0, ToWorkers);
-    // The queue's learning sample: due → to the worker, next in a second.
+    // The queue's learning sample, only from frames a detour through the
+    // worker cannot reorder within their flow: UDP, and TCP SYN (without
+    // ACK: nothing of the connection can be in flight behind it).
+    a.op(LDXB, R1, R7, 23, 0);
+    a.jump(JEQ_K, R1, 0, 17, Sample);
+    a.op(LDXW, R2, R6, 4, 0); // ctx->data_end again (R8 is the bucket now)
+    a.op(MOV_X, R1, R7, 0, 0);
+    a.op(ADD_K, R1, 0, 0, 48);
+    a.jump(JGT_X, R1, R2, 0, Steer);
+    a.op(LDXB, R1, R7, 47, 0); // TCP flags
+    a.op(AND_K, R1, 0, 0, 0x12);
+    a.jump(JNE_K, R1, 0, 0x02, Steer);
+    // Due → to the worker, the next in a second.
+    a.label(Sample);
     a.op(LDXW, R1, R6, 16, 0); // ctx->rx_queue_index
     a.op(STXW, FP, R1, -4, 0);
     a.lookup_stack_key(learn);
