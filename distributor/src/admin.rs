@@ -390,14 +390,23 @@ fn metrics(state: &AdminState) -> Result<String, prometheus::Error> {
         Opts::new("std_tm_bytes_total", "Bytes steered to each TM"),
         &["tm_id", "tm"],
     )?;
+    // What the in-kernel steering sent to each TM, by the same route index.
+    let kernel_tms = match &state.kernel {
+        Some(k) => k.tm_stats(plan.table().tms().len()).unwrap_or_else(|e| {
+            log::warn!("in-kernel steering per-TM statistics unreadable: {e}");
+            Vec::new()
+        }),
+        None => Vec::new(),
+    };
     for (i, tm) in plan.table().tms().iter().enumerate() {
         let id = tm.id.to_string();
+        let (kp, kb) = kernel_tms.get(i).copied().unwrap_or((0, 0));
         tm_packets
             .with_label_values(&[&id, &tm.name])
-            .inc_by(total.tm_packets.get(i).copied().unwrap_or(0));
+            .inc_by(total.tm_packets.get(i).copied().unwrap_or(0) + kp);
         tm_bytes
             .with_label_values(&[&id, &tm.name])
-            .inc_by(total.tm_bytes.get(i).copied().unwrap_or(0));
+            .inc_by(total.tm_bytes.get(i).copied().unwrap_or(0) + kb);
     }
     let branches = IntCounterVec::new(
         Opts::new("std_branch_packets_total", "Frames per steering branch"),

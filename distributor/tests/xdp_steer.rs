@@ -91,7 +91,18 @@ fn frame(k: u8, x: u32) -> Vec<u8> {
     let c4 = IpAddr::V4(Ipv4Addr::from(0xcb00_7100 | (x & 0xffff)));
     let p = (x >> 16) as u16;
     let vip: IpAddr = "198.51.100.10".parse().expect("addr");
-    match k % 10 {
+    let c6 = IpAddr::V6(std::net::Ipv6Addr::new(
+        0x2001,
+        0xdb8,
+        (x >> 16) as u16,
+        0,
+        0,
+        0,
+        0,
+        x as u16,
+    ));
+    let vip6: IpAddr = "2001:db8::10".parse().expect("addr");
+    match k % 12 {
         0 => build::tcp_frame(&l2, c4, p, vip, 443, tcp_flags::SYN, b""),
         1 => build::udp_frame(&l2, c4, p, vip, 53, b"q"),
         2 => build::tcp_frame(&l2, vip, 443, c4, p, tcp_flags::ACK, b"reply"),
@@ -143,11 +154,21 @@ fn frame(k: u8, x: u32) -> Vec<u8> {
             0,
             b"v6",
         ),
+        10 => build::udp_frame(&l2, c6, p, vip6, 53, b"v6 query"),
+        11 => {
+            // An IPv4-mapped source: hashed as its IPv4 endpoint.
+            let mapped = IpAddr::V6(Ipv4Addr::from(0xcb00_7100 | (x & 0xff)).to_ipv6_mapped());
+            build::tcp_frame(&l2, mapped, p | 0x8000, vip6, 443, tcp_flags::SYN, b"")
+        }
         _ => {
             let f = build::udp_frame(&l2, c4, p, vip, 4789, b"udp");
             f[..14 + (x as usize % (f.len() - 14))].to_vec()
         }
     }
+}
+
+fn v4_mapped(a: &[u8]) -> bool {
+    a[..10].iter().all(|&b| b == 0) && a[10] == 0xff && a[11] == 0xff
 }
 
 /// Runs `f` through the program and `decide`; checks they agree. Returns
@@ -167,9 +188,12 @@ fn check(prog: &distributor::xdp_steer::TestProgram, p: &Plan, f: &[u8]) -> Resu
             moved: None,
             ..
         }
-    ) && f[12..14] == [0x08, 0x00]
-        && f[14] == 0x45
-        && matches!(f[23], 6 | 17);
+    ) && ((f[12..14] == [0x08, 0x00] && f[14] == 0x45 && matches!(f[23], 6 | 17))
+        || (f[12..14] == [0x86, 0xdd]
+            && f.len() >= 54
+            && matches!(f[20], 6 | 17)
+            && !v4_mapped(&f[22..38])
+            && !v4_mapped(&f[38..54])));
     match got {
         TestVerdict::Steered(out) => {
             let Verdict::ToTm {
@@ -222,12 +246,13 @@ proptest! {
                 let i = usize::from(at) % f.len();
                 f[i] ^= v | 1;
             }
-            check(&prog, &p, &f).map_err(|e| TestCaseError::fail(format!("kind {}: {e}", k % 10)))?;
+            check(&prog, &p, &f).map_err(|e| TestCaseError::fail(format!("kind {}: {e}", k % 12)))?;
         }
     }
 }
 
-/// Many plain flows: all steered, to every TM, each where `decide` says.
+/// Many plain flows, IPv4 and IPv6: all steered, to every TM, each where
+/// `decide` says, and counted per TM (packets and bytes).
 #[test]
 fn the_common_case_is_steered() {
     if !root() {
@@ -237,18 +262,27 @@ fn the_common_case_is_steered() {
     let s = steer_for(&p);
     let prog = s.test_program().expect("load");
     let mut seen = [0u32; 4];
+    let mut seen_bytes = [0u64; 4];
     for x in 0..2000u32 {
-        let f = frame((x % 3) as u8, x.wrapping_mul(2_654_435_761));
-        assert_eq!(check(&prog, &p, &f), Ok(true), "frame {x}");
+        let kind = [0, 1, 2, 8, 10][x as usize % 5];
+        let f = frame(kind, x.wrapping_mul(2_654_435_761));
+        assert_eq!(check(&prog, &p, &f), Ok(true), "frame {x} (kind {kind})");
         let out = match prog.run(&f).expect("run") {
             TestVerdict::Steered(o) => o,
             other => panic!("{other:?}"),
         };
         seen[usize::from(out[5]) - 1] += 1;
+        seen_bytes[usize::from(out[5]) - 1] += 2 * f.len() as u64;
     }
     assert!(seen.iter().all(|&n| n > 300), "{seen:?}");
     let (steered, to_workers) = s.stats().expect("stats");
     assert_eq!((steered, to_workers), (4000, 0));
+    // Per TM: twice the frames seen (each frame ran twice), and their bytes.
+    let per_tm = s.tm_stats(4).expect("per-TM stats");
+    for (tm, &(packets, bytes)) in per_tm.iter().enumerate() {
+        assert_eq!(packets, 2 * u64::from(seen[tm]), "TM {tm}");
+        assert_eq!(bytes, seen_bytes[tm], "TM {tm}");
+    }
 }
 
 /// During a transition the moved buckets are the workers'; the others are
