@@ -77,7 +77,7 @@ fn root_with_tools() -> Result<(), String> {
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         return Err("not root".into());
     }
-    for tool in ["ip", "python3"] {
+    for tool in ["ip", "python3", "ethtool"] {
         if !sh(&["sh", "-c", &format!("command -v {tool}")]) {
             return Err(format!("{tool} is missing"));
         }
@@ -137,6 +137,17 @@ fn the_afxdp_backend_in_native_mode_steers_real_frames_between_veth_links() {
     );
 }
 
+/// The same, with GRO on the TM link's far end: it then takes XDP
+/// redirects, and the in-kernel steering carries every SYN itself.
+#[test]
+fn the_afxdp_backend_steers_real_frames_in_the_kernel() {
+    live(
+        "afxdp",
+        "\n[workers]\ncpus = [1]\nxdp_mode = \"native\"\n# kernel\n",
+        1,
+    );
+}
+
 #[test]
 fn the_afxdp_backend_with_two_workers_on_two_queues_steers_real_frames() {
     live(
@@ -152,7 +163,15 @@ fn live(backend: &str, workers: &str, queues: usize) {
         eprintln!("SKIPPED the live {backend} backend test: {why} (it needs root, ip and python3 to build a private network namespace)");
         return;
     }
-    let name = format!("stdt{}{}{queues}", std::process::id(), &backend[..3]);
+    // The in-kernel steering is on by default; the TM port takes its
+    // redirects only with GRO (a NAPI instance) on its peer.
+    let kernel = workers.contains("# kernel");
+    let name = format!(
+        "stdt{}{}{queues}{}",
+        std::process::id(),
+        &backend[..3],
+        if kernel { "k" } else { "" }
+    );
     let dir = std::env::temp_dir().join(&name);
     std::fs::create_dir_all(&dir).expect("dir");
     let mut ns = Netns {
@@ -196,6 +215,11 @@ fn live(backend: &str, workers: &str, queues: usize) {
     }
     for l in ["lo", "o0", "o1", "t0", "t1"] {
         ip(&format!("link set {l} up"));
+    }
+    if kernel {
+        assert!(sh(&[
+            "ip", "netns", "exec", &name, "ethtool", "-K", "t0", "gro", "on"
+        ]));
     }
 
     let t = table();
@@ -325,6 +349,24 @@ fn live(backend: &str, workers: &str, queues: usize) {
             .find_map(|l| l.strip_prefix("std_backend_drops_total "))
             .unwrap_or_else(|| panic!("no std_backend_drops_total in {text}"));
         assert_eq!(drops.trim(), "1", "the oversized frame, counted once");
+        if backend == "afxdp" {
+            let steered = text
+                .lines()
+                .find_map(|l| l.strip_prefix("std_xdp_frames_total{path=\"steered\"} "))
+                .unwrap_or_else(|| panic!("no std_xdp_frames_total in {text}"));
+            // With the TM port taking redirects, the kernel steers every
+            // SYN but its queue's MAC-learning sample (one a second, the
+            // first at once); without, none (the workers do).
+            let steered: u64 = steered.trim().parse().expect("a count");
+            if kernel {
+                assert!(
+                    (58..=59).contains(&steered),
+                    "{steered} SYNs steered in the kernel"
+                );
+            } else {
+                assert_eq!(steered, 0, "frames steered in the kernel");
+            }
+        }
     }
     let mut per_tm = [0usize; 4];
     for fr in &on_tm {

@@ -188,12 +188,13 @@ fn check(prog: &distributor::xdp_steer::TestProgram, p: &Plan, f: &[u8]) -> Resu
             moved: None,
             ..
         }
-    ) && ((f[12..14] == [0x08, 0x00] && f[14] == 0x45 && matches!(f[23], 6 | 17))
-        || (f[12..14] == [0x86, 0xdd]
-            && f.len() >= 54
-            && matches!(f[20], 6 | 17)
-            && !v4_mapped(&f[22..38])
-            && !v4_mapped(&f[38..54])));
+    ) && f.len() <= distributor::xdp_steer::MAX_STEERED as usize
+        && ((f[12..14] == [0x08, 0x00] && f[14] == 0x45 && matches!(f[23], 6 | 17))
+            || (f[12..14] == [0x86, 0xdd]
+                && f.len() >= 54
+                && matches!(f[20], 6 | 17)
+                && !v4_mapped(&f[22..38])
+                && !v4_mapped(&f[38..54])));
     match got {
         TestVerdict::Steered(out) => {
             let Verdict::ToTm {
@@ -283,6 +284,32 @@ fn the_common_case_is_steered() {
         assert_eq!(packets, 2 * u64::from(seen[tm]), "TM {tm}");
         assert_eq!(bytes, seen_bytes[tm], "TM {tm}");
     }
+}
+
+/// A frame longer than the XDP sockets take is not steered: it goes their
+/// way, to be dropped and counted like every such frame.
+#[test]
+fn frames_longer_than_the_sockets_take_are_not_steered() {
+    if !root() {
+        return;
+    }
+    let p = plan(table(1, &[1, 1, 1, 1], false), true);
+    let s = steer_for(&p);
+    let prog = s.test_program().expect("load");
+    let l2 = L2::new(GROUP, ROUTER);
+    let (c, vip): (IpAddr, IpAddr) = (
+        "203.0.113.5".parse().expect("addr"),
+        "198.51.100.10".parse().expect("addr"),
+    );
+    let max = distributor::xdp_steer::MAX_STEERED as usize;
+    let fits = build::tcp_frame(&l2, c, 40000, vip, 443, tcp_flags::ACK, &vec![7; max - 54]);
+    assert_eq!(fits.len(), max);
+    assert!(matches!(
+        prog.run(&fits).expect("run"),
+        TestVerdict::Steered(_)
+    ));
+    let long = build::tcp_frame(&l2, c, 40000, vip, 443, tcp_flags::ACK, &vec![7; max - 53]);
+    assert_eq!(prog.run(&long).expect("run"), TestVerdict::ToWorkers);
 }
 
 /// During a transition the moved buckets are the workers'; the others are
