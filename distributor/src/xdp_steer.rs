@@ -193,6 +193,9 @@ fn map_update(map: &OwnedFd, key: u32, value: &[u8]) -> io::Result<()> {
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
 }
 
+/// Reads entry `key` into `value`, which must hold the map's whole value:
+/// the kernel writes that many bytes (for a per-CPU map, the value rounded
+/// up to 8 bytes times the possible CPUs). Every caller here sizes it so.
 fn map_lookup(map: &OwnedFd, key: u32, value: &mut [u8]) -> io::Result<()> {
     let mut attr = [0u64; 16];
     attr[0] = map.as_raw_fd() as u64;
@@ -669,16 +672,20 @@ struct Maps {
 struct Family {
     /// The protocol byte (IPv4 protocol, IPv6 next header).
     proto: i16,
+    /// The transport header (its ports).
+    l4: i16,
     /// The TCP flags byte, and the frame length that holds it.
     flags: i16,
 }
 
 const V4: Family = Family {
     proto: 14 + 9,
+    l4: 14 + 20,
     flags: 14 + 20 + 13,
 };
 const V6: Family = Family {
     proto: 14 + 6,
+    l4: 14 + 40,
     flags: 14 + 40 + 13,
 };
 
@@ -739,22 +746,9 @@ fn program(m: &Maps) -> Vec<Insn> {
     a.op(LDXH, R1, R7, 20, 0);
     a.op(AND_K, R1, 0, 0, 0xff3f);
     a.jump(JNE_K, R1, 0, 0, to_workers);
-    // TCP or UDP.
-    a.op(LDXB, R1, R7, V4.proto, 0);
-    a.op(JEQ_K, R1, 0, 1, 6);
-    a.jump(JNE_K, R1, 0, 17, to_workers);
-    // The ports: R2, R3 as they sit in the frame (the hash's byte order),
-    // R4, R5 as numbers.
     let src_side = a.label();
     let hash = a.label();
-    a.op(LDXH, R2, R7, 34, 0);
-    a.op(LDXH, R3, R7, 36, 0);
-    a.op(MOV_X, R4, R2, 0, 0);
-    a.op(TO_BE, R4, 0, 0, 16);
-    a.op(MOV_X, R5, R3, 0, 0);
-    a.op(TO_BE, R5, 0, 0, 16);
-    a.jump(JEQ_X, R4, R5, 0, to_workers);
-    a.jump(JGT_X, R4, R5, 0, src_side);
+    ports(&mut a, &V4, to_workers, src_side);
     // Destination port greater: the destination endpoint.
     a.op(LDXW, R1, R7, 30, 0);
     a.op(MOV_X, R2, R3, 0, 0);
@@ -791,22 +785,12 @@ fn program(m: &Maps) -> Vec<Insn> {
     a.op(ADD_K, R2, 0, 0, 54);
     a.op(ADD_X, R2, R1, 0, 0);
     a.jump(JGT_X, R2, R8, 0, to_workers);
-    // Next header TCP or UDP (an extension header: the workers').
-    a.op(LDXB, R1, R7, V6.proto, 0);
-    a.op(JEQ_K, R1, 0, 1, 6);
-    a.jump(JNE_K, R1, 0, 17, to_workers);
-    // The ports, as for IPv4; R8 points at the endpoint's address, the
-    // port (frame order) waits on the stack.
+    // Next header TCP or UDP (an extension header: the workers'), the
+    // ports; R8 points at the endpoint's address, the port (frame order)
+    // waits on the stack.
     let src_side6 = a.label();
     let hash6 = a.label();
-    a.op(LDXH, R2, R7, 54, 0);
-    a.op(LDXH, R3, R7, 56, 0);
-    a.op(MOV_X, R4, R2, 0, 0);
-    a.op(TO_BE, R4, 0, 0, 16);
-    a.op(MOV_X, R5, R3, 0, 0);
-    a.op(TO_BE, R5, 0, 0, 16);
-    a.jump(JEQ_X, R4, R5, 0, to_workers);
-    a.jump(JGT_X, R4, R5, 0, src_side6);
+    ports(&mut a, &V6, to_workers, src_side6);
     a.op(MOV_X, R8, R7, 0, 0);
     a.op(ADD_K, R8, 0, 0, 38);
     a.op(STXW, FP, R3, -8, 0);
@@ -850,6 +834,23 @@ fn program(m: &Maps) -> Vec<Insn> {
     a.op(CALL, 0, 0, 0, BPF_FUNC_REDIRECT_MAP);
     a.op(EXIT, 0, 0, 0, 0);
     a.finish()
+}
+
+/// TCP or UDP, unequal ports: R2, R3 the source and destination ports as
+/// they sit in the frame (the hash's byte order), R4, R5 as numbers; on to
+/// `src_side` if the source port is the greater.
+fn ports(a: &mut Asm, f: &Family, to_workers: Label, src_side: Label) {
+    a.op(LDXB, R1, R7, f.proto, 0);
+    a.op(JEQ_K, R1, 0, 1, 6);
+    a.jump(JNE_K, R1, 0, 17, to_workers);
+    a.op(LDXH, R2, R7, f.l4, 0);
+    a.op(LDXH, R3, R7, f.l4 + 2, 0);
+    a.op(MOV_X, R4, R2, 0, 0);
+    a.op(TO_BE, R4, 0, 0, 16);
+    a.op(MOV_X, R5, R3, 0, 0);
+    a.op(TO_BE, R5, 0, 0, 16);
+    a.jump(JEQ_X, R4, R5, 0, to_workers);
+    a.jump(JGT_X, R4, R5, 0, src_side);
 }
 
 /// From the hash in R2 to the verdict: the bucket, the learning sample,
