@@ -734,14 +734,7 @@ fn program(m: &Maps) -> Vec<Insn> {
     a.op(LDXB, R1, R7, 14, 0);
     a.jump(JNE_K, R1, 0, 0x45, to_workers);
     // 24 <= total length, and 14 + total length within the frame.
-    a.op(LDXH, R1, R7, 16, 0);
-    a.op(TO_BE, R1, 0, 0, 16);
-    a.op(AND_K, R1, 0, 0, 0xffff);
-    a.jump(JLT_K, R1, 0, 24, to_workers);
-    a.op(MOV_X, R2, R7, 0, 0);
-    a.op(ADD_K, R2, 0, 0, 14);
-    a.op(ADD_X, R2, R1, 0, 0);
-    a.jump(JGT_X, R2, R8, 0, to_workers);
+    length_within(&mut a, 16, 24, 14, to_workers);
     // Not a fragment: flags/offset & 0x3fff == 0 (bytes 20, 21 read little-endian).
     a.op(LDXH, R1, R7, 20, 0);
     a.op(AND_K, R1, 0, 0, 0xff3f);
@@ -777,14 +770,7 @@ fn program(m: &Maps) -> Vec<Insn> {
     a.op(AND_K, R1, 0, 0, 0xf0);
     a.jump(JNE_K, R1, 0, 0x60, to_workers);
     // 4 <= payload length, and 14 + 40 + payload length within the frame.
-    a.op(LDXH, R1, R7, 18, 0);
-    a.op(TO_BE, R1, 0, 0, 16);
-    a.op(AND_K, R1, 0, 0, 0xffff);
-    a.jump(JLT_K, R1, 0, 4, to_workers);
-    a.op(MOV_X, R2, R7, 0, 0);
-    a.op(ADD_K, R2, 0, 0, 54);
-    a.op(ADD_X, R2, R1, 0, 0);
-    a.jump(JGT_X, R2, R8, 0, to_workers);
+    length_within(&mut a, 18, 4, 54, to_workers);
     // Next header TCP or UDP (an extension header: the workers'), the
     // ports; R8 points at the endpoint's address, the port (frame order)
     // waits on the stack.
@@ -834,6 +820,19 @@ fn program(m: &Maps) -> Vec<Insn> {
     a.op(CALL, 0, 0, 0, BPF_FUNC_REDIRECT_MAP);
     a.op(EXIT, 0, 0, 0, 0);
     a.finish()
+}
+
+/// The IP length field at `at` (big-endian) is at least `min`, and
+/// `before` + that length lies within the frame (R8 its end).
+fn length_within(a: &mut Asm, at: i16, min: i32, before: i32, to_workers: Label) {
+    a.op(LDXH, R1, R7, at, 0);
+    a.op(TO_BE, R1, 0, 0, 16);
+    a.op(AND_K, R1, 0, 0, 0xffff);
+    a.jump(JLT_K, R1, 0, min, to_workers);
+    a.op(MOV_X, R2, R7, 0, 0);
+    a.op(ADD_K, R2, 0, 0, before);
+    a.op(ADD_X, R2, R1, 0, 0);
+    a.jump(JGT_X, R2, R8, 0, to_workers);
 }
 
 /// TCP or UDP, unequal ports: R2, R3 the source and destination ports as
