@@ -50,6 +50,13 @@ impl HashKey {
         }
     }
 
+    /// SipHash's initial state v0..v3 under this key: what every hash here
+    /// starts from (the in-kernel steering loads it from a map).
+    #[inline(always)]
+    pub const fn sip_state(&self) -> [u64; 4] {
+        [self.k0 ^ C0, self.k1 ^ C1, self.k0 ^ C2, self.k1 ^ C3]
+    }
+
     /// The key's 16 bytes.
     pub fn to_bytes(self) -> [u8; 16] {
         let mut out = [0u8; 16];
@@ -117,12 +124,8 @@ struct State {
 impl State {
     #[inline(always)]
     fn new(key: &HashKey) -> Self {
-        State {
-            v0: key.k0 ^ C0,
-            v1: key.k1 ^ C1,
-            v2: key.k0 ^ C2,
-            v3: key.k1 ^ C3,
-        }
+        let [v0, v1, v2, v3] = key.sip_state();
+        State { v0, v1, v2, v3 }
     }
 
     #[inline(always)]

@@ -390,14 +390,13 @@ fn metrics(state: &AdminState) -> Result<String, prometheus::Error> {
         Opts::new("std_tm_bytes_total", "Bytes steered to each TM"),
         &["tm_id", "tm"],
     )?;
-    // What the in-kernel steering sent to each TM, by the same route index.
-    let kernel_tms = match &state.kernel {
-        Some(k) => k.tm_stats(plan.table().tms().len()).unwrap_or_else(|e| {
-            log::warn!("in-kernel steering per-TM statistics unreadable: {e}");
-            Vec::new()
-        }),
-        None => Vec::new(),
-    };
+    // What the in-kernel steering counted; per TM by the same route index.
+    let kernel = state.kernel.as_ref().and_then(|k| {
+        k.counters()
+            .map_err(|e| log::warn!("in-kernel steering statistics unreadable: {e}"))
+            .ok()
+    });
+    let kernel_tms = kernel.as_ref().map_or(&[][..], |c| &c.per_tm[..]);
     for (i, tm) in plan.table().tms().iter().enumerate() {
         let id = tm.id.to_string();
         let (kp, kb) = kernel_tms.get(i).copied().unwrap_or((0, 0));
@@ -515,7 +514,7 @@ fn metrics(state: &AdminState) -> Result<String, prometheus::Error> {
     r.register(Box::new(version))?;
     r.register(Box::new(swaps))?;
     r.register(Box::new(workers))?;
-    if let Some(k) = &state.kernel {
+    if state.kernel.is_some() {
         let xdp = IntCounterVec::new(
             Opts::new(
                 "std_xdp_frames_total",
@@ -523,12 +522,9 @@ fn metrics(state: &AdminState) -> Result<String, prometheus::Error> {
             ),
             &["path"],
         )?;
-        match k.stats() {
-            Ok((steered, to_workers)) => {
-                xdp.with_label_values(&["steered"]).inc_by(steered);
-                xdp.with_label_values(&["to_workers"]).inc_by(to_workers);
-            }
-            Err(e) => log::warn!("in-kernel steering statistics unreadable: {e}"),
+        if let Some(c) = &kernel {
+            xdp.with_label_values(&["steered"]).inc_by(c.steered);
+            xdp.with_label_values(&["to_workers"]).inc_by(c.to_workers);
         }
         r.register(Box::new(xdp))?;
     }

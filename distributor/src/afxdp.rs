@@ -126,6 +126,23 @@ fn program(map_fd: i32) -> [Insn; 6] {
     ]
 }
 
+/// Writes `name` (at most 15 bytes, NUL-padded to 16) at byte offset `at`
+/// of a `bpf(2)` attribute block.
+pub(crate) fn put_name(attr: &mut [u64; 16], at: usize, name: &[u8]) {
+    let mut bytes = [0u8; 128];
+    for (i, w) in attr.iter().enumerate() {
+        bytes[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    let len = name.len().min(15);
+    bytes[at..at + 16].fill(0);
+    bytes[at..at + len].copy_from_slice(&name[..len]);
+    for (i, w) in attr.iter_mut().enumerate() {
+        let mut x = [0u8; 8];
+        x.copy_from_slice(&bytes[8 * i..8 * i + 8]);
+        *w = u64::from_le_bytes(x);
+    }
+}
+
 /// Loads an XDP program named `name` (at most 15 bytes and a NUL); the
 /// verifier's log is in the error when it refuses.
 pub(crate) fn load_xdp(insns: &[Insn], name: &[u8]) -> io::Result<OwnedFd> {
@@ -140,11 +157,7 @@ pub(crate) fn load_xdp(insns: &[Insn], name: &[u8]) -> io::Result<OwnedFd> {
             attr[4] = log.as_mut_ptr() as u64;
         }
         // prog_name (offset 48, 16 bytes): what `ip link` and bpftool show.
-        let mut n = [0u8; 16];
-        let len = name.len().min(15);
-        n[..len].copy_from_slice(&name[..len]);
-        attr[6] = u64::from_le_bytes([n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7]]);
-        attr[7] = u64::from_le_bytes([n[8], n[9], n[10], n[11], n[12], n[13], n[14], n[15]]);
+        put_name(&mut attr, 48, name);
         // prog_ifindex (offset 64) stays 0; expected_attach_type at 68.
         attr[8] = u64::from(BPF_XDP) << 32;
         bpf(BPF_PROG_LOAD, &mut attr)

@@ -30,9 +30,10 @@
 //!   reorder within its connection.
 //!
 //! Steering rewrites the destination MAC to the TM's and redirects the frame
-//! out of the TM's port (`bpf_redirect`), counted in per-CPU counters: in
-//! total, and the TM's packets and bytes (`std_tm_packets_total` and
-//! `std_tm_bytes_total` add them to the workers').
+//! out of the TM's port (`bpf_redirect`), counted once in per-CPU counters:
+//! the TM's packets and bytes (`std_tm_packets_total` and
+//! `std_tm_bytes_total` add them to the workers'; their sum is
+//! `std_xdp_frames_total{path="steered"}`).
 //!
 //! The maps are written by the control path only ([`XdpSteer::install`]):
 //! before a plan change the steering is disabled (every frame to the
@@ -50,7 +51,7 @@ use std::sync::Mutex;
 use allocation::{SharedTable, TABLE_SIZE};
 
 use crate::afxdp::{
-    bpf, owned, Insn, BPF_FUNC_REDIRECT_MAP, BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM,
+    bpf, owned, put_name, Insn, BPF_FUNC_REDIRECT_MAP, BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM,
     BPF_MAP_UPDATE_ELEM, XDP_PASS,
 };
 use crate::steer::{Plan, PortKind};
@@ -79,13 +80,26 @@ pub const MAX_STEERED: i32 = (crate::afxdp::FRAME_SIZE - 256) as i32;
 /// for MAC learning.
 pub const LEARN_EVERY_NS: i32 = 1_000_000_000;
 
-/// Counter slots of the per-CPU statistics map.
+/// Counter slots of the per-CPU statistics map. Frames steered are
+/// counted once, per TM (`std_xdp_tms`); this map only holds what has no
+/// TM slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stat {
-    /// Frames steered to a TM by the kernel.
-    Steered = 0,
+    /// Frames steered to a TM route beyond the [`TM_SLOTS`] counted ones.
+    SteeredUncounted = 0,
     /// Frames handed to the XDP sockets (the workers decide).
     ToWorkers = 1,
+}
+
+/// What the kernel counted, summed over CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    /// Frames steered to a TM by the kernel.
+    pub steered: u64,
+    /// Frames handed to the XDP sockets.
+    pub to_workers: u64,
+    /// (frames, bytes) steered to each TM route index, [`TM_SLOTS`] of them.
+    pub per_tm: Vec<(u64, u64)>,
 }
 
 /// The maps the program reads, projected from the plan.
@@ -106,16 +120,7 @@ pub fn project(plan: &Plan, ifindex: &[Option<u32>]) -> Option<Projection> {
     let mut cfg = [0u8; CFG_SIZE];
     cfg[..6].copy_from_slice(&plan.group_mac().0);
     cfg[6..8].copy_from_slice(&1u16.to_le_bytes());
-    let k = key.to_bytes();
-    let k0 = u64::from_le_bytes([k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]]);
-    let k1 = u64::from_le_bytes([k[8], k[9], k[10], k[11], k[12], k[13], k[14], k[15]]);
-    let v = [
-        k0 ^ 0x736f_6d65_7073_6575,
-        k1 ^ 0x646f_7261_6e64_6f6d,
-        k0 ^ 0x6c79_6765_6e65_7261,
-        k1 ^ 0x7465_6462_7974_6573,
-    ];
-    for (i, x) in v.iter().enumerate() {
+    for (i, x) in key.sip_state().iter().enumerate() {
         cfg[16 + 8 * i..24 + 8 * i].copy_from_slice(&x.to_le_bytes());
     }
     let entries = (0..TABLE_SIZE)
@@ -152,9 +157,7 @@ pub struct XdpSteer {
     learn: OwnedFd,
     stats: OwnedFd,
     tm_stats: OwnedFd,
-    /// Which ports run the steering program (the outside ports).
-    outside: Vec<bool>,
-    /// Each port's kind.
+    /// Each port's kind (the outside ports run the steering program).
     kinds: Vec<PortKind>,
     /// Each port's interface index.
     ifindex: Vec<Option<u32>>,
@@ -171,17 +174,7 @@ fn map_create(kind: u32, key: u32, value: u32, entries: u32, name: &[u8]) -> io:
     attr[0] = u64::from(kind) | (u64::from(key) << 32);
     attr[1] = u64::from(value) | (u64::from(entries) << 32);
     // map_name: 16 bytes at offset 28 (after map_flags, inner_map_fd, numa_node).
-    let mut bytes = [0u8; 128];
-    for (i, w) in attr.iter().enumerate() {
-        bytes[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
-    }
-    let len = name.len().min(15);
-    bytes[28..28 + len].copy_from_slice(&name[..len]);
-    for (i, w) in attr.iter_mut().enumerate() {
-        let mut x = [0u8; 8];
-        x.copy_from_slice(&bytes[8 * i..8 * i + 8]);
-        *w = u64::from_le_bytes(x);
-    }
+    put_name(&mut attr, 28, name);
     bpf(BPF_MAP_CREATE, &mut attr).map(owned)
 }
 
@@ -202,6 +195,20 @@ fn map_lookup(map: &OwnedFd, key: u32, value: &mut [u8]) -> io::Result<()> {
     attr[1] = &key as *const u32 as u64;
     attr[2] = value.as_mut_ptr() as u64;
     bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map(|_| ())
+}
+
+/// Entry `key` of a per-CPU map whose value is `N` u64 counters, each
+/// summed over the `cpus` possible CPUs.
+fn percpu_sums<const N: usize>(map: &OwnedFd, key: u32, cpus: usize) -> io::Result<[u64; N]> {
+    let mut v = vec![0u8; 8 * N * cpus];
+    map_lookup(map, key, &mut v)?;
+    let mut sums = [0u64; N];
+    for (i, c) in v.chunks_exact(8).enumerate() {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        sums[i % N] += u64::from_le_bytes(w);
+    }
+    Ok(sums)
 }
 
 /// CPUs the kernel may run (the size of a per-CPU map's values).
@@ -243,7 +250,6 @@ impl XdpSteer {
                 .map_err(|x| e("creating the statistics map", x))?,
             tm_stats: map_create(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 16, TM_SLOTS, b"std_xdp_tms")
                 .map_err(|x| e("creating the per-TM statistics map", x))?,
-            outside: kinds.iter().map(|&k| k == PortKind::Outside).collect(),
             ifindex,
             kinds: kinds.to_vec(),
             check_targets: true,
@@ -289,7 +295,7 @@ impl XdpSteer {
 
     /// True if port `i` runs the steering program.
     pub fn steers_port(&self, i: usize) -> bool {
-        self.outside.get(i).copied().unwrap_or(false)
+        self.kinds.get(i) == Some(&PortKind::Outside)
     }
 
     /// Writes the maps for `plan`: disabled first, buckets, then the
@@ -310,8 +316,9 @@ impl XdpSteer {
                 );
             }
         }
-        *last = targets.clone();
-        let Some(p) = project(plan, &targets) else {
+        let projection = project(plan, &targets);
+        *last = targets;
+        let Some(p) = projection else {
             return Ok(false);
         };
         for (b, e) in p.buckets.iter().enumerate() {
@@ -360,46 +367,23 @@ impl XdpSteer {
         }
     }
 
-    /// The statistics, summed over CPUs: (steered, to workers).
-    pub fn stats(&self) -> io::Result<(u64, u64)> {
+    /// The kernel's counters, summed over CPUs (a lookup per TM slot: for
+    /// the control path, at scrape time).
+    pub fn counters(&self) -> io::Result<KernelCounters> {
         let cpus = possible_cpus()?;
-        let mut out = [0u64; 2];
-        for (slot, total) in out.iter_mut().enumerate() {
-            let mut v = vec![0u8; 8 * cpus];
-            map_lookup(&self.stats, slot as u32, &mut v)?;
-            *total = v
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                .sum();
-        }
-        Ok((out[0], out[1]))
-    }
-
-    /// Frames and bytes the kernel steered to each TM route index (summed
-    /// over CPUs), up to `routes` of them.
-    pub fn tm_stats(&self, routes: usize) -> io::Result<Vec<(u64, u64)>> {
-        let cpus = possible_cpus()?;
-        let mut v = vec![0u8; 16 * cpus];
-        (0..routes.min(TM_SLOTS as usize))
+        let per_tm = (0..TM_SLOTS)
             .map(|tm| {
-                map_lookup(&self.tm_stats, tm as u32, &mut v)?;
-                Ok(v.chunks_exact(16).fold((0u64, 0u64), |(p, b), c| {
-                    let w = |o: usize| {
-                        u64::from_le_bytes([
-                            c[o],
-                            c[o + 1],
-                            c[o + 2],
-                            c[o + 3],
-                            c[o + 4],
-                            c[o + 5],
-                            c[o + 6],
-                            c[o + 7],
-                        ])
-                    };
-                    (p + w(0), b + w(8))
-                }))
+                let s = percpu_sums::<2>(&self.tm_stats, tm, cpus)?;
+                Ok((s[0], s[1]))
             })
-            .collect()
+            .collect::<io::Result<Vec<_>>>()?;
+        let [uncounted] = percpu_sums::<1>(&self.stats, Stat::SteeredUncounted as u32, cpus)?;
+        let [to_workers] = percpu_sums::<1>(&self.stats, Stat::ToWorkers as u32, cpus)?;
+        Ok(KernelCounters {
+            steered: uncounted + per_tm.iter().map(|&(p, _)| p).sum::<u64>(),
+            to_workers,
+            per_tm,
+        })
     }
 
     /// Sets queue `queue`'s next MAC-learning sample time (tests: `u64::MAX`
@@ -895,20 +879,26 @@ fn tail(a: &mut Asm, m: &Maps, f: &Family, to_workers: Label) {
     a.op(STXW, R7, R1, 0, 0);
     a.op(LDXH, R1, R8, 4, 0);
     a.op(STXH, R7, R1, 4, 0);
-    a.count(m.stats, Stat::Steered);
-    // The TM's packets and bytes.
+    // Counted once: the TM's packets and bytes (a route beyond the
+    // counted ones in a single counter).
+    let uncounted = a.label();
+    let redirect = a.label();
     a.op(LDXW, R9, R6, 4, 0); // ctx->data_end
     a.op(SUB_X, R9, R7, 0, 0); // the frame's length
     a.op(LDXH, R1, R8, 12, 0);
     a.op(STXW, FP, R1, -4, 0);
     a.lookup_stack_key(m.tm_stats);
-    a.op(JEQ_K, R0, 0, 6, 0); // beyond the counted routes: skip
+    a.jump(JEQ_K, R0, 0, 0, uncounted);
     a.op(LDXDW, R1, R0, 0, 0);
     a.op(ADD_K, R1, 0, 0, 1);
     a.op(STXDW, R0, R1, 0, 0);
     a.op(LDXDW, R1, R0, 8, 0);
     a.op(ADD_X, R1, R9, 0, 0);
     a.op(STXDW, R0, R1, 8, 0);
+    a.jump(JA, 0, 0, 0, redirect);
+    a.place(uncounted);
+    a.count(m.stats, Stat::SteeredUncounted);
+    a.place(redirect);
     a.op(LDXW, R1, R8, 8, 0);
     a.op(MOV_K, R2, 0, 0, 0);
     a.op(CALL, 0, 0, 0, BPF_FUNC_REDIRECT);

@@ -276,10 +276,11 @@ fn the_common_case_is_steered() {
         seen_bytes[usize::from(out[5]) - 1] += 2 * f.len() as u64;
     }
     assert!(seen.iter().all(|&n| n > 300), "{seen:?}");
-    let (steered, to_workers) = s.stats().expect("stats");
+    let counted = s.counters().expect("counters");
+    let (steered, to_workers) = (counted.steered, counted.to_workers);
     assert_eq!((steered, to_workers), (4000, 0));
     // Per TM: twice the frames seen (each frame ran twice), and their bytes.
-    let per_tm = s.tm_stats(4).expect("per-TM stats");
+    let per_tm = &counted.per_tm[..4];
     for (tm, &(packets, bytes)) in per_tm.iter().enumerate() {
         assert_eq!(packets, 2 * u64::from(seen[tm]), "TM {tm}");
         assert_eq!(bytes, seen_bytes[tm], "TM {tm}");
@@ -408,5 +409,6 @@ fn one_frame_a_second_goes_to_the_workers_for_learning() {
     let udp = frame(1, 1234);
     assert_eq!(prog.run(&udp).expect("run"), TestVerdict::ToWorkers);
     assert!(steered(&udp));
-    assert_eq!(s.stats().expect("stats"), (16, 2));
+    let counted = s.counters().expect("counters");
+    assert_eq!((counted.steered, counted.to_workers), (16, 2));
 }
