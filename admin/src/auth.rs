@@ -1,0 +1,49 @@
+//! Who may use an admin endpoint: a bearer token compared in constant time, and the rule that an endpoint off loopback needs one.
+
+use std::net::SocketAddr;
+
+/// Compares without an early exit on the first differing byte.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// True when `authorization` (the header's value, if any) carries `token`,
+/// or no token is required.
+pub fn authorised(token: Option<&str>, authorization: Option<&[u8]>) -> bool {
+    let Some(token) = token else { return true };
+    authorization
+        .and_then(|v| v.strip_prefix(b"Bearer "))
+        .is_some_and(|t| constant_time_eq(t.trim_ascii(), token.as_bytes()))
+}
+
+/// The loopback rule: an endpoint listening anywhere but loopback must
+/// require a token. `Err` is the one-line reason.
+pub fn check_listen(listen: SocketAddr, token: Option<&str>) -> Result<(), String> {
+    if !listen.ip().is_loopback() && token.is_none_or(str::is_empty) {
+        return Err(format!(
+            "admin.token is required when admin.listen ({listen}) is not a loopback address"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn tokens_and_the_loopback_rule() {
+        assert!(authorised(None, None));
+        assert!(authorised(Some("s3"), Some(b"Bearer s3")));
+        assert!(authorised(Some("s3"), Some(b"Bearer s3 ")));
+        assert!(!authorised(Some("s3"), Some(b"Bearer s4")));
+        assert!(!authorised(Some("s3"), Some(b"Basic s3")));
+        assert!(!authorised(Some("s3"), None));
+        let lo: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let any: SocketAddr = "0.0.0.0:9".parse().expect("addr");
+        assert!(check_listen(lo, None).is_ok());
+        assert!(check_listen(any, Some("t")).is_ok());
+        assert!(check_listen(any, None).is_err());
+        assert!(check_listen(any, Some("")).is_err());
+    }
+}

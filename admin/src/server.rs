@@ -1,0 +1,446 @@
+//! The admin HTTP server of stdd and tmd: one request per connection, every connection bounded in time and size, a bounded number of them, and no request waiting behind another.
+//!
+//! Built on hyper (HTTP/1.1) over a current-thread tokio runtime on the
+//! caller's thread; handlers are plain blocking functions run on tokio's
+//! blocking pool, so a slow handler (a table change) never delays a quick
+//! one (`/healthz`). What a hostile or careless client can do is bounded:
+//!
+//! * request head: [`Limits::max_header_bytes`], within [`Limits::header_timeout`];
+//! * the bearer token is checked on the head, before any body is read;
+//! * body: at most [`Limits::max_body_bytes`] (413), within [`Limits::body_timeout`] (408);
+//! * a whole connection lives at most [`Limits::deadline`] (a client that
+//!   pipelines requests and never reads the answers is cut there);
+//! * at most [`Limits::max_connections`] at once: a new connection beyond
+//!   that closes the oldest one still waiting for its head, or is closed
+//!   itself when every one is busy;
+//! * out of file descriptors (EMFILE), the oldest idle connection is closed
+//!   and the accept retried: the endpoint never dies of it.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::auth;
+
+/// What bounds the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// Time from accept to the end of the request head.
+    pub header_timeout: Duration,
+    /// Time to receive the body once the head is in.
+    pub body_timeout: Duration,
+    /// Longest life of one connection, answer included.
+    pub deadline: Duration,
+    /// Largest request head (hyper's read buffer; at least 8 KiB).
+    pub max_header_bytes: usize,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+}
+
+/// Default connections at once (a cluster's nodes and operators need a few).
+pub const MAX_CONNECTIONS: usize = 128;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: MAX_CONNECTIONS,
+            header_timeout: Duration::from_secs(2),
+            body_timeout: Duration::from_secs(10),
+            deadline: Duration::from_secs(30),
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// A request as a handler sees it: complete, authorised, bounded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// `GET`, `POST`, …
+    pub method: String,
+    /// The path, without the query.
+    pub path: String,
+    /// The query string, without `?` (empty when none).
+    pub query: String,
+    /// The body.
+    pub body: Vec<u8>,
+    /// Who sent it.
+    pub peer: SocketAddr,
+}
+
+impl Request {
+    /// The body as UTF-8 text.
+    pub fn text(&self) -> Result<&str, Reply> {
+        std::str::from_utf8(&self.body).map_err(|_| Reply::text(400, "the body is not UTF-8 text"))
+    }
+
+    /// The body as JSON of type `T`.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, Reply> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| Reply::text(400, format!("unreadable request body: {e}")))
+    }
+}
+
+/// A handler's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// Content type.
+    pub content_type: &'static str,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// Plain text, newline-terminated.
+    pub fn text(status: u16, body: impl Into<String>) -> Reply {
+        let mut body = body.into();
+        if !body.ends_with('\n') {
+            body.push('\n');
+        }
+        Reply {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into_bytes(),
+        }
+    }
+
+    /// JSON of `value`.
+    pub fn json(status: u16, value: &impl Serialize) -> Reply {
+        match serde_json::to_vec(value) {
+            Ok(body) => Reply {
+                status,
+                content_type: "application/json",
+                body,
+            },
+            Err(e) => Reply::text(500, format!("answer not serialisable: {e}")),
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn metrics(body: String) -> Reply {
+        Reply {
+            status: 200,
+            content_type: "text/plain; version=0.0.4",
+            body: body.into_bytes(),
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The loopback rule refused the configuration.
+    #[error("{0}")]
+    Insecure(String),
+    /// The listen address cannot be bound.
+    #[error("admin.listen {listen}: {source}")]
+    Bind {
+        /// The address.
+        listen: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The runtime could not start.
+    #[error("admin endpoint runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// What the server counted.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Idle connections closed to make room (limit reached, or out of file descriptors).
+    pub shed_idle: AtomicU64,
+    /// New connections closed at once because every open one was busy.
+    pub refused: AtomicU64,
+    /// Accept errors (EMFILE, …).
+    pub accept_errors: AtomicU64,
+}
+
+/// Something that answers requests; any `Fn(Request) -> Reply` is one.
+pub trait Handler: Send + Sync + 'static {
+    /// The answer to `req` (may block: it runs on a blocking thread).
+    fn handle(&self, req: Request) -> Reply;
+}
+
+impl<F: Fn(Request) -> Reply + Send + Sync + 'static> Handler for F {
+    fn handle(&self, req: Request) -> Reply {
+        self(req)
+    }
+}
+
+/// A bound admin endpoint, ready to [`serve`](Server::serve).
+#[derive(Debug)]
+pub struct Server {
+    listener: std::net::TcpListener,
+    token: Option<String>,
+    limits: Limits,
+    stats: Arc<ServerStats>,
+}
+
+struct Conn {
+    busy: AtomicBool,
+    evicted: AtomicBool,
+    kill: Notify,
+}
+
+#[derive(Default)]
+struct Conns {
+    next: AtomicU64,
+    open: Mutex<BTreeMap<u64, Arc<Conn>>>,
+}
+
+impl Conns {
+    fn add(&self) -> (u64, Arc<Conn>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let c = Arc::new(Conn {
+            busy: AtomicBool::new(false),
+            evicted: AtomicBool::new(false),
+            kill: Notify::new(),
+        });
+        self.lock().insert(id, Arc::clone(&c));
+        (id, c)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Conn>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Connections open and not being closed.
+    fn live(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|c| !c.evicted.load(Ordering::Relaxed))
+            .count()
+    }
+
+    /// Closes the oldest connection still waiting for its request head.
+    fn evict_oldest_idle(&self) -> bool {
+        let open = self.lock();
+        let victim = open
+            .values()
+            .find(|c| !c.busy.load(Ordering::Relaxed) && !c.evicted.load(Ordering::Relaxed));
+        match victim {
+            Some(c) => {
+                c.evicted.store(true, Ordering::Relaxed);
+                c.kill.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+struct Shared {
+    handler: Arc<dyn Handler>,
+    token: Option<String>,
+    limits: Limits,
+    conns: Conns,
+    stats: Arc<ServerStats>,
+}
+
+impl Server {
+    /// Binds `listen`, refusing an endpoint off loopback without a token.
+    pub fn bind(
+        listen: SocketAddr,
+        token: Option<String>,
+        limits: Limits,
+    ) -> Result<Server, ServerError> {
+        auth::check_listen(listen, token.as_deref()).map_err(ServerError::Insecure)?;
+        let bind = |e| ServerError::Bind { listen, source: e };
+        let listener = std::net::TcpListener::bind(listen).map_err(bind)?;
+        listener.set_nonblocking(true).map_err(bind)?;
+        Ok(Server {
+            listener,
+            token: token.filter(|t| !t.is_empty()),
+            limits,
+            stats: Arc::default(),
+        })
+    }
+
+    /// The bound address (a port of 0 is resolved).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// The server's counters (shared with the running server).
+    pub fn stats(&self) -> Arc<ServerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Serves until `stop` is set (checked every 100 ms), on this thread.
+    pub fn serve(self, handler: Arc<dyn Handler>, stop: &AtomicBool) -> Result<(), ServerError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(32)
+            .build()
+            .map_err(ServerError::Runtime)?;
+        let shared = Arc::new(Shared {
+            handler,
+            token: self.token,
+            limits: self.limits,
+            conns: Conns::default(),
+            stats: self.stats,
+        });
+        let std_listener = self.listener;
+        let result = rt.block_on(async {
+            let listener =
+                tokio::net::TcpListener::from_std(std_listener).map_err(ServerError::Runtime)?;
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let mut last_warning: Option<Instant> = None;
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, peer)) => accept(&shared, stream, peer),
+                        Err(e) => {
+                            shared.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                            // Out of descriptors (EMFILE, ENFILE) or the
+                            // like: make room, wait a little, go on.
+                            let shed = shared.conns.evict_oldest_idle();
+                            if shed {
+                                shared.stats.shed_idle.fetch_add(1, Ordering::Relaxed);
+                            }
+                            if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                                log::warn!("admin: accept: {e}{}", if shed { " (closed the oldest idle connection)" } else { "" });
+                                last_warning = Some(Instant::now());
+                            }
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    },
+                    _ = tick.tick() => if stop.load(Ordering::Relaxed) { break },
+                }
+            }
+            Ok(())
+        });
+        rt.shutdown_timeout(Duration::from_secs(1));
+        result
+    }
+}
+
+fn accept(shared: &Arc<Shared>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+    shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    if shared.conns.live() >= shared.limits.max_connections {
+        if shared.conns.evict_oldest_idle() {
+            shared.stats.shed_idle.fetch_add(1, Ordering::Relaxed);
+        } else {
+            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            return;
+        }
+    }
+    let (id, conn) = shared.conns.add();
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        let io = TokioIo::new(stream);
+        let svc = {
+            let (shared, conn) = (Arc::clone(&shared), Arc::clone(&conn));
+            service_fn(move |req| respond(req, peer, Arc::clone(&conn), Arc::clone(&shared)))
+        };
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(shared.limits.header_timeout)
+            .max_buf_size(shared.limits.max_header_bytes.max(8192))
+            .keep_alive(false);
+        let connection = builder.serve_connection(io, svc);
+        tokio::select! {
+            _ = tokio::time::timeout(shared.limits.deadline, connection) => {}
+            _ = conn.kill.notified() => {}
+        }
+        shared.conns.lock().remove(&id);
+    });
+}
+
+type Answer = hyper::Response<Full<Bytes>>;
+
+fn answer(reply: Reply) -> Answer {
+    let mut r = hyper::Response::new(Full::new(Bytes::from(reply.body)));
+    *r.status_mut() = hyper::StatusCode::from_u16(reply.status)
+        .unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(reply.content_type));
+    r
+}
+
+async fn respond(
+    req: hyper::Request<Incoming>,
+    peer: SocketAddr,
+    conn: Arc<Conn>,
+    shared: Arc<Shared>,
+) -> Result<Answer, Infallible> {
+    conn.busy.store(true, Ordering::Relaxed);
+    let auth = req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes);
+    if !auth::authorised(shared.token.as_deref(), auth) {
+        return Ok(answer(Reply::text(401, "missing or wrong bearer token")));
+    }
+    let max = shared.limits.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Ok(answer(Reply::text(
+            413,
+            format!("request body larger than {max} bytes"),
+        )));
+    }
+    let (parts, body) = req.into_parts();
+    let collected = tokio::time::timeout(
+        shared.limits.body_timeout,
+        Limited::new(body, max).collect(),
+    )
+    .await;
+    let body = match collected {
+        Err(_) => {
+            return Ok(answer(Reply::text(
+                408,
+                format!(
+                    "request body not received within {} s",
+                    shared.limits.body_timeout.as_secs_f64()
+                ),
+            )))
+        }
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Ok(answer(Reply::text(
+                413,
+                format!("request body larger than {max} bytes"),
+            )))
+        }
+        Ok(Err(e)) => return Ok(answer(Reply::text(400, format!("request body: {e}")))),
+        Ok(Ok(c)) => c.to_bytes().to_vec(),
+    };
+    let request = Request {
+        method: parts.method.as_str().to_string(),
+        path: parts.uri.path().to_string(),
+        query: parts.uri.query().unwrap_or("").to_string(),
+        body,
+        peer,
+    };
+    let handler = Arc::clone(&shared.handler);
+    let reply = tokio::task::spawn_blocking(move || handler.handle(request))
+        .await
+        .unwrap_or_else(|e| {
+            log::error!("admin: a handler failed: {e}");
+            Reply::text(500, "the handler failed")
+        });
+    Ok(answer(reply))
+}

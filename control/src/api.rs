@@ -1,0 +1,270 @@
+//! The admin API's messages: what stdd, tmd and stdctl send each other, as serde types; a table is named by its version and its content checksum together.
+//!
+//! Answers are parsed strictly: a field an answer must carry is an error
+//! when it is missing, never a default; [`TmTransition::check`] and
+//! [`DistributorTransition::check`] refuse answers whose fields contradict
+//! their phase. Unknown fields are accepted (a newer node may add some).
+
+use std::fmt;
+use std::net::IpAddr;
+
+use allocation::{file, AllocationTable};
+use serde::{Deserialize, Serialize};
+
+/// A table's identity: version and content checksum. Two tables with one
+/// version and different contents are different tables.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TableId {
+    /// The table's version.
+    pub version: u64,
+    /// The checksum of its contents (`fnv1a64:…`, as in the table file).
+    pub checksum: String,
+}
+
+impl TableId {
+    /// The identity of `table`.
+    pub fn of(table: &AllocationTable) -> Self {
+        TableId {
+            version: table.version(),
+            checksum: file::checksum(table),
+        }
+    }
+}
+
+impl fmt::Display for TableId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "version {} ({})", self.version, self.checksum)
+    }
+}
+
+/// Where a distributor is in a transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DistributorPhase {
+    /// One table, no transition.
+    Idle,
+    /// Steering by a new table, keeping the previous one for moved buckets.
+    Switched,
+    /// Switched, and new flows in moved buckets start on their new owner.
+    Open,
+}
+
+/// A distributor's `GET /transition` (and its answer to switch and open).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DistributorTransition {
+    /// The phase.
+    pub state: DistributorPhase,
+    /// The running table's version.
+    pub version: u64,
+    /// The running table's checksum.
+    pub checksum: String,
+    /// The previous table's version while switched.
+    #[serde(default)]
+    pub previous_version: Option<u64>,
+    /// The previous table's checksum while switched.
+    #[serde(default)]
+    pub previous_checksum: Option<String>,
+    /// Buckets whose owner the transition changes.
+    #[serde(default)]
+    pub moved_buckets: Option<usize>,
+    /// Flows remembered in moved buckets, all workers.
+    pub remembered_flows: u64,
+    /// Flows the transition memory had no room for.
+    pub overflows: u64,
+}
+
+impl DistributorTransition {
+    /// The running table.
+    pub fn table(&self) -> TableId {
+        TableId {
+            version: self.version,
+            checksum: self.checksum.clone(),
+        }
+    }
+
+    /// The previous table while switched.
+    pub fn previous(&self) -> Option<TableId> {
+        Some(TableId {
+            version: self.previous_version?,
+            checksum: self.previous_checksum.clone()?,
+        })
+    }
+
+    /// Refuses an answer whose fields contradict its phase.
+    pub fn check(&self) -> Result<(), String> {
+        let switched = self.state != DistributorPhase::Idle;
+        match (switched, self.previous_version, &self.previous_checksum) {
+            (true, Some(_), Some(_)) | (false, None, None) => Ok(()),
+            (true, _, _) => Err(format!(
+                "state {:?} without previous_version and previous_checksum",
+                self.state
+            )),
+            (false, _, _) => Err("state idle with a previous table".into()),
+        }
+    }
+}
+
+/// Where a TM is in a transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TmPhase {
+    /// One table, no transition.
+    Idle,
+    /// A next table is prepared: only ports valid under both are handed out.
+    Prepared,
+}
+
+/// A TM's `GET /transition` (and its answer to prepare).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TmTransition {
+    /// The phase.
+    pub phase: TmPhase,
+    /// The running table's version.
+    pub current: u64,
+    /// The running table's checksum.
+    pub current_checksum: String,
+    /// The prepared table's version.
+    #[serde(default)]
+    pub next: Option<u64>,
+    /// The prepared table's checksum.
+    #[serde(default)]
+    pub next_checksum: Option<String>,
+    /// Open connections in buckets the prepared table moves away (prepared only).
+    #[serde(default)]
+    pub connections_in_moved_buckets: Option<u64>,
+    /// Self-source ports in use in buckets the prepared table moves away (prepared only).
+    #[serde(default)]
+    pub ports_in_moved_buckets: Option<u64>,
+}
+
+impl TmTransition {
+    /// The running table.
+    pub fn current(&self) -> TableId {
+        TableId {
+            version: self.current,
+            checksum: self.current_checksum.clone(),
+        }
+    }
+
+    /// The prepared table.
+    pub fn next(&self) -> Option<TableId> {
+        Some(TableId {
+            version: self.next?,
+            checksum: self.next_checksum.clone()?,
+        })
+    }
+
+    /// Refuses an answer whose fields contradict its phase.
+    pub fn check(&self) -> Result<(), String> {
+        match self.phase {
+            TmPhase::Prepared => {
+                for (name, present) in [
+                    ("next", self.next.is_some()),
+                    ("next_checksum", self.next_checksum.is_some()),
+                    (
+                        "connections_in_moved_buckets",
+                        self.connections_in_moved_buckets.is_some(),
+                    ),
+                ] {
+                    if !present {
+                        return Err(format!("phase prepared without {name}"));
+                    }
+                }
+                Ok(())
+            }
+            TmPhase::Idle if self.next.is_some() || self.next_checksum.is_some() => {
+                Err("phase idle with a next table".into())
+            }
+            TmPhase::Idle => Ok(()),
+        }
+    }
+}
+
+/// A self-source port another TM holds: `["addr", port]` on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldPort(pub IpAddr, pub u16);
+
+/// `POST /transition/prepare` to a TM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrepareRequest {
+    /// The next table, as its file text.
+    pub table: String,
+    /// For a TM joining (no bucket now, some in the next table): the ports
+    /// the members hold in moving buckets, which it must not take.
+    #[serde(default)]
+    pub held: Option<Vec<HeldPort>>,
+}
+
+/// The answer to `POST /transition/commit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitAnswer {
+    /// The table now running alone.
+    pub table: TableId,
+    /// Why the committed table could not be written where the daemon reads
+    /// it at start (a restart would then come back on an older table).
+    #[serde(default)]
+    pub persist_error: Option<String>,
+}
+
+/// The answer to `POST /transition/abort`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AbortAnswer {
+    /// The table now running alone.
+    pub table: TableId,
+    /// False when there was nothing to abort (the node was idle already).
+    pub aborted: bool,
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn a_tm_answer_missing_a_field_is_an_error_not_a_default() {
+        // A restarted tmd answering `{}`.
+        assert!(serde_json::from_str::<TmTransition>("{}").is_err());
+        let no_count: TmTransition = serde_json::from_str(
+            r#"{"phase":"prepared","current":4,"current_checksum":"a","next":5,"next_checksum":"b"}"#,
+        )
+        .expect("parses");
+        assert_eq!(
+            no_count.check(),
+            Err("phase prepared without connections_in_moved_buckets".into())
+        );
+        // A count that is not an integer.
+        assert!(serde_json::from_str::<TmTransition>(
+            r#"{"phase":"prepared","current":4,"current_checksum":"a","next":5,"next_checksum":"b","connections_in_moved_buckets":"3"}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<TmTransition>(
+            r#"{"phase":"prepared","current":4,"current_checksum":"a","next":5,"next_checksum":"b","connections_in_moved_buckets":-1}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<TmTransition>(
+            r#"{"phase":"sleeping","current":4,"current_checksum":"a"}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn held_ports_are_pairs_on_the_wire() {
+        let r = PrepareRequest {
+            table: "t".into(),
+            held: Some(vec![HeldPort("10.20.0.100".parse().expect("ip"), 4242)]),
+        };
+        let text = serde_json::to_string(&r).expect("json");
+        assert_eq!(text, r#"{"table":"t","held":[["10.20.0.100",4242]]}"#);
+        assert_eq!(
+            serde_json::from_str::<PrepareRequest>(&text).expect("back"),
+            r
+        );
+        assert!(
+            serde_json::from_str::<PrepareRequest>(r#"{"table":"t","held":"10.0.0.1"}"#).is_err()
+        );
+        assert!(serde_json::from_str::<PrepareRequest>(
+            r#"{"table":"t","held":[["10.0.0.1",70000]]}"#
+        )
+        .is_err());
+    }
+}

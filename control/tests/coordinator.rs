@@ -1,0 +1,624 @@
+//! The transition coordinator against scripted in-memory nodes that time out, answer garbage or errors, die after a phase or come back on another table: the cluster always ends committed on one table, rolled back, or stopped switched with the culprits named — never split.
+
+use std::time::Duration;
+
+use allocation::{AllocationTable, GroupSpec, HashKey, MacAddr, Profile, Tm};
+use control::api::{
+    AbortAnswer, CommitAnswer, DistributorPhase, DistributorTransition, HeldPort, TableId, TmPhase,
+    TmTransition,
+};
+use control::coordinator::{Answer, Call, CallError, NodeId, Outcome, Push, PushSpec, Step};
+use proptest::prelude::*;
+
+fn table(version: u64, profile: Profile) -> AllocationTable {
+    let tms = (0..3)
+        .map(|i| Tm {
+            id: i,
+            name: format!("tm{i}"),
+            mac: MacAddr([2, 0x53, 0x54, 0, 0, i as u8 + 1]),
+            weight: 1,
+            group: 0,
+        })
+        .collect();
+    let t = AllocationTable::new(
+        4,
+        HashKey::from_bytes([6; 16]),
+        tms,
+        vec![GroupSpec::default_group(Profile::Uniform)],
+    )
+    .expect("table");
+    if version == 4 {
+        return t;
+    }
+    t.rebalance(0, &profile).expect("rebalance").table
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// No answer, nothing done.
+    Silent,
+    /// Done, but the answer is lost (a time-out after the fact).
+    Lost,
+    /// 500, nothing done.
+    Error500,
+    /// 200 with a body that is not the message (`{}`), done.
+    Garbage,
+    /// Dead from now on.
+    Die,
+    /// Restarts now, back on the table it started with, then answers.
+    Restart,
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    table: TableId,
+    other: Option<TableId>,
+    open: bool,
+    dead: bool,
+    calls: usize,
+    /// The table it starts with (the last one it committed).
+    disk: TableId,
+    moving: Vec<u64>,
+    polls: usize,
+}
+
+struct Fake {
+    dists: Vec<Node>,
+    tms: Vec<Node>,
+    faults: Vec<(NodeId, usize, Fault)>,
+    /// Faults of every drain question (GET /transition) to a TM.
+    state_faults: Vec<(NodeId, Fault)>,
+    said: Vec<String>,
+}
+
+impl Fake {
+    fn new(from: &TableId, moving: Vec<u64>) -> Self {
+        let node = Node {
+            table: from.clone(),
+            other: None,
+            open: false,
+            dead: false,
+            calls: 0,
+            disk: from.clone(),
+            moving,
+            polls: 0,
+        };
+        Fake {
+            dists: vec![node.clone(), node.clone()],
+            tms: vec![node.clone(), node.clone(), node],
+            faults: Vec::new(),
+            state_faults: Vec::new(),
+            said: Vec::new(),
+        }
+    }
+
+    fn node(&mut self, n: NodeId) -> &mut Node {
+        match n {
+            NodeId::Distributor(i) => &mut self.dists[i],
+            NodeId::Tm(i) => &mut self.tms[i],
+        }
+    }
+
+    fn dist_state(n: &Node) -> DistributorTransition {
+        DistributorTransition {
+            state: match (&n.other, n.open) {
+                (None, _) => DistributorPhase::Idle,
+                (Some(_), false) => DistributorPhase::Switched,
+                (Some(_), true) => DistributorPhase::Open,
+            },
+            version: n.table.version,
+            checksum: n.table.checksum.clone(),
+            previous_version: n.other.as_ref().map(|p| p.version),
+            previous_checksum: n.other.as_ref().map(|p| p.checksum.clone()),
+            moved_buckets: n.other.as_ref().map(|_| 1),
+            remembered_flows: 0,
+            overflows: 0,
+        }
+    }
+
+    fn tm_state(n: &mut Node) -> TmTransition {
+        let moving = n.other.as_ref().map(|_| {
+            let m = n.moving.get(n.polls).copied().unwrap_or(0);
+            n.polls += 1;
+            m
+        });
+        TmTransition {
+            phase: if n.other.is_some() {
+                TmPhase::Prepared
+            } else {
+                TmPhase::Idle
+            },
+            current: n.table.version,
+            current_checksum: n.table.checksum.clone(),
+            next: n.other.as_ref().map(|t| t.version),
+            next_checksum: n.other.as_ref().map(|t| t.checksum.clone()),
+            connections_in_moved_buckets: moving,
+            ports_in_moved_buckets: moving,
+        }
+    }
+
+    /// What a real node does with `call` (the node semantics of stdd and tmd).
+    fn apply(&mut self, id: NodeId, call: &Call, to: &TableId) -> Result<Answer, CallError> {
+        let conflict = |s: &str| Err(CallError::Status(409, s.into()));
+        let n = self.node(id);
+        match (id, call) {
+            (NodeId::Tm(_), Call::Prepare(_)) => match &n.other {
+                Some(t) if t == to => Ok(Answer::Tm(Self::tm_state(n))),
+                Some(_) => conflict("another transition is prepared"),
+                None if n.table == *to => Ok(Answer::Tm(Self::tm_state(n))),
+                None => {
+                    n.other = Some(to.clone());
+                    n.polls = 0;
+                    Ok(Answer::Tm(Self::tm_state(n)))
+                }
+            },
+            (NodeId::Tm(_), Call::HeldPorts) => Ok(Answer::Held(vec![HeldPort(
+                "10.20.0.100".parse().expect("ip"),
+                4242,
+            )])),
+            (NodeId::Tm(_), Call::TmState) => Ok(Answer::Tm(Self::tm_state(n))),
+            (NodeId::Distributor(_), Call::Switch(_)) => match &n.other {
+                Some(_) if n.table == *to => Ok(Answer::Distributor(Self::dist_state(n))),
+                Some(_) => conflict("already switched"),
+                None if n.table == *to => Ok(Answer::Distributor(Self::dist_state(n))),
+                None => {
+                    n.other = Some(std::mem::replace(&mut n.table, to.clone()));
+                    n.open = false;
+                    Ok(Answer::Distributor(Self::dist_state(n)))
+                }
+            },
+            (NodeId::Distributor(_), Call::Open(t)) => {
+                if n.table != *t {
+                    return conflict("not switched to this table");
+                }
+                if n.other.is_some() {
+                    n.open = true;
+                }
+                Ok(Answer::Distributor(Self::dist_state(n)))
+            }
+            (NodeId::Distributor(_), Call::DistributorState) => {
+                Ok(Answer::Distributor(Self::dist_state(n)))
+            }
+            (NodeId::Distributor(_), Call::Commit(t)) => {
+                if n.table != *t {
+                    return conflict("not switched to this table");
+                }
+                n.other = None;
+                n.open = false;
+                n.disk = t.clone();
+                Ok(Answer::Committed(CommitAnswer {
+                    table: t.clone(),
+                    persist_error: None,
+                }))
+            }
+            (NodeId::Tm(_), Call::Commit(t)) => match &n.other {
+                Some(x) if x == t => {
+                    n.table = t.clone();
+                    n.disk = t.clone();
+                    n.other = None;
+                    Ok(Answer::Committed(CommitAnswer {
+                        table: t.clone(),
+                        persist_error: None,
+                    }))
+                }
+                None if n.table == *t => Ok(Answer::Committed(CommitAnswer {
+                    table: t.clone(),
+                    persist_error: None,
+                })),
+                _ => conflict("not prepared for this table"),
+            },
+            (NodeId::Distributor(_), Call::Abort(t)) => match &n.other {
+                Some(_) if t.as_ref().is_none_or(|t| *t == n.table) => {
+                    n.table = n.other.take().expect("previous");
+                    n.open = false;
+                    Ok(Answer::Aborted(AbortAnswer {
+                        table: n.table.clone(),
+                        aborted: true,
+                    }))
+                }
+                Some(_) => conflict("switched to another table"),
+                None if t.as_ref() == Some(&n.table) => conflict("committed already"),
+                None => Ok(Answer::Aborted(AbortAnswer {
+                    table: n.table.clone(),
+                    aborted: false,
+                })),
+            },
+            (NodeId::Tm(_), Call::Abort(t)) => match &n.other {
+                Some(x) if t.as_ref().is_none_or(|t| t == x) => {
+                    n.other = None;
+                    Ok(Answer::Aborted(AbortAnswer {
+                        table: n.table.clone(),
+                        aborted: true,
+                    }))
+                }
+                Some(_) => conflict("prepared for another table"),
+                None if t.as_ref() == Some(&n.table) => conflict("committed already"),
+                None => Ok(Answer::Aborted(AbortAnswer {
+                    table: n.table.clone(),
+                    aborted: false,
+                })),
+            },
+            _ => Err(CallError::Status(404, "not found".into())),
+        }
+    }
+
+    fn carry(&mut self, id: NodeId, call: &Call, to: &TableId) -> Result<Answer, CallError> {
+        let k = {
+            let n = self.node(id);
+            n.calls += 1;
+            n.calls
+        };
+        let fault = self
+            .faults
+            .iter()
+            .find(|&&(n, c, _)| n == id && c == k)
+            .map(|&(_, _, f)| f)
+            .or_else(|| {
+                self.state_faults
+                    .iter()
+                    .find(|&&(n, _)| n == id && *call == Call::TmState)
+                    .map(|&(_, f)| f)
+            });
+        if fault == Some(Fault::Die) {
+            self.node(id).dead = true;
+        }
+        if self.node(id).dead {
+            return Err(CallError::NoAnswer("connection refused".into()));
+        }
+        match fault {
+            None | Some(Fault::Die) => self.apply(id, call, to),
+            Some(Fault::Silent) => Err(CallError::NoAnswer("timed out".into())),
+            Some(Fault::Error500) => Err(CallError::Status(500, "scripted".into())),
+            Some(Fault::Lost) => {
+                let _ = self.apply(id, call, to);
+                Err(CallError::NoAnswer("timed out".into()))
+            }
+            Some(Fault::Garbage) => {
+                let _ = self.apply(id, call, to);
+                Err(CallError::Garbage("missing field `phase`".into()))
+            }
+            Some(Fault::Restart) => {
+                let n = self.node(id);
+                // Comes back on the table it last committed.
+                n.table = n.disk.clone();
+                n.other = None;
+                n.open = false;
+                n.polls = 0;
+                self.apply(id, call, to)
+            }
+        }
+    }
+
+    fn run(&mut self, push: &mut Push) -> Outcome {
+        let to = push.target().clone();
+        let mut now = Duration::ZERO;
+        for _ in 0..100_000 {
+            match push.step(now) {
+                Step::Call(node, call) => {
+                    now += Duration::from_millis(1);
+                    let r = self.carry(node, &call, &to);
+                    push.answer(r, now);
+                }
+                Step::WaitUntil(t) => {
+                    assert!(t > now, "waits move forward");
+                    now = t;
+                }
+                Step::Say(line) => self.said.push(line),
+                Step::Done(o) => return o,
+            }
+        }
+        panic!("the push does not end");
+    }
+
+    fn all(&self) -> Vec<(String, &Node)> {
+        let d = self.dists.iter().enumerate().map(|(i, n)| (dname(i), n));
+        let t = self
+            .tms
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (format!("tm{i}"), n));
+        d.chain(t).collect()
+    }
+}
+
+fn dname(i: usize) -> String {
+    ["front", "back"][i].to_string()
+}
+
+fn spec(force: bool) -> PushSpec {
+    PushSpec {
+        distributors: vec![dname(0), dname(1)],
+        tms: (0..3).map(|i| (i, format!("tm{i}"))).collect(),
+        drain_window: Duration::from_secs(5),
+        poll: Duration::from_millis(250),
+        attempts: 3,
+        force,
+    }
+}
+
+fn tables() -> (AllocationTable, AllocationTable) {
+    (
+        table(4, Profile::Uniform),
+        table(
+            5,
+            Profile::Custom {
+                weights: vec![2.0, 1.0, 1.0],
+            },
+        ),
+    )
+}
+
+/// The property every ending must have: committed → every node runs `to`
+/// alone; rolled back → every node not named runs `from` alone; stopped →
+/// every distributor not named steers by `to`, and every TM not named is
+/// prepared for or runs `to`.
+fn check_ending(fake: &Fake, outcome: &Outcome, from: &TableId, to: &TableId) {
+    let named = |name: &str, text: &str| text.contains(name);
+    match outcome {
+        Outcome::Committed(s) => {
+            assert_eq!(&s.to, to);
+            for (name, n) in fake.all() {
+                if n.dead {
+                    continue;
+                }
+                assert_eq!(&n.table, to, "{name} committed");
+                assert!(n.other.is_none(), "{name} alone on the new table");
+            }
+        }
+        Outcome::RolledBack {
+            cause,
+            not_rolled_back,
+        } => {
+            let listed = not_rolled_back.join("; ");
+            for (name, n) in fake.all() {
+                if named(&name, &listed) {
+                    continue;
+                }
+                assert!(!n.dead || named(&name, cause), "{name} dead but not named");
+                if n.dead {
+                    continue;
+                }
+                assert_eq!(&n.table, from, "{name} rolled back ({cause})");
+                assert!(n.other.is_none(), "{name} left in a transition ({cause})");
+            }
+        }
+        Outcome::Stopped { cause } => {
+            for (name, n) in fake.all() {
+                if named(&name, cause) || n.dead {
+                    continue;
+                }
+                if name.starts_with("tm") {
+                    assert!(
+                        n.other.as_ref() == Some(to) || (&n.table == to && n.other.is_none()),
+                        "{name} neither prepared for nor on {to} ({cause})"
+                    );
+                } else {
+                    assert_eq!(&n.table, to, "{name} steers by the new table ({cause})");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_clean_push_waits_for_the_drain_then_commits_everything() {
+    let (from, to) = tables();
+    let mut fake = Fake::new(&TableId::of(&from), vec![4, 2, 0]);
+    let mut push = Push::new(spec(false), &from, &to).expect("push");
+    let out = fake.run(&mut push);
+    let Outcome::Committed(s) = &out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(s.moving_at_commit, 0);
+    // Prepare answered 4, the first round 2, the second 0.
+    assert!(
+        s.drain >= Duration::from_millis(250),
+        "waited for the drain: {:?}",
+        s.drain
+    );
+    check_ending(&fake, &out, &TableId::of(&from), &TableId::of(&to));
+}
+
+#[test]
+fn a_tm_of_unknown_state_is_never_drained() {
+    // Defect 1: no answer, 500, `{}` — each is unknown, not "0 left".
+    for fault in [Fault::Silent, Fault::Error500, Fault::Garbage] {
+        let (from, to) = tables();
+        let mut fake = Fake::new(&TableId::of(&from), vec![0]);
+        fake.state_faults.push((NodeId::Tm(1), fault));
+        let mut push = Push::new(spec(false), &from, &to).expect("push");
+        let out = fake.run(&mut push);
+        let Outcome::Stopped { cause } = &out else {
+            panic!("{fault:?}: {out:?}")
+        };
+        assert!(
+            cause.contains("tm1") && cause.contains("unknown"),
+            "{cause}"
+        );
+        // Nothing committed; everyone still switched or prepared.
+        check_ending(&fake, &out, &TableId::of(&from), &TableId::of(&to));
+        assert!(
+            fake.dists.iter().all(|d| d.other.is_some()),
+            "{fault:?}: left switched"
+        );
+        assert!(fake
+            .said
+            .iter()
+            .any(|l| l.contains("tm1") && l.contains("not counted as drained")));
+        // With --force the operator commits regardless.
+        let mut fake = Fake::new(&TableId::of(&from), vec![0]);
+        fake.state_faults.push((NodeId::Tm(1), fault));
+        let mut push = Push::new(spec(true), &from, &to).expect("push");
+        let out = fake.run(&mut push);
+        let Outcome::Committed(s) = &out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(s.unknown_at_commit.len(), 1, "{s:?}");
+        assert!(s.drain >= Duration::from_secs(5), "waited the whole window");
+    }
+}
+
+#[test]
+fn a_tm_restarted_during_the_drain_is_prepared_again_not_counted_as_drained() {
+    let (from, to) = tables();
+    let mut fake = Fake::new(&TableId::of(&from), vec![3, 3, 0]);
+    fake.faults.push((NodeId::Tm(2), 2, Fault::Restart));
+    let mut push = Push::new(spec(false), &from, &to).expect("push");
+    let out = fake.run(&mut push);
+    assert!(matches!(out, Outcome::Committed(_)), "{out:?}");
+    assert!(
+        fake.said
+            .iter()
+            .any(|l| l.contains("tm2") && l.contains("prepared again")),
+        "{:?}",
+        fake.said
+    );
+    check_ending(&fake, &out, &TableId::of(&from), &TableId::of(&to));
+    // Restarted on another table (not the one it ran): unknown, never drained.
+    let mut fake = Fake::new(&TableId::of(&from), vec![0]);
+    fake.tms[2].disk = TableId {
+        version: 3,
+        checksum: "fnv1a64:0".into(),
+    };
+    fake.faults.push((NodeId::Tm(2), 2, Fault::Restart));
+    let mut push = Push::new(spec(false), &from, &to).expect("push");
+    let out = fake.run(&mut push);
+    let Outcome::Stopped { cause } = &out else {
+        panic!("{out:?}")
+    };
+    assert!(cause.contains("tm2"), "{cause}");
+}
+
+#[test]
+fn a_timed_out_prepare_or_switch_is_rolled_back_too() {
+    // Defect 2: the node whose call timed out may have acted: it is aborted.
+    for (node, k) in [(NodeId::Tm(1), 1), (NodeId::Distributor(1), 1)] {
+        let (from, to) = tables();
+        let mut fake = Fake::new(&TableId::of(&from), vec![0]);
+        fake.faults.push((node, k, Fault::Lost));
+        let mut push = Push::new(spec(false), &from, &to).expect("push");
+        let out = fake.run(&mut push);
+        let Outcome::RolledBack {
+            not_rolled_back, ..
+        } = &out
+        else {
+            panic!("{out:?}")
+        };
+        assert!(not_rolled_back.is_empty(), "{not_rolled_back:?}");
+        check_ending(&fake, &out, &TableId::of(&from), &TableId::of(&to));
+    }
+}
+
+#[test]
+fn a_node_that_dies_after_switch_is_named_not_rolled_back() {
+    let (from, to) = tables();
+    let mut fake = Fake::new(&TableId::of(&from), vec![0]);
+    // back: switch (1) ok, then dies at open (2): rollback cannot reach it.
+    fake.faults.push((NodeId::Distributor(1), 2, Fault::Die));
+    let mut push = Push::new(spec(false), &from, &to).expect("push");
+    let out = fake.run(&mut push);
+    let Outcome::RolledBack {
+        not_rolled_back,
+        cause,
+    } = &out
+    else {
+        panic!("{out:?}")
+    };
+    assert!(cause.contains("back"), "{cause}");
+    assert_eq!(not_rolled_back.len(), 1, "{not_rolled_back:?}");
+    assert!(
+        not_rolled_back[0].starts_with("back: "),
+        "{not_rolled_back:?}"
+    );
+    check_ending(&fake, &out, &TableId::of(&from), &TableId::of(&to));
+    // Rollback retried before giving up.
+    assert_eq!(fake.dists[1].calls, 2 + 3);
+}
+
+#[test]
+fn a_rollback_retries_a_node_that_answers_late() {
+    let (from, to) = tables();
+    let mut fake = Fake::new(&TableId::of(&from), vec![0]);
+    fake.faults
+        .push((NodeId::Distributor(1), 1, Fault::Error500)); // switch fails
+    fake.faults.push((NodeId::Distributor(0), 3, Fault::Silent)); // first abort lost
+    let mut push = Push::new(spec(false), &from, &to).expect("push");
+    let out = fake.run(&mut push);
+    let Outcome::RolledBack {
+        not_rolled_back, ..
+    } = &out
+    else {
+        panic!("{out:?}")
+    };
+    assert!(not_rolled_back.is_empty(), "{not_rolled_back:?}");
+    check_ending(&fake, &out, &TableId::of(&from), &TableId::of(&to));
+}
+
+#[test]
+fn a_distributor_restarted_on_the_old_table_is_switched_again_before_the_commit() {
+    let (from, to) = tables();
+    let mut fake = Fake::new(&TableId::of(&from), vec![2, 0]);
+    // front: switch, open, then (3) the state question before commit: restarted.
+    fake.faults
+        .push((NodeId::Distributor(0), 3, Fault::Restart));
+    let mut push = Push::new(spec(false), &from, &to).expect("push");
+    let out = fake.run(&mut push);
+    assert!(matches!(out, Outcome::Committed(_)), "{out:?}");
+    check_ending(&fake, &out, &TableId::of(&from), &TableId::of(&to));
+    assert!(fake.said.iter().any(|l| l.contains("switching it again")));
+}
+
+#[test]
+fn a_second_push_of_the_same_table_resumes() {
+    let (from, to) = tables();
+    let mut fake = Fake::new(&TableId::of(&from), vec![0]);
+    fake.state_faults.push((NodeId::Tm(0), Fault::Silent));
+    let mut push = Push::new(spec(false), &from, &to).expect("push");
+    let out = fake.run(&mut push);
+    assert!(matches!(out, Outcome::Stopped { .. }), "{out:?}");
+    fake.state_faults.clear();
+    let mut again = Push::new(spec(false), &from, &to).expect("push");
+    let out = fake.run(&mut again);
+    assert!(matches!(out, Outcome::Committed(_)), "{out:?}");
+    check_ending(&fake, &out, &TableId::of(&from), &TableId::of(&to));
+}
+
+#[test]
+fn an_older_table_and_a_drain_with_a_join_are_refused_before_anything() {
+    let (from, to) = tables();
+    assert!(Push::new(spec(false), &to, &from)
+        .expect_err("older")
+        .contains("not newer"));
+}
+
+fn fault() -> impl Strategy<Value = Fault> {
+    prop_oneof![
+        Just(Fault::Silent),
+        Just(Fault::Lost),
+        Just(Fault::Error500),
+        Just(Fault::Garbage),
+        Just(Fault::Die),
+        Just(Fault::Restart),
+    ]
+}
+
+fn node() -> impl Strategy<Value = NodeId> {
+    prop_oneof![
+        (0usize..2).prop_map(NodeId::Distributor),
+        (0usize..3).prop_map(NodeId::Tm),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, failure_persistence: None, ..ProptestConfig::default() })]
+    /// Whatever fails, wherever: never split.
+    #[test]
+    fn never_split(faults in proptest::collection::vec((node(), 1usize..12, fault()), 0..5), force in any::<bool>()) {
+        let (from, to) = tables();
+        let mut fake = Fake::new(&TableId::of(&from), vec![3, 1, 0]);
+        fake.faults = faults;
+        let mut push = Push::new(spec(force), &from, &to).expect("push");
+        let out = fake.run(&mut push);
+        check_ending(&fake, &out, &TableId::of(&from), &TableId::of(&to));
+    }
+}
