@@ -165,6 +165,15 @@ pub enum TableError {
         /// TMs in the table.
         tms: usize,
     },
+    /// A table version beyond what the table file can hold (TOML integers
+    /// are signed 64-bit): creating or bumping to it is refused.
+    #[error("table version {version} is out of range (the largest is {max})")]
+    VersionRange {
+        /// The version asked for (for a bump: the version it starts from, plus one, saturated).
+        version: u64,
+        /// The largest version a table may have ([`crate::table::MAX_VERSION`]).
+        max: u64,
+    },
     /// A swap offered a table that is not newer than the running one.
     #[error("table version {offered} is not newer than the running version {current}")]
     StaleVersion {
@@ -221,6 +230,24 @@ pub enum FileError {
         path: String,
         /// The I/O error.
         error: std::io::Error,
+    },
+    /// The path is not a regular file (after following symbolic links): a
+    /// directory, a FIFO, a device such as `/dev/zero`, a socket. Refused
+    /// before anything is read from it.
+    #[error("{path}: not a regular file ({kind}); a table file must be a regular file")]
+    NotRegular {
+        /// File path.
+        path: String,
+        /// What it is instead (`directory`, `FIFO`, `character device`, …).
+        kind: &'static str,
+    },
+    /// The file is larger than a table file can be.
+    #[error("{path}: larger than {max} bytes, the most a table file may be")]
+    TooLarge {
+        /// File path.
+        path: String,
+        /// The limit ([`crate::file::MAX_FILE_BYTES`]).
+        max: u64,
     },
     /// The file is not valid TOML or does not have the table's shape.
     #[error("not a valid table file: {0}")]

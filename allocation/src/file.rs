@@ -13,7 +13,8 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::hash::Hasher;
-use std::path::Path;
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
 
 use fnv::FnvHasher;
 use serde::Deserialize;
@@ -125,7 +126,7 @@ pub fn parse(text: &str) -> Result<AllocationTable, FileError> {
 pub fn parse_unverified(text: &str) -> Result<(AllocationTable, Checksum), FileError> {
     let doc: toml::Table = text
         .parse()
-        .map_err(|e: toml::de::Error| FileError::Syntax(one_line(&e.to_string())))?;
+        .map_err(|e: toml::de::Error| syntax(text, &e))?;
     match doc.get("format") {
         None => return Err(field("format", "missing (expected format = 1)")),
         Some(toml::Value::Integer(f)) if *f == i64::from(FORMAT) => {}
@@ -139,6 +140,24 @@ pub fn parse_unverified(text: &str) -> Result<(AllocationTable, Checksum), FileE
             return Err(field(
                 "format",
                 format!("expected an integer, found {}", other.type_str()),
+            ))
+        }
+    }
+    match doc.get("version") {
+        Some(toml::Value::Integer(v)) if *v < 0 => {
+            return Err(field(
+                "version",
+                format!("{v} is out of range: {VERSION_RANGE}"),
+            ))
+        }
+        Some(toml::Value::Integer(_)) | None => {}
+        Some(other) => {
+            return Err(field(
+                "version",
+                format!(
+                    "expected an integer, found {} ({VERSION_RANGE})",
+                    other.type_str()
+                ),
             ))
         }
     }
@@ -409,45 +428,217 @@ pub fn load(path: impl AsRef<Path>) -> Result<AllocationTable, FileError> {
     parse(&read(path.as_ref())?)
 }
 
-/// Reads a table file's text, refusing files over [`MAX_FILE_BYTES`].
+/// Opens without blocking where `O_NONBLOCK` has the generic Linux value
+/// (`libc` is not a dependency of this crate): opening a FIFO then returns
+/// at once instead of waiting for a writer, and the open file is refused as
+/// not regular. Elsewhere the type check before the open is the guard; it
+/// leaves only the race of a path replaced in between.
+#[cfg(all(
+    any(target_os = "linux", target_os = "android"),
+    any(
+        target_arch = "x86",
+        target_arch = "x86_64",
+        target_arch = "arm",
+        target_arch = "aarch64",
+        target_arch = "riscv64"
+    )
+))]
+fn nonblocking(options: &mut std::fs::OpenOptions) {
+    use std::os::unix::fs::OpenOptionsExt;
+    const O_NONBLOCK: i32 = 0o4000;
+    options.custom_flags(O_NONBLOCK);
+}
+
+#[cfg(not(all(
+    any(target_os = "linux", target_os = "android"),
+    any(
+        target_arch = "x86",
+        target_arch = "x86_64",
+        target_arch = "arm",
+        target_arch = "aarch64",
+        target_arch = "riscv64"
+    )
+)))]
+fn nonblocking(_: &mut std::fs::OpenOptions) {}
+
+/// Refuses anything but a regular file, naming what it is.
+fn regular(path: &Path, meta: &std::fs::Metadata) -> Result<(), FileError> {
+    let t = meta.file_type();
+    if t.is_file() {
+        return Ok(());
+    }
+    let kind = if t.is_dir() {
+        "directory"
+    } else if t.is_symlink() {
+        "symbolic link"
+    } else {
+        unix_kind(&t)
+    };
+    Err(FileError::NotRegular {
+        path: path.display().to_string(),
+        kind,
+    })
+}
+
+#[cfg(unix)]
+fn unix_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_fifo() {
+        "FIFO"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else if t.is_socket() {
+        "socket"
+    } else {
+        "special file"
+    }
+}
+
+#[cfg(not(unix))]
+fn unix_kind(_: &std::fs::FileType) -> &'static str {
+    "special file"
+}
+
+/// Reads a table file's text: only a regular file (symbolic links
+/// followed), at most [`MAX_FILE_BYTES`], UTF-8.
+///
+/// The type is checked on the path before opening, so a FIFO or a device
+/// is never opened for reading (opening a FIFO waits for a writer), then
+/// again on the open file, in case the path changed in between; the read
+/// itself is bounded, whatever the file's metadata claims.
 pub fn read(path: &Path) -> Result<String, FileError> {
     let io = |error| FileError::Io {
         path: path.display().to_string(),
         error,
     };
-    let meta = std::fs::metadata(path).map_err(io)?;
+    let too_large = || FileError::TooLarge {
+        path: path.display().to_string(),
+        max: MAX_FILE_BYTES,
+    };
+    regular(path, &std::fs::metadata(path).map_err(io)?)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    nonblocking(&mut options);
+    let file = options.open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    regular(path, &meta)?;
     if meta.len() > MAX_FILE_BYTES {
-        return Err(field(
-            path.display().to_string(),
-            format!(
-                "{} bytes; a table file is at most {MAX_FILE_BYTES}",
-                meta.len()
-            ),
-        ));
+        return Err(too_large());
     }
-    let bytes = std::fs::read(path).map_err(io)?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_large());
+    }
     String::from_utf8(bytes)
         .map_err(|e| field(path.display().to_string(), format!("not UTF-8 text: {e}")))
 }
 
+/// The file a path finally names: symbolic links followed (relative ones
+/// against their own directory), the last one possibly dangling.
+fn final_target(path: &Path) -> std::io::Result<PathBuf> {
+    let mut p = path.to_path_buf();
+    // As many links as Linux follows (ELOOP beyond).
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let next = std::fs::read_link(&p)?;
+                p = match p.parent() {
+                    Some(dir) if next.is_relative() => dir.join(next),
+                    _ => next,
+                };
+            }
+            _ => return Ok(p),
+        }
+    }
+    Err(std::io::Error::other("too many levels of symbolic links"))
+}
+
 /// Writes a table file atomically (a temporary file in the same directory,
 /// then a rename), so a reader never sees half a table.
+///
+/// A symbolic link is written through: the file it points to is replaced
+/// (the temporary file goes next to that file) and the link stays. An
+/// existing file keeps its permission bits (a table holds the cluster's
+/// key: a file made private stays private).
 pub fn save(path: impl AsRef<Path>, table: &AllocationTable) -> Result<(), FileError> {
     let path = path.as_ref();
     let io = |error| FileError::Io {
         path: path.display().to_string(),
         error,
     };
-    let name = path
+    let target = final_target(path).map_err(io)?;
+    let permissions = match std::fs::metadata(&target) {
+        Ok(m) => {
+            regular(path, &m)?;
+            Some(m.permissions())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(e)),
+    };
+    let name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, render(table)).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(|e| {
+    let tmp = target.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        // A stale temporary file (same pid, an earlier crash) is replaced;
+        // create_new never follows a link planted under its name.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        if let Some(p) = &permissions {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            // Never wider than the final mode, even before the chmod below.
+            options.mode(p.mode() & 0o777);
+        }
+        let mut file = options.open(&tmp)?;
+        file.write_all(render(table).as_bytes())?;
+        if let Some(p) = &permissions {
+            file.set_permissions(p.clone())?;
+        }
+        file.sync_all()?;
+        std::fs::rename(&tmp, &target)
+    };
+    write().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         io(e)
     })
+}
+
+const VERSION_RANGE: &str =
+    "a table version is at least 0 and at most 9223372036854775807 (TOML integers are signed 64-bit)";
+const _: () = assert!(crate::table::MAX_VERSION == 9_223_372_036_854_775_807);
+
+/// A TOML error as a [`FileError`]: an integer too large for TOML (i64) in
+/// the `version` line is named as such; anything else is a syntax error.
+fn syntax(text: &str, e: &toml::de::Error) -> FileError {
+    let line = e.span().and_then(|span| {
+        let start = text.get(..span.start)?.rfind('\n').map_or(0, |i| i + 1);
+        text.get(start..)?.lines().next()
+    });
+    if let Some((key, value)) = line.and_then(|l| l.split_once('=')) {
+        let value = value.split('#').next().unwrap_or("").trim();
+        let digits = value.strip_prefix('+').unwrap_or(value).replace('_', "");
+        if key.trim() == "version"
+            && !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit())
+        {
+            return field(
+                "version",
+                format!("{value} is out of range: {VERSION_RANGE}"),
+            );
+        }
+    }
+    FileError::Syntax(one_line(&e.to_string()))
 }
 
 fn one_line(s: &str) -> String {
@@ -562,6 +753,221 @@ mod test {
             Err(FileError::Io { .. })
         ));
         std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    /// A fresh directory per call: tests run in parallel.
+    fn scratch(what: &str) -> std::path::PathBuf {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("std-file-{what}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        dir
+    }
+
+    /// `load(path)` on another thread, given `secs` seconds: a hang is a failure.
+    fn load_within(path: &Path, secs: u64) -> Result<AllocationTable, FileError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.to_path_buf();
+        std::thread::spawn(move || {
+            let _ = tx.send(load(&p));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(secs))
+            .unwrap_or_else(|_| panic!("load({}) hung", path.display()))
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn devices_fifos_and_directories_are_refused_without_reading() {
+        let dir = scratch("kinds");
+        // A link to /dev/zero: its metadata says 0 bytes, reading never ends.
+        let zero = dir.join("zero.toml");
+        std::os::unix::fs::symlink("/dev/zero", &zero).expect("symlink");
+        match load_within(&zero, 20) {
+            Err(FileError::NotRegular { kind, .. }) => assert_eq!(kind, "character device"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        // A FIFO nobody writes to: opening it for reading would block forever.
+        let fifo = dir.join("fifo.toml");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        match load_within(&fifo, 20) {
+            Err(FileError::NotRegular { kind, .. }) => assert_eq!(kind, "FIFO"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        // A link to a FIFO, and a directory.
+        let link = dir.join("link.toml");
+        std::os::unix::fs::symlink(&fifo, &link).expect("symlink");
+        assert!(matches!(
+            load_within(&link, 20),
+            Err(FileError::NotRegular { kind: "FIFO", .. })
+        ));
+        let e = load_within(&dir, 20).map(|_| ()).expect_err("a directory");
+        assert!(
+            e.to_string().contains("not a regular file (directory)"),
+            "{e}"
+        );
+        // A regular file over the limit (sparse: nothing is written).
+        let big = dir.join("big.toml");
+        std::fs::File::create(&big)
+            .and_then(|f| f.set_len(MAX_FILE_BYTES + 1))
+            .expect("big");
+        assert!(matches!(
+            load_within(&big, 20),
+            Err(FileError::TooLarge { .. })
+        ));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn save_writes_through_a_symlink_and_keeps_the_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("link");
+        std::fs::create_dir_all(dir.join("real")).expect("dir");
+        let target = dir.join("real").join("t.toml");
+        save(&target, &uniform(3)).expect("save");
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        // A relative link, as operators make them.
+        let link = dir.join("current.toml");
+        std::os::unix::fs::symlink("real/t.toml", &link).expect("symlink");
+        let next = uniform(4).with_version(7);
+        save(&link, &next).expect("save through the link");
+        let meta = std::fs::symlink_metadata(&link).expect("link");
+        assert!(meta.file_type().is_symlink(), "the link was replaced");
+        assert_eq!(load(&target).expect("target"), next);
+        assert_eq!(
+            std::fs::metadata(&target)
+                .expect("target")
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600,
+            "the mode was not kept"
+        );
+        // No temporary file is left behind, in either directory.
+        for d in [dir.clone(), dir.join("real")] {
+            for e in std::fs::read_dir(&d).expect("list") {
+                let name = e.expect("entry").file_name();
+                assert!(
+                    !name.to_string_lossy().contains(".tmp-"),
+                    "{name:?} left in {}",
+                    d.display()
+                );
+            }
+        }
+        // A plain file keeps its mode too.
+        save(&target, &uniform(5)).expect("save");
+        assert_eq!(
+            std::fs::metadata(&target)
+                .expect("target")
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn bad_profile_parameters_are_refused_naming_the_parameter() {
+        let gaussian = uniform(4)
+            .rebalance(
+                0,
+                &Profile::Gaussian {
+                    mean: Some(1.5),
+                    sigma: Some(2.0),
+                },
+            )
+            .expect("rebalance")
+            .table;
+        let g = render(&gaussian);
+        assert!(g.contains("mean = 1.5, sigma = 2.0"), "{g}");
+        let custom = uniform(4)
+            .rebalance(
+                0,
+                &Profile::Custom {
+                    weights: vec![1.0, 2.0, 3.0, 4.0],
+                },
+            )
+            .expect("rebalance")
+            .table;
+        let c = render(&custom);
+        assert!(c.contains("weights = [1.0, 2.0, 3.0, 4.0]"), "{c}");
+        for (text, from, to, named) in [
+            (&g, "sigma = 2.0", "sigma = nan", "sigma"),
+            (&g, "sigma = 2.0", "sigma = -1.0", "sigma"),
+            (&g, "sigma = 2.0", "sigma = 0.0", "sigma"),
+            (&g, "sigma = 2.0", "sigma = inf", "sigma"),
+            (&g, "mean = 1.5", "mean = inf", "mean"),
+            (&g, "mean = 1.5", "mean = -nan", "mean"),
+            (
+                &c,
+                "[1.0, 2.0, 3.0, 4.0]",
+                "[1.0, 2.0, 3.0]",
+                "3 weights for 4",
+            ),
+            (
+                &c,
+                "[1.0, 2.0, 3.0, 4.0]",
+                "[1.0, 2.0, 3.0, 4.0, 5.0]",
+                "5 weights for 4",
+            ),
+            (
+                &c,
+                "[1.0, 2.0, 3.0, 4.0]",
+                "[1.0, -2.0, 3.0, 4.0]",
+                "weights[1]",
+            ),
+            (
+                &c,
+                "[1.0, 2.0, 3.0, 4.0]",
+                "[1.0, 2.0, nan, 4.0]",
+                "weights[2]",
+            ),
+            (
+                &c,
+                "[1.0, 2.0, 3.0, 4.0]",
+                "[1.0, 2.0, 3.0, inf]",
+                "weights[3]",
+            ),
+        ] {
+            let bad = text.replacen(from, to, 1);
+            assert_ne!(&bad, text);
+            // Refused even on the seal path, so seal never writes what verify rejects.
+            match parse_unverified(&bad) {
+                Ok((t, _)) => panic!("{to} accepted; it renders as {}", render(&t)),
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(e.contains(named), "{to}: {e}");
+                    assert!(e.contains("group 'default'"), "{to}: {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn versions_outside_toml_integers_are_refused() {
+        let text = render(&uniform(3));
+        // The largest version round-trips.
+        let top = render(&uniform(3).with_version(i64::MAX as u64));
+        assert_eq!(parse(&top).expect("i64::MAX").version(), i64::MAX as u64);
+        for v in [
+            "9223372036854775808",
+            "18446744073709551615",
+            "99999999999999999999999",
+            "-1",
+            "1.5",
+            "\"2\"",
+        ] {
+            let bad = text.replacen("version = 1\n", &format!("version = {v}\n"), 1);
+            let e = parse_unverified(&bad).map(|_| ()).expect_err(v).to_string();
+            assert!(e.starts_with("version: "), "{v}: {e}");
+            assert!(e.contains("at most 9223372036854775807"), "{v}: {e}");
+        }
     }
 
     proptest! {

@@ -64,12 +64,55 @@ impl Profile {
         }
     }
 
+    /// Checks the profile's parameters for a group of `members` TMs: `mean`
+    /// finite, `sigma` finite and > 0, a `custom` profile with exactly one
+    /// finite weight >= 0 per member. The error names the parameter. Tables
+    /// hold only profiles that pass ([`crate::AllocationTable::from_parts`]),
+    /// so a table file never carries a value TOML cannot write (`NaN`).
+    pub fn validate(&self, members: usize) -> Result<(), ProfileError> {
+        match self {
+            Profile::Uniform | Profile::Weighted => {}
+            Profile::Gaussian { mean, sigma } => {
+                if let Some(m) = mean {
+                    check("mean", *m, false)?;
+                }
+                if let Some(s) = sigma {
+                    check("sigma", *s, true)?;
+                }
+            }
+            Profile::Rayleigh { sigma } => {
+                if let Some(s) = sigma {
+                    check("sigma", *s, true)?;
+                }
+            }
+            Profile::Custom { weights } => {
+                if weights.len() != members {
+                    return Err(ProfileError::CustomLength {
+                        given: weights.len(),
+                        tms: members,
+                    });
+                }
+                for (i, &w) in weights.iter().enumerate() {
+                    if !w.is_finite() || w < 0.0 {
+                        return Err(ProfileError::InvalidParameter {
+                            name: format!("weights[{i}]"),
+                            value: w,
+                            reason: "must be a finite number >= 0",
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Real-valued weights for `n` TMs whose capacities are `capacity`.
     fn densities(&self, capacity: &[u32]) -> Result<Vec<f64>, ProfileError> {
         let n = capacity.len();
         if n == 0 {
             return Err(ProfileError::NoTms);
         }
+        self.validate(n)?;
         let nf = n as f64;
         Ok(match self {
             Profile::Uniform => vec![1.0; n],
@@ -91,24 +134,7 @@ impl Profile {
                     .map(|i| tail(i as f64) - tail(i as f64 + 1.0))
                     .collect()
             }
-            Profile::Custom { weights } => {
-                if weights.len() != n {
-                    return Err(ProfileError::CustomLength {
-                        given: weights.len(),
-                        tms: n,
-                    });
-                }
-                for (i, &w) in weights.iter().enumerate() {
-                    if !w.is_finite() || w < 0.0 {
-                        return Err(ProfileError::InvalidParameter {
-                            name: format!("weights[{i}]"),
-                            value: w,
-                            reason: "must be a finite number >= 0",
-                        });
-                    }
-                }
-                weights.clone()
-            }
+            Profile::Custom { weights } => weights.clone(),
         })
     }
 

@@ -191,7 +191,7 @@ impl AllocationTable {
         }
         let optimum = moves.len();
         Ok(Change {
-            table: self.rebuilt(self.version() + 1, tms, groups)?,
+            table: self.rebuilt(self.next_version()?, tms, groups)?,
             moves,
             optimum,
         })
@@ -226,7 +226,7 @@ impl AllocationTable {
         let moves = apply(&mut groups, &tms, g, &targets)?;
         let optimum = moves.len();
         Ok(Change {
-            table: self.rebuilt(self.version() + 1, tms, groups)?,
+            table: self.rebuilt(self.next_version()?, tms, groups)?,
             moves,
             optimum,
         })
@@ -275,7 +275,7 @@ impl AllocationTable {
         }
         let optimum = moves.len();
         Ok(Change {
-            table: self.rebuilt(self.version() + 1, new_tms, groups)?,
+            table: self.rebuilt(self.next_version()?, new_tms, groups)?,
             moves,
             optimum,
         })

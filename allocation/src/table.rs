@@ -23,6 +23,11 @@ pub type TmIndex = u16;
 /// The most TMs a table can hold: one per bucket.
 pub const MAX_TMS: usize = TABLE_SIZE;
 
+/// The largest table version: the table file stores it as a TOML integer,
+/// which is signed 64-bit, so a larger version could be written but never
+/// read back. Tables beyond it cannot be built.
+pub const MAX_VERSION: u64 = i64::MAX as u64;
+
 /// A traffic manager as the table knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tm {
@@ -338,13 +343,16 @@ impl AllocationTable {
     /// group names; the first group without rules and every other group with
     /// at least one non-empty rule; every TM in an existing group; every group
     /// with at least one member; every bucket owned by a member of its group;
-    /// the equal-ports TM a member; prefix lengths in range.
+    /// the equal-ports TM a member; prefix lengths in range; every group's
+    /// profile parameters valid for its members ([`Profile::validate`]); the
+    /// version at most [`MAX_VERSION`].
     pub fn from_parts(
         version: u64,
         key: HashKey,
         tms: Vec<Tm>,
         groups: Vec<Group>,
     ) -> Result<Self, TableError> {
+        check_version(version)?;
         if tms.is_empty() || tms.len() > MAX_TMS {
             return Err(TableError::TmCount {
                 found: tms.len(),
@@ -452,6 +460,14 @@ impl AllocationTable {
                     tm: ep,
                 });
             }
+            let members = tms.iter().filter(|t| t.group == g).count();
+            group
+                .profile
+                .validate(members)
+                .map_err(|source| TableError::Profile {
+                    group: group.name.clone(),
+                    source,
+                })?;
         }
         if let Some(t) = tms.iter().find(|t| t.group >= groups.len()) {
             return Err(TableError::UnknownGroup {
@@ -473,9 +489,31 @@ impl AllocationTable {
     }
 
     /// The same table under another version number.
-    pub fn with_version(mut self, version: u64) -> Self {
+    ///
+    /// # Panics
+    ///
+    /// If `version` exceeds [`MAX_VERSION`]; for a version that comes from
+    /// input, use [`Self::try_with_version`].
+    pub fn with_version(self, version: u64) -> Self {
+        match self.try_with_version(version) {
+            Ok(t) => t,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// The same table under another version number, at most [`MAX_VERSION`].
+    pub fn try_with_version(mut self, version: u64) -> Result<Self, TableError> {
+        check_version(version)?;
         self.version = version;
-        self
+        Ok(self)
+    }
+
+    /// The version after this one, for the operations that bump it: an
+    /// error at [`MAX_VERSION`].
+    pub fn next_version(&self) -> Result<u64, TableError> {
+        let next = self.version.saturating_add(1);
+        check_version(next)?;
+        Ok(next)
     }
 
     /// The cluster's hash key.
@@ -666,6 +704,16 @@ impl AllocationTable {
     }
 }
 
+fn check_version(version: u64) -> Result<(), TableError> {
+    if version > MAX_VERSION {
+        return Err(TableError::VersionRange {
+            version,
+            max: MAX_VERSION,
+        });
+    }
+    Ok(())
+}
+
 /// Targets for `members` (in order) under `profile`, summing to 4096.
 pub(crate) fn profile_targets(
     profile: &Profile,
@@ -700,6 +748,7 @@ pub(crate) fn largest_target(members: &[TmIndex], targets: &[u32]) -> Option<TmI
 #[cfg(test)]
 pub(crate) mod test {
     use super::*;
+    use crate::error::ProfileError;
     use crate::rules::{proto, Protocol};
 
     /// A table of `n` TMs in the default group, uniform, with a fixed key.
@@ -954,5 +1003,102 @@ pub(crate) mod test {
         let b = Buckets::from_vec(owners, "x").expect("size");
         // 4094, 4095, 0, 1, 2 are all TM 0.
         assert_eq!(b.longest_run(), (0, 5));
+    }
+
+    #[test]
+    fn stored_profiles_are_validated_at_construction() {
+        let t = uniform(4);
+        let with = |profile: Profile| {
+            let mut groups = t.groups().to_vec();
+            groups[0].profile = profile;
+            AllocationTable::from_parts(t.version(), *t.key(), t.tms().to_vec(), groups)
+        };
+        let named = |r: Result<AllocationTable, TableError>| match r {
+            Err(TableError::Profile {
+                source: ProfileError::InvalidParameter { name, .. },
+                ..
+            }) => name,
+            Err(TableError::Profile {
+                source: ProfileError::CustomLength { given, tms },
+                ..
+            }) => format!("{given} for {tms}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        };
+        let gaussian = |mean, sigma| Profile::Gaussian {
+            mean: Some(mean),
+            sigma: Some(sigma),
+        };
+        assert_eq!(named(with(gaussian(1.0, f64::NAN))), "sigma");
+        assert_eq!(named(with(gaussian(1.0, -1.0))), "sigma");
+        assert_eq!(named(with(gaussian(f64::INFINITY, 1.0))), "mean");
+        assert_eq!(
+            named(with(Profile::Rayleigh {
+                sigma: Some(f64::NEG_INFINITY)
+            })),
+            "sigma"
+        );
+        let custom = |weights: &[f64]| Profile::Custom {
+            weights: weights.to_vec(),
+        };
+        assert_eq!(named(with(custom(&[1.0, 1.0, 1.0]))), "3 for 4");
+        assert_eq!(named(with(custom(&[]))), "0 for 4");
+        assert_eq!(named(with(custom(&[1.0, 1.0, -0.5, 1.0]))), "weights[2]");
+        assert_eq!(
+            named(with(custom(&[f64::NAN, 1.0, 1.0, 1.0]))),
+            "weights[0]"
+        );
+        // Valid parameters, defaults included, are accepted.
+        assert!(with(custom(&[1.0, 0.0, 2.0, 3.0])).is_ok());
+        assert!(with(gaussian(-3.0, 0.5)).is_ok());
+        assert!(with(Profile::Gaussian {
+            mean: None,
+            sigma: None
+        })
+        .is_ok());
+    }
+
+    #[test]
+    fn versions_beyond_i64_are_refused() {
+        let max = i64::MAX as u64;
+        let t = uniform(4);
+        let at = |v: u64| {
+            AllocationTable::from_parts(v, *t.key(), t.tms().to_vec(), t.groups().to_vec())
+        };
+        assert!(at(max).is_ok());
+        for v in [max + 1, u64::MAX] {
+            assert!(
+                matches!(at(v), Err(TableError::VersionRange { version, .. }) if version == v),
+                "{v}"
+            );
+            assert!(matches!(
+                AllocationTable::new(
+                    v,
+                    *t.key(),
+                    t.tms().to_vec(),
+                    vec![GroupSpec::default_group(Profile::Uniform)]
+                ),
+                Err(TableError::VersionRange { .. })
+            ));
+        }
+        // Operations that bump the version refuse to go past the top, without overflowing.
+        let top = at(max).expect("top");
+        assert!(matches!(
+            top.rebalance(0, &Profile::Weighted),
+            Err(TableError::VersionRange { .. })
+        ));
+        assert!(matches!(
+            top.remove_tm(0),
+            Err(TableError::VersionRange { .. })
+        ));
+        let mut extra = top.tms()[0].clone();
+        extra.id = 99;
+        extra.name = "tm99".into();
+        extra.mac = extra.mac.offset(99);
+        assert!(matches!(
+            top.add_tm(extra),
+            Err(TableError::VersionRange { .. })
+        ));
+        // A failover keeps the version: it still works at the top.
+        assert!(top.failover(&[0]).is_ok());
     }
 }

@@ -59,13 +59,13 @@ pub struct DistributorTransition {
     /// The running table's checksum.
     pub checksum: String,
     /// The previous table's version while switched.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_version: Option<u64>,
     /// The previous table's checksum while switched.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_checksum: Option<String>,
     /// Buckets whose owner the transition changes.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moved_buckets: Option<usize>,
     /// Flows remembered in moved buckets, all workers.
     pub remembered_flows: u64,
@@ -124,16 +124,16 @@ pub struct TmTransition {
     /// The running table's checksum.
     pub current_checksum: String,
     /// The prepared table's version.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<u64>,
     /// The prepared table's checksum.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_checksum: Option<String>,
     /// Open connections in buckets the prepared table moves away (prepared only).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connections_in_moved_buckets: Option<u64>,
     /// Self-source ports in use in buckets the prepared table moves away (prepared only).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports_in_moved_buckets: Option<u64>,
 }
 
@@ -192,7 +192,7 @@ pub struct PrepareRequest {
     pub table: String,
     /// For a TM joining (no bucket now, some in the next table): the ports
     /// the members hold in moving buckets, which it must not take.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<Vec<HeldPort>>,
 }
 
@@ -203,7 +203,7 @@ pub struct CommitAnswer {
     pub table: TableId,
     /// Why the committed table could not be written where the daemon reads
     /// it at start (a restart would then come back on an older table).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persist_error: Option<String>,
 }
 

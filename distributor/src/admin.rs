@@ -1,33 +1,43 @@
-//! stdd's admin endpoint: /metrics (Prometheus text), /healthz, GET and PUT /table, the transition (switch, commit, abort); a bearer token whenever one is configured.
+//! stdd's admin endpoint: /metrics (Prometheus text), /healthz, GET and PUT /table, the transition (switch, open, commit, abort) in the typed messages of `control::api`; served by the bounded server of the `admin` crate.
 //!
-//! Runs on its own thread (tiny_http). Counters are summed from the
-//! workers' published snapshots at scrape time; a table PUT is parsed,
-//! validated, turned into a plan, and swapped in atomically — or refused
-//! with the reason, leaving the running table untouched. A transition
-//! (DESIGN §4) switches to a new table keeping the running one as
-//! "previous" until commit (or abort, which goes back to it).
+//! A table PUT is parsed, validated, turned into a plan, and swapped in
+//! atomically — or refused with the reason, leaving the running table
+//! untouched. A transition (DESIGN §4) switches to a new table keeping the
+//! running one as "previous" until commit (or abort, which goes back to
+//! it). Tables are named by version and checksum: a different table with
+//! a running version is refused, naming both. Every transition step is
+//! idempotent for the same table, so a coordinator can retry and resume.
+//! A table installed by PUT or commit is written to the configured table
+//! file, where stdd reads it at start (docs/operations.md).
 
-use std::io::Read;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
+use admin_http::{Reply, Request};
 use allocation::{AllocationTable, SharedTable};
+use control::api::{AbortAnswer, CommitAnswer, DistributorPhase, DistributorTransition, TableId};
 use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::config::DistributorConfig;
 use crate::io::WorkerShared;
 use crate::steer::Plan;
 use crate::verdict::{Branch, Counters, Drop};
 
-/// Largest table accepted by PUT /table.
-pub const MAX_TABLE_BYTES: u64 = allocation::file::MAX_FILE_BYTES;
+/// Largest request body (a table file, with room for the framing).
+pub const MAX_BODY_BYTES: usize = allocation::file::MAX_FILE_BYTES as usize + 64 * 1024;
 
 /// A worker that has not published for this long is reported unhealthy.
 pub const STALE_AFTER_MS: u64 = 2000;
+
+/// The admin server's limits for stdd.
+pub fn limits() -> admin_http::Limits {
+    admin_http::Limits {
+        max_body_bytes: MAX_BODY_BYTES,
+        ..admin_http::Limits::default()
+    }
+}
 
 /// What the admin endpoint reads and changes.
 #[derive(Debug)]
@@ -40,13 +50,13 @@ pub struct AdminState {
     pub workers: Vec<Arc<WorkerShared>>,
     /// Table swaps so far (PUT /table and reloads).
     pub swaps: AtomicU64,
-    /// Required bearer token, if any.
-    pub token: Option<String>,
     /// TM liveness and failover state.
     pub failover: crate::failover::FailoverState,
     /// The in-kernel steering (afxdp with `workers.xdp_steer`), whose maps
     /// follow every plan change.
     pub kernel: Option<Arc<crate::xdp_steer::XdpSteer>>,
+    /// The admin server's counters, when it runs.
+    pub server: Option<Arc<admin_http::server::ServerStats>>,
 }
 
 impl AdminState {
@@ -61,133 +71,115 @@ impl AdminState {
     }
 }
 
-/// Serves admin requests until `stop` is set.
-pub fn serve(server: Server, state: Arc<AdminState>, stop: &AtomicBool) {
-    while !stop.load(Ordering::Relaxed) {
-        match server.recv_timeout(Duration::from_millis(100)) {
-            Ok(Some(req)) => handle(req, &state),
-            Ok(None) => {}
-            Err(e) => log::warn!("admin: {e}"),
+/// The handler the admin server runs for stdd.
+pub fn handler(state: Arc<AdminState>) -> Arc<dyn admin_http::server::Handler> {
+    Arc::new(move |req: Request| handle(&req, &state))
+}
+
+/// Writes `table` where stdd reads it at start; the error as text.
+fn persist(config: &DistributorConfig, table: &AllocationTable) -> Option<String> {
+    match allocation::file::save(&config.table, table) {
+        Ok(()) => None,
+        Err(e) => {
+            log::error!(
+                "table version {} installed but not saved to {}: {e} (a restart would start from the file's table)",
+                table.version(),
+                config.table.display()
+            );
+            Some(format!("{}: {e}", config.table.display()))
         }
     }
 }
 
-fn text(code: u16, body: impl Into<String>) -> Response<std::io::Cursor<Vec<u8>>> {
-    let mut body = body.into();
-    if !body.ends_with('\n') {
-        body.push('\n');
+/// Answers one request.
+pub fn handle(req: &Request, state: &AdminState) -> Reply {
+    match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/metrics") => match metrics(state) {
+            Ok(body) => Reply::metrics(body),
+            Err(e) => Reply::text(500, format!("metrics: {e}")),
+        },
+        ("GET", "/healthz") => {
+            let stale: Vec<usize> = state
+                .workers
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| w.age_ms() > STALE_AFTER_MS)
+                .map(|(i, _)| i)
+                .collect();
+            if stale.is_empty() {
+                Reply::text(
+                    200,
+                    format!("ok: table version {}", state.plan.load().table().version()),
+                )
+            } else {
+                Reply::text(
+                    503,
+                    format!("workers {stale:?} have not reported for over {STALE_AFTER_MS} ms"),
+                )
+            }
+        }
+        ("GET", "/table") => Reply::text(200, allocation::file::render(state.plan.load().table())),
+        ("GET", "/table/previous") => match state.plan.load().previous() {
+            Some(p) => Reply::text(200, allocation::file::render(p)),
+            None => Reply::text(404, "no transition is switched: no previous table"),
+        },
+        ("PUT", "/table") => put_table(req, state),
+        ("GET", "/transition") => Reply::json(200, &transition_state(state)),
+        ("POST", "/transition/switch") => switch(req, state),
+        ("POST", "/transition/open") => open(req, state),
+        ("POST", "/transition/commit") => commit(req, state),
+        ("POST", "/transition/abort") => abort(req, state),
+        (
+            _,
+            "/metrics" | "/healthz" | "/table" | "/table/previous" | "/transition"
+            | "/transition/switch" | "/transition/open" | "/transition/commit"
+            | "/transition/abort",
+        ) => Reply::text(405, "method not allowed"),
+        _ => Reply::text(
+            404,
+            "not found: /metrics, /healthz, /table[/previous], /transition[/switch|/open|/commit|/abort]",
+        ),
     }
-    Response::from_string(body).with_status_code(code)
 }
 
-fn authorised(req: &Request, token: &Option<String>) -> bool {
-    let Some(token) = token else { return true };
-    req.headers().iter().any(|h| {
-        h.field.equiv("Authorization")
-            && h.value
-                .as_str()
-                .strip_prefix("Bearer ")
-                .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), token.as_bytes()))
+/// The table in a request's body, parsed and validated.
+fn read_table(req: &Request, what: &str) -> Result<AllocationTable, Reply> {
+    let text = req.text()?;
+    allocation::file::parse(text).map_err(|e| Reply::text(400, format!("{what}: {e}")))
+}
+
+/// The table identity a step names in its body; none for an empty body
+/// (the step applies to the running transition, whatever it is).
+fn named_table(req: &Request) -> Result<Option<TableId>, Reply> {
+    if req.body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    req.json::<TableId>().map(Some)
+}
+
+/// Refuses a table with the running version and other contents.
+fn same_version_other_table(running: &AllocationTable, table: &AllocationTable) -> Option<Reply> {
+    let (a, b) = (TableId::of(running), TableId::of(table));
+    (a.version == b.version && a != b).then(|| {
+        Reply::text(
+            409,
+            format!("table rejected: it is version {} with checksum {}, but the running version {} has checksum {}: a different table with the same version", b.version, b.checksum, a.version, a.checksum),
+        )
     })
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn handle(mut req: Request, state: &AdminState) {
-    let path = req.url().split('?').next().unwrap_or("").to_string();
-    let response = if !authorised(&req, &state.token) {
-        text(401, "missing or wrong bearer token")
-    } else {
-        match (req.method(), path.as_str()) {
-            (Method::Get, "/metrics") => match metrics(state) {
-                Ok(body) => {
-                    let mut r = text(200, body);
-                    if let Ok(h) = Header::from_bytes("Content-Type", "text/plain; version=0.0.4") {
-                        r = r.with_header(h);
-                    }
-                    r
-                }
-                Err(e) => text(500, format!("metrics: {e}")),
-            },
-            (Method::Get, "/healthz") => {
-                let stale: Vec<usize> = state
-                    .workers
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, w)| w.age_ms() > STALE_AFTER_MS)
-                    .map(|(i, _)| i)
-                    .collect();
-                if stale.is_empty() {
-                    text(
-                        200,
-                        format!("ok: table version {}", state.plan.load().table().version()),
-                    )
-                } else {
-                    text(
-                        503,
-                        format!("workers {stale:?} have not reported for over {STALE_AFTER_MS} ms"),
-                    )
-                }
-            }
-            (Method::Get, "/table") => {
-                text(200, allocation::file::render(state.plan.load().table()))
-            }
-            (Method::Put, "/table") => put_table(&mut req, state),
-            (Method::Get, "/transition") => transition_state(state),
-            (Method::Post, "/transition/switch") => switch(&mut req, state),
-            (Method::Post, "/transition/open") => open(state),
-            (Method::Post, "/transition/commit") => commit(state),
-            (Method::Post, "/transition/abort") => abort(state),
-            (
-                _,
-                "/metrics" | "/healthz" | "/table" | "/transition" | "/transition/switch"
-                | "/transition/open" | "/transition/commit" | "/transition/abort",
-            ) => text(405, "method not allowed"),
-            _ => text(
-                404,
-                "not found: /metrics, /healthz, /table, /transition[/switch|/open|/commit|/abort]",
-            ),
-        }
-    };
-    if let Err(e) = req.respond(response) {
-        log::warn!("admin: response failed: {e}");
-    }
-}
-
-type Reply = Response<std::io::Cursor<Vec<u8>>>;
-
-/// The table in a request's body, parsed and validated.
-fn read_table(req: &mut Request) -> Result<AllocationTable, Reply> {
-    let mut body = String::new();
-    if let Err(e) = req
-        .as_reader()
-        .take(MAX_TABLE_BYTES + 1)
-        .read_to_string(&mut body)
-    {
-        return Err(text(400, format!("table rejected: unreadable body: {e}")));
-    }
-    if body.len() as u64 > MAX_TABLE_BYTES {
-        return Err(text(
-            413,
-            format!("table rejected: larger than {MAX_TABLE_BYTES} bytes"),
-        ));
-    }
-    allocation::file::parse(&body).map_err(|e| text(400, format!("table rejected: {e}")))
-}
-
-fn put_table(req: &mut Request, state: &AdminState) -> Reply {
-    let table = match read_table(req) {
+fn put_table(req: &Request, state: &AdminState) -> Reply {
+    let table = match read_table(req, "table rejected") {
         Ok(t) => t,
         Err(r) => return r,
     };
     let version = table.version();
     let Ok(config) = state.config.lock() else {
-        return text(500, "configuration lock poisoned");
+        return Reply::text(500, "configuration lock poisoned");
     };
-    if let Some(prev) = state.plan.load().previous() {
-        return text(
+    let current = state.plan.snapshot();
+    if let Some(prev) = current.previous() {
+        return Reply::text(
             409,
             format!(
                 "table rejected: a transition from version {} is switched: commit or abort it first",
@@ -195,9 +187,12 @@ fn put_table(req: &mut Request, state: &AdminState) -> Reply {
             ),
         );
     }
+    if let Some(r) = same_version_other_table(current.table(), &table) {
+        return r;
+    }
     let plan = match config.plan(table) {
         Ok(p) => p,
-        Err(e) => return text(400, format!("table rejected: {e}")),
+        Err(e) => return Reply::text(400, format!("table rejected: {e}")),
     };
     let installed = plan.table().clone();
     match state.change_plan(|| state.plan.swap(plan)) {
@@ -208,29 +203,37 @@ fn put_table(req: &mut Request, state: &AdminState) -> Reply {
                 "table version {} replaced by version {version} (PUT /table)",
                 old.table().version()
             );
-            text(200, format!("installed table version {version}"))
+            match persist(&config, &installed) {
+                None => Reply::text(200, format!("installed table version {version}")),
+                Some(e) => Reply::text(
+                    200,
+                    format!("installed table version {version}; warning: not saved ({e})"),
+                ),
+            }
         }
-        Err(e) => text(409, format!("table rejected: {e}")),
+        Err(e) => Reply::text(409, format!("table rejected: {e}")),
     }
 }
 
-/// GET /transition: the state as JSON.
-fn transition_state(state: &AdminState) -> Reply {
+/// GET /transition: the state.
+pub fn transition_state(state: &AdminState) -> DistributorTransition {
     let plan = state.plan.load();
     let (remembered, overflows) = transit_totals(state);
-    let body = serde_json::json!({
-        "state": match (plan.previous().is_some(), plan.is_open()) {
-            (false, _) => "idle",
-            (true, false) => "switched",
-            (true, true) => "open",
+    let previous = plan.previous().map(TableId::of);
+    DistributorTransition {
+        state: match (plan.previous().is_some(), plan.is_open()) {
+            (false, _) => DistributorPhase::Idle,
+            (true, false) => DistributorPhase::Switched,
+            (true, true) => DistributorPhase::Open,
         },
-        "version": plan.table().version(),
-        "previous_version": plan.previous().map(|p| p.version()),
-        "moved_buckets": plan.moved().map(|m| m.len()),
-        "remembered_flows": remembered,
-        "overflows": overflows,
-    });
-    text(200, body.to_string())
+        version: plan.table().version(),
+        checksum: allocation::file::checksum(plan.table()),
+        previous_version: previous.as_ref().map(|p| p.version),
+        previous_checksum: previous.map(|p| p.checksum),
+        moved_buckets: plan.moved().map(|m| m.len()),
+        remembered_flows: remembered,
+        overflows,
+    }
 }
 
 fn transit_totals(state: &AdminState) -> (u64, u64) {
@@ -245,25 +248,33 @@ fn transit_totals(state: &AdminState) -> (u64, u64) {
 }
 
 /// POST /transition/switch: the body's table becomes the running one, the
-/// running one its previous (DESIGN §4 step 2).
-fn switch(req: &mut Request, state: &AdminState) -> Reply {
-    let table = match read_table(req) {
+/// running one its previous (DESIGN §4 step 2). Already switched to (or
+/// committed) the same table: the state, unchanged.
+fn switch(req: &Request, state: &AdminState) -> Reply {
+    let table = match read_table(req, "switch refused") {
         Ok(t) => t,
         Err(r) => return r,
     };
     let Ok(config) = state.config.lock() else {
-        return text(500, "configuration lock poisoned");
+        return Reply::text(500, "configuration lock poisoned");
     };
     let current = state.plan.snapshot();
+    let wanted = TableId::of(&table);
+    if TableId::of(current.table()) == wanted {
+        return Reply::json(200, &transition_state(state));
+    }
     if let Some(prev) = current.previous() {
-        return text(
+        return Reply::text(
             409,
             format!(
-                "switch refused: already switched from version {} to {}",
-                prev.version(),
-                current.table().version()
+                "switch refused: already switched from {} to {}",
+                TableId::of(prev),
+                TableId::of(current.table())
             ),
         );
+    }
+    if let Some(r) = same_version_other_table(current.table(), &table) {
+        return r;
     }
     let version = table.version();
     let plan = match config.plan(table).map_err(|e| e.to_string()).and_then(|p| {
@@ -271,7 +282,7 @@ fn switch(req: &mut Request, state: &AdminState) -> Reply {
             .map_err(|e| e.to_string())
     }) {
         Ok(p) => p,
-        Err(e) => return text(400, format!("switch refused: {e}")),
+        Err(e) => return Reply::text(400, format!("switch refused: {e}")),
     };
     let moved = plan.moved().map(|m| m.len());
     let installed = plan.table().clone();
@@ -286,72 +297,142 @@ fn switch(req: &mut Request, state: &AdminState) -> Reply {
                     .map(|m| format!(", {m} buckets moved"))
                     .unwrap_or_default()
             );
-            text(200, format!("switched to table version {version}"))
+            Reply::json(200, &transition_state(state))
         }
-        Err(e) => text(409, format!("switch refused: {e}")),
+        Err(e) => Reply::text(409, format!("switch refused: {e}")),
     }
 }
 
 /// For the steps of a switched transition (open, commit, abort): the
 /// configuration lock, which serialises every table change, and the
-/// running plan — or the answer refusing `what`.
-fn switched<'a>(
-    state: &'a AdminState,
-    what: &str,
-) -> Result<(std::sync::MutexGuard<'a, DistributorConfig>, Arc<Plan>), Reply> {
+/// running plan.
+fn locked(
+    state: &AdminState,
+) -> Result<(std::sync::MutexGuard<'_, DistributorConfig>, Arc<Plan>), Reply> {
     let config = state
         .config
         .lock()
-        .map_err(|_| text(500, "configuration lock poisoned"))?;
-    let current = state.plan.snapshot();
-    if current.previous().is_none() {
-        return Err(text(
+        .map_err(|_| Reply::text(500, "configuration lock poisoned"))?;
+    Ok((config, state.plan.snapshot()))
+}
+
+/// Refuses a step naming another table than the running one.
+fn check_named(what: &str, named: Option<&TableId>, running: &TableId) -> Result<(), Reply> {
+    match named {
+        Some(n) if n != running => Err(Reply::text(
             409,
-            format!("{what} refused: no transition is switched"),
-        ));
+            format!("{what} refused: it names {n}, but this node runs {running}"),
+        )),
+        _ => Ok(()),
     }
-    Ok((config, current))
 }
 
 /// POST /transition/open: new flows in moved buckets start on their new
 /// owner (once every distributor has switched).
-fn open(state: &AdminState) -> Reply {
-    let (_config, current) = match switched(state, "open") {
+fn open(req: &Request, state: &AdminState) -> Reply {
+    let named = match named_table(req) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let (_config, current) = match locked(state) {
         Ok(s) => s,
         Err(r) => return r,
     };
-    if current.is_open() {
-        return text(200, "already open");
+    let running = TableId::of(current.table());
+    if let Err(r) = check_named("open", named.as_ref(), &running) {
+        return r;
     }
-    let v = current.table().version();
-    state.change_plan(|| state.plan.replace((*current).clone().opened()));
-    log::info!("transition: table version {v} open to new flows");
-    text(200, format!("table version {v} open to new flows"))
+    if current.previous().is_none() {
+        if named.is_some() {
+            // Committed already: nothing left to open.
+            return Reply::json(200, &transition_state(state));
+        }
+        return Reply::text(409, "open refused: no transition is switched");
+    }
+    if !current.is_open() {
+        state.change_plan(|| state.plan.replace((*current).clone().opened()));
+        log::info!(
+            "transition: table version {} open to new flows",
+            running.version
+        );
+    }
+    Reply::json(200, &transition_state(state))
 }
 
-/// POST /transition/commit: the previous table is dropped (DESIGN §4 step 3).
-fn commit(state: &AdminState) -> Reply {
-    let (_config, current) = match switched(state, "commit") {
+/// POST /transition/commit: the previous table is dropped (DESIGN §4 step
+/// 3) and the table saved where stdd starts from.
+fn commit(req: &Request, state: &AdminState) -> Reply {
+    let named = match named_table(req) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let (config, current) = match locked(state) {
         Ok(s) => s,
         Err(r) => return r,
     };
-    let prev = current.previous().map_or(0, |p| p.version());
-    let v = current.table().version();
+    let running = TableId::of(current.table());
+    if let Err(r) = check_named("commit", named.as_ref(), &running) {
+        return r;
+    }
+    let Some(prev) = current.previous() else {
+        if named.is_some() {
+            return Reply::json(
+                200,
+                &CommitAnswer {
+                    table: running,
+                    persist_error: None,
+                },
+            );
+        }
+        return Reply::text(409, "commit refused: no transition is switched");
+    };
+    let prev = prev.version();
     state.change_plan(|| state.plan.replace((*current).clone().without_previous()));
-    log::info!("transition: committed table version {v} (version {prev} dropped)");
-    text(200, format!("committed table version {v}"))
+    log::info!(
+        "transition: committed table version {} (version {prev} dropped)",
+        running.version
+    );
+    let persist_error = persist(&config, current.table());
+    Reply::json(
+        200,
+        &CommitAnswer {
+            table: running,
+            persist_error,
+        },
+    )
 }
 
 /// POST /transition/abort: back to the previous table. Flows that started
 /// on a new owner during the window follow the previous table again.
-fn abort(state: &AdminState) -> Reply {
-    let (config, current) = match switched(state, "abort") {
+/// Nothing switched: nothing to do (200, `aborted: false`).
+fn abort(req: &Request, state: &AdminState) -> Reply {
+    let named = match named_table(req) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let (config, current) = match locked(state) {
         Ok(s) => s,
         Err(r) => return r,
     };
+    let running = TableId::of(current.table());
     let Some(prev) = current.previous() else {
-        return text(409, "abort refused: no transition is switched");
+        if named.as_ref() == Some(&running) {
+            return Reply::text(
+                409,
+                format!("abort refused: {running} is committed here; roll back with a new version"),
+            );
+        }
+        return Reply::json(
+            200,
+            &AbortAnswer {
+                table: running,
+                aborted: false,
+            },
+        );
     };
+    if let Err(r) = check_named("abort", named.as_ref(), &running) {
+        return r;
+    }
     let v = prev.version();
     match config.plan(prev.clone()) {
         Ok(p) => {
@@ -360,11 +441,17 @@ fn abort(state: &AdminState) -> Reply {
             state.swaps.fetch_add(1, Ordering::Relaxed);
             log::warn!(
                 "transition: aborted, back to table version {v} from {}",
-                current.table().version()
+                running.version
             );
-            text(200, format!("aborted: back to table version {v}"))
+            Reply::json(
+                200,
+                &AbortAnswer {
+                    table: TableId::of(prev),
+                    aborted: true,
+                },
+            )
         }
-        Err(e) => text(500, format!("abort failed: {e}")),
+        Err(e) => Reply::text(500, format!("abort failed: {e}")),
     }
 }
 

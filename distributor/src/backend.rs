@@ -7,31 +7,74 @@
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::io::{Backend, Batch};
 use crate::pcap::{PcapError, Reader, Record, Writer};
 use crate::verdict::PortId;
 
-fn pcap_io(e: PcapError) -> io::Error {
-    match e {
-        PcapError::Io(e) => e,
-        other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
-    }
+/// An open input capture, its next record (read ahead to merge by time)
+/// and its path (for messages).
+#[derive(Debug)]
+struct Input {
+    reader: Reader<BufReader<File>>,
+    next: Option<Record>,
+    path: PathBuf,
 }
 
-/// An open input capture and its next record (read ahead to merge by time).
-type Input = (Reader<BufReader<File>>, Option<Record>);
+impl Input {
+    /// Reads ahead one record. A capture that ends inside a record (still
+    /// being written, or a copy cut short) ends there: the whole records
+    /// before it are all delivered, the cut one is counted in `truncated`
+    /// and logged with its byte offset. Other read errors end the input too
+    /// and are returned.
+    fn advance(&mut self, truncated: &mut u64) -> io::Result<()> {
+        self.next = match self.reader.next_record() {
+            Ok(r) => r,
+            Err(PcapError::Truncated {
+                index,
+                offset,
+                present,
+                expected,
+            }) => {
+                *truncated += 1;
+                log::warn!(
+                    "{}: the capture ends inside record {index} (at byte offset {offset}: {present} of its {expected} bytes present); the {index} whole records before it are used, the cut one is dropped",
+                    self.path.display()
+                );
+                None
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: at byte offset {}: {e}",
+                        self.path.display(),
+                        self.reader.offset()
+                    ),
+                ));
+            }
+        };
+        Ok(())
+    }
+}
 
 /// Capture files: each port may read frames from an input capture and
 /// write the frames sent out of it to an output capture. Inputs are merged
 /// in timestamp order.
+///
+/// An input whose last record is cut short ends with the record before it;
+/// the cut records are [`Backend::dropped`] frames (`std_backend_drops_total`).
 #[derive(Debug)]
 pub struct PcapFileBackend {
     inputs: Vec<Option<Input>>,
     outputs: Vec<Option<Writer<BufWriter<File>>>>,
     now_ts: u64,
+    truncated: u64,
+    /// A read error met while filling a batch, returned by the next `recv`
+    /// so that the frames already in the batch are steered first.
+    pending: Option<io::Error>,
 }
 
 impl PcapFileBackend {
@@ -39,16 +82,22 @@ impl PcapFileBackend {
     pub fn open(ports: &[(Option<&Path>, Option<&Path>)]) -> io::Result<Self> {
         let mut inputs = Vec::with_capacity(ports.len());
         let mut outputs = Vec::with_capacity(ports.len());
+        let mut truncated = 0;
         for &(input, output) in ports {
             inputs.push(match input {
                 Some(p) => {
                     let f = File::open(p)
                         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
-                    let mut r = Reader::new(BufReader::new(f)).map_err(|e| {
+                    let reader = Reader::new(BufReader::new(f)).map_err(|e| {
                         io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", p.display()))
                     })?;
-                    let first = r.next_record().map_err(pcap_io)?;
-                    Some((r, first))
+                    let mut input = Input {
+                        reader,
+                        next: None,
+                        path: p.to_path_buf(),
+                    };
+                    input.advance(&mut truncated)?;
+                    Some(input)
                 }
                 None => None,
             });
@@ -65,6 +114,8 @@ impl PcapFileBackend {
             inputs,
             outputs,
             now_ts: 0,
+            truncated,
+            pending: None,
         })
     }
 }
@@ -76,6 +127,9 @@ impl Backend for PcapFileBackend {
 
     fn recv(&mut self, batch: &mut Batch) -> io::Result<usize> {
         batch.clear();
+        if let Some(e) = self.pending.take() {
+            return Err(e);
+        }
         while batch.len() < batch.capacity() {
             // The input whose next record is the earliest.
             let next = self
@@ -84,18 +138,25 @@ impl Backend for PcapFileBackend {
                 .enumerate()
                 .filter_map(|(i, inp)| {
                     inp.as_ref()
-                        .and_then(|(_, r)| r.as_ref().map(|r| (r.ts_ns, i)))
+                        .and_then(|inp| inp.next.as_ref().map(|r| (r.ts_ns, i)))
                 })
                 .min();
             let Some((_, port)) = next else { break };
-            let Some((reader, slot)) = self.inputs[port].as_mut() else {
+            let Some(input) = self.inputs[port].as_mut() else {
                 break;
             };
-            let rec = slot.take();
-            *slot = reader.next_record().map_err(pcap_io)?;
+            let rec = input.next.take();
+            let read = input.advance(&mut self.truncated);
             if let Some(rec) = rec {
                 self.now_ts = rec.ts_ns;
                 batch.push(port as PortId, rec.ts_ns, &rec.data);
+            }
+            if let Err(e) = read {
+                if batch.is_empty() {
+                    return Err(e);
+                }
+                self.pending = Some(e);
+                break;
             }
         }
         Ok(batch.len())
@@ -115,10 +176,16 @@ impl Backend for PcapFileBackend {
         Ok(())
     }
 
+    fn dropped(&mut self) -> u64 {
+        self.truncated
+    }
+
     fn finished(&self) -> bool {
-        self.inputs
-            .iter()
-            .all(|i| i.as_ref().is_none_or(|(_, r)| r.is_none()))
+        self.pending.is_none()
+            && self
+                .inputs
+                .iter()
+                .all(|i| i.as_ref().is_none_or(|i| i.next.is_none()))
     }
 }
 

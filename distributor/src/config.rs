@@ -3,6 +3,7 @@
 //! Every key is documented in `docs/configuration.md`; defaults are the
 //! named constants below.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -305,20 +306,99 @@ pub struct DistributorConfig {
     pub failover: crate::failover::FailoverConfig,
 }
 
+/// Environment variables that override configuration keys: the prefix, one
+/// `_`, then the key, nested keys joined with `__` (`STD_TABLE` is
+/// `table`, `STD_ADMIN__LISTEN` is `admin.listen`). Key
+/// names are case-insensitive; unknown keys are errors, as in the file.
+pub const ENV_PREFIX: &str = "STD";
+
+/// The process's environment variables that start with `prefix` and `_`
+/// (any case); variables whose name or value is not UTF-8 are skipped.
+fn env_overrides(prefix: &str) -> HashMap<String, String> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| strip_prefix(prefix, k).is_some())
+        .collect()
+}
+
+/// The key part of variable `name`, if it has the prefix.
+fn strip_prefix<'a>(prefix: &str, name: &'a str) -> Option<&'a str> {
+    let head = name.get(..prefix.len() + 1)?;
+    let rest = name.get(prefix.len() + 1..)?;
+    (head.eq_ignore_ascii_case(&format!("{prefix}_")) && !rest.is_empty()).then_some(rest)
+}
+
+/// The `config` source of the overrides in `env`.
+fn environment(prefix: &str, env: &HashMap<String, String>) -> config::Environment {
+    config::Environment::with_prefix(prefix)
+        .prefix_separator("_")
+        .separator("__")
+        .try_parsing(true)
+        .source(Some(env.clone()))
+}
+
+/// Which overrides a load error may come from: those setting a key the
+/// error names, else all of them; with how an override is written.
+fn env_hint(prefix: &str, error: &str, env: &HashMap<String, String>) -> String {
+    // What the error is about, before the list of keys it expected.
+    let subject = error.split(", expected").next().unwrap_or(error);
+    let mut set: Vec<(bool, String)> = env
+        .keys()
+        .filter_map(|name| {
+            let key = strip_prefix(prefix, name)?
+                .to_lowercase()
+                .replace("__", ".");
+            let named = error.contains(&format!("key `{key}`"))
+                || std::iter::once(key.as_str())
+                    .chain(key.split('.'))
+                    .any(|k| subject.contains(&format!("`{k}`")));
+            Some((named, format!("{name} sets `{key}`")))
+        })
+        .collect();
+    let named = set.iter().any(|(named, _)| *named);
+    if named {
+        set.retain(|(named, _)| *named);
+    }
+    if set.is_empty() {
+        return String::new();
+    }
+    let mut set: Vec<String> = set.into_iter().map(|(_, s)| s).collect();
+    set.sort();
+    format!(
+        " ({}: {}; an override is {prefix}_ and the key, nested keys joined with `__`, e.g. {prefix}_ADMIN__LISTEN)",
+        if named {
+            "from the environment"
+        } else {
+            "environment overrides in effect"
+        },
+        set.join(", ")
+    )
+}
+
 impl DistributorConfig {
-    /// Reads `path` (TOML), applies `STD_*` environment overrides (nested
-    /// keys with `__`: `STD_ADMIN__LISTEN=0.0.0.0:9180`), and validates.
+    /// Reads `path` (TOML), applies the process's `STD_*` environment
+    /// overrides ([`ENV_PREFIX`]: `STD_TABLE`, `STD_ADMIN__LISTEN=0.0.0.0:9180`),
+    /// and validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, env_overrides(ENV_PREFIX))
+    }
+
+    /// Like [`Self::load`], with the environment given instead of read
+    /// from the process (variables without the prefix are ignored).
+    pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Self, ConfigError> {
         let cfg: DistributorConfig = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(
-                config::Environment::with_prefix("STD")
-                    .separator("__")
-                    .try_parsing(true),
-            )
+            .add_source(environment(ENV_PREFIX, &env))
             .build()
             .and_then(|c| c.try_deserialize())
-            .map_err(|e| ConfigError::Load(format!("{}: {e}", path.display())))?;
+            .map_err(|e| {
+                let e = e.to_string();
+                ConfigError::Load(format!(
+                    "{}: {e}{}",
+                    path.display(),
+                    env_hint(ENV_PREFIX, &e, &env)
+                ))
+            })?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.resolved(base).validated()
     }
@@ -581,6 +661,12 @@ listen = "127.0.0.1:9180"
 "#;
 
     fn load(text: &str) -> Result<DistributorConfig, ConfigError> {
+        load_env(text, &[])
+    }
+
+    /// Loads `text` with exactly the environment `env` (never the
+    /// process's: tests run in parallel, and the environment is global).
+    fn load_env(text: &str, env: &[(&str, &str)]) -> Result<DistributorConfig, ConfigError> {
         // Tests run in parallel: every call gets its own directory.
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -588,9 +674,47 @@ listen = "127.0.0.1:9180"
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("stdd.toml");
         std::fs::write(&path, text).expect("write");
-        let r = DistributorConfig::load(&path);
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let r = DistributorConfig::load_with_env(&path, env);
         let _ = std::fs::remove_dir_all(&dir);
         r
+    }
+
+    #[test]
+    fn environment_overrides_are_std_and_the_key_nested_with_double_underscores() {
+        let cfg = load_env(
+            GOOD,
+            &[
+                ("STD_ADMIN__LISTEN", "0.0.0.0:9181"),
+                ("STD_ADMIN__TOKEN", "s3cret"),
+                ("STD_WORKERS__BATCH", "128"),
+                ("STD_TABLE", "/srv/std/other.toml"),
+                ("std_role", "back"),
+                ("STDX_ROLE", "ignored: another prefix"),
+                ("TMD_WORKERS", "ignored: tmd's"),
+            ],
+        )
+        .expect("overrides");
+        assert_eq!(cfg.admin.listen, "0.0.0.0:9181".parse().expect("addr"));
+        assert_eq!(cfg.admin.token.as_deref(), Some("s3cret"));
+        assert_eq!(cfg.workers.batch, 128);
+        assert_eq!(cfg.table, PathBuf::from("/srv/std/other.toml"));
+        assert_eq!(cfg.role, Role::Back);
+        // The file alone, for comparison.
+        let plain = load(GOOD).expect("file");
+        assert_eq!(plain.admin.listen, "127.0.0.1:9180".parse().expect("addr"));
+        assert_eq!(plain.role, Role::Front);
+        // A single underscore inside a nested key, or the old double one after
+        // the prefix, is an unknown key: an error naming the variable.
+        for var in ["STD_ADMIN_LISTEN", "STD__ADMIN__LISTEN", "STD_ADMIN__LISTN"] {
+            match load_env(GOOD, &[(var, "0.0.0.0:9181")]) {
+                Err(ConfigError::Load(e)) => assert!(e.contains(var), "{var}: {e}"),
+                other => panic!("{var}: {other:?}"),
+            }
+        }
     }
 
     fn field_of(r: Result<DistributorConfig, ConfigError>) -> String {

@@ -36,9 +36,19 @@ pub enum PcapError {
         /// Claimed length.
         len: u32,
     },
-    /// The file ends inside a record.
-    #[error("the file ends inside record {0}")]
-    Truncated(u64),
+    /// The file ends inside a record (a capture still being written, a copy
+    /// cut short): the records before it are whole and were returned.
+    #[error("the file ends inside record {index} (at byte offset {offset}: {present} of its {expected} bytes present)")]
+    Truncated {
+        /// Record number (0-based).
+        index: u64,
+        /// Byte offset of the record's header in the file.
+        offset: u64,
+        /// Bytes of the record (header included) the file holds.
+        present: u64,
+        /// Bytes the record needs (header included; 16 when the header itself is cut).
+        expected: u64,
+    },
 }
 
 /// One captured frame.
@@ -59,6 +69,8 @@ pub struct Reader<R: Read> {
     swapped: bool,
     nanos: bool,
     index: u64,
+    offset: u64,
+    ended: bool,
 }
 
 impl<R: Read> Reader<R> {
@@ -95,6 +107,8 @@ impl<R: Read> Reader<R> {
             swapped,
             nanos,
             index: 0,
+            offset: h.len() as u64,
+            ended: false,
         })
     }
 
@@ -107,18 +121,34 @@ impl<R: Read> Reader<R> {
         }
     }
 
+    /// Records returned so far.
+    pub fn records(&self) -> u64 {
+        self.index
+    }
+
+    /// Bytes consumed so far (the global header and every record returned):
+    /// the byte offset of the next record.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
     /// The next record, `None` at the end of the file.
+    ///
+    /// A file that ends inside a record gives [`PcapError::Truncated`] once,
+    /// after every whole record before it; the reader then stays at its end
+    /// (`None`).
     pub fn next_record(&mut self) -> Result<Option<Record>, PcapError> {
+        if self.ended {
+            return Ok(None);
+        }
         let mut h = [0u8; 16];
-        let mut got = 0;
-        while got < h.len() {
-            match self.r.read(&mut h[got..]) {
-                Ok(0) if got == 0 => return Ok(None),
-                Ok(0) => return Err(PcapError::Truncated(self.index)),
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
+        let got = fill(&mut self.r, &mut h)?;
+        if got == 0 {
+            self.ended = true;
+            return Ok(None);
+        }
+        if got < h.len() {
+            return Err(self.truncated(got, h.len()));
         }
         let (sec, frac, incl, orig) = (
             self.u32(&h[0..4]),
@@ -133,11 +163,12 @@ impl<R: Read> Reader<R> {
             });
         }
         let mut data = vec![0u8; incl as usize];
-        self.r.read_exact(&mut data).map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => PcapError::Truncated(self.index),
-            _ => PcapError::Io(e),
-        })?;
+        let got = fill(&mut self.r, &mut data)?;
+        if got < data.len() {
+            return Err(self.truncated(h.len() + got, h.len() + data.len()));
+        }
         self.index += 1;
+        self.offset += (h.len() + data.len()) as u64;
         let ts_ns =
             u64::from(sec) * 1_000_000_000 + u64::from(frac) * if self.nanos { 1 } else { 1000 };
         Ok(Some(Record {
@@ -146,6 +177,31 @@ impl<R: Read> Reader<R> {
             data,
         }))
     }
+
+    /// The end inside a record: reported once, then the reader is at its end.
+    fn truncated(&mut self, present: usize, expected: usize) -> PcapError {
+        self.ended = true;
+        PcapError::Truncated {
+            index: self.index,
+            offset: self.offset,
+            present: present as u64,
+            expected: expected as u64,
+        }
+    }
+}
+
+/// Reads until `buf` is full or the stream ends; how many bytes it got.
+fn fill<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<usize, PcapError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(got)
 }
 
 /// Writes a classic pcap stream (little-endian, nanosecond timestamps).
@@ -216,7 +272,31 @@ mod test {
         assert!(r.next_record().expect("ok").is_none());
         let mut cut = Reader::new(&bytes[..bytes.len() - 1]).expect("reader");
         cut.next_record().expect("first is whole");
-        assert!(matches!(cut.next_record(), Err(PcapError::Truncated(1))));
+        assert!(matches!(
+            cut.next_record(),
+            Err(PcapError::Truncated {
+                index: 1,
+                offset: 43,
+                present: 79,
+                expected: 80
+            })
+        ));
+        assert!(cut.next_record().expect("at the end").is_none());
+        // Cut inside the second record's header.
+        let mut cut = Reader::new(&bytes[..24 + 19 + 10]).expect("reader");
+        cut.next_record().expect("first is whole");
+        assert_eq!(cut.offset(), 43);
+        let e = cut.next_record().expect_err("cut header");
+        assert!(matches!(
+            e,
+            PcapError::Truncated {
+                index: 1,
+                offset: 43,
+                present: 10,
+                expected: 16
+            }
+        ));
+        assert!(e.to_string().contains("byte offset 43"), "{e}");
         assert!(matches!(
             Reader::new(
                 &[

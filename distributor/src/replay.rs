@@ -98,6 +98,22 @@ pub struct Summary {
     pub held_at_end: u64,
     /// Flow accounting.
     pub flows: FlowSummary,
+    /// Set when the capture ends inside a record: the whole records before
+    /// it were all replayed, the cut one was not.
+    pub truncated_tail: Option<TruncatedTail>,
+}
+
+/// The record a capture ends inside.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TruncatedTail {
+    /// Its number (0-based): the number of whole records before it.
+    pub record: u64,
+    /// Byte offset of its header in the capture.
+    pub offset: u64,
+    /// Bytes of it the capture holds (header included).
+    pub present: u64,
+    /// Bytes it needs (header included; 16 when the header itself is cut).
+    pub expected: u64,
 }
 
 /// A direction-free flow key: protocol and the two endpoints, lesser first.
@@ -252,7 +268,28 @@ pub fn replay_with<R: Read>(
     let (mut frames, mut bytes, mut not_steered) = (0u64, 0u64, 0u64);
     let mut summary_flows = FlowSummary::default();
     let mut buf = vec![0u8; crate::pcap::MAX_RECORD as usize + 128];
-    while let Some(rec) = reader.next_record()? {
+    let mut truncated_tail = None;
+    loop {
+        let rec = match reader.next_record() {
+            Ok(Some(rec)) => rec,
+            Ok(None) => break,
+            // A cut last record ends the capture: what came before is replayed.
+            Err(PcapError::Truncated {
+                index,
+                offset,
+                present,
+                expected,
+            }) => {
+                truncated_tail = Some(TruncatedTail {
+                    record: index,
+                    offset,
+                    present,
+                    expected,
+                });
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        };
         frames += 1;
         bytes += rec.data.len() as u64;
         let len = rec.data.len();
@@ -352,6 +389,7 @@ pub fn replay_with<R: Read>(
         not_steered,
         held_at_end,
         flows: summary_flows,
+        truncated_tail,
     };
     let path = out_dir.join("summary.json");
     let text = serde_json::to_string_pretty(&summary).unwrap_or_default();

@@ -255,8 +255,29 @@ fn stdd_runs_serves_admin_swaps_tables_and_stops_on_sigterm() {
     let m = http(admin, "GET", "/metrics", Some(TOKEN), "").1;
     assert_eq!(metric(&m, "std_transition_switched"), 1);
     assert_eq!(metric(&m, "std_transition_moved_buckets"), moved as u64);
+    // The same table again: the state, unchanged (a coordinator retrying).
     let (code, body) = http(admin, "POST", "/transition/switch", Some(TOKEN), &v3_text);
+    assert_eq!(code, 200, "idempotent: {body}");
+    assert!(body.contains("\"state\":\"open\""), "{body}");
+    // Another table: one transition at a time; the same version with other
+    // contents is named as such (version and checksum).
+    let other_v3 = next
+        .rebalance(0, &Profile::Rayleigh { sigma: None })
+        .expect("rebalance")
+        .table;
+    assert_eq!(other_v3.version(), 3);
+    let (code, body) = http(
+        admin,
+        "POST",
+        "/transition/switch",
+        Some(TOKEN),
+        &allocation::file::render(&other_v3),
+    );
     assert_eq!(code, 409, "one transition at a time: {body}");
+    assert!(
+        body.contains(&allocation::file::checksum(&v3)),
+        "names the running table: {body}"
+    );
     let (code, body) = http(admin, "PUT", "/table", Some(TOKEN), &v3_text);
     assert_eq!(code, 409, "no PUT while switched: {body}");
     let (code, body) = http(admin, "POST", "/transition/abort", Some(TOKEN), "");
@@ -277,8 +298,43 @@ fn stdd_runs_serves_admin_swaps_tables_and_stops_on_sigterm() {
     assert_eq!(metric(&m, "std_transition_switched"), 0);
     let (code, body) = http(admin, "GET", "/table", Some(TOKEN), "");
     assert_eq!((code, body.trim_end()), (200, v3_text.trim_end()));
-
+    // The committed table is where stdd starts from.
+    assert_eq!(
+        allocation::file::load(dir.join("table.toml")).expect("table file"),
+        v3,
+        "commit saves the table"
+    );
+    // A different table with the running version: refused, naming both.
+    let (code, body) = http(
+        admin,
+        "PUT",
+        "/table",
+        Some(TOKEN),
+        &allocation::file::render(&other_v3),
+    );
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body.contains(&allocation::file::checksum(&other_v3))
+            && body.contains(&allocation::file::checksum(&v3)),
+        "{body}"
+    );
+    // SIGHUP never goes back in version: an older table file is ignored.
+    allocation::file::save(dir.join("table.toml"), &t).expect("old table");
     let pid = d.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    std::thread::sleep(Duration::from_millis(400));
+    let m = http(admin, "GET", "/metrics", Some(TOKEN), "").1;
+    assert_eq!(
+        metric(&m, "std_table_version"),
+        3,
+        "the running table stays"
+    );
+
+    // SIGTERM: stops.
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
         .status()

@@ -61,6 +61,10 @@ pub struct EventReport {
     pub forced_commit: bool,
     /// Connections the TMs still reported in moved buckets at commit.
     pub moving_at_commit: usize,
+    /// Why the transition coordinator rolled the change back (a TM that
+    /// would get buckets did not answer, …); the table stayed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<String>,
 }
 
 impl EventReport {
@@ -73,6 +77,7 @@ impl EventReport {
             window_ms: 0.0,
             forced_commit: false,
             moving_at_commit: 0,
+            rolled_back: None,
         }
     }
 }

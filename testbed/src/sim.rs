@@ -23,8 +23,15 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::time::Duration;
+
 use allocation::rules::proto;
 use allocation::{AllocationTable, Flow, GroupSpec, HashKey, MacAddr, Tm, TmIndex};
+use control::api::{
+    AbortAnswer, CommitAnswer, DistributorPhase, DistributorTransition, HeldPort, TableId, TmPhase,
+    TmTransition,
+};
+use control::coordinator::{self, Answer, Call, CallError, NodeId, Outcome, Push, PushSpec};
 use distributor::build::{self, tcp_flags, L2};
 use distributor::transit::TransitConfig;
 use distributor::wire::{self, EthernetFrame};
@@ -50,11 +57,10 @@ const SERVERS: usize = 4;
 const CLIENT_DELAY: u64 = 500_000;
 /// One-way delay between the cluster and the servers, ns.
 const SERVER_DELAY: u64 = 100_000;
-/// Time between prepare and the first distributor's switch, ns.
-const PREPARE_NS: u64 = 1_000_000;
-/// Time between two distributors' switches (they do not switch at once), ns.
-const SWITCH_SKEW_NS: u64 = 200_000;
-/// How often the operator asks the TMs whether old owners have drained, ns.
+/// How long one admin call of the coordinator takes (so distributors do
+/// not switch, open or commit at once), ns.
+const CALL_NS: u64 = 200_000;
+/// How often the coordinator asks the TMs whether old owners have drained, ns.
 const CHECK_NS: u64 = 10_000_000;
 /// Ports 1.. of every distributor face TM ids 0..; room for TMs added later.
 const MAX_TM_IDS: u32 = 250;
@@ -136,9 +142,8 @@ enum Step {
 /// The operator's (and the failure detector's) actions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Op {
-    Switch(usize),
-    Open(usize),
-    Check,
+    /// The transition coordinator's next step.
+    Coordinate,
     Failover(u32),
 }
 
@@ -184,6 +189,10 @@ struct TmSt {
     id: u32,
     alive: bool,
     snat: Arc<Snat>,
+    /// Prepared for the next table (the coordinator's prepare reached it).
+    prepared: bool,
+    /// Committed the next table (the push is not over yet).
+    committed: bool,
 }
 
 #[derive(Debug)]
@@ -221,7 +230,10 @@ pub struct Sim {
     pending: Vec<Event>,
     busy: bool,
     commits: u64,
-    switched_at: u64,
+    /// The push in progress: the shared coordinator, and when it started.
+    push: Option<(Push, u64)>,
+    /// A distributor of the push in progress has committed.
+    committing: bool,
     phase: Option<usize>,
     released: Vec<(u32, Vec<u8>)>,
     /// Results so far.
@@ -356,6 +368,8 @@ impl Sim {
                         &snat_addrs(),
                         sc.snat_range,
                     )?),
+                    prepared: false,
+                    committed: false,
                 })
             })
             .collect::<Result<_, SimError>>()?;
@@ -381,7 +395,8 @@ impl Sim {
             pending: Vec::new(),
             busy: false,
             commits: 0,
-            switched_at: 0,
+            push: None,
+            committing: false,
             phase: Some(0),
             released: Vec::new(),
             report,
@@ -859,19 +874,28 @@ impl Sim {
             self.report.checks.port_collision += 1;
         }
         let reply = Flow::with_ports(proto::TCP, server.0, server.1, addr, port);
+        // The TM's own tables: the running one (the next one once it
+        // committed), and the next one while it is prepared.
+        let st = self.tms.iter().find(|t| t.id == tm);
+        let (prepared, committed) = st.map_or((false, false), |t| (t.prepared, t.committed));
+        let current = match (&self.next, committed) {
+            (Some(n), true) => n,
+            _ => &self.table,
+        };
         let joining = self.next.is_some()
-            && self
-                .table
+            && !committed
+            && current
                 .tm_index_by_id(tm)
-                .is_none_or(|i| self.table.counts(0)[usize::from(i)] == 0);
-        let ok_now = joining || owner(&self.table, &reply) == tm;
+                .is_none_or(|i| current.counts(0)[usize::from(i)] == 0);
+        let ok_now = joining || owner(current, &reply) == tm;
         // A TM the next table drains to zero keeps its current ports until
         // the switch (they stay its as the old owner until commit).
-        let ok_next = self.next.as_ref().is_none_or(|n| {
-            owner(n, &reply) == tm
-                || n.tm_index_by_id(tm)
-                    .is_none_or(|i| n.counts(0)[usize::from(i)] == 0)
-        });
+        let ok_next = !prepared
+            || self.next.as_ref().is_none_or(|n| {
+                owner(n, &reply) == tm
+                    || n.tm_index_by_id(tm)
+                        .is_none_or(|i| n.counts(0)[usize::from(i)] == 0)
+            });
         if !(ok_now && ok_next) || port <= server.1 || !self.sc.snat_range.contains(port) {
             self.report.checks.wrong_port += 1;
         }
@@ -1152,6 +1176,8 @@ impl Sim {
                         &snat_addrs(),
                         self.sc.snat_range,
                     )?),
+                    prepared: false,
+                    committed: false,
                 });
                 self.begin_transition(&what, change.table, change.optimum)?;
             }
@@ -1220,8 +1246,9 @@ impl Sim {
         Ok(())
     }
 
-    /// DESIGN §4 step 1 (prepare every TM) now; the distributors switch
-    /// one after the other shortly after; commit follows the drain.
+    /// A push of `next` by the shared transition coordinator (DESIGN §4,
+    /// `control::coordinator`, the code `stdctl push` runs), against the
+    /// in-process nodes: every front and back distributor, every TM.
     fn begin_transition(
         &mut self,
         what: &Event,
@@ -1238,90 +1265,293 @@ impl Sim {
         self.report
             .events
             .push(EventReport::new(what, self.arrived, moved, optimum));
-        // Prepare: members take only ports valid under both tables; then a
-        // joining TM (added, or readmitted with no bucket) takes the next
-        // table's ports but none the members still hold in moving buckets.
-        let mut held = Vec::new();
-        for t in self
-            .tms
-            .iter()
-            .filter(|t| t.alive && !t.snat.joins_from(&self.table))
-        {
-            t.snat.retable(&self.table, Some(&next))?;
-            held.extend(t.snat.moving_ports(&next));
-        }
-        for t in self
-            .tms
-            .iter()
-            .filter(|t| t.alive && t.snat.joins_from(&self.table))
-        {
-            t.snat.prepare_joining(&next, &held)?;
-        }
+        let spec = PushSpec {
+            distributors: (0..self.front.len())
+                .flat_map(|i| [format!("front{i}"), format!("back{i}")])
+                .collect(),
+            tms: self
+                .tms
+                .iter()
+                .map(|t| (t.id, format!("tm{}", t.id)))
+                .collect(),
+            drain_window: Duration::from_nanos(self.sc.drain_window_ns),
+            poll: Duration::from_nanos(CHECK_NS),
+            attempts: 3,
+            force: false,
+        };
+        let push = Push::new(spec, &self.table, &next).map_err(bad)?;
         self.next = Some(next);
-        for i in 0..self.front.len() {
-            self.at(
-                self.now + PREPARE_NS + i as u64 * SWITCH_SKEW_NS,
-                Ev::Op(Op::Switch(i)),
-            );
-        }
+        self.push = Some((push, self.now));
+        self.at(self.now, Ev::Op(Op::Coordinate));
         Ok(())
+    }
+
+    /// Runs the coordinator until it calls a node (answered at once; the
+    /// next step one call's time later), waits, or ends.
+    fn coordinate(&mut self) -> Result<(), SimError> {
+        loop {
+            let Some((push, epoch)) = self.push.as_mut() else {
+                return Ok(());
+            };
+            let epoch = *epoch;
+            let elapsed = Duration::from_nanos(self.now - epoch);
+            match push.step(elapsed) {
+                coordinator::Step::Say(_) => {}
+                coordinator::Step::Call(node, call) => {
+                    let target = push.target().clone();
+                    let answer = self.carry(node, &call, &target)?;
+                    if let Some((push, _)) = self.push.as_mut() {
+                        push.answer(answer, elapsed + Duration::from_nanos(CALL_NS));
+                    }
+                    self.at(self.now + CALL_NS, Ev::Op(Op::Coordinate));
+                    return Ok(());
+                }
+                coordinator::Step::WaitUntil(t) => {
+                    let at = epoch + u64::try_from(t.as_nanos()).unwrap_or(u64::MAX);
+                    self.at(at.max(self.now + 1), Ev::Op(Op::Coordinate));
+                    return Ok(());
+                }
+                coordinator::Step::Done(outcome) => {
+                    self.push = None;
+                    return self.pushed(outcome);
+                }
+            }
+        }
+    }
+
+    /// The coordinator's push ended.
+    fn pushed(&mut self, outcome: Outcome) -> Result<(), SimError> {
+        let summary = match outcome {
+            Outcome::Committed(s) => s,
+            Outcome::RolledBack {
+                cause,
+                not_rolled_back,
+            } if not_rolled_back.iter().all(|n| {
+                // Only dead TMs can stay out of reach.
+                self.tms
+                    .iter()
+                    .any(|t| !t.alive && n.starts_with(&format!("tm{}: ", t.id)))
+            }) =>
+            {
+                // Refused by the cluster (e.g. a TM the change gives buckets
+                // is dead): the table stays, and so do the flows.
+                self.next = None;
+                self.committing = false;
+                let table = self.table.clone();
+                self.tms.retain(|t| table.tm_index_by_id(t.id).is_some());
+                for t in &mut self.tms {
+                    t.prepared = false;
+                    t.committed = false;
+                }
+                if let Some(e) = self.report.events.last_mut() {
+                    e.rolled_back = Some(cause.clone());
+                }
+                self.busy = false;
+                self.open_phase(&format!("rolled back: {cause}"));
+                return self.start_pending();
+            }
+            Outcome::RolledBack { cause, .. } => {
+                return Err(bad(format!(
+                    "the push was rolled back incompletely: {cause}"
+                )))
+            }
+            Outcome::Stopped { cause } => return Err(bad(format!("the push stopped: {cause}"))),
+        };
+        let Some(next) = self.next.take() else {
+            return Err(bad("a push ended with no next table"));
+        };
+        if let Some(e) = self.report.events.last_mut() {
+            e.window_ms = summary.drain.as_secs_f64() * 1e3;
+            e.forced_commit = summary.moving_at_commit > 0;
+            e.moving_at_commit = summary.moving_at_commit as usize;
+        }
+        self.table = next;
+        for t in &mut self.tms {
+            t.prepared = false;
+            t.committed = false;
+        }
+        if !std::mem::take(&mut self.committing) {
+            self.commits += 1;
+        }
+        self.busy = false;
+        let label = self
+            .report
+            .events
+            .last()
+            .map(|e| e.what.clone())
+            .unwrap_or_default();
+        self.open_phase(&label);
+        self.start_pending()
+    }
+
+    /// A coordinator call carried to an in-process node: what stdd's and
+    /// tmd's admin endpoints do with it, on the simulation's distributors
+    /// (their real plans) and TMs (their real port allocators).
+    fn carry(
+        &mut self,
+        node: NodeId,
+        call: &Call,
+        to: &TableId,
+    ) -> Result<Result<Answer, CallError>, SimError> {
+        let Some(next) = self.next.clone() else {
+            return Err(bad("a coordinator call with no next table"));
+        };
+        if TableId::of(&next) != *to {
+            return Err(bad(
+                "the coordinator pushes another table than the simulation's",
+            ));
+        }
+        let refused = |why: &str| Ok(Err(CallError::Status(409, why.to_string())));
+        match node {
+            NodeId::Distributor(j) => {
+                let (i, front) = (j / 2, j % 2 == 0);
+                let running = self.table.clone();
+                let d = if front {
+                    &mut self.front[i]
+                } else {
+                    &mut self.back[i]
+                };
+                let id = TableId::of(d.plan.table());
+                match call {
+                    Call::Switch(_) => {
+                        if id != *to {
+                            d.plan = plan(next)?.with_previous(running)?;
+                        }
+                    }
+                    Call::Open(t) if *t == id => {
+                        if d.plan.previous().is_some() {
+                            d.plan = std::mem::replace(&mut d.plan, plan(running)?).opened();
+                        }
+                    }
+                    Call::Commit(t) if *t == id => {
+                        if d.plan.previous().is_some() {
+                            d.plan = plan(next)?;
+                            // The first distributor to drop the previous
+                            // table ends the window for the flows.
+                            if !self.committing {
+                                self.committing = true;
+                                self.commits += 1;
+                            }
+                        }
+                        return Ok(Ok(Answer::Committed(CommitAnswer {
+                            table: id,
+                            persist_error: None,
+                        })));
+                    }
+                    Call::Abort(_) => {
+                        let aborted = d.plan.previous().is_some();
+                        if aborted {
+                            d.plan = plan(running.clone())?;
+                        }
+                        return Ok(Ok(Answer::Aborted(AbortAnswer {
+                            table: TableId::of(&running),
+                            aborted,
+                        })));
+                    }
+                    Call::DistributorState => {}
+                    _ => return refused("not a distributor call, or another table"),
+                }
+                let p = &d.plan;
+                let previous = p.previous().map(TableId::of);
+                Ok(Ok(Answer::Distributor(DistributorTransition {
+                    state: match (p.previous().is_some(), p.is_open()) {
+                        (false, _) => DistributorPhase::Idle,
+                        (true, false) => DistributorPhase::Switched,
+                        (true, true) => DistributorPhase::Open,
+                    },
+                    version: p.table().version(),
+                    checksum: allocation::file::checksum(p.table()),
+                    previous_version: previous.as_ref().map(|t| t.version),
+                    previous_checksum: previous.map(|t| t.checksum),
+                    moved_buckets: p.moved().map(|m| m.len()),
+                    remembered_flows: 0,
+                    overflows: 0,
+                })))
+            }
+            NodeId::Tm(k) => {
+                let Some(t) = self.tms.get(k) else {
+                    return refused("no such TM");
+                };
+                if !t.alive {
+                    return Ok(Err(CallError::NoAnswer("connection refused".into())));
+                }
+                let (snat, id) = (Arc::clone(&t.snat), t.id);
+                if next.tm_index_by_id(id).is_none() {
+                    // tmd refuses a table that does not list it.
+                    return Ok(Err(CallError::Status(
+                        400,
+                        format!("table rejected: it does not list this node (TM id {id})"),
+                    )));
+                }
+                match call {
+                    Call::Prepare(req) => {
+                        if !t.prepared {
+                            match &req.held {
+                                None => snat.retable(&self.table, Some(&next))?,
+                                Some(h) => {
+                                    let held: Vec<(IpAddr, u16)> =
+                                        h.iter().map(|p| (p.0, p.1)).collect();
+                                    snat.prepare_joining(&next, &held)?;
+                                }
+                            }
+                            self.tms[k].prepared = true;
+                        }
+                    }
+                    Call::HeldPorts => {
+                        return Ok(Ok(Answer::Held(
+                            snat.moving_ports(&next)
+                                .into_iter()
+                                .map(|(a, p)| HeldPort(a, p))
+                                .collect(),
+                        )))
+                    }
+                    Call::TmState => {}
+                    Call::Commit(_) => {
+                        if t.prepared {
+                            snat.retable(&next, None)?;
+                            self.tms[k].prepared = false;
+                            self.tms[k].committed = true;
+                        }
+                        return Ok(Ok(Answer::Committed(CommitAnswer {
+                            table: to.clone(),
+                            persist_error: None,
+                        })));
+                    }
+                    Call::Abort(_) => {
+                        let aborted = t.prepared;
+                        if aborted {
+                            snat.retable(&self.table, None)?;
+                            self.tms[k].prepared = false;
+                        }
+                        return Ok(Ok(Answer::Aborted(AbortAnswer {
+                            table: TableId::of(&self.table),
+                            aborted,
+                        })));
+                    }
+                    _ => return refused("not a TM call"),
+                }
+                let prepared = self.tms[k].prepared;
+                let moving = prepared.then(|| self.moving_of(id, &snat, &next) as u64);
+                Ok(Ok(Answer::Tm(TmTransition {
+                    phase: if prepared {
+                        TmPhase::Prepared
+                    } else {
+                        TmPhase::Idle
+                    },
+                    current: self.table.version(),
+                    current_checksum: allocation::file::checksum(&self.table),
+                    next: prepared.then(|| next.version()),
+                    next_checksum: prepared.then(|| to.checksum.clone()),
+                    connections_in_moved_buckets: moving,
+                    ports_in_moved_buckets: prepared.then(|| snat.in_use_moving(&next) as u64),
+                })))
+            }
+        }
     }
 
     fn op(&mut self, op: Op) -> Result<(), SimError> {
         match op {
-            Op::Switch(i) => {
-                let Some(next) = self.next.clone() else {
-                    return Ok(());
-                };
-                let p = plan(next)?.with_previous(self.table.clone())?;
-                self.front[i].plan = p.clone();
-                self.back[i].plan = p;
-                if i + 1 == self.front.len() {
-                    // Every distributor switched: open them, one after the other.
-                    for j in 0..self.front.len() {
-                        self.at(
-                            self.now + SWITCH_SKEW_NS * (j as u64 + 1),
-                            Ev::Op(Op::Open(j)),
-                        );
-                    }
-                }
-            }
-            Op::Open(i) => {
-                for d in [&mut self.front[i], &mut self.back[i]] {
-                    d.plan = std::mem::replace(&mut d.plan, plan(self.table.clone())?).opened();
-                }
-                if i + 1 == self.front.len() {
-                    self.switched_at = self.now;
-                    self.at(self.now + CHECK_NS, Ev::Op(Op::Check));
-                }
-            }
-            Op::Check => {
-                let moving = self.moving();
-                let waited = self.now - self.switched_at;
-                if moving > 0 && waited < self.sc.drain_window_ns {
-                    self.at(self.now + CHECK_NS, Ev::Op(Op::Check));
-                    return Ok(());
-                }
-                let Some(next) = self.next.take() else {
-                    return Ok(());
-                };
-                if let Some(e) = self.report.events.last_mut() {
-                    e.window_ms = waited as f64 / 1e6;
-                    e.forced_commit = moving > 0;
-                    e.moving_at_commit = moving;
-                }
-                self.install(next)?;
-                self.commits += 1;
-                self.busy = false;
-                let label = self
-                    .report
-                    .events
-                    .last()
-                    .map(|e| e.what.clone())
-                    .unwrap_or_default();
-                self.open_phase(&label);
-                self.start_pending()?;
-            }
+            Op::Coordinate => self.coordinate()?,
             Op::Failover(id) => {
                 let idx = index_of(&self.table, id)?;
                 let counts = self.table.counts(0);
@@ -1341,26 +1571,24 @@ impl Sim {
         Ok(())
     }
 
-    /// What the TMs report as connections in buckets moving away from them
-    /// (their server-side ports, from the real allocator; their client-side
-    /// TCP connections). UDP sessions are not connections: not waited for.
-    fn moving(&self) -> usize {
-        let Some(next) = &self.next else { return 0 };
-        let server_side: usize = self
-            .tms
-            .iter()
-            .filter(|t| t.alive && self.table.tm_index_by_id(t.id).is_some())
-            .map(|t| t.snat.in_use_moving(next))
-            .sum();
+    /// What TM `id` reports as connections in buckets moving away from it
+    /// (its server-side ports, from the real allocator; its client-side
+    /// TCP connections).
+    fn moving_of(&self, id: u32, snat: &Snat, next: &AllocationTable) -> usize {
+        let server_side = if self.table.tm_index_by_id(id).is_some() {
+            snat.in_use_moving(next)
+        } else {
+            0
+        };
         let client_side = self
             .flows
             .iter()
             .flatten()
-            .filter(|f| f.tcp)
+            .filter(|f| f.tcp && f.owner == Some(id))
             .filter(|f| {
                 let flow =
                     Flow::with_ports(proto::TCP, f.client.0, f.client.1, vip(f.v6), f.vip_port);
-                f.owner.is_some_and(|o| owner(next, &flow) != o)
+                owner(next, &flow) != id
             })
             .count();
         server_side + client_side

@@ -1,25 +1,41 @@
-//! tmd's admin endpoint: /metrics (Prometheus text), /healthz, GET and PUT /table, /transition; a bearer token whenever one is configured.
+//! tmd's admin endpoint: /metrics (Prometheus text), /healthz, GET and PUT /table, /transition (prepare, ports, commit, abort) in the typed messages of `control::api`; served by the bounded server of the `admin-http` crate.
 //!
 //! A table PUT recomputes the self-source port tables for the new table;
 //! ports held by open connections stay reserved until those connections
-//! end, so no live connection is touched.
+//! end, so no live connection is touched. Tables are named by version and
+//! checksum: a different table with a version this node runs or has
+//! prepared is refused, naming both. Every transition step is idempotent
+//! for the same table. A table installed by PUT or commit is written to
+//! the configured table file, where tmd reads it at start.
 
-use std::io::Read;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
+use admin_http::{Reply, Request};
 use allocation::AllocationTable;
+use control::api::{
+    AbortAnswer, CommitAnswer, HeldPort, PrepareRequest, TableId, TmPhase, TmTransition,
+};
 use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use serde::Deserialize;
-use tiny_http::{Method, Request, Response, Server};
 
 use crate::proxy::VirtualServer;
 use crate::snat::Snat;
 
 /// Default admin listen address.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9190";
+
+/// Largest request body: a table file, JSON-framed, with room to spare.
+pub const MAX_BODY_BYTES: usize = allocation::file::MAX_FILE_BYTES as usize + 64 * 1024;
+
+/// The admin server's limits for tmd.
+pub fn limits() -> admin_http::Limits {
+    admin_http::Limits {
+        max_body_bytes: MAX_BODY_BYTES,
+        ..admin_http::Limits::default()
+    }
+}
 
 /// Admin endpoint settings.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -59,105 +75,49 @@ pub struct AdminState {
     pub snat: Arc<Snat>,
     /// Virtual servers.
     pub servers: Vec<Arc<VirtualServer>>,
-    /// Required bearer token.
-    pub token: Option<String>,
+    /// Where an installed table is saved (the table file tmd starts from).
+    pub table_file: Option<PathBuf>,
 }
 
-type Reply = Response<std::io::Cursor<Vec<u8>>>;
-
-fn text(code: u16, body: impl Into<String>) -> Reply {
-    let mut b = body.into();
-    if !b.ends_with('\n') {
-        b.push('\n');
-    }
-    Response::from_string(b).with_status_code(code)
+/// The handler the admin server runs for tmd.
+pub fn handler(state: Arc<AdminState>) -> Arc<dyn admin_http::server::Handler> {
+    Arc::new(move |req: Request| handle(&req, &state))
 }
 
-/// Serves admin requests until `stop` is set.
-pub fn serve(server: Server, state: Arc<AdminState>, stop: &AtomicBool) {
-    while !stop.load(Ordering::Relaxed) {
-        match server.recv_timeout(Duration::from_millis(100)) {
-            Ok(Some(req)) => handle(req, &state),
-            Ok(None) => {}
-            Err(e) => log::warn!("admin: {e}"),
+/// Answers one request.
+pub fn handle(req: &Request, state: &AdminState) -> Reply {
+    match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/metrics") => {
+            metrics(state).unwrap_or_else(|e| Reply::text(500, format!("metrics: {e}")))
         }
+        ("GET", "/healthz") => Reply::text(
+            200,
+            format!("ok: table version {}", state.tables.current().version()),
+        ),
+        ("GET", "/table") => Reply::text(200, allocation::file::render(&state.tables.current())),
+        ("PUT", "/table") => put_table(req, state),
+        ("GET", "/transition") => Reply::json(200, &transition_state(state)),
+        ("GET", "/transition/ports") => moving_ports(state),
+        ("POST", "/transition/prepare") => prepare(req, state),
+        ("POST", "/transition/commit") => finish(req, state, true),
+        ("POST", "/transition/abort") => finish(req, state, false),
+        (
+            _,
+            "/metrics" | "/healthz" | "/table" | "/transition" | "/transition/ports"
+            | "/transition/prepare" | "/transition/commit" | "/transition/abort",
+        ) => Reply::text(405, "method not allowed"),
+        _ => Reply::text(
+            404,
+            "not found: /metrics, /healthz, /table, /transition, /transition/{ports,prepare,commit,abort}",
+        ),
     }
-}
-
-fn authorised(req: &Request, token: &Option<String>) -> bool {
-    let Some(token) = token else { return true };
-    req.headers().iter().any(|h| {
-        h.field.equiv("Authorization")
-            && h.value.as_str().strip_prefix("Bearer ").is_some_and(|t| {
-                let (a, b) = (t.trim().as_bytes(), token.as_bytes());
-                a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-            })
-    })
-}
-
-fn handle(mut req: Request, state: &AdminState) {
-    let path = req.url().split('?').next().unwrap_or("").to_string();
-    let reply = if !authorised(&req, &state.token) {
-        text(401, "missing or wrong bearer token")
-    } else {
-        match (req.method(), path.as_str()) {
-            (Method::Get, "/metrics") => {
-                metrics(state).unwrap_or_else(|e| text(500, format!("metrics: {e}")))
-            }
-            (Method::Get, "/healthz") => text(
-                200,
-                format!("ok: table version {}", current(state).version()),
-            ),
-            (Method::Get, "/table") => text(200, allocation::file::render(&current(state))),
-            (Method::Put, "/table") => put_table(&mut req, state),
-            (Method::Get, "/transition") => text(200, transition_state(state)),
-            (Method::Get, "/transition/ports") => moving_ports(state),
-            (Method::Post, "/transition/prepare") => prepare(&mut req, state),
-            (Method::Post, "/transition/commit") => finish(state, true),
-            (Method::Post, "/transition/abort") => finish(state, false),
-            (_, "/metrics" | "/healthz" | "/table") => text(405, "method not allowed"),
-            _ => text(404, "not found: /metrics, /healthz, /table, /transition, /transition/{ports,prepare,commit,abort}"),
-        }
-    };
-    if let Err(e) = req.respond(reply) {
-        log::warn!("admin: response failed: {e}");
-    }
-}
-
-fn current(state: &AdminState) -> Arc<AllocationTable> {
-    Arc::clone(
-        &state
-            .tables
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()),
-    )
-}
-
-/// A request body, bounded.
-fn read_body(req: &mut Request) -> Result<String, Reply> {
-    let mut body = String::new();
-    let limit = allocation::file::MAX_FILE_BYTES * 2;
-    if let Err(e) = req.as_reader().take(limit + 1).read_to_string(&mut body) {
-        return Err(text(400, format!("table rejected: unreadable body: {e}")));
-    }
-    if body.len() as u64 > limit {
-        return Err(text(413, "table rejected: too large"));
-    }
-    Ok(body)
-}
-
-/// The table in a request body, checked to be a valid table that lists this node.
-fn body_table(req: &mut Request, state: &AdminState) -> Result<AllocationTable, Reply> {
-    let body = read_body(req)?;
-    parse_table(&body, state)
 }
 
 fn parse_table(body: &str, state: &AdminState) -> Result<AllocationTable, Reply> {
-    let table =
-        allocation::file::parse(body).map_err(|e| text(400, format!("table rejected: {e}")))?;
+    let table = allocation::file::parse(body)
+        .map_err(|e| Reply::text(400, format!("table rejected: {e}")))?;
     if table.tm_index_by_id(state.tm_id).is_none() {
-        return Err(text(
+        return Err(Reply::text(
             400,
             format!(
                 "table rejected: it does not list this node (TM id {})",
@@ -168,8 +128,38 @@ fn parse_table(body: &str, state: &AdminState) -> Result<AllocationTable, Reply>
     Ok(table)
 }
 
-fn put_table(req: &mut Request, state: &AdminState) -> Reply {
-    let table = match body_table(req, state) {
+/// Refuses `table` when it has `other`'s version and other contents.
+fn same_version_other_table(what: &str, other: &TableId, table: &TableId) -> Result<(), Reply> {
+    if other.version == table.version && other != table {
+        return Err(Reply::text(
+            409,
+            format!(
+                "table rejected: it is version {} with checksum {}, but the {what} version {} has checksum {}: a different table with the same version",
+                table.version, table.checksum, other.version, other.checksum
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes `table` where tmd reads it at start; the error as text.
+fn persist(state: &AdminState, table: &AllocationTable) -> Option<String> {
+    let path = state.table_file.as_ref()?;
+    match allocation::file::save(path, table) {
+        Ok(()) => None,
+        Err(e) => {
+            log::error!(
+                "table version {} installed but not saved to {}: {e} (a restart would start from the file's table)",
+                table.version(),
+                path.display()
+            );
+            Some(format!("{}: {e}", path.display()))
+        }
+    }
+}
+
+fn put_table(req: &Request, state: &AdminState) -> Reply {
+    let table = match req.text().and_then(|b| parse_table(b, state)) {
         Ok(t) => t,
         Err(reply) => return reply,
     };
@@ -180,7 +170,7 @@ fn put_table(req: &mut Request, state: &AdminState) -> Reply {
         .unwrap_or_else(|p| p.into_inner())
         .is_some()
     {
-        return text(
+        return Reply::text(
             409,
             "table rejected: a transition is prepared (commit or abort it first)",
         );
@@ -190,8 +180,13 @@ fn put_table(req: &mut Request, state: &AdminState) -> Reply {
         .current
         .lock()
         .unwrap_or_else(|p| p.into_inner());
+    if let Err(r) =
+        same_version_other_table("running", &TableId::of(&running), &TableId::of(&table))
+    {
+        return r;
+    }
     if table.version() <= running.version() {
-        return text(
+        return Reply::text(
             409,
             format!(
                 "table rejected: version {} is not newer than the running version {}",
@@ -201,7 +196,7 @@ fn put_table(req: &mut Request, state: &AdminState) -> Reply {
         );
     }
     if let Err(e) = state.snat.retable(&table, None) {
-        return text(400, format!("table rejected: {e}"));
+        return Reply::text(400, format!("table rejected: {e}"));
     }
     log::info!(
         "table version {} replaced by version {} (PUT /table)",
@@ -210,21 +205,33 @@ fn put_table(req: &mut Request, state: &AdminState) -> Reply {
     );
     let v = table.version();
     *running = Arc::new(table);
-    text(200, format!("installed table version {v}"))
+    let saved = persist(state, &running);
+    drop(running);
+    match saved {
+        None => Reply::text(200, format!("installed table version {v}")),
+        Some(e) => Reply::text(
+            200,
+            format!("installed table version {v}; warning: not saved ({e})"),
+        ),
+    }
 }
 
-/// The transition state as JSON.
-fn transition_state(state: &AdminState) -> String {
-    let current = current(state);
-    match state.tables.next.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-        None => format!("{{\"phase\":\"idle\",\"current\":{}}}", current.version()),
-        Some(next) => format!(
-            "{{\"phase\":\"prepared\",\"current\":{},\"next\":{},\"connections_in_moved_buckets\":{},\"ports_in_moved_buckets\":{}}}",
-            current.version(),
-            next.version(),
-            state.tables.moving(next),
-            state.snat.in_use_moving(next)
-        ),
+/// The transition state.
+pub fn transition_state(state: &AdminState) -> TmTransition {
+    let current = state.tables.current();
+    let next = state.tables.next();
+    TmTransition {
+        phase: if next.is_some() {
+            TmPhase::Prepared
+        } else {
+            TmPhase::Idle
+        },
+        current: current.version(),
+        current_checksum: allocation::file::checksum(&current),
+        next: next.as_ref().map(|n| n.version()),
+        next_checksum: next.as_ref().map(|n| allocation::file::checksum(n)),
+        connections_in_moved_buckets: next.as_ref().map(|n| state.tables.moving(n) as u64),
+        ports_in_moved_buckets: next.as_ref().map(|n| state.snat.in_use_moving(n) as u64),
     }
 }
 
@@ -232,76 +239,72 @@ fn transition_state(state: &AdminState) -> String {
 /// the prepared transition moves away, as `[["addr", port], …]` — what a
 /// joining node must not take (see `Snat::prepare_joining`).
 fn moving_ports(state: &AdminState) -> Reply {
-    let next = state.tables.next();
-    let Some(next) = next else {
-        return text(409, "no transition is prepared");
+    let Some(next) = state.tables.next() else {
+        return Reply::text(409, "no transition is prepared");
     };
-    let list: Vec<serde_json::Value> = state
+    let list: Vec<HeldPort> = state
         .snat
         .moving_ports(&next)
         .into_iter()
-        .map(|(a, p)| serde_json::json!([a.to_string(), p]))
+        .map(|(a, p)| HeldPort(a, p))
         .collect();
-    text(200, serde_json::Value::Array(list).to_string())
-}
-
-/// A joining node's prepare body: `{"table": "<table file>", "held": [["addr", port], …]}`.
-fn joining_body(
-    body: &str,
-    state: &AdminState,
-) -> Result<(AllocationTable, Vec<(IpAddr, u16)>), Reply> {
-    let v: serde_json::Value =
-        serde_json::from_str(body).map_err(|e| text(400, format!("prepare rejected: {e}")))?;
-    let table = parse_table(v["table"].as_str().unwrap_or(""), state)?;
-    let mut held = Vec::new();
-    for h in v["held"].as_array().into_iter().flatten() {
-        let addr = h[0].as_str().and_then(|a| a.parse::<IpAddr>().ok());
-        let port = h[1].as_u64().and_then(|p| u16::try_from(p).ok());
-        match (addr, port) {
-            (Some(a), Some(p)) => held.push((a, p)),
-            _ => return Err(text(400, format!("prepare rejected: bad held port {h}"))),
-        }
-    }
-    Ok((table, held))
+    Reply::json(200, &list)
 }
 
 /// Prepare: from now on only ports valid under both tables are handed out;
-/// the answer counts the open connections in buckets that move away. A
-/// joining node (the body is `{"table": …, "held": […]}`) takes the next
-/// table's ports except the held ones.
-fn prepare(req: &mut Request, state: &AdminState) -> Reply {
-    let body = match read_body(req) {
+/// the answer counts the open connections in buckets that move away. The
+/// body is a `PrepareRequest` (JSON), or the bare table file; a joining
+/// node (`held` given) takes the next table's ports except the held ones.
+fn prepare(req: &Request, state: &AdminState) -> Reply {
+    let body = match req.text() {
         Ok(b) => b,
         Err(reply) => return reply,
     };
-    let (table, held) = if body.trim_start().starts_with('{') {
-        match joining_body(&body, state) {
-            Ok((t, h)) => (t, Some(h)),
-            Err(reply) => return reply,
+    let request = if body.trim_start().starts_with('{') {
+        match serde_json::from_str::<PrepareRequest>(body) {
+            Ok(r) => r,
+            Err(e) => return Reply::text(400, format!("prepare rejected: {e}")),
         }
     } else {
-        match parse_table(&body, state) {
-            Ok(t) => (t, None),
-            Err(reply) => return reply,
+        PrepareRequest {
+            table: body.to_string(),
+            held: None,
         }
     };
-    let running = current(state);
+    let table = match parse_table(&request.table, state) {
+        Ok(t) => t,
+        Err(reply) => return reply,
+    };
+    let wanted = TableId::of(&table);
+    let running = state.tables.current();
+    let running_id = TableId::of(&running);
     let mut next = state.tables.next.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(n) = next.as_ref() {
-        if n.version() == table.version() {
-            drop(next);
-            return text(200, transition_state(state));
+        let prepared = TableId::of(n);
+        drop(next);
+        if prepared == wanted {
+            return Reply::json(200, &transition_state(state));
         }
-        return text(
+        if let Err(r) = same_version_other_table("prepared", &prepared, &wanted) {
+            return r;
+        }
+        return Reply::text(
             409,
             format!(
-                "a transition to version {} is already prepared",
-                n.version()
+                "prepare refused: a transition to {prepared} is already prepared; this is {wanted}"
             ),
         );
     }
+    if running_id == wanted {
+        // Committed already (a coordinator resuming).
+        drop(next);
+        return Reply::json(200, &transition_state(state));
+    }
+    if let Err(r) = same_version_other_table("running", &running_id, &wanted) {
+        return r;
+    }
     if table.version() <= running.version() {
-        return text(
+        return Reply::text(
             409,
             format!(
                 "table rejected: version {} is not newer than the running version {}",
@@ -310,12 +313,15 @@ fn prepare(req: &mut Request, state: &AdminState) -> Reply {
             ),
         );
     }
+    let held: Option<Vec<(std::net::IpAddr, u16)>> = request
+        .held
+        .map(|h| h.into_iter().map(|HeldPort(a, p)| (a, p)).collect());
     let prepared = match &held {
         None => state.snat.retable(&running, Some(&table)),
         Some(h) => state.snat.prepare_joining(&table, h),
     };
     if let Err(e) = prepared {
-        return text(400, format!("table rejected: {e}"));
+        return Reply::text(400, format!("table rejected: {e}"));
     }
     log::info!(
         "transition prepared: version {} → {}{}",
@@ -326,20 +332,66 @@ fn prepare(req: &mut Request, state: &AdminState) -> Reply {
     );
     *next = Some(Arc::new(table));
     drop(next);
-    text(200, transition_state(state))
+    Reply::json(200, &transition_state(state))
 }
 
-/// Commit (the next table becomes the table) or abort (back to the running one).
-fn finish(state: &AdminState, commit: bool) -> Reply {
-    let mut next = state.tables.next.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(n) = next.take() else {
-        return text(409, "no transition is prepared");
+/// Commit (the next table becomes the table, saved where tmd starts from)
+/// or abort (back to the running one). The body may name the transition's
+/// table (a `TableId`); a step naming another table is refused. Idempotent:
+/// committing the running table, or aborting with nothing prepared, is 200.
+fn finish(req: &Request, state: &AdminState, commit: bool) -> Reply {
+    let named: Option<TableId> = if req.body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        match req.json() {
+            Ok(t) => Some(t),
+            Err(r) => return r,
+        }
     };
+    let what = if commit { "commit" } else { "abort" };
+    let mut next = state.tables.next.lock().unwrap_or_else(|p| p.into_inner());
     let mut running = state
         .tables
         .current
         .lock()
         .unwrap_or_else(|p| p.into_inner());
+    let running_id = TableId::of(&running);
+    let Some(n) = next.take() else {
+        return match (commit, named) {
+            (true, Some(t)) if t == running_id => Reply::json(
+                200,
+                &CommitAnswer {
+                    table: running_id,
+                    persist_error: None,
+                },
+            ),
+            (true, _) => Reply::text(409, "commit refused: no transition is prepared"),
+            (false, Some(t)) if t == running_id => Reply::text(
+                409,
+                format!(
+                    "abort refused: {running_id} is committed here; roll back with a new version"
+                ),
+            ),
+            (false, _) => Reply::json(
+                200,
+                &AbortAnswer {
+                    table: running_id,
+                    aborted: false,
+                },
+            ),
+        };
+    };
+    let prepared_id = TableId::of(&n);
+    if let Some(t) = &named {
+        if *t != prepared_id {
+            let reply = Reply::text(
+                409,
+                format!("{what} refused: it names {t}, but the prepared table is {prepared_id}"),
+            );
+            *next = Some(n);
+            return reply;
+        }
+    }
     let target = if commit {
         Arc::clone(&n)
     } else {
@@ -347,7 +399,7 @@ fn finish(state: &AdminState, commit: bool) -> Reply {
     };
     if let Err(e) = state.snat.retable(&target, None) {
         *next = Some(n);
-        return text(500, format!("transition: {e}"));
+        return Reply::text(500, format!("transition: {e}"));
     }
     log::info!(
         "transition {}: version {} prepared, running version now {}",
@@ -356,13 +408,31 @@ fn finish(state: &AdminState, commit: bool) -> Reply {
         target.version()
     );
     *running = target;
-    let v = running.version();
+    let table = TableId::of(&running);
+    let saved = commit.then(|| persist(state, &running)).flatten();
     drop(running);
     drop(next);
-    text(200, format!("{{\"phase\":\"idle\",\"current\":{v}}}"))
+    if commit {
+        Reply::json(
+            200,
+            &CommitAnswer {
+                table,
+                persist_error: saved,
+            },
+        )
+    } else {
+        Reply::json(
+            200,
+            &AbortAnswer {
+                table,
+                aborted: true,
+            },
+        )
+    }
 }
 
 fn metrics(state: &AdminState) -> Result<Reply, prometheus::Error> {
+    let current = |state: &AdminState| state.tables.current();
     use std::sync::atomic::Ordering::Relaxed;
     let r = Registry::new();
     let conns = IntCounterVec::new(
@@ -507,5 +577,5 @@ fn metrics(state: &AdminState) -> Result<Reply, prometheus::Error> {
     }
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.gather(), &mut out)?;
-    Ok(text(200, String::from_utf8_lossy(&out).into_owned()))
+    Ok(Reply::metrics(String::from_utf8_lossy(&out).into_owned()))
 }

@@ -1,5 +1,6 @@
 //! tmd's configuration: TOML through `config` with `TMD_*` environment overrides, validated with errors that name the key.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -164,19 +165,99 @@ pub struct NodeConfig {
     pub admin: crate::admin::AdminConfig,
 }
 
+/// Environment variables that override configuration keys: the prefix, one
+/// `_`, then the key, nested keys joined with `__` (`TMD_TABLE` is
+/// `table`, `TMD_ADMIN__LISTEN` is `admin.listen`). Key
+/// names are case-insensitive; unknown keys are errors, as in the file.
+pub const ENV_PREFIX: &str = "TMD";
+
+/// The process's environment variables that start with `prefix` and `_`
+/// (any case); variables whose name or value is not UTF-8 are skipped.
+fn env_overrides(prefix: &str) -> HashMap<String, String> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| strip_prefix(prefix, k).is_some())
+        .collect()
+}
+
+/// The key part of variable `name`, if it has the prefix.
+fn strip_prefix<'a>(prefix: &str, name: &'a str) -> Option<&'a str> {
+    let head = name.get(..prefix.len() + 1)?;
+    let rest = name.get(prefix.len() + 1..)?;
+    (head.eq_ignore_ascii_case(&format!("{prefix}_")) && !rest.is_empty()).then_some(rest)
+}
+
+/// The `config` source of the overrides in `env`.
+fn environment(prefix: &str, env: &HashMap<String, String>) -> config::Environment {
+    config::Environment::with_prefix(prefix)
+        .prefix_separator("_")
+        .separator("__")
+        .try_parsing(true)
+        .source(Some(env.clone()))
+}
+
+/// Which overrides a load error may come from: those setting a key the
+/// error names, else all of them; with how an override is written.
+fn env_hint(prefix: &str, error: &str, env: &HashMap<String, String>) -> String {
+    // What the error is about, before the list of keys it expected.
+    let subject = error.split(", expected").next().unwrap_or(error);
+    let mut set: Vec<(bool, String)> = env
+        .keys()
+        .filter_map(|name| {
+            let key = strip_prefix(prefix, name)?
+                .to_lowercase()
+                .replace("__", ".");
+            let named = error.contains(&format!("key `{key}`"))
+                || std::iter::once(key.as_str())
+                    .chain(key.split('.'))
+                    .any(|k| subject.contains(&format!("`{k}`")));
+            Some((named, format!("{name} sets `{key}`")))
+        })
+        .collect();
+    let named = set.iter().any(|(named, _)| *named);
+    if named {
+        set.retain(|(named, _)| *named);
+    }
+    if set.is_empty() {
+        return String::new();
+    }
+    let mut set: Vec<String> = set.into_iter().map(|(_, s)| s).collect();
+    set.sort();
+    format!(
+        " ({}: {}; an override is {prefix}_ and the key, nested keys joined with `__`, e.g. {prefix}_ADMIN__LISTEN)",
+        if named {
+            "from the environment"
+        } else {
+            "environment overrides in effect"
+        },
+        set.join(", ")
+    )
+}
+
 impl NodeConfig {
-    /// Reads `path` with `TMD_*` overrides and validates.
+    /// Reads `path` (TOML), applies the process's `TMD_*` environment
+    /// overrides ([`ENV_PREFIX`]: `TMD_WORKERS=4`, `TMD_ADMIN__LISTEN=0.0.0.0:9190`),
+    /// and validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, env_overrides(ENV_PREFIX))
+    }
+
+    /// Like [`Self::load`], with the environment given instead of read
+    /// from the process (variables without the prefix are ignored).
+    pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Self, ConfigError> {
         let mut cfg: NodeConfig = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(
-                config::Environment::with_prefix("TMD")
-                    .separator("__")
-                    .try_parsing(true),
-            )
+            .add_source(environment(ENV_PREFIX, &env))
             .build()
             .and_then(|c| c.try_deserialize())
-            .map_err(|e| ConfigError::Load(format!("{}: {e}", path.display())))?;
+            .map_err(|e| {
+                let e = e.to_string();
+                ConfigError::Load(format!(
+                    "{}: {e}{}",
+                    path.display(),
+                    env_hint(ENV_PREFIX, &e, &env)
+                ))
+            })?;
         if cfg.table.is_relative() {
             cfg.table = path.parent().unwrap_or(Path::new(".")).join(&cfg.table);
         }
@@ -265,5 +346,59 @@ impl NodeConfig {
             }
         }
         Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    const GOOD: &str = "tm_id = 1\ntable = \"table.toml\"\nsnat_addresses = [\"10.1.0.1\"]\n\n\
+        [[pool]]\nname = \"web\"\nmethod = \"round-robin\"\nservers = [{ address = \"192.0.2.10:80\" }]\n\n\
+        [[virtual_server]]\nname = \"web\"\nlisten = \"198.51.100.10:80\"\npool = \"web\"\n";
+
+    /// Loads `text` with exactly the environment `env` (never the process's).
+    fn load_env(text: &str, env: &[(&str, &str)]) -> Result<NodeConfig, ConfigError> {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("tmd-config-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("tmd.toml");
+        std::fs::write(&path, text).expect("write");
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let r = NodeConfig::load_with_env(&path, env);
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    #[test]
+    fn environment_overrides_are_tmd_and_the_key_nested_with_double_underscores() {
+        let plain = load_env(GOOD, &[]).expect("file");
+        assert_eq!(plain.workers, None);
+        assert!(plain.admin.listen.ip().is_loopback());
+        let cfg = load_env(
+            GOOD,
+            &[
+                ("TMD_WORKERS", "4"),
+                ("TMD_ADMIN__LISTEN", "0.0.0.0:9191"),
+                ("TMD_ADMIN__TOKEN", "s3cret"),
+                ("TMD_DRAIN_TIMEOUT_MS", "500"),
+                ("STD_WORKERS", "ignored: stdd's"),
+            ],
+        )
+        .expect("overrides");
+        assert_eq!(cfg.workers, Some(4));
+        assert_eq!(cfg.admin.listen, "0.0.0.0:9191".parse().expect("addr"));
+        assert_eq!(cfg.admin.token.as_deref(), Some("s3cret"));
+        assert_eq!(cfg.drain_timeout_ms, 500);
+        for var in ["TMD_ADMIN_LISTEN", "TMD__WORKERS"] {
+            match load_env(GOOD, &[(var, "1")]) {
+                Err(ConfigError::Load(e)) => assert!(e.contains(var), "{var}: {e}"),
+                other => panic!("{var}: {other:?}"),
+            }
+        }
     }
 }

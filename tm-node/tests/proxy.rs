@@ -655,9 +655,13 @@ fn a_transition_prepares_dual_table_ports_counts_moving_connections_and_commits(
     std::thread::sleep(Duration::from_millis(300));
     let mut open = held(vip).expect("an open connection, echoed");
     let mut buf = [0u8; 2];
+    let state = |body: &str| -> control::TmTransition {
+        serde_json::from_str(body.trim()).expect("a TM transition state")
+    };
+    let idle = state(&http(admin, "GET", "/transition", "").1);
     assert_eq!(
-        http(admin, "GET", "/transition", "").1.trim(),
-        "{\"phase\":\"idle\",\"current\":1}"
+        (idle.phase, idle.current(), idle.next()),
+        (control::TmPhase::Idle, control::TableId::of(&t), None)
     );
 
     // Drain this TM: in the next table it owns no bucket.
@@ -766,9 +770,38 @@ fn a_transition_prepares_dual_table_ports_counts_moving_connections_and_commits(
     for &p in peers.lock().expect("lock").iter() {
         assert!(home(&t, p) && home(&next, p), "{p} valid under both tables");
     }
+    // A different table with the prepared version: refused, naming both.
+    let other_v3 = t
+        .rebalance(0, &Profile::Rayleigh { sigma: None })
+        .expect("rebalance")
+        .table
+        .with_version(3);
+    let (code, body) = http(
+        admin,
+        "POST",
+        "/transition/prepare",
+        &allocation::file::render(&other_v3),
+    );
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body.contains(&allocation::file::checksum(&other_v3))
+            && body.contains(&allocation::file::checksum(&next)),
+        "{body}"
+    );
+    let (code, body) = http(admin, "POST", "/transition/commit", "");
+    assert_eq!(code, 200, "{body}");
+    let committed: control::CommitAnswer = serde_json::from_str(body.trim()).expect("answer");
+    assert_eq!(committed.table, control::TableId::of(&next));
+    assert_eq!(committed.persist_error, None);
     assert_eq!(
-        http(admin, "POST", "/transition/commit", "").1.trim(),
-        "{\"phase\":\"idle\",\"current\":3}"
+        allocation::file::load(tmd.dir.join("table.toml")).expect("table file"),
+        next,
+        "the committed table is where tmd starts from"
+    );
+    let idle = state(&http(admin, "GET", "/transition", "").1);
+    assert_eq!(
+        (idle.phase, idle.current()),
+        (control::TmPhase::Idle, control::TableId::of(&next))
     );
     assert_eq!(
         http(admin, "GET", "/table", "").1.trim_end(),

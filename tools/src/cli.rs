@@ -39,6 +39,9 @@ pub enum Command {
     /// (prepare every TM, switch and open every distributor, drain, commit;
     /// roll back if a node fails before the commit).
     Push(PushArgs),
+    /// Abort the transition a running cluster is in: every distributor and
+    /// TM goes back to its previous table (nodes committed already stay).
+    Abort(ClusterArg),
 }
 
 /// The cluster file.
@@ -51,10 +54,15 @@ pub struct ClusterArg {
 
 #[derive(Debug, Args)]
 pub struct PushArgs {
-    /// The table file to install (version newer than the running one).
+    /// The table file to install (version newer than the running one; or
+    /// the table of a transition an earlier push left unfinished: resumed).
     pub table: PathBuf,
     #[command(flatten)]
     pub cluster: ClusterArg,
+    /// Commit when the drain window ends even if some TM's state is unknown
+    /// (by default the push stops there, the cluster left switched).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

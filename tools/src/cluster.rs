@@ -1,13 +1,15 @@
-//! stdctl against a running cluster: the cluster file, the admin endpoints of every distributor and TM, status, and the transition protocol (prepare, switch, open, drain, commit; roll back on failure).
+//! stdctl against a running cluster: the cluster file, every node's admin endpoint through the typed client, status, and pushes driven by the one transition coordinator (`control::coordinator`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use admin_http::client::{Client, Endpoint};
 use allocation::{file, AllocationTable, Change, Profile, TmIndex};
 use anyhow::{anyhow, bail, Context, Result};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use control::api::{DistributorPhase, DistributorTransition, TableId, TmTransition};
+use control::coordinator::{Answer, Call, CallError, NodeId, Outcome, Push, PushSpec, Step};
+use serde::{Deserialize, Serialize};
 
 /// A node's admin endpoint.
 #[derive(Debug, Clone, Deserialize)]
@@ -47,6 +49,10 @@ pub struct Cluster {
     /// Per-request timeout, milliseconds.
     #[serde(default = "default_timeout")]
     pub timeout_ms: u64,
+    /// Tries of each rollback and commit request before the node is
+    /// reported as not reached.
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
     /// Every distributor (front, back, combined).
     #[serde(rename = "distributor")]
     pub distributors: Vec<Node>,
@@ -63,6 +69,9 @@ fn default_poll() -> u64 {
 }
 fn default_timeout() -> u64 {
     3000
+}
+fn default_attempts() -> u32 {
+    3
 }
 
 impl Cluster {
@@ -106,84 +115,62 @@ impl Cluster {
         Ok(c)
     }
 
-    fn agent(&self) -> ureq::Agent {
-        ureq::AgentBuilder::new()
-            .timeout(Duration::from_millis(self.timeout_ms.max(1)))
-            .build()
+    fn client(&self) -> Client {
+        Client::new(Duration::from_millis(self.timeout_ms.max(1)))
     }
-}
 
-/// One admin request: (status, body), or why there was no answer.
-fn call(
-    agent: &ureq::Agent,
-    node: &Node,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-) -> Result<(u16, String), String> {
-    let url = format!("{}{}", node.admin.trim_end_matches('/'), path);
-    let mut req = agent.request(method, &url);
-    if let Some(t) = &node.token {
-        req = req.set("Authorization", &format!("Bearer {t}"));
-    }
-    let res = match body {
-        Some(b) => req.send_string(b),
-        None => req.call(),
-    };
-    match res {
-        Ok(r) => {
-            let code = r.status();
-            Ok((code, r.into_string().unwrap_or_default()))
+    fn endpoint(node: &Node) -> Endpoint {
+        Endpoint {
+            name: node.name.clone(),
+            url: node.admin.clone(),
+            token: node.token.clone(),
         }
-        Err(ureq::Error::Status(code, r)) => Ok((code, r.into_string().unwrap_or_default())),
-        Err(e) => Err(e.to_string()),
+    }
+
+    fn endpoints(&self) -> (Vec<Endpoint>, Vec<Endpoint>) {
+        (
+            self.distributors.iter().map(Self::endpoint).collect(),
+            self.tms.iter().map(|t| Self::endpoint(&t.node)).collect(),
+        )
     }
 }
 
-/// A 200 answer's body, or an error naming the node.
-fn ok(
-    agent: &ureq::Agent,
-    node: &Node,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-) -> Result<String> {
-    match call(agent, node, method, path, body) {
-        Ok((200, b)) => Ok(b),
-        Ok((code, b)) => Err(anyhow!(
-            "{}: {method} {path}: {code} {}",
-            node.name,
-            b.trim()
-        )),
-        Err(e) => Err(anyhow!("{}: {method} {path}: {e}", node.name)),
-    }
+/// An error naming the node and the request.
+fn node_error(node: &Endpoint, what: &str, e: CallError) -> anyhow::Error {
+    anyhow!("{}: {what}: {e}", node.name)
+}
+
+/// A node's table (`GET /table`, or `/table/previous`).
+fn fetch_table(client: &Client, node: &Endpoint, path: &str) -> Result<AllocationTable> {
+    let text = client
+        .ok_text(node, "GET", path, None)
+        .map_err(|e| node_error(node, &format!("GET {path}"), e))?;
+    file::parse(&text).map_err(|e| anyhow!("{}: GET {path}: {e}", node.name))
 }
 
 /// The table the cluster runs: the first distributor's (a failover table
 /// while a TM is failed). Warns when distributors disagree.
 pub fn running_table(c: &Cluster) -> Result<AllocationTable> {
-    let agent = c.agent();
+    let client = c.client();
+    let (dists, _) = c.endpoints();
     let mut first: Option<(String, AllocationTable)> = None;
-    for d in &c.distributors {
-        let text = match ok(&agent, d, "GET", "/table", None) {
+    for d in &dists {
+        let t = match fetch_table(&client, d, "/table") {
             Ok(t) => t,
             Err(e) if first.is_some() => {
-                eprintln!("stdctl: warning: {e}");
+                eprintln!("stdctl: warning: {e:#}");
                 continue;
             }
             Err(e) => return Err(e),
         };
-        let t = file::parse(&text).map_err(|e| anyhow!("{}: GET /table: {e}", d.name))?;
         match &first {
             None => first = Some((d.name.clone(), t)),
             Some((name, f)) => {
-                if file::render(f) != file::render(&t) {
+                let (a, b) = (TableId::of(f), TableId::of(&t));
+                if a != b {
                     eprintln!(
-                        "stdctl: warning: {} runs another table than {} (version {} vs {}): a failover one side has not detected yet?",
-                        d.name,
-                        name,
-                        t.version(),
-                        f.version()
+                        "stdctl: warning: {} runs another table than {} ({b} vs {a}): a failover one side has not detected yet?",
+                        d.name, name
                     );
                 }
             }
@@ -210,259 +197,325 @@ pub fn plan_change(t: &AllocationTable, profile: &Profile, excluded: &[TmIndex])
     Ok(t.rebalance_to_targets(0, &targets, Some(profile.clone()))?)
 }
 
-fn progress(json: bool, line: String) {
+fn progress(json: bool, line: &str) {
     if json {
         eprintln!("{line}");
     } else {
-        crate::report::say(&line);
+        crate::report::say(line);
     }
 }
 
-/// Runs the transition protocol (DESIGN §4) to `next` on every node;
-/// rolls every node back if one fails before the commit. Returns a JSON
-/// summary of what happened.
-pub fn push(c: &Cluster, next: &AllocationTable, json: bool) -> Result<Value> {
-    let agent = c.agent();
-    let started = Instant::now();
-    let running = running_table(c)?;
-    if next.version() <= running.version() {
+/// What `stdctl push` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pushed {
+    /// The version the cluster ran.
+    pub from_version: u64,
+    /// Its checksum.
+    pub from_checksum: String,
+    /// The version it runs now.
+    pub to_version: u64,
+    /// Its checksum.
+    pub to_checksum: String,
+    /// Buckets whose owner changed.
+    pub moved_buckets: usize,
+    /// TMs skipped (out of service in both tables, not answering).
+    pub skipped: Vec<String>,
+    /// Seconds from the open to the commit.
+    pub drain_s: f64,
+    /// Connections still in moved buckets at the commit (the window ended).
+    pub moving_at_commit: u64,
+    /// TMs of unknown state at a forced commit.
+    pub unknown_at_commit: Vec<String>,
+    /// Warnings (a node that could not save the table, …).
+    pub warnings: Vec<String>,
+    /// Seconds in all.
+    pub total_s: f64,
+    /// True when this push finished a transition an earlier one left.
+    pub resumed: bool,
+}
+
+/// The table a push starts from: the running one, or — when the first
+/// distributor is switched to `next` already (an earlier push stopped) —
+/// the previous one, to resume.
+fn starting_point(
+    client: &Client,
+    dists: &[Endpoint],
+    next: &AllocationTable,
+) -> Result<(AllocationTable, bool)> {
+    let d = &dists[0];
+    let state: DistributorTransition = client
+        .ok_json(d, "GET", "/transition", None)
+        .map_err(|e| node_error(d, "GET /transition", e))?;
+    state
+        .check()
+        .map_err(|e| anyhow!("{}: GET /transition: {e}", d.name))?;
+    if state.state != DistributorPhase::Idle {
+        if state.table() == TableId::of(next) {
+            return Ok((fetch_table(client, d, "/table/previous")?, true));
+        }
         bail!(
-            "table version {} is not newer than the running version {}",
-            next.version(),
-            running.version()
+            "{}: a transition to {} is under way (from {}): push that table again to finish it, or `stdctl abort`",
+            d.name,
+            state.table(),
+            state.previous().map_or_else(|| "?".into(), |p| p.to_string())
         );
     }
-    if next.key() != running.key() {
+    Ok((fetch_table(client, d, "/table")?, false))
+}
+
+/// Runs the transition protocol (DESIGN §4) to `next` on every node with
+/// the shared coordinator; rolls every node that may have changed back if
+/// one fails before the commit.
+pub fn push(c: &Cluster, next: &AllocationTable, json: bool, force: bool) -> Result<Pushed> {
+    let client = c.client();
+    let started = Instant::now();
+    let (dists, tms) = c.endpoints();
+    let (from, resumed) = starting_point(&client, &dists, next)?;
+    if resumed {
         progress(
             json,
-            "warning: the new table has another hash key: every bucket moves".into(),
+            &format!(
+                "resuming the transition from {} to {}",
+                TableId::of(&from),
+                TableId::of(next)
+            ),
         );
     }
-    let body = file::render(next);
-    let has_buckets = |t: &AllocationTable, id: u32| {
-        t.tm_index_by_id(id)
-            .is_some_and(|i| t.counts(0)[usize::from(i)] > 0)
+    let spec = PushSpec {
+        distributors: dists.iter().map(|d| d.name.clone()).collect(),
+        tms: c.tms.iter().map(|t| (t.id, t.node.name.clone())).collect(),
+        drain_window: Duration::from_secs(c.drain_window_s),
+        poll: Duration::from_millis(c.poll_ms.max(10)),
+        attempts: c.attempts.max(1),
+        force,
     };
-    // 1. Prepare every TM. A TM with no bucket in either table (failed or
-    // drained, and staying out) may be unreachable: skipped.
-    let mut prepared: Vec<&TmNode> = Vec::new();
-    let mut skipped = Vec::new();
-    let rollback = |prepared: &[&TmNode], switched: &[&Node]| {
-        for d in switched {
-            if let Err(e) = ok(&agent, d, "POST", "/transition/abort", None) {
-                eprintln!("stdctl: rollback: {e}");
-            }
-        }
-        for t in prepared {
-            if let Err(e) = ok(&agent, &t.node, "POST", "/transition/abort", None) {
-                eprintln!("stdctl: rollback: {e}");
-            }
-        }
-    };
-    // Members first; then TMs joining (no bucket now, some in the next
-    // table: added, or readmitted) with the ports the members still hold in
-    // moving buckets, which they must not take.
-    let joining = |t: &TmNode| !has_buckets(&running, t.id) && has_buckets(next, t.id);
-    // A TM drained to zero keeps its current ports during the window
-    // (docs/tmd.md); a joining TM must not meet them: one at a time.
-    let draining = c
-        .tms
-        .iter()
-        .any(|t| has_buckets(&running, t.id) && !has_buckets(next, t.id));
-    if draining && c.tms.iter().any(joining) {
-        bail!("this table drains a TM to zero and admits a joining TM at once: push one change, then the other");
-    }
-    let mut held: Vec<Value> = Vec::new();
-    let members: Vec<&TmNode> = c.tms.iter().filter(|t| !joining(t)).collect();
-    let joiners: Vec<&TmNode> = c.tms.iter().filter(|t| joining(t)).collect();
-    let mut asked = false;
-    for t in members.into_iter().chain(joiners) {
-        let joins = joining(t);
-        if joins && !asked {
-            asked = true;
-            for m in &prepared {
-                match ok(&agent, &m.node, "GET", "/transition/ports", None)
-                    .ok()
-                    .and_then(|b| serde_json::from_str::<Value>(&b).ok())
-                {
-                    Some(Value::Array(list)) => held.extend(list),
-                    _ => {
-                        rollback(&prepared, &[]);
-                        bail!(
-                            "{}: GET /transition/ports gave no list; every prepared TM was rolled back",
-                            m.node.name
-                        );
-                    }
-                }
-            }
-        }
-        let joining_body;
-        let request = if joins {
-            joining_body = json!({ "table": body, "held": held }).to_string();
-            &joining_body
-        } else {
-            &body
-        };
-        match ok(
-            &agent,
-            &t.node,
-            "POST",
-            "/transition/prepare",
-            Some(request),
-        ) {
-            Ok(b) => {
-                let moving = serde_json::from_str::<Value>(&b)
-                    .ok()
-                    .and_then(|v| v["connections_in_moved_buckets"].as_u64())
-                    .unwrap_or(0);
-                let detail = if joins {
-                    format!("joining; {} ports held by the others", held.len())
-                } else {
-                    format!("{moving} connections in moved buckets")
+    let mut coordinator = Push::new(spec, &from, next).map_err(|e| anyhow!(e))?;
+    let outcome = loop {
+        match coordinator.step(started.elapsed()) {
+            Step::Say(line) => progress(json, &line),
+            Step::Call(node, call) => {
+                let endpoint = match node {
+                    NodeId::Distributor(i) => &dists[i],
+                    NodeId::Tm(i) => &tms[i],
                 };
-                progress(json, format!("prepare  {:<12} ok ({detail})", t.node.name));
-                prepared.push(t);
-            }
-            Err(e) if !has_buckets(&running, t.id) && !has_buckets(next, t.id) => {
-                progress(
-                    json,
-                    format!(
-                        "prepare  {:<12} skipped: out of service in both tables ({e})",
-                        t.node.name
-                    ),
-                );
-                skipped.push(t.node.name.clone());
-            }
-            Err(e) => {
-                rollback(&prepared, &[]);
-                bail!("{e}; every prepared TM was rolled back");
-            }
-        }
-    }
-    // 2. Switch every distributor, then 3. open them.
-    let mut switched: Vec<&Node> = Vec::new();
-    for d in &c.distributors {
-        if let Err(e) = ok(&agent, d, "POST", "/transition/switch", Some(&body)) {
-            rollback(&prepared, &switched);
-            bail!("{e}; every switched distributor and prepared TM was rolled back");
-        }
-        progress(json, format!("switch   {:<12} ok", d.name));
-        switched.push(d);
-    }
-    for d in &c.distributors {
-        if let Err(e) = ok(&agent, d, "POST", "/transition/open", None) {
-            rollback(&prepared, &switched);
-            bail!("{e}; every node was rolled back");
-        }
-        progress(json, format!("open     {:<12} ok", d.name));
-    }
-    let switched_at = Instant::now();
-    // 4. Drain: until no TM reports connections in moved buckets, or the window ends.
-    let window = Duration::from_secs(c.drain_window_s);
-    let mut last = u64::MAX;
-    let moving = loop {
-        let mut total = 0u64;
-        for t in &prepared {
-            match ok(&agent, &t.node, "GET", "/transition", None) {
-                Ok(b) => {
-                    total += serde_json::from_str::<Value>(&b)
-                        .ok()
-                        .and_then(|v| v["connections_in_moved_buckets"].as_u64())
-                        .unwrap_or(0);
+                let answer: Result<Answer, CallError> = client.call(endpoint, &call);
+                if let (Call::TmState, Err(e)) = (&call, &answer) {
+                    progress(json, &format!("drain    {:<12} {e}", endpoint.name));
                 }
-                Err(e) => progress(
-                    json,
-                    format!("drain    {:<12} no answer ({e})", t.node.name),
-                ),
+                coordinator.answer(answer, started.elapsed());
+            }
+            Step::WaitUntil(t) => std::thread::sleep(t.saturating_sub(started.elapsed())),
+            Step::Done(o) => break o,
+        }
+    };
+    match outcome {
+        Outcome::Committed(s) => {
+            for w in &s.warnings {
+                progress(json, &format!("warning: {w}"));
+            }
+            Ok(Pushed {
+                from_version: s.from.version,
+                from_checksum: s.from.checksum,
+                to_version: s.to.version,
+                to_checksum: s.to.checksum,
+                moved_buckets: s.moved_buckets,
+                skipped: s.skipped,
+                drain_s: s.drain.as_secs_f64(),
+                moving_at_commit: s.moving_at_commit,
+                unknown_at_commit: s.unknown_at_commit,
+                warnings: s.warnings,
+                total_s: started.elapsed().as_secs_f64(),
+                resumed,
+            })
+        }
+        Outcome::RolledBack {
+            cause,
+            not_rolled_back,
+        } if not_rolled_back.is_empty() => {
+            bail!("{cause}; every node that may have changed was rolled back")
+        }
+        Outcome::RolledBack {
+            cause,
+            not_rolled_back,
+        } => bail!(
+            "{cause}; rolled back, except {} node(s) that could not be: {}",
+            not_rolled_back.len(),
+            not_rolled_back.join("; ")
+        ),
+        Outcome::Stopped { cause } => bail!("{cause}"),
+    }
+}
+
+/// `stdctl abort`: every node out of whatever transition it is in, with
+/// retries; the nodes that could not be reached, named.
+pub fn abort(c: &Cluster, json: bool) -> Result<()> {
+    let client = c.client();
+    let (dists, tms) = c.endpoints();
+    let mut failed = Vec::new();
+    for node in dists.iter().chain(&tms) {
+        let mut last = None;
+        for attempt in 0..c.attempts.max(1) {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(c.poll_ms.max(10)));
+            }
+            match client.call(node, &Call::Abort(None)) {
+                Ok(Answer::Aborted(a)) => {
+                    progress(
+                        json,
+                        &format!(
+                            "abort    {:<12} {} {}",
+                            node.name,
+                            if a.aborted { "back on" } else { "idle on" },
+                            a.table
+                        ),
+                    );
+                    last = None;
+                    break;
+                }
+                Ok(other) => last = Some(format!("unexpected answer {other:?}")),
+                Err(e) => last = Some(e.to_string()),
             }
         }
-        if total != last {
-            progress(
-                json,
-                format!("drain    {total} connections left in moved buckets"),
-            );
-            last = total;
-        }
-        if total == 0 || switched_at.elapsed() >= window {
-            break total;
-        }
-        std::thread::sleep(Duration::from_millis(c.poll_ms.max(10)));
-    };
-    if moving > 0 {
-        progress(
-            json,
-            format!("drain    window of {} s over with {moving} connections still in moved buckets: committing", c.drain_window_s),
-        );
-    }
-    let drained_s = switched_at.elapsed().as_secs_f64();
-    // 5. Commit: distributors first, then TMs. No rollback past this point.
-    let mut failed = Vec::new();
-    for d in &c.distributors {
-        match ok(&agent, d, "POST", "/transition/commit", None) {
-            Ok(_) => progress(json, format!("commit   {:<12} ok", d.name)),
-            Err(e) => failed.push(e.to_string()),
-        }
-    }
-    for t in &prepared {
-        match ok(&agent, &t.node, "POST", "/transition/commit", None) {
-            Ok(_) => progress(json, format!("commit   {:<12} ok", t.node.name)),
-            Err(e) => failed.push(e.to_string()),
+        if let Some(why) = last {
+            progress(json, &format!("abort    {:<12} FAILED: {why}", node.name));
+            failed.push(format!("{}: {why}", node.name));
         }
     }
     if !failed.is_empty() {
-        bail!("commit failed on: {}", failed.join("; "));
+        bail!(
+            "{} node(s) could not be aborted: {}",
+            failed.len(),
+            failed.join("; ")
+        );
     }
-    let moved = (0..allocation::TABLE_SIZE)
-        .filter(|&b| {
-            let id = |t: &AllocationTable| t.tms()[usize::from(t.groups()[0].buckets.get(b))].id;
-            id(&running) != id(next)
-        })
-        .count();
-    Ok(json!({
-        "from_version": running.version(),
-        "to_version": next.version(),
-        "moved_buckets": moved,
-        "skipped": skipped,
-        "drain_s": drained_s,
-        "moving_at_commit": moving,
-        "total_s": started.elapsed().as_secs_f64(),
-    }))
+    Ok(())
 }
 
-/// Every node's state: health, table version, transition, load.
-pub fn status(c: &Cluster) -> Value {
-    let agent = c.agent();
+/// One node in `stdctl status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    /// Its name.
+    pub name: String,
+    /// `distributor` or `tm`.
+    pub kind: &'static str,
+    /// Its TM id (TMs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tm_id: Option<u32>,
+    /// `ok`, or the health answer, or why there was none.
+    pub health: String,
+    /// The table it runs, when it said.
+    pub table: Option<TableId>,
+    /// Its transition phase (`idle`, `switched`, `open`, `prepared`), or `?` with why.
+    pub transition: String,
+    /// Connections in moved buckets (prepared TMs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moving: Option<u64>,
+    /// Open connections (TMs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_connections: Option<u64>,
+    /// Why this node needs attention (another table than the cluster's, an
+    /// unreadable answer); empty when it is in order.
+    pub problems: Vec<String>,
+}
+
+/// One TM's share in `stdctl status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TmShare {
+    /// TM id.
+    pub tm_id: u32,
+    /// Name.
+    pub name: String,
+    /// Buckets in the cluster's table.
+    pub buckets: u32,
+    /// Their share of the table.
+    pub target: f64,
+    /// Share of the frames the distributors steered to it.
+    pub packet_share: f64,
+    /// Open connections.
+    pub open_connections: u64,
+    /// Share of all open connections.
+    pub connection_share: f64,
+}
+
+/// `stdctl status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// The cluster's table (the first distributor's).
+    pub table: Option<TableId>,
+    /// Every node.
+    pub nodes: Vec<NodeStatus>,
+    /// Every TM of the table.
+    pub tms: Vec<TmShare>,
+    /// Nodes that need attention: the status is green only when this is empty.
+    pub problems: usize,
+}
+
+/// Every node's state: health, table (version and checksum), transition, load.
+pub fn status(c: &Cluster) -> Status {
+    let client = c.client();
+    let (dists, tms) = c.endpoints();
     let table = running_table(c).ok();
+    let cluster_id = table.as_ref().map(TableId::of);
     let mut nodes = Vec::new();
     let mut packets: BTreeMap<u32, u64> = BTreeMap::new();
     let mut active: BTreeMap<u32, u64> = BTreeMap::new();
-    for d in &c.distributors {
-        let health = call(&agent, d, "GET", "/healthz", None);
-        let transition = ok(&agent, d, "GET", "/transition", None)
-            .ok()
-            .and_then(|b| serde_json::from_str::<Value>(&b).ok());
-        if let Ok(m) = ok(&agent, d, "GET", "/metrics", None) {
+    let health = |node: &Endpoint| match client.request(node, "GET", "/healthz", None) {
+        Ok((200, _)) => "ok".to_string(),
+        Ok((code, b)) => format!("{code} {}", b.trim()),
+        Err(e) => format!("down ({e})"),
+    };
+    for d in &dists {
+        let mut problems = Vec::new();
+        let health = health(d);
+        if health != "ok" {
+            problems.push(format!("health: {health}"));
+        }
+        let state = client
+            .ok_json::<DistributorTransition>(d, "GET", "/transition", None)
+            .and_then(|s| s.check().map(|()| s).map_err(CallError::Garbage));
+        if let Ok(m) = client.ok_text(d, "GET", "/metrics", None) {
             for (labels, v) in samples(&m, "std_tm_packets_total") {
                 if let Some(id) = label(&labels, "tm_id").and_then(|s| s.parse().ok()) {
                     *packets.entry(id).or_default() += v as u64;
                 }
             }
         }
-        nodes.push(json!({
-            "name": d.name,
-            "kind": "distributor",
-            "health": health_text(&health),
-            "version": transition.as_ref().and_then(|t| t["version"].as_u64()),
-            "transition": transition.as_ref().and_then(|t| t["state"].as_str()).unwrap_or("?"),
-        }));
+        let (table, transition) = match &state {
+            Ok(s) => (Some(s.table()), phase_text(s.state)),
+            Err(e) => {
+                problems.push(format!("GET /transition: {e}"));
+                (None, "?".to_string())
+            }
+        };
+        if let (Some(t), Some(c)) = (&table, &cluster_id) {
+            if t != c
+                && state
+                    .as_ref()
+                    .is_ok_and(|s| s.previous().as_ref() != Some(c))
+            {
+                problems.push(format!("runs {t}, not the cluster's {c}"));
+            }
+        }
+        nodes.push(NodeStatus {
+            name: d.name.clone(),
+            kind: "distributor",
+            tm_id: None,
+            health,
+            table,
+            transition,
+            moving: None,
+            open_connections: None,
+            problems,
+        });
     }
-    for t in &c.tms {
-        let health = call(&agent, &t.node, "GET", "/healthz", None);
-        let transition = ok(&agent, &t.node, "GET", "/transition", None)
-            .ok()
-            .and_then(|b| serde_json::from_str::<Value>(&b).ok());
+    for (t, e) in c.tms.iter().zip(&tms) {
+        let mut problems = Vec::new();
+        let health = health(e);
+        let state = client
+            .ok_json::<TmTransition>(e, "GET", "/transition", None)
+            .and_then(|s| s.check().map(|()| s).map_err(CallError::Garbage));
         let mut open = None;
-        if let Ok(m) = ok(&agent, &t.node, "GET", "/metrics", None) {
+        if let Ok(m) = client.ok_text(e, "GET", "/metrics", None) {
             let n: f64 = samples(&m, "tmd_connections_active")
                 .iter()
                 .map(|(_, v)| v)
@@ -470,55 +523,99 @@ pub fn status(c: &Cluster) -> Value {
             active.insert(t.id, n as u64);
             open = Some(n as u64);
         }
-        nodes.push(json!({
-            "name": t.node.name,
-            "kind": "tm",
-            "tm_id": t.id,
-            "health": health_text(&health),
-            "version": transition.as_ref().and_then(|v| v["current"].as_u64()),
-            "transition": transition.as_ref().and_then(|v| v["phase"].as_str()).unwrap_or("?"),
-            "moving": transition.as_ref().and_then(|v| v["connections_in_moved_buckets"].as_u64()),
-            "open_connections": open,
-        }));
+        let in_service = table.as_ref().is_some_and(|tab| {
+            tab.tm_index_by_id(t.id).is_some_and(|i| {
+                let g = tab.tms()[usize::from(i)].group;
+                tab.counts(g)[usize::from(i)] > 0
+            })
+        });
+        if health != "ok" && in_service {
+            problems.push(format!("health: {health}"));
+        }
+        let (current, transition, moving) = match &state {
+            Ok(s) => (
+                Some(s.current()),
+                match s.phase {
+                    control::TmPhase::Idle => "idle".to_string(),
+                    control::TmPhase::Prepared => "prepared".to_string(),
+                },
+                s.connections_in_moved_buckets,
+            ),
+            Err(err) => {
+                if in_service {
+                    problems.push(format!("GET /transition: {err}"));
+                }
+                (None, "?".to_string(), None)
+            }
+        };
+        // A TM's table must be the distributors' (by version and
+        // checksum): another one gives it buckets the distributors do not.
+        if let (Some(cur), Some(cl), Ok(s)) = (&current, &cluster_id, &state) {
+            let prepared_for_cluster = s.next().as_ref() == Some(cl);
+            if cur != cl && !prepared_for_cluster {
+                problems.push(format!("runs {cur}, not the cluster's {cl}"));
+            }
+        }
+        nodes.push(NodeStatus {
+            name: t.node.name.clone(),
+            kind: "tm",
+            tm_id: Some(t.id),
+            health,
+            table: current,
+            transition,
+            moving,
+            open_connections: open,
+            problems,
+        });
     }
     let total_packets: u64 = packets.values().sum();
     let total_active: u64 = active.values().sum();
-    let shares: Vec<Value> = table
+    let shares = table
         .as_ref()
         .map(|t| {
-            let counts = t.counts(0);
             t.tms()
                 .iter()
-                .zip(&counts)
-                .map(|(tm, &n)| {
+                .map(|tm| {
+                    let n = t.counts(tm.group)
+                        [usize::from(t.tm_index_by_id(tm.id).unwrap_or_default())];
                     let p = packets.get(&tm.id).copied().unwrap_or(0);
                     let a = active.get(&tm.id).copied().unwrap_or(0);
-                    json!({
-                        "tm_id": tm.id,
-                        "name": tm.name,
-                        "buckets": n,
-                        "target": f64::from(n) / allocation::TABLE_SIZE as f64,
-                        "packet_share": if total_packets > 0 { p as f64 / total_packets as f64 } else { 0.0 },
-                        "open_connections": a,
-                        "connection_share": if total_active > 0 { a as f64 / total_active as f64 } else { 0.0 },
-                    })
+                    let share = |x: u64, total: u64| {
+                        if total > 0 {
+                            x as f64 / total as f64
+                        } else {
+                            0.0
+                        }
+                    };
+                    TmShare {
+                        tm_id: tm.id,
+                        name: tm.name.clone(),
+                        buckets: n,
+                        target: f64::from(n) / allocation::TABLE_SIZE as f64,
+                        packet_share: share(p, total_packets),
+                        open_connections: a,
+                        connection_share: share(a, total_active),
+                    }
                 })
                 .collect()
         })
         .unwrap_or_default();
-    json!({
-        "table_version": table.as_ref().map(|t| t.version()),
-        "nodes": nodes,
-        "tms": shares,
-    })
+    let problems = nodes.iter().filter(|n| !n.problems.is_empty()).count();
+    Status {
+        table: cluster_id,
+        nodes,
+        tms: shares,
+        problems,
+    }
 }
 
-fn health_text(h: &Result<(u16, String), String>) -> String {
-    match h {
-        Ok((200, _)) => "ok".into(),
-        Ok((code, b)) => format!("{code} {}", b.trim()),
-        Err(e) => format!("down ({e})"),
+fn phase_text(p: DistributorPhase) -> String {
+    match p {
+        DistributorPhase::Idle => "idle",
+        DistributorPhase::Switched => "switched",
+        DistributorPhase::Open => "open",
     }
+    .to_string()
 }
 
 /// Samples of metric `name` in Prometheus text: (labels, value).
@@ -548,13 +645,16 @@ fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// The status as a table for people.
-pub fn status_text(v: &Value) -> String {
+pub fn status_text(v: &Status) -> String {
     let mut s = String::new();
     s.push_str(&format!(
-        "cluster table version {}\n\n{:<14} {:<12} {:<8} {:<10} {:<10} {}\n",
-        v["table_version"]
-            .as_u64()
-            .map_or("?".into(), |x| x.to_string()),
+        "cluster table {}
+
+{:<14} {:<12} {:<8} {:<10} {:<10} {}
+",
+        v.table
+            .as_ref()
+            .map_or_else(|| "? (no distributor answered)".into(), |t| t.to_string()),
         "node",
         "kind",
         "version",
@@ -562,40 +662,61 @@ pub fn status_text(v: &Value) -> String {
         "health",
         "detail"
     ));
-    for n in v["nodes"].as_array().into_iter().flatten() {
-        let detail = match (n["open_connections"].as_u64(), n["moving"].as_u64()) {
+    for n in &v.nodes {
+        let mut detail = match (n.open_connections, n.moving) {
             (Some(o), Some(m)) => format!("{o} open, {m} in moved buckets"),
             (Some(o), None) => format!("{o} open"),
             _ => String::new(),
         };
+        for p in &n.problems {
+            if !detail.is_empty() {
+                detail.push_str("; ");
+            }
+            detail.push_str("PROBLEM: ");
+            detail.push_str(p);
+        }
         s.push_str(&format!(
-            "{:<14} {:<12} {:<8} {:<10} {:<10} {}\n",
-            n["name"].as_str().unwrap_or("?"),
-            n["kind"].as_str().unwrap_or("?"),
-            n["version"]
-                .as_u64()
-                .map_or("?".into(), |x| format!("v{x}")),
-            n["transition"].as_str().unwrap_or("?"),
-            n["health"].as_str().unwrap_or("?"),
+            "{:<14} {:<12} {:<8} {:<10} {:<10} {}
+",
+            n.name,
+            n.kind,
+            n.table
+                .as_ref()
+                .map_or("?".into(), |t| format!("v{}", t.version)),
+            n.transition,
+            n.health,
             detail
         ));
     }
     s.push_str(&format!(
-        "\n{:<10} {:>8} {:>8} {:>14} {:>12} {:>11}\n",
+        "
+{:<10} {:>8} {:>8} {:>14} {:>12} {:>11}
+",
         "tm", "buckets", "target", "packet share", "open conns", "conn share"
     ));
-    for t in v["tms"].as_array().into_iter().flatten() {
+    for t in &v.tms {
         s.push_str(&format!(
-            "{:<10} {:>8} {:>7.2}% {:>13.2}% {:>12} {:>10.2}%\n",
-            t["name"].as_str().unwrap_or("?"),
-            t["buckets"].as_u64().unwrap_or(0),
-            t["target"].as_f64().unwrap_or(0.0) * 100.0,
-            t["packet_share"].as_f64().unwrap_or(0.0) * 100.0,
-            t["open_connections"].as_u64().unwrap_or(0),
-            t["connection_share"].as_f64().unwrap_or(0.0) * 100.0
+            "{:<10} {:>8} {:>7.2}% {:>13.2}% {:>12} {:>10.2}%
+",
+            t.name,
+            t.buckets,
+            t.target * 100.0,
+            t.packet_share * 100.0,
+            t.open_connections,
+            t.connection_share * 100.0
         ));
     }
-    s.push_str("(packet share: since each distributor started; open connections: now)\n");
+    s.push_str(
+        "(packet share: since each distributor started; open connections: now)
+",
+    );
+    if v.problems > 0 {
+        s.push_str(&format!(
+            "{} node(s) need attention (PROBLEM above)
+",
+            v.problems
+        ));
+    }
     s
 }
 

@@ -136,14 +136,22 @@ fn run(cmd: Command, out: &Out) -> Result<()> {
         Command::Status(a) => {
             let c = cluster::Cluster::load(&a.cluster)?;
             let v = cluster::status(&c);
-            out.emit(v.clone(), || cluster::status_text(&v));
+            out.emit(serde_json::to_value(&v)?, || cluster::status_text(&v));
             Ok(())
         }
         Command::Push(a) => {
             let c = cluster::Cluster::load(&a.cluster.cluster)?;
             let next = load(&a.table)?;
-            let summary = cluster::push(&c, &next, out.json)?;
-            out.emit(summary.clone(), || pushed_text(&summary));
+            let summary = cluster::push(&c, &next, out.json, a.force)?;
+            out.emit(serde_json::to_value(&summary)?, || pushed_text(&summary));
+            Ok(())
+        }
+        Command::Abort(a) => {
+            let c = cluster::Cluster::load(&a.cluster)?;
+            cluster::abort(&c, out.json)?;
+            out.emit(json!({"aborted": true}), || {
+                "every node is out of its transition".to_string()
+            });
             Ok(())
         }
         Command::Tm(TmCmd::Drain(a)) => tm_cluster(a, true, out),
@@ -353,18 +361,24 @@ fn selfports(a: cli::SelfportsArgs, out: &Out) -> Result<()> {
     Ok(())
 }
 
-fn pushed_text(v: &serde_json::Value) -> String {
-    format!(
-        "installed table version {} (from {}): {} buckets moved, drained in {:.1} s{}",
-        v["to_version"],
-        v["from_version"],
-        v["moved_buckets"],
-        v["drain_s"].as_f64().unwrap_or(0.0),
-        match v["moving_at_commit"].as_u64() {
-            Some(0) | None => String::new(),
-            Some(n) => format!(", {n} connections were still in moved buckets at commit"),
-        }
-    )
+fn pushed_text(v: &cluster::Pushed) -> String {
+    let mut s = format!(
+        "installed table version {} (from {}): {} buckets moved, drained in {:.1} s",
+        v.to_version, v.from_version, v.moved_buckets, v.drain_s
+    );
+    if v.moving_at_commit > 0 {
+        s += &format!(
+            ", {} connections were still in moved buckets at commit",
+            v.moving_at_commit
+        );
+    }
+    if !v.unknown_at_commit.is_empty() {
+        s += &format!(
+            "; committed with --force while the state of {} was unknown",
+            v.unknown_at_commit.join("; ")
+        );
+    }
+    s
 }
 
 /// `tm drain` / `tm readmit` on a running cluster.
@@ -407,8 +421,8 @@ fn tm_cluster(a: cli::TmClusterArgs, drain: bool, out: &Out) -> Result<()> {
             change.table.version()
         ));
     }
-    let summary = cluster::push(&c, &change.table, out.json)?;
-    out.emit(summary.clone(), || pushed_text(&summary));
+    let summary = cluster::push(&c, &change.table, out.json, false)?;
+    out.emit(serde_json::to_value(&summary)?, || pushed_text(&summary));
     Ok(())
 }
 
@@ -426,8 +440,8 @@ fn rebalance(a: cli::RebalanceArgs, out: &Out) -> Result<()> {
         if a.dry_run {
             return Ok(());
         }
-        let summary = cluster::push(&c, &change.table, out.json)?;
-        out.emit(summary.clone(), || pushed_text(&summary));
+        let summary = cluster::push(&c, &change.table, out.json, false)?;
+        out.emit(serde_json::to_value(&summary)?, || pushed_text(&summary));
         return Ok(());
     }
     let Some(table) = &a.table else {

@@ -16,41 +16,201 @@ struct Script {
     fail: Vec<(String, u16)>,
     /// Connections in moved buckets reported by successive GET /transition (then 0).
     moving: Vec<u64>,
-    /// The table GET /table answers (distributors).
+    /// The table the node runs at start.
     table: String,
+    /// A TM's GET /transition answer while prepared, instead of the real one.
+    state_override: Option<(u16, String)>,
+    /// (method path) → answer only after this long (a time-out).
+    slow: Vec<(String, u64)>,
+}
+
+/// A node's transition state, as stdd and tmd keep it.
+#[derive(Default)]
+struct State {
+    table: Option<AllocationTable>,
+    other: Option<AllocationTable>,
+    open: bool,
+}
+
+fn id(t: &AllocationTable) -> control::TableId {
+    control::TableId::of(t)
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("json")
+}
+
+/// A distributor's answer to `what` (the semantics of stdd's admin endpoint).
+fn distributor(st: &mut State, what: &str, body: &str) -> (u16, String) {
+    let cur = st.table.clone().expect("table");
+    let dstate = |st: &State| {
+        let t = st.table.as_ref().expect("table");
+        json(&control::DistributorTransition {
+            state: match (&st.other, st.open) {
+                (None, _) => control::DistributorPhase::Idle,
+                (Some(_), false) => control::DistributorPhase::Switched,
+                (Some(_), true) => control::DistributorPhase::Open,
+            },
+            version: t.version(),
+            checksum: file::checksum(t),
+            previous_version: st.other.as_ref().map(|p| p.version()),
+            previous_checksum: st.other.as_ref().map(file::checksum),
+            moved_buckets: st.other.as_ref().map(|_| 10),
+            remembered_flows: 0,
+            overflows: 0,
+        })
+    };
+    match what {
+        "GET /healthz" => (200, "ok".into()),
+        "GET /metrics" => (200, String::new()),
+        "GET /table" => (200, file::render(&cur)),
+        "GET /table/previous" => match &st.other {
+            Some(p) => (200, file::render(p)),
+            None => (404, "none".into()),
+        },
+        "GET /transition" => (200, dstate(st)),
+        "POST /transition/switch" => {
+            let t = file::parse(body).expect("switch body is a table");
+            if id(&t) != id(&cur) {
+                st.other = Some(cur);
+                st.table = Some(t);
+                st.open = false;
+            }
+            (200, dstate(st))
+        }
+        "POST /transition/open" => {
+            st.open = st.other.is_some();
+            (200, dstate(st))
+        }
+        "POST /transition/commit" => {
+            st.other = None;
+            (
+                200,
+                json(&control::CommitAnswer {
+                    table: id(&cur),
+                    persist_error: None,
+                }),
+            )
+        }
+        "POST /transition/abort" => {
+            let aborted = st.other.is_some();
+            if let Some(p) = st.other.take() {
+                st.table = Some(p);
+            }
+            let t = st.table.as_ref().expect("table");
+            (
+                200,
+                json(&control::AbortAnswer {
+                    table: id(t),
+                    aborted,
+                }),
+            )
+        }
+        _ => (404, "not found".into()),
+    }
+}
+
+/// A TM's answer to `what` (the semantics of tmd's admin endpoint).
+fn tm(st: &mut State, what: &str, body: &str, moving: u64) -> (u16, String) {
+    let cur = st.table.clone().expect("table");
+    let tstate = |st: &State, moving: u64| {
+        let t = st.table.as_ref().expect("table");
+        json(&control::TmTransition {
+            phase: if st.other.is_some() {
+                control::TmPhase::Prepared
+            } else {
+                control::TmPhase::Idle
+            },
+            current: t.version(),
+            current_checksum: file::checksum(t),
+            next: st.other.as_ref().map(|n| n.version()),
+            next_checksum: st.other.as_ref().map(file::checksum),
+            connections_in_moved_buckets: st.other.as_ref().map(|_| moving),
+            ports_in_moved_buckets: st.other.as_ref().map(|_| moving),
+        })
+    };
+    match what {
+        "GET /healthz" => (200, "ok".into()),
+        "GET /metrics" => (200, String::new()),
+        "GET /table" => (200, file::render(&cur)),
+        "GET /transition" => (200, tstate(st, moving)),
+        "GET /transition/ports" => (200, "[[\"10.20.0.100\", 4242]]".to_string()),
+        "POST /transition/prepare" => {
+            let req: control::PrepareRequest = serde_json::from_str(body).expect("prepare body");
+            st.other = Some(file::parse(&req.table).expect("a table"));
+            (200, tstate(st, 3))
+        }
+        "POST /transition/commit" => {
+            if let Some(n) = st.other.take() {
+                st.table = Some(n);
+            }
+            let t = st.table.as_ref().expect("table");
+            (
+                200,
+                json(&control::CommitAnswer {
+                    table: id(t),
+                    persist_error: None,
+                }),
+            )
+        }
+        "POST /transition/abort" => {
+            let aborted = st.other.take().is_some();
+            (
+                200,
+                json(&control::AbortAnswer {
+                    table: id(&cur),
+                    aborted,
+                }),
+            )
+        }
+        _ => (404, "not found".into()),
+    }
 }
 
 fn fake_node(name: &str, script: Script, log: Log) -> String {
     let server = tiny_http::Server::http("127.0.0.1:0").expect("bind");
     let addr = server.server_addr().to_ip().expect("ip addr");
     let name = name.to_string();
+    let is_tm = name.starts_with("tm");
     std::thread::spawn(move || {
         let mut polls = 0usize;
+        let mut st = State {
+            table: Some(file::parse(&script.table).expect("script table")),
+            ..State::default()
+        };
         for mut req in server.incoming_requests() {
             let what = format!("{} {}", req.method(), req.url());
             let mut body = String::new();
             let _ = req.as_reader().read_to_string(&mut body);
             log.lock()
                 .expect("log")
-                .push((name.clone(), what.clone(), body));
+                .push((name.clone(), what.clone(), body.clone()));
+            if let Some(&(_, ms)) = script.slow.iter().find(|(w, _)| *w == what) {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
             let code = script
                 .fail
                 .iter()
                 .find(|(w, _)| *w == what)
                 .map_or(200, |&(_, c)| c);
-            let text = match what.as_str() {
-                _ if code != 200 => "scripted failure".to_string(),
-                "GET /table" => script.table.clone(),
-                "GET /transition" => {
-                    let m = script.moving.get(polls).copied().unwrap_or(0);
-                    polls += 1;
-                    format!("{{\"phase\":\"prepared\",\"connections_in_moved_buckets\":{m}}}")
+            let (code, text) = if code != 200 {
+                (code, "scripted failure".to_string())
+            } else if is_tm {
+                let prepared = st.other.is_some();
+                match (&script.state_override, what.as_str()) {
+                    (Some((c, t)), "GET /transition") if prepared => (*c, t.clone()),
+                    _ => {
+                        let m = if what == "GET /transition" && prepared {
+                            polls += 1;
+                            script.moving.get(polls - 1).copied().unwrap_or(0)
+                        } else {
+                            0
+                        };
+                        tm(&mut st, &what, &body, m)
+                    }
                 }
-                "GET /transition/ports" => "[[\"10.20.0.100\", 4242]]".to_string(),
-                "POST /transition/prepare" => {
-                    "{\"phase\":\"prepared\",\"connections_in_moved_buckets\":3}".to_string()
-                }
-                _ => "ok".to_string(),
+            } else {
+                distributor(&mut st, &what, &body)
             };
             let _ = req.respond(tiny_http::Response::from_string(text).with_status_code(code));
         }
@@ -90,11 +250,19 @@ impl Drop for Cluster {
 
 /// Two distributors and three TMs; `script(node)` says how each answers.
 fn cluster(name: &str, script: impl Fn(&str) -> Script) -> Cluster {
+    cluster_with(
+        name,
+        "drain_window_s = 5\npoll_ms = 20\ntimeout_ms = 2000\n",
+        script,
+    )
+}
+
+fn cluster_with(name: &str, settings: &str, script: impl Fn(&str) -> Script) -> Cluster {
     let dir = std::env::temp_dir().join(format!("stdctl-cluster-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     let log: Log = Arc::default();
-    let mut text = String::from("drain_window_s = 5\npoll_ms = 20\ntimeout_ms = 2000\n");
+    let mut text = String::from(settings);
     for d in ["front", "back"] {
         let url = fake_node(d, script(d), Arc::clone(&log));
         text += &format!("\n[[distributor]]\nname = \"{d}\"\nadmin = \"{url}\"\ntoken = \"x\"\n");
@@ -113,6 +281,8 @@ fn normal(_: &str) -> Script {
         fail: Vec::new(),
         moving: vec![4, 1],
         table: file::render(&table()),
+        state_override: None,
+        slow: Vec::new(),
     }
 }
 
@@ -218,12 +388,18 @@ fn a_tm_that_fails_to_prepare_rolls_every_node_back() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("tm1: POST /transition/prepare: 500") && err.contains("rolled back"),
+        err.contains("tm1: prepare: 500") && err.contains("rolled back"),
         "{err}"
     );
+    // A 500 may come after the change: tm1 is rolled back too.
     assert_eq!(
         c.posts(),
-        vec![p("tm0", "prepare"), p("tm1", "prepare"), p("tm0", "abort")]
+        vec![
+            p("tm0", "prepare"),
+            p("tm1", "prepare"),
+            p("tm0", "abort"),
+            p("tm1", "abort")
+        ]
     );
 }
 
@@ -242,7 +418,7 @@ fn a_distributor_that_fails_to_switch_rolls_every_node_back() {
     let o = stdctl(&["push", &path.display().to_string(), "--cluster", &c.file()]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("back: POST /transition/switch: 409"), "{err}");
+    assert!(err.contains("back: switch: 409"), "{err}");
     let posts = c.posts();
     for want in [
         p("front", "abort"),
@@ -333,10 +509,15 @@ fn rebalance_dry_run_changes_nothing_and_drain_readmit_push_the_right_tables() {
         file::parse(joining["table"].as_str().expect("table")).expect("table"),
         back
     );
+    let member: control::PrepareRequest = serde_json::from_str(
+        &c2.body_of("tm0", "POST /transition/prepare")
+            .expect("prepared"),
+    )
+    .expect("json");
     assert_eq!(
-        c2.body_of("tm0", "POST /transition/prepare"),
-        Some(file::render(&back)),
-        "members get the plain table"
+        (member.table, member.held),
+        (file::render(&back), None),
+        "members get the table, no held ports"
     );
     assert!(
         back.counts(0).iter().all(|&n| (1365..=1366).contains(&n)),
@@ -344,10 +525,15 @@ fn rebalance_dry_run_changes_nothing_and_drain_readmit_push_the_right_tables() {
         back.counts(0)
     );
     // Readmitting a TM in service, or draining a drained one, is refused.
-    let o = stdctl(&["tm", "drain", "1", "--cluster", &c2.file()]);
+    let c3 = cluster("drained", |n| Script {
+        table: drained.clone(),
+        ..normal(n)
+    });
+    let o = stdctl(&["tm", "drain", "1", "--cluster", &c3.file()]);
     assert_eq!(o.status.code(), Some(1));
-    let o = stdctl(&["tm", "readmit", "0", "--cluster", &c2.file()]);
+    let o = stdctl(&["tm", "readmit", "0", "--cluster", &c3.file()]);
     assert_eq!(o.status.code(), Some(1));
+    assert!(c3.posts().is_empty());
 }
 
 #[test]
@@ -367,7 +553,7 @@ fn status_reports_every_node_and_a_dead_one() {
     let o = stdctl(&["status", "--cluster", &c.file(), "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
-    assert_eq!(v["table_version"], 4);
+    assert_eq!(v["table"]["version"], 4);
     let nodes = v["nodes"].as_array().expect("nodes");
     assert_eq!(nodes.len(), 5);
     assert_eq!(nodes[0]["health"], "ok");
@@ -406,4 +592,178 @@ fn draining_one_tm_and_admitting_another_at_once_is_refused() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("one change, then the other"));
     assert!(c.posts().is_empty());
+}
+
+fn next_table(c: &Cluster) -> String {
+    let next = table()
+        .rebalance(0, &Profile::Rayleigh { sigma: None })
+        .expect("rebalance")
+        .table;
+    let path = c.dir.join("next.toml");
+    file::save(&path, &next).expect("save");
+    path.display().to_string()
+}
+
+/// (label, tm1's GET /transition answer while prepared, its slow requests).
+type UnknownCase = (&'static str, Option<(u16, String)>, Vec<(String, u64)>);
+
+#[test]
+fn a_tm_of_unknown_state_is_never_counted_as_drained() {
+    let settings = "drain_window_s = 1\npoll_ms = 50\ntimeout_ms = 400\n";
+    let count_as_text = "{\"phase\":\"prepared\",\"current\":4,\"current_checksum\":\"x\",\"next\":5,\"next_checksum\":\"y\",\"connections_in_moved_buckets\":\"0\"}";
+    let cases: Vec<UnknownCase> = vec![
+        ("500", Some((500, "boom".into())), vec![]),
+        ("garbage", Some((200, "not json".into())), vec![]),
+        ("empty", Some((200, "{}".into())), vec![]),
+        ("text-count", Some((200, count_as_text.into())), vec![]),
+        ("timeout", None, vec![("GET /transition".into(), 700)]),
+    ];
+    for (label, state_override, slow) in cases {
+        let c = cluster_with(&format!("unknown-{label}"), settings, |n| Script {
+            state_override: if n == "tm1" {
+                state_override.clone()
+            } else {
+                None
+            },
+            slow: if n == "tm1" { slow.clone() } else { vec![] },
+            ..normal(n)
+        });
+        let path = next_table(&c);
+        let o = stdctl(&["push", &path, "--cluster", &c.file()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{label}: {err}");
+        assert!(
+            err.contains("the state of tm1 is unknown") && err.contains("nothing committed"),
+            "{label}: {err}"
+        );
+        let posts = c.posts();
+        assert!(
+            !posts
+                .iter()
+                .any(|(_, w)| w.ends_with("commit") || w.ends_with("abort")),
+            "{label}: left switched, neither committed nor aborted: {posts:?}"
+        );
+        assert!(posts.contains(&p("back", "open")), "{label}");
+    }
+}
+
+#[test]
+fn push_force_commits_past_an_unknown_node_and_a_second_push_resumes() {
+    let settings = "drain_window_s = 1\npoll_ms = 50\ntimeout_ms = 400\n";
+    let c = cluster_with("force", settings, |n| Script {
+        state_override: (n == "tm2").then(|| (200, "{}".to_string())),
+        ..normal(n)
+    });
+    let path = next_table(&c);
+    let o = stdctl(&["push", &path, "--cluster", &c.file(), "--force", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(
+        v["unknown_at_commit"].as_array().map(Vec::len),
+        Some(1),
+        "{v}"
+    );
+    assert!(c.posts().contains(&p("tm2", "commit")));
+
+    // Stopped by an unknown node, then pushed again once it answers: resumed.
+    let c = cluster_with("resume", settings, |n| Script {
+        state_override: (n == "tm0").then(|| (500, "down".to_string())),
+        ..normal(n)
+    });
+    let path = next_table(&c);
+    let o = stdctl(&["push", &path, "--cluster", &c.file()]);
+    assert_eq!(o.status.code(), Some(1));
+    let o = stdctl(&["push", &path, "--cluster", &c.file(), "--force", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["resumed"], true, "{v}");
+    assert_eq!(v["from_version"], 4, "{v}");
+}
+
+#[test]
+fn a_timed_out_prepare_is_rolled_back_and_unreachable_nodes_are_named() {
+    let settings = "drain_window_s = 1\npoll_ms = 20\ntimeout_ms = 300\nattempts = 2\n";
+    // tm1's prepare times out (it may have been carried out): rolled back too.
+    let c = cluster_with("prepare-timeout", settings, |n| Script {
+        slow: if n == "tm1" {
+            vec![("POST /transition/prepare".into(), 600)]
+        } else {
+            vec![]
+        },
+        ..normal(n)
+    });
+    let path = next_table(&c);
+    let o = stdctl(&["push", &path, "--cluster", &c.file()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("every node that may have changed was rolled back"),
+        "{err}"
+    );
+    let posts = c.posts();
+    assert!(
+        posts.contains(&p("tm0", "abort")) && posts.contains(&p("tm1", "abort")),
+        "{posts:?}"
+    );
+
+    // back fails to open and cannot be aborted: named, never "all rolled back".
+    let c = cluster_with("abort-fails", settings, |n| Script {
+        fail: if n == "back" {
+            vec![
+                ("POST /transition/open".into(), 500),
+                ("POST /transition/abort".into(), 503),
+            ]
+        } else {
+            vec![]
+        },
+        ..normal(n)
+    });
+    let path = next_table(&c);
+    let o = stdctl(&["push", &path, "--cluster", &c.file()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("could not be: back: 503"),
+        "names the node not rolled back: {err}"
+    );
+    let aborts = c
+        .posts()
+        .iter()
+        .filter(|(n, w)| n == "back" && w.ends_with("abort"))
+        .count();
+    assert_eq!(aborts, 2, "retried");
+    for n in ["front", "tm0", "tm1", "tm2"] {
+        assert!(c.posts().contains(&p(n, "abort")), "{n} rolled back");
+    }
+}
+
+#[test]
+fn status_flags_a_tm_running_another_table_of_the_same_version() {
+    let other = table()
+        .rebalance(0, &Profile::Rayleigh { sigma: None })
+        .expect("rebalance")
+        .table
+        .with_version(4);
+    let c = cluster("status-mismatch", |n| Script {
+        table: if n == "tm1" {
+            file::render(&other)
+        } else {
+            file::render(&table())
+        },
+        ..normal(n)
+    });
+    let o = stdctl(&["status", "--cluster", &c.file(), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["problems"], 1, "{v}");
+    let tm1 = &v["nodes"][3];
+    assert_eq!(tm1["name"], "tm1");
+    assert!(
+        tm1["problems"][0]
+            .as_str()
+            .is_some_and(|p| p.contains(&file::checksum(&other)) && p.contains("not the cluster's")),
+        "{tm1}"
+    );
+    let text = stdctl(&["status", "--cluster", &c.file()]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("PROBLEM"));
 }

@@ -131,6 +131,17 @@ fn run(cmd: Command) -> Result<()> {
                 .with_context(|| format!("cannot open {}", capture.display()))?;
             let s = distributor::replay::replay_with(setup, std::io::BufReader::new(input), &out)
                 .with_context(|| format!("replay of {}", capture.display()))?;
+            if let Some(t) = &s.truncated_tail {
+                eprintln!(
+                    "stdd: warning: {} ends inside record {} (at byte offset {}: {} of its {} bytes present); the {} whole records before it were replayed, the cut one was not",
+                    capture.display(),
+                    t.record,
+                    t.offset,
+                    t.present,
+                    t.expected,
+                    t.record
+                );
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
                 return Ok(());
@@ -282,8 +293,8 @@ mod daemon {
         let shared: Vec<Arc<WorkerShared>> = (0..nworkers)
             .map(|_| Arc::new(WorkerShared::default()))
             .collect();
-        let server = tiny_http::Server::http(cfg.admin.listen)
-            .map_err(|e| anyhow!("admin.listen {}: {e}", cfg.admin.listen))?;
+        let server =
+            admin_http::Server::bind(cfg.admin.listen, cfg.admin.token.clone(), admin::limits())?;
         log::info!("admin endpoint on http://{}", cfg.admin.listen);
         // The in-kernel steering of the common case (afxdp): its maps exist
         // before the admin endpoint can change the plan.
@@ -312,8 +323,8 @@ mod daemon {
             plan: Arc::clone(&plan),
             workers: shared.clone(),
             swaps: AtomicU64::new(0),
-            token: cfg.admin.token.clone(),
             failover: distributor::failover::FailoverState::default(),
+            server: Some(server.stats()),
         });
         state.failover.installed(plan.load().table());
         let failover_thread = if cfg.failover.tms.is_empty() {
@@ -336,7 +347,11 @@ mod daemon {
             let (state, stop) = (Arc::clone(&state), Arc::clone(&stop));
             std::thread::Builder::new()
                 .name("stdd-admin".into())
-                .spawn(move || admin::serve(server, state, &stop))?
+                .spawn(move || {
+                    if let Err(e) = server.serve(admin::handler(state), &stop) {
+                        log::error!("admin endpoint stopped: {e}");
+                    }
+                })?
         };
         let names: Vec<&str> = cfg
             .ports
@@ -454,6 +469,41 @@ mod daemon {
                         "SIGHUP: reload refused while a transition is switched: commit or abort it first"
                     ),
                     Ok((new_cfg, new_plan)) => {
+                        // A reload never goes back in version: a pushed
+                        // table is newer than the file's until the file
+                        // is rewritten (commit and PUT write it).
+                        let running = plan.load().table().clone();
+                        let (file_id, running_id) = (
+                            control::TableId::of(new_plan.table()),
+                            control::TableId::of(&running),
+                        );
+                        let new_plan = if file_id.version < running_id.version {
+                            log::warn!(
+                                "SIGHUP: the table file {} has version {}, older than the running version {}: the running table stays",
+                                new_cfg.table.display(),
+                                file_id.version,
+                                running_id.version
+                            );
+                            match new_cfg.plan(running) {
+                                Ok(p) => p,
+                                Err(e) => {
+                                    log::error!("SIGHUP: reload refused, the running configuration stays: {e:#}");
+                                    continue;
+                                }
+                            }
+                        } else if file_id.version == running_id.version && file_id != running_id {
+                            log::error!(
+                                "SIGHUP: reload refused, the running configuration stays: the table file {} is version {} with checksum {}, but the running version {} has checksum {}",
+                                new_cfg.table.display(),
+                                file_id.version,
+                                file_id.checksum,
+                                running_id.version,
+                                running_id.checksum
+                            );
+                            continue;
+                        } else {
+                            new_plan
+                        };
                         if new_cfg.ports
                             != state
                                 .config

@@ -229,17 +229,21 @@ fn run(path: &Path) -> Result<()> {
             }
         }
         let admin_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let server = tiny_http::Server::http(cfg.admin.listen).map_err(|e| anyhow!("admin.listen {}: {e}", cfg.admin.listen))?;
+        let server = admin_http::Server::bind(cfg.admin.listen, cfg.admin.token.clone(), tm_node::admin::limits())?;
         let admin_state = Arc::new(tm_node::admin::AdminState {
             tm_id: cfg.tm_id,
             tables: Arc::clone(&tables),
             snat: Arc::clone(&snat),
             servers: servers.clone(),
-            token: cfg.admin.token.clone(),
+            table_file: Some(cfg.table.clone()),
         });
         let admin_thread = {
             let stop = Arc::clone(&admin_stop);
-            std::thread::Builder::new().name("tmd-admin".into()).spawn(move || tm_node::admin::serve(server, admin_state, &stop))?
+            std::thread::Builder::new().name("tmd-admin".into()).spawn(move || {
+                if let Err(e) = server.serve(tm_node::admin::handler(admin_state), &stop) {
+                    log::error!("admin endpoint stopped: {e}");
+                }
+            })?
         };
         log::info!("admin endpoint on http://{}", cfg.admin.listen);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("signal handler")?;

@@ -54,6 +54,9 @@ pub struct Limits {
 /// Default connections at once (a cluster's nodes and operators need a few).
 pub const MAX_CONNECTIONS: usize = 128;
 
+/// Idle connections closed per accept that failed for want of descriptors.
+const SHED_ON_EMFILE: usize = 8;
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -313,16 +316,22 @@ impl Server {
                         Err(e) => {
                             shared.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
                             // Out of descriptors (EMFILE, ENFILE) or the
-                            // like: make room, wait a little, go on.
-                            let shed = shared.conns.evict_oldest_idle();
-                            if shed {
-                                shared.stats.shed_idle.fetch_add(1, Ordering::Relaxed);
-                            }
+                            // like: close the oldest idle connections and
+                            // let them go (yield), or wait a little when
+                            // every connection is busy; then go on.
+                            let shed = (0..SHED_ON_EMFILE)
+                                .take_while(|_| shared.conns.evict_oldest_idle())
+                                .count();
+                            shared.stats.shed_idle.fetch_add(shed as u64, Ordering::Relaxed);
                             if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                                log::warn!("admin: accept: {e}{}", if shed { " (closed the oldest idle connection)" } else { "" });
+                                log::warn!("admin: accept: {e} (closed {shed} idle connections)");
                                 last_warning = Some(Instant::now());
                             }
-                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            if shed > 0 {
+                                tokio::task::yield_now().await;
+                            } else {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
                         }
                     },
                     _ = tick.tick() => if stop.load(Ordering::Relaxed) { break },
