@@ -232,6 +232,7 @@ pub struct Push {
     skipped: Vec<String>,
     opened_at: Option<Duration>,
     last_total: Option<u64>,
+    last_unknown: Vec<String>,
     moving_at_commit: u64,
     unknown_at_commit: Vec<String>,
     warnings: Vec<String>,
@@ -352,6 +353,7 @@ impl Push {
             skipped: Vec::new(),
             opened_at: None,
             last_total: None,
+            last_unknown: Vec::new(),
             moving_at_commit: 0,
             unknown_at_commit: Vec::new(),
             warnings: Vec::new(),
@@ -526,7 +528,7 @@ impl Push {
     fn end_of_round(&mut self, now: Duration, total: u64, unknown: Vec<String>) -> Step {
         let opened = self.opened_at.unwrap_or(now);
         let over = now.saturating_sub(opened) >= self.spec.drain_window;
-        if self.last_total != Some(total) || !unknown.is_empty() {
+        if self.last_total != Some(total) || self.last_unknown != unknown {
             let mut line = format!("drain    {total} connections left in moved buckets");
             if !unknown.is_empty() {
                 line += &format!(
@@ -536,6 +538,7 @@ impl Push {
             }
             self.say(line);
             self.last_total = Some(total);
+            self.last_unknown.clone_from(&unknown);
         }
         if total == 0 && unknown.is_empty() || over {
             if over && !unknown.is_empty() && !self.spec.force {

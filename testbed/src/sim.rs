@@ -38,6 +38,7 @@ use distributor::wire::{self, EthernetFrame};
 use distributor::{Action, Plan, PortKind, Worker, WorkerConfig};
 use fnv::FnvHashMap;
 use tm_node::snat::{Lease, Snat};
+use tm_node::tables::Tables;
 
 use crate::report::{EventReport, PhaseReport, Report, TmShare};
 use crate::scenario::{Event, Family, PortPattern, Scenario};
@@ -182,6 +183,8 @@ struct FlowSt {
     phase: Option<usize>,
     commits_at_start: u64,
     ip_id: u32,
+    /// Its registration in its TM's `Tables`: (TM id, connection id).
+    conn: Option<(u32, u64)>,
 }
 
 #[derive(Debug)]
@@ -189,6 +192,9 @@ struct TmSt {
     id: u32,
     alive: bool,
     snat: Arc<Snat>,
+    /// Its open TCP connections and tables: tmd's own bookkeeping
+    /// (`tm_node::tables::Tables`), which answers what moves in a transition.
+    tables: Tables,
     /// Prepared for the next table (the coordinator's prepare reached it).
     prepared: bool,
     /// Committed the next table (the push is not over yet).
@@ -300,6 +306,13 @@ fn index_of(table: &AllocationTable, id: u32) -> Result<TmIndex, SimError> {
     })
 }
 
+/// Sets a TM's `Tables` as tmd's admin endpoint does: the running table,
+/// and the next one while prepared.
+fn set_tables(t: &Tables, current: &AllocationTable, next: Option<&AllocationTable>) {
+    *t.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(current.clone());
+    *t.next.lock().unwrap_or_else(|p| p.into_inner()) = next.map(|n| Arc::new(n.clone()));
+}
+
 /// The TM id that owns the bucket of `flow` under `table`.
 fn owner(table: &AllocationTable, flow: &Flow) -> u32 {
     table.tms()[usize::from(table.steer(flow).tm)].id
@@ -368,6 +381,7 @@ impl Sim {
                         &snat_addrs(),
                         sc.snat_range,
                     )?),
+                    tables: Tables::new(id, table.clone()),
                     prepared: false,
                     committed: false,
                 })
@@ -525,6 +539,7 @@ impl Sim {
             phase: if self.busy { None } else { self.phase },
             commits_at_start: self.commits,
             ip_id: 0,
+            conn: None,
         };
         self.report.flows.started += 1;
         let slot = match self.free.pop() {
@@ -658,6 +673,24 @@ impl Sim {
         let Some((sa, sp)) = self.snat_of(slot) else {
             return Ok(());
         };
+        if step == Step::Syn {
+            // tmd registers the accepted connection and, once connected,
+            // its server side (what a transition's drain counts).
+            if let Some(node) = self.tms.iter().find(|t| t.id == tm) {
+                let id = node.tables.register(Flow::with_ports(
+                    proto::TCP,
+                    client.0,
+                    client.1,
+                    vip(v6),
+                    vip_port,
+                ));
+                node.tables
+                    .register_server(id, Flow::with_ports(proto::TCP, server.0, server.1, sa, sp));
+                if let Some(Some(f)) = self.flows.get_mut(slot) {
+                    f.conn = Some((tm, id));
+                }
+            }
+        }
         let (flags, next) = match step {
             Step::Syn => (tcp_flags::SYN, Step::SynAck),
             Step::Request => (tcp_flags::ACK | tcp_flags::PSH, Step::Response),
@@ -1093,6 +1126,11 @@ impl Sim {
         if f.frag {
             self.keys.remove(&Key::Frag(f.client.0, f.ip_id));
         }
+        if let Some((tm, id)) = f.conn {
+            if let Some(node) = self.tms.iter().find(|t| t.id == tm) {
+                node.tables.unregister(id);
+            }
+        }
         self.free.push(slot);
         let t = &mut self.report.flows;
         match how {
@@ -1176,6 +1214,7 @@ impl Sim {
                         &snat_addrs(),
                         self.sc.snat_range,
                     )?),
+                    tables: Tables::new(id, change.table.clone()),
                     prepared: false,
                     committed: false,
                 });
@@ -1218,6 +1257,8 @@ impl Sim {
                 if let Some(t) = self.tms.iter_mut().find(|t| t.id == id) {
                     t.alive = true;
                     t.snat = snat;
+                    // A restarted tmd: no connections, the table it is given.
+                    t.tables = Tables::new(id, change.table.clone());
                 }
                 self.begin_transition(&what, change.table, change.optimum)?;
             }
@@ -1241,6 +1282,7 @@ impl Sim {
         }
         for t in self.tms.iter().filter(|t| t.alive) {
             t.snat.retable(&next, None)?;
+            set_tables(&t.tables, &next, None);
         }
         self.table = next;
         Ok(())
@@ -1495,6 +1537,7 @@ impl Sim {
                                 }
                             }
                             self.tms[k].prepared = true;
+                            set_tables(&self.tms[k].tables, &self.table, Some(&next));
                         }
                     }
                     Call::HeldPorts => {
@@ -1511,6 +1554,7 @@ impl Sim {
                             snat.retable(&next, None)?;
                             self.tms[k].prepared = false;
                             self.tms[k].committed = true;
+                            set_tables(&self.tms[k].tables, &next, None);
                         }
                         return Ok(Ok(Answer::Committed(CommitAnswer {
                             table: to.clone(),
@@ -1522,6 +1566,7 @@ impl Sim {
                         if aborted {
                             snat.retable(&self.table, None)?;
                             self.tms[k].prepared = false;
+                            set_tables(&self.tms[k].tables, &self.table, None);
                         }
                         return Ok(Ok(Answer::Aborted(AbortAnswer {
                             table: TableId::of(&self.table),
@@ -1531,7 +1576,7 @@ impl Sim {
                     _ => return refused("not a TM call"),
                 }
                 let prepared = self.tms[k].prepared;
-                let moving = prepared.then(|| self.moving_of(id, &snat, &next) as u64);
+                let moving = prepared.then(|| self.tms[k].tables.moving(&next) as u64);
                 Ok(Ok(Answer::Tm(TmTransition {
                     phase: if prepared {
                         TmPhase::Prepared
@@ -1569,29 +1614,6 @@ impl Sim {
             }
         }
         Ok(())
-    }
-
-    /// What TM `id` reports as connections in buckets moving away from it
-    /// (its server-side ports, from the real allocator; its client-side
-    /// TCP connections).
-    fn moving_of(&self, id: u32, snat: &Snat, next: &AllocationTable) -> usize {
-        let server_side = if self.table.tm_index_by_id(id).is_some() {
-            snat.in_use_moving(next)
-        } else {
-            0
-        };
-        let client_side = self
-            .flows
-            .iter()
-            .flatten()
-            .filter(|f| f.tcp && f.owner == Some(id))
-            .filter(|f| {
-                let flow =
-                    Flow::with_ports(proto::TCP, f.client.0, f.client.1, vip(f.v6), f.vip_port);
-                owner(next, &flow) != id
-            })
-            .count();
-        server_side + client_side
     }
 
     fn open_phase(&mut self, label: &str) {

@@ -48,15 +48,13 @@ impl OpenGuard<'_> {
             from.ip(),
             from.port(),
         );
-        if let Some(o) = self.tables.open_map().get_mut(&self.id) {
-            o.server = Some(reply);
-        }
+        self.tables.register_server(self.id, reply);
     }
 }
 
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
-        self.tables.open_map().remove(&self.id);
+        self.tables.unregister(self.id);
     }
 }
 
@@ -80,8 +78,18 @@ impl Tables {
     /// virtual server) until the guard drops. One lock per connection, not
     /// per packet.
     pub fn open(&self, peer: SocketAddr, local: SocketAddr) -> OpenGuard<'_> {
-        let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let client = Flow::with_ports(proto::TCP, peer.ip(), peer.port(), local.ip(), local.port());
+        OpenGuard {
+            tables: self,
+            id: self.register(client),
+        }
+    }
+
+    /// Registers an open connection by its client flow (client → virtual
+    /// server) and returns its id — for callers that cannot hold an
+    /// [`OpenGuard`] (the simulator); [`Tables::unregister`] ends it.
+    pub fn register(&self, client: Flow) -> u64 {
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
         self.open_map().insert(
             id,
             Open {
@@ -89,7 +97,20 @@ impl Tables {
                 server: None,
             },
         );
-        OpenGuard { tables: self, id }
+        id
+    }
+
+    /// Records connection `id`'s server side: `reply` is the server's
+    /// direction (server → SNAT endpoint, or the client's own in DNAT-only mode).
+    pub fn register_server(&self, id: u64, reply: Flow) {
+        if let Some(o) = self.open_map().get_mut(&id) {
+            o.server = Some(reply);
+        }
+    }
+
+    /// Forgets connection `id` (it ended).
+    pub fn unregister(&self, id: u64) {
+        self.open_map().remove(&id);
     }
 
     /// Open TCP connections.

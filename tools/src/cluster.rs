@@ -240,6 +240,7 @@ pub struct Pushed {
 fn starting_point(
     client: &Client,
     dists: &[Endpoint],
+    tms: &[Endpoint],
     next: &AllocationTable,
 ) -> Result<(AllocationTable, bool)> {
     let d = &dists[0];
@@ -249,8 +250,23 @@ fn starting_point(
     state
         .check()
         .map_err(|e| anyhow!("{}: GET /transition: {e}", d.name))?;
+    let wanted = TableId::of(next);
+    if state.state == DistributorPhase::Idle && state.table() == wanted {
+        // Committed on the distributors already: an earlier push stopped
+        // during the commit. A TM still prepared for it runs the table to
+        // resume from.
+        for t in tms {
+            let Ok(s) = client.ok_json::<TmTransition>(t, "GET", "/transition", None) else {
+                continue;
+            };
+            if s.check().is_ok() && s.next().as_ref() == Some(&wanted) {
+                return Ok((fetch_table(client, t, "/table")?, true));
+            }
+        }
+        // No TM is prepared for it: nothing to resume (refused below: not newer).
+    }
     if state.state != DistributorPhase::Idle {
-        if state.table() == TableId::of(next) {
+        if state.table() == wanted {
             return Ok((fetch_table(client, d, "/table/previous")?, true));
         }
         bail!(
@@ -270,7 +286,7 @@ pub fn push(c: &Cluster, next: &AllocationTable, json: bool, force: bool) -> Res
     let client = c.client();
     let started = Instant::now();
     let (dists, tms) = c.endpoints();
-    let (from, resumed) = starting_point(&client, &dists, next)?;
+    let (from, resumed) = starting_point(&client, &dists, &tms, next)?;
     if resumed {
         progress(
             json,
@@ -299,9 +315,6 @@ pub fn push(c: &Cluster, next: &AllocationTable, json: bool, force: bool) -> Res
                     NodeId::Tm(i) => &tms[i],
                 };
                 let answer: Result<Answer, CallError> = client.call(endpoint, &call);
-                if let (Call::TmState, Err(e)) = (&call, &answer) {
-                    progress(json, &format!("drain    {:<12} {e}", endpoint.name));
-                }
                 coordinator.answer(answer, started.elapsed());
             }
             Step::WaitUntil(t) => std::thread::sleep(t.saturating_sub(started.elapsed())),
@@ -351,6 +364,30 @@ pub fn push(c: &Cluster, next: &AllocationTable, json: bool, force: bool) -> Res
 pub fn abort(c: &Cluster, json: bool) -> Result<()> {
     let client = c.client();
     let (dists, tms) = c.endpoints();
+    // A table some distributor committed already cannot be aborted on the
+    // TMs still prepared for it: that would split the cluster.
+    let committed: Vec<(String, TableId)> = dists
+        .iter()
+        .filter_map(|d| {
+            let s = client
+                .ok_json::<DistributorTransition>(d, "GET", "/transition", None)
+                .ok()?;
+            (s.state == DistributorPhase::Idle).then(|| (d.name.clone(), s.table()))
+        })
+        .collect();
+    for t in &tms {
+        let Ok(s) = client.ok_json::<TmTransition>(t, "GET", "/transition", None) else {
+            continue;
+        };
+        if let Some(n) = s.next() {
+            if let Some((d, _)) = committed.iter().find(|(_, id)| *id == n) {
+                bail!(
+                    "{d} has committed {n} already and {} is prepared for it: aborting would split the cluster; push that table again to finish the transition",
+                    t.name
+                );
+            }
+        }
+    }
     let mut failed = Vec::new();
     for node in dists.iter().chain(&tms) {
         let mut last = None;

@@ -22,6 +22,8 @@ struct Script {
     state_override: Option<(u16, String)>,
     /// (method path) → answer only after this long (a time-out).
     slow: Vec<(String, u64)>,
+    /// (method path) → status code to answer the first time only.
+    fail_once: Vec<(String, u16)>,
 }
 
 /// A node's transition state, as stdd and tmd keep it.
@@ -174,6 +176,7 @@ fn fake_node(name: &str, script: Script, log: Log) -> String {
     let is_tm = name.starts_with("tm");
     std::thread::spawn(move || {
         let mut polls = 0usize;
+        let mut failed_once: Vec<String> = Vec::new();
         let mut st = State {
             table: Some(file::parse(&script.table).expect("script table")),
             ..State::default()
@@ -188,11 +191,20 @@ fn fake_node(name: &str, script: Script, log: Log) -> String {
             if let Some(&(_, ms)) = script.slow.iter().find(|(w, _)| *w == what) {
                 std::thread::sleep(std::time::Duration::from_millis(ms));
             }
+            let once = failed_once
+                .iter()
+                .all(|w| *w != what)
+                .then(|| script.fail_once.iter().find(|(w, _)| *w == what))
+                .flatten()
+                .map(|&(_, c)| c);
+            if once.is_some() {
+                failed_once.push(what.clone());
+            }
             let code = script
                 .fail
                 .iter()
                 .find(|(w, _)| *w == what)
-                .map_or(200, |&(_, c)| c);
+                .map_or(once.unwrap_or(200), |&(_, c)| c);
             let (code, text) = if code != 200 {
                 (code, "scripted failure".to_string())
             } else if is_tm {
@@ -283,6 +295,7 @@ fn normal(_: &str) -> Script {
         table: file::render(&table()),
         state_override: None,
         slow: Vec::new(),
+        fail_once: Vec::new(),
     }
 }
 
@@ -766,4 +779,62 @@ fn status_flags_a_tm_running_another_table_of_the_same_version() {
     );
     let text = stdctl(&["status", "--cluster", &c.file()]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("PROBLEM"));
+}
+
+#[test]
+fn an_unfinished_commit_is_finished_by_a_second_push_and_abort_refuses_to_split() {
+    let settings = "drain_window_s = 1\npoll_ms = 20\ntimeout_ms = 1000\nattempts = 1\n";
+    let c = cluster_with("commit-unfinished", settings, |n| Script {
+        fail_once: if n == "tm2" {
+            vec![("POST /transition/commit".into(), 500)]
+        } else {
+            vec![]
+        },
+        ..normal(n)
+    });
+    let path = next_table(&c);
+    let o = stdctl(&["push", &path, "--cluster", &c.file()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("tm2: commit: 500") && err.contains("committed: front, back, tm0, tm1"),
+        "{err}"
+    );
+    // The distributors committed, tm2 is still prepared: aborting would split.
+    let o = stdctl(&["abort", "--cluster", &c.file()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("would split the cluster"), "{err}");
+    assert!(!c.posts().iter().any(|(_, w)| w.ends_with("abort")));
+    // Pushing the same table again finishes it.
+    let o = stdctl(&["push", &path, "--cluster", &c.file(), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(
+        (v["resumed"].as_bool(), v["from_version"].as_u64()),
+        (Some(true), Some(4)),
+        "{v}"
+    );
+    let commits = c
+        .posts()
+        .iter()
+        .filter(|(n, w)| n == "tm2" && w.ends_with("commit"))
+        .count();
+    assert_eq!(commits, 2);
+    // Nothing left to do: a third push says so.
+    let o = stdctl(&["push", &path, "--cluster", &c.file()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not newer than the running version 5"));
+    // With retries, one failed commit does not stop a push.
+    let c = cluster("commit-retried", |n| Script {
+        fail_once: if n == "tm1" {
+            vec![("POST /transition/commit".into(), 503)]
+        } else {
+            vec![]
+        },
+        ..normal(n)
+    });
+    let path = next_table(&c);
+    let o = stdctl(&["push", &path, "--cluster", &c.file()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
