@@ -1,13 +1,8 @@
-//! Distributor data path: the per-frame steering decision on real bytes, and the per-core worker state around it.
+//! The distributor's I/O layer and daemon parts on top of the data-path core (`datapath`): backends, the in-kernel steering, capture files, replay, and stdd's configuration, admin endpoint and failover.
 //!
-//! * [`wire`] — typed zero-copy views of Ethernet (802.1Q/802.1ad), ARP,
-//!   IPv4, IPv6 with extension headers, ports, ICMP/ICMPv6;
-//! * [`steer`] — the steering rule as a pure function of (frame, [`steer::Plan`]);
-//! * [`worker`] — a core's state: fragment memory and hold pool, MAC
-//!   learning, counters; turns verdicts into [`verdict::Action`]s;
-//! * [`build`] — frame builders for tests, simulations and benchmarks;
-//! * [`transit`] — the transition memory: flows started in moved buckets
-//!   while a new table is switched in (DESIGN §4);
+//! The core's modules are re-exported under their names
+//! (`distributor::steer`, `distributor::wire`, …) for the code above it:
+//!
 //! * [`pcap`] and [`replay`] — capture files, and `stdd replay`: a capture
 //!   through the real steering, one capture per TM and a summary out;
 //! * [`io`] and [`backend`] — batches, the backend trait and its memory,
@@ -22,24 +17,17 @@ pub mod admin;
 pub mod afpacket;
 pub mod afxdp;
 pub mod backend;
-pub mod bridge;
-pub mod build;
 pub mod config;
 pub mod failover;
-pub mod frag;
 pub mod io;
 #[cfg(feature = "netmap")]
 pub mod netmap;
 pub mod pcap;
 pub mod replay;
-pub mod steer;
-pub mod table;
-pub mod transit;
-pub mod verdict;
-pub mod wire;
-pub mod worker;
 pub mod xdp_steer;
 
-pub use steer::{decide, FlowKey, FragKey, Moved, Plan, PlanError, PortKind, Verdict};
-pub use verdict::{Action, Branch, Counters, Drop, PortId};
-pub use worker::{Worker, WorkerConfig};
+pub use datapath::{batch, bridge, build, frag, steer, table, transit, verdict, wire, worker};
+pub use datapath::{
+    decide, Action, Branch, Counters, Drop, FlowKey, FragKey, Moved, Plan, PlanError, PortId,
+    PortKind, Verdict, Worker, WorkerConfig,
+};

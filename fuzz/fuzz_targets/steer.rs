@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use allocation::{AllocationTable, GroupSpec, HashKey, MacAddr, Profile, Tm};
-use distributor::{Plan, PortKind, Worker, WorkerConfig};
+use datapath::{Plan, PortKind, Worker, WorkerConfig};
 use libfuzzer_sys::fuzz_target;
 
 fn plan() -> Plan {

@@ -32,10 +32,10 @@ use control::api::{
     TmTransition,
 };
 use control::coordinator::{self, Answer, Call, CallError, NodeId, Outcome, Push, PushSpec};
-use distributor::build::{self, tcp_flags, L2};
-use distributor::transit::TransitConfig;
-use distributor::wire::{self, EthernetFrame};
-use distributor::{Action, Plan, PortKind, Worker, WorkerConfig};
+use datapath::build::{self, tcp_flags, L2};
+use datapath::transit::TransitConfig;
+use datapath::wire::{self, EthernetFrame};
+use datapath::{Action, Plan, PortKind, Worker, WorkerConfig};
 use fnv::FnvHashMap;
 use tm_node::snat::{Lease, Snat};
 use tm_node::tables::Tables;
@@ -267,7 +267,7 @@ pub enum SimError {
     Ports(#[from] allocation::PortError),
     /// A distributor plan could not be built.
     #[error("plan: {0}")]
-    Plan(#[from] distributor::PlanError),
+    Plan(#[from] datapath::PlanError),
     /// The scenario itself is inconsistent.
     #[error("scenario: {0}")]
     Scenario(String),
@@ -460,7 +460,7 @@ impl Sim {
         r.packets_per_s = r.packets as f64 / r.wall_s.max(1e-9);
         for d in self.front.iter().chain(&self.back) {
             r.checks.transit_overflows += d.worker.transit_overflows();
-            for reason in distributor::Drop::ALL {
+            for reason in datapath::Drop::ALL {
                 let n = d.worker.counters.of_drop(reason);
                 if n > 0 {
                     *r.checks.drops.entry(reason.name().to_string()).or_default() += n;

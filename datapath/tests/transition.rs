@@ -4,10 +4,10 @@ use std::net::IpAddr;
 
 use allocation::rules::proto;
 use allocation::{AllocationTable, Flow, GroupSpec, HashKey, MacAddr, Profile, Tm};
-use distributor::build::{self, tcp_flags, L2};
-use distributor::io::Batch;
-use distributor::transit::TransitConfig;
-use distributor::{Action, Branch, Plan, PlanError, PortKind, Worker, WorkerConfig};
+use datapath::build::{self, tcp_flags, L2};
+use datapath::transit::TransitConfig;
+use datapath::Batch;
+use datapath::{Action, Branch, Plan, PlanError, PortKind, Worker, WorkerConfig};
 use proptest::prelude::*;
 
 const GROUP: MacAddr = MacAddr([0x02, 0x57, 0x44, 0, 0, 1]);

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use allocation::{AllocationTable, GroupSpec, HashKey, MacAddr, Profile, SharedTable, Tm};
-use distributor::build::{self, tcp_flags, L2};
-use distributor::{Action, Plan, PortKind, Worker, WorkerConfig};
+use datapath::build::{self, tcp_flags, L2};
+use datapath::{Action, Plan, PortKind, Worker, WorkerConfig};
 
 const GROUP: MacAddr = MacAddr([0x02, 0x57, 0x44, 0, 0, 1]);
 const TMS: usize = 4;
@@ -141,7 +141,7 @@ fn every_frame_is_steered_by_exactly_one_table_version() {
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let mut total = distributor::Counters::default();
+    let mut total = datapath::Counters::default();
     for r in readers {
         total.add(&r.join().expect("reader panicked"));
     }

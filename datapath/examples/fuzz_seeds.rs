@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use allocation::rules::proto;
 use allocation::{AllocationTable, GroupSpec, HashKey, MacAddr, Profile, Tm};
-use distributor::build::{self, tcp_flags, L2};
-use distributor::wire::ethertype;
+use datapath::build::{self, tcp_flags, L2};
+use datapath::wire::ethertype;
 
 fn record(out: &mut Vec<u8>, port: u8, frame: &[u8]) {
     out.push(port);

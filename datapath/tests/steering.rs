@@ -6,9 +6,9 @@ use allocation::rules::proto;
 use allocation::{
     AllocationTable, Flow, GroupSpec, HashKey, MacAddr, PortRange, Profile, SelfPorts, Tm, TmIndex,
 };
-use distributor::build::{self, tcp_flags, L2};
-use distributor::wire::ethertype;
-use distributor::{Action, Branch, Drop, Plan, PortKind, Worker, WorkerConfig};
+use datapath::build::{self, tcp_flags, L2};
+use datapath::wire::ethertype;
+use datapath::{Action, Branch, Drop, Plan, PortKind, Worker, WorkerConfig};
 use proptest::prelude::*;
 
 const GROUP: MacAddr = MacAddr([0x02, 0x57, 0x44, 0, 0, 1]);

@@ -9,10 +9,10 @@ use std::time::Duration;
 use allocation::rules::proto;
 use allocation::{AllocationTable, Flow, GroupSpec, HashKey, MacAddr, Profile, Tm};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use distributor::build::{self, tcp_flags, L2};
-use distributor::io::Batch;
-use distributor::wire::EthernetFrame;
-use distributor::{Plan, PortKind, Worker, WorkerConfig};
+use datapath::build::{self, tcp_flags, L2};
+use datapath::wire::EthernetFrame;
+use datapath::Batch;
+use datapath::{Plan, PortKind, Worker, WorkerConfig};
 
 const GROUP: MacAddr = MacAddr([0x02, 0x57, 0x44, 0, 0, 1]);
 const ROUTER: MacAddr = MacAddr([0x02, 0xee, 0, 0, 0, 1]);
@@ -130,7 +130,7 @@ fn steering(c: &mut Criterion) {
                 for (buf, &len) in bufs.iter_mut().zip(&lens) {
                     buf[..6].copy_from_slice(&GROUP.0); // undo the previous round's rewrite
                     let a = w.process(black_box(buf), len, 0, &p, now);
-                    acc = acc.wrapping_add(matches!(a, distributor::Action::ToTm { .. }) as usize);
+                    acc = acc.wrapping_add(matches!(a, datapath::Action::ToTm { .. }) as usize);
                 }
                 acc
             })
@@ -161,10 +161,9 @@ fn steering(c: &mut Criterion) {
                         buf[..6].copy_from_slice(&GROUP.0); // undo the previous round's rewrite
                     }
                     w.process_batch(black_box(batch), &p, now);
-                    acc = acc
-                        .wrapping_add(
-                            matches!(batch.action(0), distributor::Action::ToTm { .. }) as usize
-                        );
+                    acc = acc.wrapping_add(
+                        matches!(batch.action(0), datapath::Action::ToTm { .. }) as usize,
+                    );
                 }
                 acc
             })
@@ -215,10 +214,9 @@ fn steering(c: &mut Criterion) {
                         buf[..6].copy_from_slice(&GROUP.0);
                     }
                     w.process_batch(black_box(batch), &tp, now);
-                    acc = acc
-                        .wrapping_add(
-                            matches!(batch.action(0), distributor::Action::ToTm { .. }) as usize
-                        );
+                    acc = acc.wrapping_add(
+                        matches!(batch.action(0), datapath::Action::ToTm { .. }) as usize,
+                    );
                 }
                 acc
             })

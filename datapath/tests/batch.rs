@@ -4,10 +4,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use allocation::rules::{proto, Protocol, Rule};
 use allocation::{AllocationTable, GroupSpec, HashKey, HashMode, MacAddr, Profile, Tm};
-use distributor::build::{self, tcp_flags, L2};
-use distributor::io::Batch;
-use distributor::wire::ethertype;
-use distributor::{Plan, PortKind, Worker, WorkerConfig};
+use datapath::build::{self, tcp_flags, L2};
+use datapath::wire::ethertype;
+use datapath::Batch;
+use datapath::{Plan, PortKind, Worker, WorkerConfig};
 use proptest::prelude::*;
 
 const GROUP: MacAddr = MacAddr([0x02, 0x57, 0x44, 0, 0, 1]);
@@ -191,11 +191,11 @@ proptest! {
         bat.process_batch(&mut batch, &p, 5);
         for (i, (port, f)) in frames.iter().enumerate() {
             let mut buf = f.clone();
-            buf.resize(distributor::io::SLOT_BYTES, 0);
+            buf.resize(datapath::batch::SLOT_BYTES, 0);
             let a = seq.process(&mut buf, f.len(), *port, &p, 5);
             prop_assert_eq!(batch.action(i), a, "frame {} (kind {})", i, kinds[i].0 % 12);
             let (_, _, slot, len) = batch.get_mut(i);
-            let out_len = match a { distributor::Action::Reply { len } => len, _ => len };
+            let out_len = match a { datapath::Action::Reply { len } => len, _ => len };
             prop_assert_eq!(&slot[..out_len], &buf[..out_len]);
         }
         prop_assert_eq!(&bat.counters, &seq.counters);

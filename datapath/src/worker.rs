@@ -9,9 +9,9 @@ use allocation::{HashKey, TmIndex};
 use allocation::hash::{bucket, hash_v4_endpoint, hash_v6_endpoint};
 use allocation::MacAddr;
 
+use crate::batch::Batch;
 use crate::bridge::{Bridge, BridgeConfig};
 use crate::frag::{FragConfig, FragTable};
-use crate::io::Batch;
 use crate::steer::PortKind;
 use crate::steer::{decide, Moved, Plan, Verdict};
 use crate::transit::{Transit, TransitConfig};
