@@ -74,6 +74,28 @@ pub struct DistributorTransition {
 }
 
 impl DistributorTransition {
+    /// The state of a distributor running `table` (and `previous` while switched).
+    pub fn new(
+        state: DistributorPhase,
+        table: &AllocationTable,
+        previous: Option<&AllocationTable>,
+        moved_buckets: Option<usize>,
+        remembered_flows: u64,
+        overflows: u64,
+    ) -> Self {
+        let previous = previous.map(TableId::of);
+        DistributorTransition {
+            state,
+            version: table.version(),
+            checksum: file::checksum(table),
+            previous_version: previous.as_ref().map(|p| p.version),
+            previous_checksum: previous.map(|p| p.checksum),
+            moved_buckets,
+            remembered_flows,
+            overflows,
+        }
+    }
+
     /// The running table.
     pub fn table(&self) -> TableId {
         TableId {

@@ -219,21 +219,19 @@ fn put_table(req: &Request, state: &AdminState) -> Reply {
 pub fn transition_state(state: &AdminState) -> DistributorTransition {
     let plan = state.plan.load();
     let (remembered, overflows) = transit_totals(state);
-    let previous = plan.previous().map(TableId::of);
-    DistributorTransition {
-        state: match (plan.previous().is_some(), plan.is_open()) {
-            (false, _) => DistributorPhase::Idle,
-            (true, false) => DistributorPhase::Switched,
-            (true, true) => DistributorPhase::Open,
-        },
-        version: plan.table().version(),
-        checksum: allocation::file::checksum(plan.table()),
-        previous_version: previous.as_ref().map(|p| p.version),
-        previous_checksum: previous.map(|p| p.checksum),
-        moved_buckets: plan.moved().map(|m| m.len()),
-        remembered_flows: remembered,
+    let phase = match (plan.previous().is_some(), plan.is_open()) {
+        (false, _) => DistributorPhase::Idle,
+        (true, false) => DistributorPhase::Switched,
+        (true, true) => DistributorPhase::Open,
+    };
+    DistributorTransition::new(
+        phase,
+        plan.table(),
+        plan.previous(),
+        plan.moved().map(|m| m.len()),
+        remembered,
         overflows,
-    }
+    )
 }
 
 fn transit_totals(state: &AdminState) -> (u64, u64) {

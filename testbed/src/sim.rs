@@ -1494,21 +1494,19 @@ impl Sim {
                     _ => return refused("not a distributor call, or another table"),
                 }
                 let p = &d.plan;
-                let previous = p.previous().map(TableId::of);
-                Ok(Ok(Answer::Distributor(DistributorTransition {
-                    state: match (p.previous().is_some(), p.is_open()) {
-                        (false, _) => DistributorPhase::Idle,
-                        (true, false) => DistributorPhase::Switched,
-                        (true, true) => DistributorPhase::Open,
-                    },
-                    version: p.table().version(),
-                    checksum: allocation::file::checksum(p.table()),
-                    previous_version: previous.as_ref().map(|t| t.version),
-                    previous_checksum: previous.map(|t| t.checksum),
-                    moved_buckets: p.moved().map(|m| m.len()),
-                    remembered_flows: 0,
-                    overflows: 0,
-                })))
+                let phase = match (p.previous().is_some(), p.is_open()) {
+                    (false, _) => DistributorPhase::Idle,
+                    (true, false) => DistributorPhase::Switched,
+                    (true, true) => DistributorPhase::Open,
+                };
+                Ok(Ok(Answer::Distributor(DistributorTransition::new(
+                    phase,
+                    p.table(),
+                    p.previous(),
+                    p.moved().map(|m| m.len()),
+                    0,
+                    0,
+                ))))
             }
             NodeId::Tm(k) => {
                 let Some(t) = self.tms.get(k) else {

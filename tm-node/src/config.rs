@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use allocation::PortRange;
 use serde::Deserialize;
-use thiserror::Error;
 
 use crate::balance::Method;
 
@@ -19,28 +18,8 @@ pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 300_000;
 /// Default drain deadline on SIGTERM, ms.
 pub const DEFAULT_DRAIN_MS: u64 = 30_000;
 
-/// A configuration that cannot be used.
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    /// Unreadable, not TOML, or a key of the wrong type / unknown.
-    #[error("{0}")]
-    Load(String),
-    /// A key with an invalid value.
-    #[error("{field}: {message}")]
-    Invalid {
-        /// The key.
-        field: String,
-        /// What is wrong.
-        message: String,
-    },
-}
-
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field: field.into(),
-        message: message.into(),
-    }
-}
+use cli_common::settings::invalid;
+pub use cli_common::settings::ConfigError;
 
 /// A real server.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -171,93 +150,18 @@ pub struct NodeConfig {
 /// names are case-insensitive; unknown keys are errors, as in the file.
 pub const ENV_PREFIX: &str = "TMD";
 
-/// The process's environment variables that start with `prefix` and `_`
-/// (any case); variables whose name or value is not UTF-8 are skipped.
-fn env_overrides(prefix: &str) -> HashMap<String, String> {
-    std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .filter(|(k, _)| strip_prefix(prefix, k).is_some())
-        .collect()
-}
-
-/// The key part of variable `name`, if it has the prefix.
-fn strip_prefix<'a>(prefix: &str, name: &'a str) -> Option<&'a str> {
-    let head = name.get(..prefix.len() + 1)?;
-    let rest = name.get(prefix.len() + 1..)?;
-    (head.eq_ignore_ascii_case(&format!("{prefix}_")) && !rest.is_empty()).then_some(rest)
-}
-
-/// The `config` source of the overrides in `env`.
-fn environment(prefix: &str, env: &HashMap<String, String>) -> config::Environment {
-    config::Environment::with_prefix(prefix)
-        .prefix_separator("_")
-        .separator("__")
-        .try_parsing(true)
-        .source(Some(env.clone()))
-}
-
-/// Which overrides a load error may come from: those setting a key the
-/// error names, else all of them; with how an override is written.
-fn env_hint(prefix: &str, error: &str, env: &HashMap<String, String>) -> String {
-    // What the error is about, before the list of keys it expected.
-    let subject = error.split(", expected").next().unwrap_or(error);
-    let mut set: Vec<(bool, String)> = env
-        .keys()
-        .filter_map(|name| {
-            let key = strip_prefix(prefix, name)?
-                .to_lowercase()
-                .replace("__", ".");
-            let named = error.contains(&format!("key `{key}`"))
-                || std::iter::once(key.as_str())
-                    .chain(key.split('.'))
-                    .any(|k| subject.contains(&format!("`{k}`")));
-            Some((named, format!("{name} sets `{key}`")))
-        })
-        .collect();
-    let named = set.iter().any(|(named, _)| *named);
-    if named {
-        set.retain(|(named, _)| *named);
-    }
-    if set.is_empty() {
-        return String::new();
-    }
-    let mut set: Vec<String> = set.into_iter().map(|(_, s)| s).collect();
-    set.sort();
-    format!(
-        " ({}: {}; an override is {prefix}_ and the key, nested keys joined with `__`, e.g. {prefix}_ADMIN__LISTEN)",
-        if named {
-            "from the environment"
-        } else {
-            "environment overrides in effect"
-        },
-        set.join(", ")
-    )
-}
-
 impl NodeConfig {
     /// Reads `path` (TOML), applies the process's `TMD_*` environment
     /// overrides ([`ENV_PREFIX`]: `TMD_WORKERS=4`, `TMD_ADMIN__LISTEN=0.0.0.0:9190`),
     /// and validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        Self::load_with_env(path, env_overrides(ENV_PREFIX))
+        Self::load_with_env(path, cli_common::settings::env_overrides(ENV_PREFIX))
     }
 
     /// Like [`Self::load`], with the environment given instead of read
     /// from the process (variables without the prefix are ignored).
     pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Self, ConfigError> {
-        let mut cfg: NodeConfig = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(environment(ENV_PREFIX, &env))
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .map_err(|e| {
-                let e = e.to_string();
-                ConfigError::Load(format!(
-                    "{}: {e}{}",
-                    path.display(),
-                    env_hint(ENV_PREFIX, &e, &env)
-                ))
-            })?;
+        let mut cfg: NodeConfig = cli_common::settings::load_with_env(path, ENV_PREFIX, env)?;
         if cfg.table.is_relative() {
             cfg.table = path.parent().unwrap_or(Path::new(".")).join(&cfg.table);
         }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use admin_http::client::{Client, Endpoint};
 use allocation::{file, AllocationTable, Change, Profile, TmIndex};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use control::api::{DistributorPhase, DistributorTransition, TableId, TmTransition};
 use control::coordinator::{Answer, Call, CallError, NodeId, Outcome, Push, PushSpec, Step};
 use serde::{Deserialize, Serialize};
@@ -74,13 +74,15 @@ fn default_attempts() -> u32 {
     3
 }
 
+/// Environment variables that override cluster-file keys: `STDCTL_TIMEOUT_MS=500`,
+/// `STDCTL_DRAIN_WINDOW_S=120` (the loader stdd and tmd use: `cli_common::settings`).
+pub const ENV_PREFIX: &str = "STDCTL";
+
 impl Cluster {
-    /// Reads and checks a cluster file.
+    /// Reads and checks a cluster file (with `STDCTL_*` overrides).
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading cluster file {}", path.display()))?;
-        let mut c: Cluster = toml::from_str(&text)
-            .map_err(|e| anyhow!("cluster file {}: {}", path.display(), e.message()))?;
+        let mut c: Cluster = cli_common::settings::load(path, ENV_PREFIX)
+            .map_err(|e| anyhow!("cluster file {e}"))?;
         if c.distributors.is_empty() {
             bail!("cluster file {}: no [[distributor]]", path.display());
         }

@@ -14,42 +14,18 @@ use allocation::{
     TmIndex,
 };
 use anyhow::{anyhow, bail, Context, Result};
-use clap::error::ErrorKind;
-use clap::Parser;
 use serde_json::json;
 
 use cli::{Cli, Command, ProfileArgs, ProfileName, TableCmd, TmCmd};
 use report::Out;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => match e.kind() {
-            ErrorKind::DisplayHelp
-            | ErrorKind::DisplayVersion
-            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-                let _ = e.print();
-                return ExitCode::SUCCESS;
-            }
-            _ => {
-                let text = e.render().to_string();
-                let first = text.lines().next().unwrap_or("invalid arguments");
-                eprintln!(
-                    "stdctl: {} (see stdctl --help)",
-                    first.trim_start_matches("error: ")
-                );
-                return ExitCode::from(2);
-            }
-        },
+    let cli: Cli = match cli_common::cli::parse("stdctl") {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     let out = Out { json: cli.json };
-    match run(cli.command, &out) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("stdctl: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    cli_common::cli::finish("stdctl", run(cli.command, &out))
 }
 
 fn run(cmd: Command, out: &Out) -> Result<()> {

@@ -838,3 +838,31 @@ fn an_unfinished_commit_is_finished_by_a_second_push_and_abort_refuses_to_split(
     let o = stdctl(&["push", &path, "--cluster", &c.file()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn the_cluster_file_takes_stdctl_environment_overrides_and_names_a_bad_one() {
+    let c = cluster("env", normal);
+    // An override that breaks the file is named.
+    let o = Command::new(env!("CARGO_BIN_EXE_stdctl"))
+        .args(["status", "--cluster", &c.file()])
+        .env("STDCTL_TIMEOUT_MS", "soon")
+        .output()
+        .expect("run stdctl");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("STDCTL_TIMEOUT_MS"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // A good one applies: the drain window of 0 s commits at once.
+    let path = next_table(&c);
+    let o = Command::new(env!("CARGO_BIN_EXE_stdctl"))
+        .args(["push", &path, "--cluster", &c.file(), "--json"])
+        .env("STDCTL_DRAIN_WINDOW_S", "0")
+        .output()
+        .expect("run stdctl");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert!(
+        v["moving_at_commit"].as_u64() > Some(0),
+        "no drain wait: {v}"
+    );
+}

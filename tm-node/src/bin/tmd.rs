@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 use tm_node::config::NodeConfig;
 use tm_node::proxy::{self, Pool, VirtualServer, VsStats};
@@ -32,39 +31,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match cli_common::cli::parse("tmd") {
         Ok(c) => c,
-        Err(e)
-            if matches!(
-                e.kind(),
-                ErrorKind::DisplayHelp
-                    | ErrorKind::DisplayVersion
-                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) =>
-        {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let text = e.render().to_string();
-            eprintln!(
-                "tmd: {} (see tmd --help)",
-                text.lines()
-                    .next()
-                    .unwrap_or("invalid arguments")
-                    .trim_start_matches("error: ")
-            );
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let Command::Run { config } = cli.command;
-    match run(&config) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tmd: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    cli_common::cli::finish("tmd", run(&config))
 }
 
 fn run(path: &Path) -> Result<()> {
