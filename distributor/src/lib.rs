@@ -1,4 +1,4 @@
-//! The distributor's I/O layer and daemon parts on top of the data-path core (`datapath`): backends, the in-kernel steering, capture files, replay, and stdd's configuration, admin endpoint and failover.
+//! The distributor's I/O layer on top of the data-path core (`datapath`): backends, the worker loop, the in-kernel steering, capture files and replay. The daemon (`stdd`: configuration, admin endpoint, failover) sits on it.
 //!
 //! The core's modules are re-exported under their names
 //! (`distributor::steer`, `distributor::wire`, …) for the code above it:
@@ -9,16 +9,12 @@
 //!   pcap-file and live pcap backends, the worker loop;
 //! * [`afpacket`], [`afxdp`] and [`xdp_steer`] — the Linux fast backends,
 //!   and the in-kernel steering of the common case under afxdp;
-//! * [`config`] and [`admin`] — the `stdd` configuration and its admin endpoint.
 #![deny(missing_docs)]
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
-pub mod admin;
 pub mod afpacket;
 pub mod afxdp;
 pub mod backend;
-pub mod config;
-pub mod failover;
 pub mod io;
 #[cfg(feature = "netmap")]
 pub mod netmap;

@@ -21,9 +21,9 @@ use prometheus::{
 };
 
 use crate::config::DistributorConfig;
-use crate::io::WorkerShared;
-use crate::steer::Plan;
-use crate::verdict::{Branch, Counters, Drop};
+use distributor::io::WorkerShared;
+use distributor::steer::Plan;
+use distributor::verdict::{Branch, Counters, Drop};
 
 /// Largest request body (a table file, with room for the framing).
 pub const MAX_BODY_BYTES: usize = allocation::file::MAX_FILE_BYTES as usize + 64 * 1024;
@@ -54,7 +54,7 @@ pub struct AdminState {
     pub failover: crate::failover::FailoverState,
     /// The in-kernel steering (afxdp with `workers.xdp_steer`), whose maps
     /// follow every plan change.
-    pub kernel: Option<Arc<crate::xdp_steer::XdpSteer>>,
+    pub kernel: Option<Arc<distributor::xdp_steer::XdpSteer>>,
     /// The admin server's counters, when it runs.
     pub server: Option<Arc<admin_http::server::ServerStats>>,
 }

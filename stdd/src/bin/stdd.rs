@@ -70,7 +70,7 @@ fn run(cmd: Command) -> Result<()> {
         } => {
             let cfg = config
                 .as_deref()
-                .map(distributor::config::DistributorConfig::load)
+                .map(stdd::config::DistributorConfig::load)
                 .transpose()?;
             let table = match (&table, &cfg) {
                 (Some(t), _) => t.clone(),
@@ -91,7 +91,7 @@ fn run(cmd: Command) -> Result<()> {
                         None => c
                             .ports
                             .iter()
-                            .position(|p| p.kind == distributor::config::PortKindConfig::Outside)
+                            .position(|p| p.kind == stdd::config::PortKindConfig::Outside)
                             .context("the configuration has no outside port")?,
                     };
                     distributor::replay::ReplaySetup {
@@ -183,10 +183,10 @@ mod daemon {
 
     use allocation::SharedTable;
     use anyhow::{anyhow, Context, Result};
-    use distributor::admin::{self, AdminState};
     use distributor::backend::{PcapBackend, PcapFileBackend};
-    use distributor::config::{BackendKind, DistributorConfig};
     use distributor::io::{run_worker, Backend, WorkerShared};
+    use stdd::admin::{self, AdminState};
+    use stdd::config::{BackendKind, DistributorConfig};
 
     /// What a worker thread needs.
     struct WorkerSpawn {
@@ -297,7 +297,7 @@ mod daemon {
             plan: Arc::clone(&plan),
             workers: shared.clone(),
             swaps: AtomicU64::new(0),
-            failover: distributor::failover::FailoverState::default(),
+            failover: stdd::failover::FailoverState::default(),
             server: Some(server.stats()),
         });
         state.failover.installed(plan.load().table());
@@ -314,7 +314,7 @@ mod daemon {
             Some(
                 std::thread::Builder::new()
                     .name("stdd-failover".into())
-                    .spawn(move || distributor::failover::run(fcfg, &state, &stop))?,
+                    .spawn(move || stdd::failover::run(fcfg, &state, &stop))?,
             )
         };
         let admin_thread = {

@@ -10,12 +10,12 @@ use std::path::{Path, PathBuf};
 use allocation::{AllocationTable, MacAddr};
 use serde::Deserialize;
 
-use crate::bridge::BridgeConfig;
-use crate::frag::FragConfig;
-use crate::steer::{Plan, PortKind};
-use crate::transit::TransitConfig;
-use crate::verdict::PortId;
-use crate::worker::WorkerConfig;
+use distributor::bridge::BridgeConfig;
+use distributor::frag::FragConfig;
+use distributor::steer::{Plan, PortKind};
+use distributor::transit::TransitConfig;
+use distributor::verdict::PortId;
+use distributor::worker::WorkerConfig;
 
 /// Default admin listen address (loopback: no token needed).
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9180";
@@ -136,7 +136,7 @@ pub struct WorkersConfig {
     /// Where the afxdp backend's XDP program runs: `native` (in the driver),
     /// `generic`, or `auto` (native where the driver supports it).
     #[serde(default = "default_xdp_mode")]
-    pub xdp_mode: crate::afxdp::XdpMode,
+    pub xdp_mode: distributor::afxdp::XdpMode,
     /// afxdp: busy-poll budget in microseconds (0: off). The worker then
     /// runs its queues' driver polls itself (`SO_PREFER_BUSY_POLL`).
     #[serde(default)]
@@ -153,8 +153,8 @@ fn default_true() -> bool {
     true
 }
 
-fn default_xdp_mode() -> crate::afxdp::XdpMode {
-    crate::afxdp::XdpMode::Auto
+fn default_xdp_mode() -> distributor::afxdp::XdpMode {
+    distributor::afxdp::XdpMode::Auto
 }
 
 fn default_batch() -> usize {
@@ -696,11 +696,11 @@ listen = "127.0.0.1:9180"
         ))
         .expect("afxdp config");
         assert_eq!(cfg.backend, BackendKind::Afxdp);
-        assert_eq!(cfg.workers.xdp_mode, crate::afxdp::XdpMode::Native);
+        assert_eq!(cfg.workers.xdp_mode, distributor::afxdp::XdpMode::Native);
         assert_eq!(cfg.workers.busy_poll_us, 50);
         assert_eq!(
             load(&xdp).expect("defaults").workers.xdp_mode,
-            crate::afxdp::XdpMode::Auto
+            distributor::afxdp::XdpMode::Auto
         );
         let bad = field_of(load(&format!("{xdp}\n[workers]\nxdp_mode = \"offload\"\n")));
         assert!(bad.contains("xdp_mode"), "{bad}");
