@@ -404,6 +404,8 @@ pub struct AfPacketBackend {
     ports: Vec<Port>,
     /// Every port's descriptor, for the idle `poll`.
     poll_set: Vec<libc::pollfd>,
+    /// The last wait ended with nothing: no spin before the next.
+    quiet: bool,
     poll_ms: i32,
     next_port: usize,
     /// Frames the kernel truncated (larger than a ring frame), dropped.
@@ -431,6 +433,7 @@ impl AfPacketBackend {
             .collect::<io::Result<Vec<_>>>()?;
         Ok(AfPacketBackend {
             poll_set: poll_set(ports.iter().map(|p| p.fd)),
+            quiet: false,
             ports,
             poll_ms: poll_ms.min(1000) as i32,
             next_port: 0,
@@ -487,18 +490,23 @@ impl Backend for AfPacketBackend {
         batch.clear();
         let n = self.drain_rx(batch);
         if n > 0 {
+            self.quiet = false;
             return Ok(n);
         }
         let ports = &self.ports;
-        if spin_until_ready(|| {
-            ports
-                .iter()
-                .any(|p| p.status(0, p.rx_next).load(Ordering::Acquire) & TP_STATUS_USER != 0)
-        }) {
+        if !self.quiet
+            && spin_until_ready(|| {
+                ports
+                    .iter()
+                    .any(|p| p.status(0, p.rx_next).load(Ordering::Acquire) & TP_STATUS_USER != 0)
+            })
+        {
             return Ok(self.drain_rx(batch));
         }
         wait_readable(&mut self.poll_set, self.poll_ms)?;
-        Ok(self.drain_rx(batch))
+        let n = self.drain_rx(batch);
+        self.quiet = n == 0;
+        Ok(n)
     }
 
     fn send(&mut self, port: PortId, frame: &[u8]) -> io::Result<()> {

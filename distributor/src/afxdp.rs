@@ -355,6 +355,58 @@ impl XdpPorts {
     }
 }
 
+/// `bpf_redirect`.
+const BPF_FUNC_REDIRECT: i32 = 23;
+
+/// The trivial forwarder: a 4-instruction XDP program that redirects every
+/// frame of one interface out of another (`bpf_redirect`), unchanged, in
+/// native mode — the forwarding rig's physical limit, which
+/// `testbed/bench-forward` holds the in-kernel steering against. Detached
+/// when dropped.
+#[derive(Debug)]
+pub struct RedirectAll {
+    _prog: OwnedFd,
+    _link: OwnedFd,
+}
+
+impl RedirectAll {
+    /// The program for frames to `to_ifindex`.
+    fn program(to_ifindex: u32) -> [Insn; 4] {
+        let i = |code, dst: u8, src: u8, off, imm| Insn {
+            code,
+            regs: dst | (src << 4),
+            off,
+            imm,
+        };
+        [
+            // r1 = the target interface; r2 = flags (0)
+            i(0xb7, 1, 0, 0, to_ifindex as i32),
+            i(0xb7, 2, 0, 0, 0),
+            // r0 = bpf_redirect(r1, r2); return r0
+            i(0x85, 0, 0, 0, BPF_FUNC_REDIRECT),
+            i(0x95, 0, 0, 0, 0),
+        ]
+    }
+
+    /// Attaches it to `from` (native XDP), redirecting to `to`.
+    pub fn attach(from: &str, to: &str) -> io::Result<Self> {
+        let (from_index, to_index) = (ifindex(from)?, ifindex(to)?);
+        let prog = load_xdp(&Self::program(to_index), b"std_redirect\0")
+            .map_err(|e| err("loading the redirect program", from, e))?;
+        let mut attr = [0u64; 16];
+        attr[0] = prog.as_raw_fd() as u64 | (u64::from(from_index) << 32);
+        attr[1] = u64::from(BPF_XDP) | (u64::from(XDP_FLAGS_DRV_MODE) << 32);
+        let link = owned(
+            bpf(BPF_LINK_CREATE, &mut attr)
+                .map_err(|e| err("attaching the redirect program in native mode", from, e))?,
+        );
+        Ok(RedirectAll {
+            _prog: prog,
+            _link: link,
+        })
+    }
+}
+
 impl XdpPort {
     fn attach(
         name: &str,
@@ -813,6 +865,9 @@ pub struct AfXdpBackend {
     /// (the kernel does), and the queue's frames pass to the kernel again.
     xsks: Vec<Xsk>,
     poll_set: Vec<libc::pollfd>,
+    /// The last wait ended with nothing: no spin before the next (an idle
+    /// worker — the kernel steering every frame — sleeps in poll(2)).
+    quiet: bool,
     poll_ms: i32,
     next_port: usize,
     /// Frames the kernel reported larger than a UMEM frame, dropped.
@@ -842,6 +897,7 @@ impl AfXdpBackend {
             .collect::<io::Result<Vec<_>>>()?;
         Ok(AfXdpBackend {
             poll_set: poll_set(xsks.iter().map(|x| x.fd.as_raw_fd())),
+            quiet: false,
             xsks,
             poll_ms: poll_ms.min(1000) as i32,
             next_port: 0,
@@ -926,18 +982,21 @@ impl Backend for AfXdpBackend {
         }
         let n = self.drain_rx(batch);
         if n > 0 {
+            self.quiet = false;
             return Ok(n);
         }
         let (xsks, busy) = (&self.xsks, self.busy);
-        if spin_until_ready(|| {
-            if busy {
-                for x in xsks {
-                    x.busy_poll();
+        if !self.quiet
+            && spin_until_ready(|| {
+                if busy {
+                    for x in xsks {
+                        x.busy_poll();
+                    }
                 }
-            }
-            xsks.iter()
-                .any(|x| x.rx.producer().load(Ordering::Acquire) != x.rx.local)
-        }) {
+                xsks.iter()
+                    .any(|x| x.rx.producer().load(Ordering::Acquire) != x.rx.local)
+            })
+        {
             return Ok(self.drain_rx(batch));
         }
         for x in &mut self.xsks {
@@ -945,7 +1004,9 @@ impl Backend for AfXdpBackend {
             x.reap();
         }
         wait_readable(&mut self.poll_set, self.poll_ms)?;
-        Ok(self.drain_rx(batch))
+        let n = self.drain_rx(batch);
+        self.quiet = n == 0;
+        Ok(n)
     }
 
     fn send(&mut self, port: PortId, frame: &[u8]) -> io::Result<()> {

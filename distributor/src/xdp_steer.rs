@@ -27,7 +27,10 @@
 //!   steerable UDP datagram or TCP SYN still goes to the worker, which
 //!   learns its source MAC (the bridge's table would otherwise age the
 //!   router out); never another TCP segment, which the detour could
-//!   reorder within its connection.
+//!   reorder within its connection. The control path arms each queue's
+//!   byte once a second ([`XdpSteer::arm_learning`]); the program reads it
+//!   directly (a map value address, one byte load — no helper call, no
+//!   clock) and clears it when it takes the sample.
 //!
 //! Steering rewrites the destination MAC to the TM's and redirects the frame
 //! out of the TM's port (`bpf_redirect`), counted once in per-CPU counters:
@@ -61,7 +64,6 @@ const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
 const BPF_FUNC_REDIRECT: i32 = 23;
-const BPF_FUNC_KTIME_GET_COARSE_NS: i32 = 160;
 const BPF_PSEUDO_MAP_FD: u8 = 1;
 
 /// Bytes of the configuration entry: group MAC (6), enabled (u16), 8
@@ -76,9 +78,11 @@ pub const TM_SLOTS: u32 = 1024;
 /// The longest frame steered: what an XDP socket receives (a UMEM frame
 /// less the kernel's 256-byte XDP headroom).
 pub const MAX_STEERED: i32 = (crate::afxdp::FRAME_SIZE - 256) as i32;
-/// How often each queue sends one steerable frame to its worker anyway,
-/// for MAC learning.
-pub const LEARN_EVERY_NS: i32 = 1_000_000_000;
+/// How often the control path arms each queue's MAC-learning sample (one
+/// steerable frame to its worker), ms.
+pub const LEARN_EVERY_MS: u64 = 1000;
+/// `BPF_PSEUDO_MAP_VALUE`: a `ld_imm64` of a map value's address.
+const BPF_PSEUDO_MAP_VALUE: u8 = 2;
 
 /// Counter slots of the per-CPU statistics map. Frames steered are
 /// counted once, per TM (`std_xdp_tms`); this map only holds what has no
@@ -154,7 +158,11 @@ pub fn project(plan: &Plan, ifindex: &[Option<u32>]) -> Option<Projection> {
 pub struct XdpSteer {
     cfg: OwnedFd,
     buckets: OwnedFd,
+    /// One entry: a byte per queue, armed (1) by the control path, cleared
+    /// by the program when it takes the queue's learning sample.
     learn: OwnedFd,
+    /// Queues with a learning byte.
+    queues: u32,
     stats: OwnedFd,
     tm_stats: OwnedFd,
     /// Each port's kind (the outside ports run the steering program).
@@ -244,8 +252,9 @@ impl XdpSteer {
                 b"std_buckets",
             )
             .map_err(|x| e("creating the bucket map", x))?,
-            learn: map_create(BPF_MAP_TYPE_ARRAY, 4, 8, queues.max(1), b"std_learn")
+            learn: map_create(BPF_MAP_TYPE_ARRAY, 4, learn_bytes(queues), 1, b"std_learn")
                 .map_err(|x| e("creating the learning map", x))?,
+            queues: queues.max(1),
             stats: map_create(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 2, b"std_xdp_stats")
                 .map_err(|x| e("creating the statistics map", x))?,
             tm_stats: map_create(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 16, TM_SLOTS, b"std_xdp_tms")
@@ -386,10 +395,24 @@ impl XdpSteer {
         })
     }
 
-    /// Sets queue `queue`'s next MAC-learning sample time (tests: `u64::MAX`
-    /// never samples).
-    pub fn set_learn_due(&self, queue: u32, ns: u64) -> io::Result<()> {
-        map_update(&self.learn, queue, &ns.to_le_bytes())
+    /// Arms every queue's MAC-learning sample: its next steerable UDP
+    /// datagram or TCP SYN goes to its worker (stdd calls this every
+    /// [`LEARN_EVERY_MS`]).
+    pub fn arm_learning(&self) -> io::Result<()> {
+        let mut v = vec![0u8; learn_bytes(self.queues) as usize];
+        v[..self.queues as usize].fill(1);
+        map_update(&self.learn, 0, &v)
+    }
+
+    /// Arms (or disarms) queue `queue`'s learning sample alone (tests).
+    pub fn set_learning(&self, queue: u32, armed: bool) -> io::Result<()> {
+        let mut v = vec![0u8; learn_bytes(self.queues) as usize];
+        map_lookup(&self.learn, 0, &mut v)?;
+        let slot = v.get_mut(queue as usize).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("no queue {queue}"))
+        })?;
+        *slot = u8::from(armed);
+        map_update(&self.learn, 0, &v)
     }
 
     /// The steering program for a port whose XDP sockets are in `xsks`.
@@ -398,6 +421,7 @@ impl XdpSteer {
             cfg: self.cfg.as_raw_fd(),
             buckets: self.buckets.as_raw_fd(),
             learn: self.learn.as_raw_fd(),
+            queues: self.queues,
             stats: self.stats.as_raw_fd(),
             tm_stats: self.tm_stats.as_raw_fd(),
             xsks,
@@ -497,6 +521,7 @@ const STXW: u8 = 0x63;
 const STXH: u8 = 0x6b;
 const STXDW: u8 = 0x7b;
 const STW: u8 = 0x62;
+const STB: u8 = 0x72;
 const ADD_K: u8 = 0x07;
 const ADD_X: u8 = 0x0f;
 const SUB_X: u8 = 0x1f;
@@ -517,7 +542,6 @@ const JGT_X: u8 = 0x2d;
 const JNE_K: u8 = 0x55;
 const JNE_X: u8 = 0x5d;
 const JLT_K: u8 = 0xa5;
-const JLT_X: u8 = 0xad;
 const CALL: u8 = 0x85;
 const EXIT: u8 = 0x95;
 const LD_IMM64: u8 = 0x18;
@@ -558,6 +582,12 @@ impl Asm {
     fn map(&mut self, dst: u8, fd: i32) {
         self.op(LD_IMM64, dst, BPF_PSEUDO_MAP_FD, 0, fd);
         self.op(0, 0, 0, 0, 0);
+    }
+
+    /// `dst` = the address of byte `offset` of a one-entry array map's value.
+    fn map_value(&mut self, dst: u8, fd: i32, offset: i32) {
+        self.op(LD_IMM64, dst, BPF_PSEUDO_MAP_VALUE, 0, fd);
+        self.op(0, 0, 0, 0, offset);
     }
 
     /// `dst = rotl(dst, n)` with `R0` as scratch.
@@ -642,11 +672,18 @@ impl Asm {
     }
 }
 
+/// The learning map's value size: a byte per queue, rounded up to 8.
+fn learn_bytes(queues: u32) -> u32 {
+    queues.max(1).div_ceil(8) * 8
+}
+
 /// The maps a program uses.
 struct Maps {
     cfg: i32,
     buckets: i32,
     learn: i32,
+    /// Queues with a learning byte.
+    queues: u32,
     stats: i32,
     tm_stats: i32,
     xsks: i32,
@@ -694,11 +731,8 @@ fn program(m: &Maps) -> Vec<Insn> {
     a.op(MOV_X, R1, R8, 0, 0);
     a.op(SUB_X, R1, R7, 0, 0);
     a.jump(JGT_K, R1, 0, MAX_STEERED, to_workers);
-    // The configuration: enabled?
-    a.op(STW, FP, 0, -4, 0);
-    a.lookup_stack_key(m.cfg);
-    a.jump(JEQ_K, R0, 0, 0, to_workers);
-    a.op(MOV_X, R9, R0, 0, 0);
+    // The configuration (a one-entry map: its value's address, no lookup): enabled?
+    a.map_value(R9, m.cfg, 0);
     a.op(LDXH, R1, R9, 6, 0);
     a.jump(JEQ_K, R1, 0, 0, to_workers);
     // Destination MAC == group MAC.
@@ -860,18 +894,16 @@ fn tail(a: &mut Asm, m: &Maps, f: &Family, to_workers: Label) {
     a.op(LDXB, R1, R7, f.flags, 0); // TCP flags
     a.op(AND_K, R1, 0, 0, 0x12);
     a.jump(JNE_K, R1, 0, 0x02, steer);
-    // Due → to the worker, the next in a second.
+    // Armed → to the worker, and disarmed until the control path arms it
+    // again: one byte load when not armed.
     a.place(sample);
-    a.op(LDXW, R1, R6, 16, 0); // ctx->rx_queue_index
-    a.op(STXW, FP, R1, -4, 0);
-    a.lookup_stack_key(m.learn);
-    a.jump(JEQ_K, R0, 0, 0, steer);
-    a.op(MOV_X, R9, R0, 0, 0);
-    a.op(CALL, 0, 0, 0, BPF_FUNC_KTIME_GET_COARSE_NS);
-    a.op(LDXDW, R1, R9, 0, 0);
-    a.jump(JLT_X, R0, R1, 0, steer);
-    a.op(ADD_K, R0, 0, 0, LEARN_EVERY_NS);
-    a.op(STXDW, R9, R0, 0, 0);
+    a.op(LDXW, R2, R6, 16, 0); // ctx->rx_queue_index
+    a.jump(JGT_K, R2, 0, m.queues.saturating_sub(1) as i32, steer);
+    a.map_value(R1, m.learn, 0);
+    a.op(ADD_X, R1, R2, 0, 0);
+    a.op(LDXB, R3, R1, 0, 0);
+    a.jump(JEQ_K, R3, 0, 0, steer);
+    a.op(STB, R1, 0, 0, 0);
     a.jump(JA, 0, 0, 0, to_workers);
     // Steer: the TM's MAC, out of its port.
     a.place(steer);
@@ -917,6 +949,7 @@ mod test {
             cfg: 3,
             buckets: 4,
             learn: 5,
+            queues: 2,
             stats: 6,
             tm_stats: 8,
             xsks: 7,

@@ -80,7 +80,7 @@ fn steer_for(p: &Plan) -> XdpSteer {
     let s = XdpSteer::new(&KINDS, &[Some("lo"); 4], 1)
         .expect("maps")
         .assume_redirect_targets();
-    s.set_learn_due(0, u64::MAX).expect("learn slot");
+    s.set_learning(0, false).expect("learn slot");
     s.sync(p).expect("sync");
     s
 }
@@ -381,8 +381,9 @@ fn several_groups_are_left_to_the_workers() {
     }
 }
 
-/// Once a second per queue a steerable TCP SYN or UDP datagram goes to the
-/// workers, for MAC learning; the next is steered again.
+/// Once a second (armed by the control path) per queue a steerable TCP SYN
+/// or UDP datagram goes to the workers, for MAC learning; the next is
+/// steered again.
 #[test]
 fn one_frame_a_second_goes_to_the_workers_for_learning() {
     if !root() {
@@ -390,7 +391,7 @@ fn one_frame_a_second_goes_to_the_workers_for_learning() {
     }
     let p = plan(table(1, &[1, 1, 1, 1], false), true);
     let s = steer_for(&p);
-    s.set_learn_due(0, 0).expect("due now");
+    s.set_learning(0, true).expect("armed");
     let prog = s.test_program().expect("load");
     let steered = |f: &[u8]| matches!(prog.run(f).expect("run"), TestVerdict::Steered(_));
     // A TCP segment other than a SYN is never the sample (the detour could
@@ -405,7 +406,7 @@ fn one_frame_a_second_goes_to_the_workers_for_learning() {
         assert!(steered(&syn));
     }
     // UDP may be the sample too.
-    s.set_learn_due(0, 0).expect("due now");
+    s.set_learning(0, true).expect("armed");
     let udp = frame(1, 1234);
     assert_eq!(prog.run(&udp).expect("run"), TestVerdict::ToWorkers);
     assert!(steered(&udp));

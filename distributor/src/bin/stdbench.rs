@@ -25,6 +25,36 @@ enum Command {
     /// them, and with `--stamped` the latency from the generator's stamp to
     /// the kernel's receive timestamp.
     Sink(SinkArgs),
+    /// Redirect every frame of one interface out of another with a
+    /// 4-instruction XDP program (`bpf_redirect`) until SIGTERM or SIGINT:
+    /// the physical limit the in-kernel steering is measured against.
+    Redirect(RedirectArgs),
+}
+
+#[derive(clap::Args)]
+struct RedirectArgs {
+    /// Interface whose frames are redirected (native XDP).
+    #[arg(long)]
+    from: String,
+    /// Interface they leave by.
+    #[arg(long)]
+    to: String,
+}
+
+/// Holds the redirect program until a signal ends the process.
+fn redirect(a: &RedirectArgs) -> Result<bool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let _held = distributor::afxdp::RedirectAll::attach(&a.from, &a.to)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))?;
+    }
+    eprintln!("stdbench: redirecting {} → {} (XDP, native)", a.from, a.to);
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(true)
 }
 
 #[derive(clap::Args)]
@@ -229,6 +259,7 @@ fn main() -> ExitCode {
     let run = match &cli.command {
         Command::Gen(a) => gen(a),
         Command::Sink(a) => sink(a),
+        Command::Redirect(a) => redirect(a),
     };
     match run {
         Ok(true) => ExitCode::SUCCESS,

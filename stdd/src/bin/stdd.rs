@@ -434,8 +434,16 @@ mod daemon {
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(100));
             ticks += 1;
-            if let (Some(k), 0) = (&kernel, ticks % 20) {
-                k.refresh(&plan);
+            if let Some(k) = &kernel {
+                if ticks % 20 == 0 {
+                    k.refresh(&plan);
+                }
+                // One MAC-learning sample a second per queue.
+                if ticks % (distributor::xdp_steer::LEARN_EVERY_MS / 100) == 0 {
+                    if let Err(e) = k.arm_learning() {
+                        log::warn!("in-kernel steering: arming the learning sample: {e}");
+                    }
+                }
             }
             if reload.swap(false, Ordering::Relaxed) {
                 match load(path) {
