@@ -779,6 +779,19 @@ fn a_transition_prepares_dual_table_ports_counts_moving_connections_and_commits(
     for &p in peers.lock().expect("lock").iter() {
         assert!(home(&t, p) && home(&next, p), "{p} valid under both tables");
     }
+    // A prepare whose held ports are not a list is refused, changing nothing.
+    let bad = serde_json::json!({"table": allocation::file::render(&next), "held": "10.20.0.100"});
+    let (code, body) = http(admin, "POST", "/transition/prepare", &bad.to_string());
+    assert_eq!(code, 400, "{body}");
+    // A body declared past the limit is refused before it is read.
+    let mut s = TcpStream::connect(("127.0.0.1", admin)).expect("connect admin");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(b"PUT /table HTTP/1.1\r\nHost: x\r\nContent-Length: 33554432\r\n\r\n")
+        .expect("send");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     // A different table with the prepared version: refused, naming both.
     let other_v3 = t
         .rebalance(0, &Profile::Rayleigh { sigma: None })
