@@ -25,8 +25,9 @@
 //! the ports (both directions of a flow, and all its fragments, must reach
 //! the same worker): see `docs/operations.md`.
 //!
-//! `unsafe` here is the memory shared with the kernel (UMEM and rings) and
-//! the raw `bpf(2)` calls.
+//! `unsafe` here is the memory shared with the kernel (UMEM and rings)
+//! and the sockets; the `bpf(2)` calls are `crate::sys::bpf`'s (typed,
+//! sized, owning their descriptors).
 #![allow(unsafe_code)]
 
 use std::io;
@@ -35,6 +36,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::afpacket::{err, ifindex, kick, poll_set, sockopt, spin_until_ready, wait_readable};
 use crate::io::{Backend, Batch};
+pub(crate) use crate::sys::bpf::Insn;
+use crate::sys::bpf::{Link, Map, MapKind, Program, XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE};
 use crate::verdict::PortId;
 use crate::xdp_steer::XdpSteer;
 
@@ -54,16 +57,6 @@ const MAX_KICKS: usize = 64;
 const SO_BUSY_POLL: libc::c_int = 46;
 const SO_PREFER_BUSY_POLL: libc::c_int = 69;
 const SO_BUSY_POLL_BUDGET: libc::c_int = 70;
-pub(crate) const BPF_MAP_CREATE: libc::c_long = 0;
-pub(crate) const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-pub(crate) const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_LINK_CREATE: libc::c_long = 28;
-pub(crate) const BPF_MAP_TYPE_XSKMAP: u32 = 17;
-const BPF_PROG_TYPE_XDP: u32 = 6;
-const BPF_XDP: u32 = 37;
-const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
-const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 pub(crate) const XDP_PASS: i32 = 2;
 pub(crate) const BPF_FUNC_REDIRECT_MAP: i32 = 51;
 
@@ -93,16 +86,6 @@ impl<'de> serde::Deserialize<'de> for XdpMode {
     }
 }
 
-/// One BPF instruction (`struct bpf_insn`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Insn {
-    pub(crate) code: u8,
-    pub(crate) regs: u8,
-    pub(crate) off: i16,
-    pub(crate) imm: i32,
-}
-
 /// The redirect program for an XSKMAP descriptor.
 fn program(map_fd: i32) -> [Insn; 6] {
     let i = |code, dst: u8, src: u8, off, imm| Insn {
@@ -126,60 +109,6 @@ fn program(map_fd: i32) -> [Insn; 6] {
     ]
 }
 
-/// Writes `name` (at most 15 bytes, NUL-padded to 16) at byte offset `at`
-/// of a `bpf(2)` attribute block.
-pub(crate) fn put_name(attr: &mut [u64; 16], at: usize, name: &[u8]) {
-    let mut bytes = [0u8; 128];
-    for (i, w) in attr.iter().enumerate() {
-        bytes[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
-    }
-    let len = name.len().min(15);
-    bytes[at..at + 16].fill(0);
-    bytes[at..at + len].copy_from_slice(&name[..len]);
-    for (i, w) in attr.iter_mut().enumerate() {
-        let mut x = [0u8; 8];
-        x.copy_from_slice(&bytes[8 * i..8 * i + 8]);
-        *w = u64::from_le_bytes(x);
-    }
-}
-
-/// Loads an XDP program named `name` (at most 15 bytes and a NUL); the
-/// verifier's log is in the error when it refuses.
-pub(crate) fn load_xdp(insns: &[Insn], name: &[u8]) -> io::Result<OwnedFd> {
-    let license = b"Dual BSD/GPL\0";
-    let load = |log: &mut [u8]| {
-        let mut attr = [0u64; 16];
-        attr[0] = u64::from(BPF_PROG_TYPE_XDP) | ((insns.len() as u64) << 32);
-        attr[1] = insns.as_ptr() as u64;
-        attr[2] = license.as_ptr() as u64;
-        if !log.is_empty() {
-            attr[3] = 1 | ((log.len() as u64) << 32);
-            attr[4] = log.as_mut_ptr() as u64;
-        }
-        // prog_name (offset 48, 16 bytes): what `ip link` and bpftool show.
-        put_name(&mut attr, 48, name);
-        // prog_ifindex (offset 64) stays 0; expected_attach_type at 68.
-        attr[8] = u64::from(BPF_XDP) << 32;
-        bpf(BPF_PROG_LOAD, &mut attr)
-    };
-    match load(&mut []) {
-        Ok(fd) => Ok(owned(fd)),
-        Err(e) => {
-            let mut log = vec![0u8; 64 * 1024];
-            let _ = load(&mut log);
-            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-            let text = String::from_utf8_lossy(&log[..end]);
-            // The verifier's last lines say why.
-            let tail: Vec<&str> = text.trim().lines().rev().take(6).collect();
-            let why: Vec<&str> = tail.into_iter().rev().collect();
-            Err(io::Error::new(
-                e.kind(),
-                format!("{e} ({})", why.join(" / ")),
-            ))
-        }
-    }
-}
-
 /// `NETDEV_XDP_ACT_NDO_XMIT`: the interface takes frames redirected to it by
 /// XDP programs.
 pub(crate) const XDP_ACT_NDO_XMIT: u64 = 1 << 2;
@@ -200,7 +129,8 @@ pub(crate) fn xdp_features(ifindex: u32) -> io::Result<u64> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    let sock = owned(fd);
+    // SAFETY: `fd` was just returned by socket(2) and is owned by no one else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     let tv = libc::timeval {
         tv_sec: 1,
         tv_usec: 0,
@@ -272,42 +202,15 @@ pub(crate) fn xdp_features(ifindex: u32) -> io::Result<u64> {
     ]))
 }
 
-/// `bpf(2)` with an attribute block of 128 bytes (zero beyond what is set).
-pub(crate) fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i32> {
-    // SAFETY: `attr` is a live, 8-byte aligned block of the size passed; the
-    // kernel reads it, writes into it only for commands that return data
-    // (a test run's return value and output size), and reads or writes the
-    // buffers its pointers name, which the callers keep alive, at the sizes
-    // they give, for the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            std::mem::size_of::<[u64; 16]>(),
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as i32)
-    }
-}
-
-pub(crate) fn owned(fd: i32) -> OwnedFd {
-    // SAFETY: `fd` was just returned by the kernel and is owned by no one else.
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
 /// One port's XDP program, its socket map and the link holding it on the
 /// interface.
 #[derive(Debug)]
 struct XdpPort {
     name: String,
     ifindex: u32,
-    map: OwnedFd,
-    _prog: OwnedFd,
-    _link: OwnedFd,
+    map: Map,
+    _prog: Program,
+    _link: Link,
     native: bool,
 }
 
@@ -365,8 +268,8 @@ const BPF_FUNC_REDIRECT: i32 = 23;
 /// when dropped.
 #[derive(Debug)]
 pub struct RedirectAll {
-    _prog: OwnedFd,
-    _link: OwnedFd,
+    _prog: Program,
+    _link: Link,
 }
 
 impl RedirectAll {
@@ -391,15 +294,10 @@ impl RedirectAll {
     /// Attaches it to `from` (native XDP), redirecting to `to`.
     pub fn attach(from: &str, to: &str) -> io::Result<Self> {
         let (from_index, to_index) = (ifindex(from)?, ifindex(to)?);
-        let prog = load_xdp(&Self::program(to_index), b"std_redirect\0")
+        let prog = Program::load_xdp(&Self::program(to_index), "std_redirect")
             .map_err(|e| err("loading the redirect program", from, e))?;
-        let mut attr = [0u64; 16];
-        attr[0] = prog.as_raw_fd() as u64 | (u64::from(from_index) << 32);
-        attr[1] = u64::from(BPF_XDP) | (u64::from(XDP_FLAGS_DRV_MODE) << 32);
-        let link = owned(
-            bpf(BPF_LINK_CREATE, &mut attr)
-                .map_err(|e| err("attaching the redirect program in native mode", from, e))?,
-        );
+        let link = Link::xdp(&prog, from_index, XDP_FLAGS_DRV_MODE)
+            .map_err(|e| err("attaching the redirect program in native mode", from, e))?;
         Ok(RedirectAll {
             _prog: prog,
             _link: link,
@@ -415,22 +313,14 @@ impl XdpPort {
         steer: Option<&XdpSteer>,
     ) -> io::Result<XdpPort> {
         let ifindex = ifindex(name)?;
-        let mut attr = [0u64; 16];
-        // map_type, key_size | value_size, max_entries
-        attr[0] = u64::from(BPF_MAP_TYPE_XSKMAP) | (4 << 32);
-        attr[1] = 4 | (u64::from(queues) << 32);
-        let map = owned(bpf(BPF_MAP_CREATE, &mut attr).map_err(|e| err("XSKMAP", name, e))?);
+        let map = Map::create(MapKind::XskMap, 4, queues, "std_xsks")
+            .map_err(|e| err("XSKMAP", name, e))?;
         let prog = match steer {
-            Some(s) => load_xdp(&s.program(map.as_raw_fd()), b"std_steer\0"),
-            None => load_xdp(&program(map.as_raw_fd()), b"std_xsk\0"),
+            Some(s) => Program::load_xdp(&s.program(map.raw()), "std_steer"),
+            None => Program::load_xdp(&program(map.raw()), "std_xsk"),
         }
         .map_err(|e| err("loading the XDP program", name, e))?;
-        let link = |flags: u32| {
-            let mut attr = [0u64; 16];
-            attr[0] = prog.as_raw_fd() as u64 | (u64::from(ifindex) << 32);
-            attr[1] = u64::from(BPF_XDP) | (u64::from(flags) << 32);
-            bpf(BPF_LINK_CREATE, &mut attr)
-        };
+        let link = |flags: u32| Link::xdp(&prog, ifindex, flags);
         let (link, native) = match mode {
             XdpMode::Native => (link(XDP_FLAGS_DRV_MODE), true),
             XdpMode::Generic => (link(XDP_FLAGS_SKB_MODE), false),
@@ -443,7 +333,7 @@ impl XdpPort {
                 other => (other, true),
             },
         };
-        let link = owned(link.map_err(|e| {
+        let link = link.map_err(|e| {
             let hint = match e.raw_os_error() {
                 Some(libc::EBUSY | libc::EEXIST) => {
                     " (another XDP program is attached: see `ip link show`; `ip link set dev IF xdp off` removes one attached by ip)"
@@ -458,7 +348,7 @@ impl XdpPort {
                 name,
                 e,
             )
-        })?);
+        })?;
         Ok(XdpPort {
             name: name.to_string(),
             ifindex,
@@ -470,12 +360,7 @@ impl XdpPort {
     }
 
     fn update(&self, queue: u32, xsk: i32) -> io::Result<()> {
-        let value = xsk as u32;
-        let mut attr = [0u64; 16];
-        attr[0] = self.map.as_raw_fd() as u64;
-        attr[1] = &queue as *const u32 as u64;
-        attr[2] = &value as *const u32 as u64;
-        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+        self.map.update(queue, &(xsk as u32).to_ne_bytes())
     }
 }
 
@@ -615,7 +500,8 @@ impl Xsk {
         if fd < 0 {
             return Err(err("AF_XDP socket", name, io::Error::last_os_error()));
         }
-        let fd = owned(fd);
+        // SAFETY: `fd` was just returned by socket(2) and is owned by no one else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let raw = fd.as_raw_fd();
         let len = FRAMES * FRAME_SIZE;
         // SAFETY: an anonymous private mapping, checked; unmapped in `drop`.

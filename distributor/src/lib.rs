@@ -20,6 +20,7 @@ pub mod io;
 pub mod netmap;
 pub mod pcap;
 pub mod replay;
+pub mod sys;
 pub mod xdp_steer;
 
 pub use datapath::{batch, bridge, build, frag, steer, table, transit, verdict, wire, worker};

@@ -45,23 +45,17 @@
 //! is thus steered by the kernel only with maps that agree with the running
 //! plan, and a transition's moved buckets are never steered in the kernel.
 //!
-//! No `unsafe` here: the `bpf(2)` calls go through `crate::afxdp`.
+//! No `unsafe` here: maps, programs and test runs are `crate::sys::bpf`'s.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Mutex;
 
 use allocation::{SharedTable, TABLE_SIZE};
 
-use crate::afxdp::{
-    bpf, owned, put_name, Insn, BPF_FUNC_REDIRECT_MAP, BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM,
-    BPF_MAP_UPDATE_ELEM, XDP_PASS,
-};
+use crate::afxdp::{BPF_FUNC_REDIRECT_MAP, XDP_PASS};
 use crate::steer::{Plan, PortKind};
+use crate::sys::bpf::{Insn, Map, MapKind, Program};
 
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-const BPF_MAP_TYPE_ARRAY: u32 = 2;
-const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
 const BPF_FUNC_REDIRECT: i32 = 23;
 const BPF_PSEUDO_MAP_FD: u8 = 1;
@@ -232,15 +226,15 @@ pub fn project(plan: &Plan, ifindex: &[Option<u32>]) -> Option<Projection> {
 /// The steering maps of one process, shared by every outside port's program.
 #[derive(Debug)]
 pub struct XdpSteer {
-    cfg: OwnedFd,
-    buckets: OwnedFd,
+    cfg: Map,
+    buckets: Map,
     /// One entry: a byte per queue, armed (1) by the control path, cleared
     /// by the program when it takes the queue's learning sample.
-    learn: OwnedFd,
+    learn: Map,
     /// Queues with a learning byte.
     queues: u32,
-    stats: OwnedFd,
-    tm_stats: OwnedFd,
+    stats: Map,
+    tm_stats: Map,
     /// Each port's kind (the outside ports run the steering program).
     kinds: Vec<PortKind>,
     /// Each port's interface index.
@@ -253,39 +247,11 @@ pub struct XdpSteer {
     lock: Mutex<Vec<Option<u32>>>,
 }
 
-fn map_create(kind: u32, key: u32, value: u32, entries: u32, name: &[u8]) -> io::Result<OwnedFd> {
-    let mut attr = [0u64; 16];
-    attr[0] = u64::from(kind) | (u64::from(key) << 32);
-    attr[1] = u64::from(value) | (u64::from(entries) << 32);
-    // map_name: 16 bytes at offset 28 (after map_flags, inner_map_fd, numa_node).
-    put_name(&mut attr, 28, name);
-    bpf(BPF_MAP_CREATE, &mut attr).map(owned)
-}
-
-fn map_update(map: &OwnedFd, key: u32, value: &[u8]) -> io::Result<()> {
-    let mut attr = [0u64; 16];
-    attr[0] = map.as_raw_fd() as u64;
-    attr[1] = &key as *const u32 as u64;
-    attr[2] = value.as_ptr() as u64;
-    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
-}
-
-/// Reads entry `key` into `value`, which must hold the map's whole value:
-/// the kernel writes that many bytes (for a per-CPU map, the value rounded
-/// up to 8 bytes times the possible CPUs). Every caller here sizes it so.
-fn map_lookup(map: &OwnedFd, key: u32, value: &mut [u8]) -> io::Result<()> {
-    let mut attr = [0u64; 16];
-    attr[0] = map.as_raw_fd() as u64;
-    attr[1] = &key as *const u32 as u64;
-    attr[2] = value.as_mut_ptr() as u64;
-    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map(|_| ())
-}
-
 /// Entry `key` of a per-CPU map whose value is `N` u64 counters, each
-/// summed over the `cpus` possible CPUs.
-fn percpu_sums<const N: usize>(map: &OwnedFd, key: u32, cpus: usize) -> io::Result<[u64; N]> {
-    let mut v = vec![0u8; 8 * N * cpus];
-    map_lookup(map, key, &mut v)?;
+/// summed over the possible CPUs.
+fn percpu_sums<const N: usize>(map: &Map, key: u32) -> io::Result<[u64; N]> {
+    let mut v = vec![0u8; map.value_len()];
+    map.lookup(key, &mut v)?;
     let mut sums = [0u64; N];
     for (i, c) in v.chunks_exact(8).enumerate() {
         let mut w = [0u8; 8];
@@ -293,19 +259,6 @@ fn percpu_sums<const N: usize>(map: &OwnedFd, key: u32, cpus: usize) -> io::Resu
         sums[i % N] += u64::from_le_bytes(w);
     }
     Ok(sums)
-}
-
-/// CPUs the kernel may run (the size of a per-CPU map's values).
-fn possible_cpus() -> io::Result<usize> {
-    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
-    let mut n = 0;
-    for part in text.trim().split(',') {
-        let bad = || io::Error::new(io::ErrorKind::InvalidData, "cpu/possible unreadable");
-        let (a, b) = part.split_once('-').unwrap_or((part, part));
-        let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
-        n = n.max(b + 1).max(a + 1);
-    }
-    Ok(n)
 }
 
 impl XdpSteer {
@@ -318,22 +271,21 @@ impl XdpSteer {
             .map(|i| i.map(crate::afpacket::ifindex).transpose())
             .collect::<io::Result<Vec<_>>>()?;
         Ok(XdpSteer {
-            cfg: map_create(BPF_MAP_TYPE_ARRAY, 4, CFG_SIZE as u32, 1, b"std_cfg")
+            cfg: Map::create(MapKind::Array, CFG_SIZE as u32, 1, "std_cfg")
                 .map_err(|x| e("creating the steering configuration map", x))?,
-            buckets: map_create(
-                BPF_MAP_TYPE_ARRAY,
-                4,
+            buckets: Map::create(
+                MapKind::Array,
                 BUCKET_SIZE as u32,
                 TABLE_SIZE as u32,
-                b"std_buckets",
+                "std_buckets",
             )
             .map_err(|x| e("creating the bucket map", x))?,
-            learn: map_create(BPF_MAP_TYPE_ARRAY, 4, learn_bytes(queues), 1, b"std_learn")
+            learn: Map::create(MapKind::Array, learn_bytes(queues), 1, "std_learn")
                 .map_err(|x| e("creating the learning map", x))?,
             queues: queues.max(1),
-            stats: map_create(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 2, b"std_xdp_stats")
+            stats: Map::create(MapKind::PerCpuArray, 8, 2, "std_xdp_stats")
                 .map_err(|x| e("creating the statistics map", x))?,
-            tm_stats: map_create(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 16, TM_SLOTS, b"std_xdp_tms")
+            tm_stats: Map::create(MapKind::PerCpuArray, 16, TM_SLOTS, "std_xdp_tms")
                 .map_err(|x| e("creating the per-TM statistics map", x))?,
             ifindex,
             kinds: kinds.to_vec(),
@@ -391,7 +343,7 @@ impl XdpSteer {
     }
 
     fn write(&self, plan: &Plan, last: &mut Vec<Option<u32>>) -> io::Result<bool> {
-        map_update(&self.cfg, 0, &[0u8; CFG_SIZE])?;
+        self.cfg.update(0, &[0u8; CFG_SIZE])?;
         let targets = self.targets();
         for (port, (t, i)) in targets.iter().zip(&self.ifindex).enumerate() {
             if self.kinds.get(port) == Some(&PortKind::Tm) && t.is_none() {
@@ -407,9 +359,9 @@ impl XdpSteer {
             return Ok(false);
         };
         for (b, e) in p.buckets.iter().enumerate() {
-            map_update(&self.buckets, b as u32, &e.bytes())?;
+            self.buckets.update(b as u32, &e.bytes())?;
         }
-        map_update(&self.cfg, 0, &p.cfg.bytes())?;
+        self.cfg.update(0, &p.cfg.bytes())?;
         Ok(true)
     }
 
@@ -419,7 +371,7 @@ impl XdpSteer {
     /// and is logged.
     pub fn install<R>(&self, plan: &SharedTable<Plan>, store: impl FnOnce() -> R) -> R {
         let mut last = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = map_update(&self.cfg, 0, &[0u8; CFG_SIZE]) {
+        if let Err(e) = self.cfg.update(0, &[0u8; CFG_SIZE]) {
             log::error!("in-kernel steering: disabling it failed: {e}");
         }
         let r = store();
@@ -429,7 +381,7 @@ impl XdpSteer {
                 "in-kernel steering off for this table (several groups, or a transition between incomparable tables): the workers steer every frame"
             ),
             Err(e) => {
-                let _ = map_update(&self.cfg, 0, &[0u8; CFG_SIZE]);
+                let _ = self.cfg.update(0, &[0u8; CFG_SIZE]);
                 log::error!("in-kernel steering: writing its maps failed, the workers steer every frame: {e}");
             }
         }
@@ -455,15 +407,14 @@ impl XdpSteer {
     /// The kernel's counters, summed over CPUs (a lookup per TM slot: for
     /// the control path, at scrape time).
     pub fn counters(&self) -> io::Result<KernelCounters> {
-        let cpus = possible_cpus()?;
         let per_tm = (0..TM_SLOTS)
             .map(|tm| {
-                let s = percpu_sums::<2>(&self.tm_stats, tm, cpus)?;
+                let s = percpu_sums::<2>(&self.tm_stats, tm)?;
                 Ok((s[0], s[1]))
             })
             .collect::<io::Result<Vec<_>>>()?;
-        let [uncounted] = percpu_sums::<1>(&self.stats, Stat::SteeredUncounted as u32, cpus)?;
-        let [to_workers] = percpu_sums::<1>(&self.stats, Stat::ToWorkers as u32, cpus)?;
+        let [uncounted] = percpu_sums::<1>(&self.stats, Stat::SteeredUncounted as u32)?;
+        let [to_workers] = percpu_sums::<1>(&self.stats, Stat::ToWorkers as u32)?;
         Ok(KernelCounters {
             steered: uncounted + per_tm.iter().map(|&(p, _)| p).sum::<u64>(),
             to_workers,
@@ -477,29 +428,29 @@ impl XdpSteer {
     pub fn arm_learning(&self) -> io::Result<()> {
         let mut v = vec![0u8; learn_bytes(self.queues) as usize];
         v[..self.queues as usize].fill(1);
-        map_update(&self.learn, 0, &v)
+        self.learn.update(0, &v)
     }
 
     /// Arms (or disarms) queue `queue`'s learning sample alone (tests).
     pub fn set_learning(&self, queue: u32, armed: bool) -> io::Result<()> {
         let mut v = vec![0u8; learn_bytes(self.queues) as usize];
-        map_lookup(&self.learn, 0, &mut v)?;
+        self.learn.lookup(0, &mut v)?;
         let slot = v.get_mut(queue as usize).ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidInput, format!("no queue {queue}"))
         })?;
         *slot = u8::from(armed);
-        map_update(&self.learn, 0, &v)
+        self.learn.update(0, &v)
     }
 
     /// The steering program for a port whose XDP sockets are in `xsks`.
     pub(crate) fn program(&self, xsks: i32) -> Vec<Insn> {
         program(&Maps {
-            cfg: self.cfg.as_raw_fd(),
-            buckets: self.buckets.as_raw_fd(),
-            learn: self.learn.as_raw_fd(),
+            cfg: self.cfg.raw(),
+            buckets: self.buckets.raw(),
+            learn: self.learn.raw(),
             queues: self.queues,
-            stats: self.stats.as_raw_fd(),
-            tm_stats: self.tm_stats.as_raw_fd(),
+            stats: self.stats.raw(),
+            tm_stats: self.tm_stats.raw(),
             xsks,
         })
     }
@@ -510,8 +461,8 @@ impl XdpSteer {
 /// out. For the tests that hold it equal to [`crate::steer::decide`].
 #[derive(Debug)]
 pub struct TestProgram {
-    prog: OwnedFd,
-    _xsks: OwnedFd,
+    prog: Program,
+    _xsks: Map,
 }
 
 /// What the program did with a frame in a test run.
@@ -529,22 +480,11 @@ impl TestProgram {
     /// Runs the program on `frame` (at least 14 bytes: the kernel refuses
     /// shorter ones).
     pub fn run(&self, frame: &[u8]) -> io::Result<TestVerdict> {
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut attr = [0u64; 16];
-        // prog_fd, retval | data_size_in, data_size_out
-        attr[0] = self.prog.as_raw_fd() as u64;
-        attr[1] = (frame.len() as u64) | ((out.len() as u64) << 32);
-        attr[2] = frame.as_ptr() as u64;
-        attr[3] = out.as_mut_ptr() as u64;
-        attr[4] = 1; // repeat
-        bpf(BPF_PROG_TEST_RUN, &mut attr)?;
-        let retval = (attr[0] >> 32) as u32;
-        let out_len = ((attr[1] >> 32) as usize).min(out.len());
-        out.truncate(out_len);
-        Ok(match retval {
-            4 => TestVerdict::Steered(out),
+        let r = self.prog.test_run(frame)?;
+        Ok(match r.retval {
+            4 => TestVerdict::Steered(r.out),
             2 => TestVerdict::ToWorkers,
-            r => TestVerdict::Other(r),
+            x => TestVerdict::Other(x),
         })
     }
 }
@@ -553,11 +493,8 @@ impl XdpSteer {
     /// Loads the program for a test run (an empty socket map: frames for
     /// the workers come back as `XDP_PASS`).
     pub fn test_program(&self) -> io::Result<TestProgram> {
-        let mut attr = [0u64; 16];
-        attr[0] = u64::from(crate::afxdp::BPF_MAP_TYPE_XSKMAP) | (4 << 32);
-        attr[1] = 4 | (1 << 32);
-        let xsks = owned(bpf(BPF_MAP_CREATE, &mut attr)?);
-        let prog = crate::afxdp::load_xdp(&self.program(xsks.as_raw_fd()), b"std_steer_test")?;
+        let xsks = Map::create(MapKind::XskMap, 4, 1, "std_test_xsks")?;
+        let prog = Program::load_xdp(&self.program(xsks.raw()), "std_steer_test")?;
         Ok(TestProgram { prog, _xsks: xsks })
     }
 }

@@ -1,0 +1,314 @@
+//! `bpf(2)`, soundly: maps that know their key and value sizes (a read or write with a buffer of another size is refused, never passed to the kernel), programs, XDP links and test runs, each owning its descriptor.
+//!
+//! Every attribute block is built here from typed arguments; the pointers
+//! it carries come from slices borrowed for the call, at the lengths the
+//! kernel is told, so no safe caller can make the kernel read or write
+//! memory it does not own.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_XDP: u32 = 37;
+
+/// One BPF instruction (`struct bpf_insn`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Insn {
+    /// Opcode.
+    pub code: u8,
+    /// Destination register (low 4 bits), source register (high 4 bits).
+    pub regs: u8,
+    /// Offset.
+    pub off: i16,
+    /// Immediate.
+    pub imm: i32,
+}
+
+/// The kinds of map used here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapKind {
+    /// `BPF_MAP_TYPE_ARRAY`.
+    Array,
+    /// `BPF_MAP_TYPE_PERCPU_ARRAY`: a value per possible CPU.
+    PerCpuArray,
+    /// `BPF_MAP_TYPE_XSKMAP`: XDP sockets by queue.
+    XskMap,
+}
+
+impl MapKind {
+    fn code(self) -> u32 {
+        match self {
+            MapKind::Array => 2,
+            MapKind::PerCpuArray => 6,
+            MapKind::XskMap => 17,
+        }
+    }
+}
+
+/// A map, its descriptor owned, its sizes known.
+#[derive(Debug)]
+pub struct Map {
+    fd: OwnedFd,
+    key_size: u32,
+    /// Bytes of one value as user space reads and writes it (per-CPU maps:
+    /// the value rounded up to 8, times the possible CPUs).
+    user_value: usize,
+}
+
+/// `bpf(2)` on an attribute block of 128 bytes (zero beyond what is set).
+///
+/// # Safety
+/// Every pointer in `attr` must name memory live for the call, readable
+/// (and writable where the command writes) for the length the block gives
+/// the kernel for it.
+unsafe fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i32> {
+    // SAFETY: `attr` is a live, 8-byte aligned block of the size passed;
+    // the pointers in it are the caller's promise.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of::<[u64; 16]>(),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as i32)
+    }
+}
+
+/// A descriptor the kernel has just returned: owned from here on.
+fn own(fd: i32) -> OwnedFd {
+    // SAFETY: `fd` was returned by a successful bpf(2) call that creates a
+    // descriptor; nothing else holds it.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Writes `name` (at most 15 bytes, NUL-padded to 16) at byte offset `at`
+/// of an attribute block.
+fn put_name(attr: &mut [u64; 16], at: usize, name: &str) {
+    let mut bytes = [0u8; 128];
+    for (i, w) in attr.iter().enumerate() {
+        bytes[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    let name = name.as_bytes();
+    let len = name.len().min(15);
+    bytes[at..at + 16].fill(0);
+    bytes[at..at + len].copy_from_slice(&name[..len]);
+    for (i, w) in attr.iter_mut().enumerate() {
+        let mut x = [0u8; 8];
+        x.copy_from_slice(&bytes[8 * i..8 * i + 8]);
+        *w = u64::from_le_bytes(x);
+    }
+}
+
+/// CPUs the kernel may run (a per-CPU map holds a value for each).
+pub fn possible_cpus() -> io::Result<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    let mut n = 0;
+    for part in text.trim().split(',') {
+        let bad = || io::Error::new(io::ErrorKind::InvalidData, "cpu/possible unreadable");
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+        n = n.max(b + 1).max(a + 1);
+    }
+    Ok(n)
+}
+
+fn wrong_size(what: &str, got: usize, want: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{what}: {got} bytes for a map of {want}"),
+    )
+}
+
+impl Map {
+    /// Creates a map of `entries` entries with 4-byte keys and
+    /// `value_size`-byte values, named `name` (15 bytes shown).
+    pub fn create(kind: MapKind, value_size: u32, entries: u32, name: &str) -> io::Result<Map> {
+        let key_size = 4u32;
+        let user_value = match kind {
+            MapKind::PerCpuArray => (value_size as usize).div_ceil(8) * 8 * possible_cpus()?,
+            _ => value_size as usize,
+        };
+        let mut attr = [0u64; 16];
+        attr[0] = u64::from(kind.code()) | (u64::from(key_size) << 32);
+        attr[1] = u64::from(value_size) | (u64::from(entries) << 32);
+        // map_name: 16 bytes at offset 28 (after map_flags, inner_map_fd, numa_node).
+        put_name(&mut attr, 28, name);
+        // SAFETY: the block carries no pointer.
+        let fd = unsafe { bpf(BPF_MAP_CREATE, &mut attr) }?;
+        Ok(Map {
+            fd: own(fd),
+            key_size,
+            user_value,
+        })
+    }
+
+    /// The descriptor, for a program's `ld_imm64` of this map.
+    pub fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Bytes of a value as [`Map::update`] and [`Map::lookup`] take it.
+    pub fn value_len(&self) -> usize {
+        self.user_value
+    }
+
+    /// Sets entry `key` to `value` (exactly [`Map::value_len`] bytes).
+    pub fn update(&self, key: u32, value: &[u8]) -> io::Result<()> {
+        debug_assert_eq!(self.key_size, 4);
+        if value.len() != self.user_value {
+            return Err(wrong_size("map update", value.len(), self.user_value));
+        }
+        let mut attr = [0u64; 16];
+        attr[0] = self.fd.as_raw_fd() as u64;
+        attr[1] = &key as *const u32 as u64;
+        attr[2] = value.as_ptr() as u64;
+        // SAFETY: the key is 4 live bytes (the map's key size) and the
+        // value `user_value` live bytes (what the kernel reads), for the call.
+        unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(|_| ())
+    }
+
+    /// Reads entry `key` into `value` (exactly [`Map::value_len`] bytes).
+    pub fn lookup(&self, key: u32, value: &mut [u8]) -> io::Result<()> {
+        if value.len() != self.user_value {
+            return Err(wrong_size("map lookup", value.len(), self.user_value));
+        }
+        let mut attr = [0u64; 16];
+        attr[0] = self.fd.as_raw_fd() as u64;
+        attr[1] = &key as *const u32 as u64;
+        attr[2] = value.as_mut_ptr() as u64;
+        // SAFETY: the key is 4 live bytes; the value `user_value` live,
+        // writable bytes — what the kernel writes for this map.
+        unsafe { bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) }.map(|_| ())
+    }
+}
+
+/// A loaded XDP program, its descriptor owned.
+#[derive(Debug)]
+pub struct Program {
+    fd: OwnedFd,
+}
+
+/// What a test run of a program did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestRun {
+    /// The program's return value (the XDP action).
+    pub retval: u32,
+    /// The frame as the program left it.
+    pub out: Vec<u8>,
+}
+
+impl Program {
+    /// Loads an XDP program named `name` (15 bytes shown); the verifier's
+    /// last lines are in the error when it refuses. The maps the program's
+    /// instructions name must outlive the load (the kernel takes references).
+    pub fn load_xdp(insns: &[Insn], name: &str) -> io::Result<Program> {
+        let license: &CStr = c"Dual BSD/GPL";
+        let load = |log: &mut [u8]| {
+            let mut attr = [0u64; 16];
+            attr[0] = u64::from(BPF_PROG_TYPE_XDP) | ((insns.len() as u64) << 32);
+            attr[1] = insns.as_ptr() as u64;
+            attr[2] = license.as_ptr() as u64;
+            if !log.is_empty() {
+                attr[3] = 1 | ((log.len() as u64) << 32);
+                attr[4] = log.as_mut_ptr() as u64;
+            }
+            // prog_name (offset 48, 16 bytes): what `ip link` and bpftool show.
+            put_name(&mut attr, 48, name);
+            // expected_attach_type at offset 68.
+            attr[8] = u64::from(BPF_XDP) << 32;
+            // SAFETY: `insns` is `insns.len()` live instructions (8 bytes
+            // each, `#[repr(C)]` as `struct bpf_insn`), the license a live
+            // NUL-terminated string, the log (when given) live and writable
+            // for the length given.
+            unsafe { bpf(BPF_PROG_LOAD, &mut attr) }
+        };
+        match load(&mut []) {
+            Ok(fd) => Ok(Program { fd: own(fd) }),
+            Err(e) => {
+                let mut log = vec![0u8; 64 * 1024];
+                let _ = load(&mut log);
+                let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+                let text = String::from_utf8_lossy(&log[..end]);
+                let tail: Vec<&str> = text.trim().lines().rev().take(6).collect();
+                let why: Vec<&str> = tail.into_iter().rev().collect();
+                Err(io::Error::new(
+                    e.kind(),
+                    format!("{e} ({})", why.join(" / ")),
+                ))
+            }
+        }
+    }
+
+    /// Runs the program once on `frame`, the kernel reporting what it
+    /// returned and the frame as it left (redirects not carried out).
+    pub fn test_run(&self, frame: &[u8]) -> io::Result<TestRun> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut attr = [0u64; 16];
+        // prog_fd, retval | data_size_in, data_size_out
+        attr[0] = self.fd.as_raw_fd() as u64;
+        attr[1] = (frame.len() as u64) | ((out.len() as u64) << 32);
+        attr[2] = frame.as_ptr() as u64;
+        attr[3] = out.as_mut_ptr() as u64;
+        attr[4] = 1; // repeat
+                     // SAFETY: the input is `frame.len()` live bytes, the output buffer
+                     // `out.len()` live writable bytes, the sizes the block gives.
+        unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }?;
+        let retval = (attr[0] >> 32) as u32;
+        let out_len = ((attr[1] >> 32) as usize).min(out.len());
+        out.truncate(out_len);
+        Ok(TestRun { retval, out })
+    }
+}
+
+/// An XDP program attached to an interface by a BPF link: detached when
+/// dropped (or when the process ends).
+#[derive(Debug)]
+pub struct Link {
+    _fd: OwnedFd,
+}
+
+/// `XDP_FLAGS_SKB_MODE`: the generic path.
+pub const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+/// `XDP_FLAGS_DRV_MODE`: in the driver.
+pub const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+
+impl Link {
+    /// Attaches `prog` to interface `ifindex` with XDP `flags`.
+    pub fn xdp(prog: &Program, ifindex: u32, flags: u32) -> io::Result<Link> {
+        let mut attr = [0u64; 16];
+        attr[0] = prog.fd.as_raw_fd() as u64 | (u64::from(ifindex) << 32);
+        attr[1] = u64::from(BPF_XDP) | (u64::from(flags) << 32);
+        // SAFETY: the block carries no pointer.
+        let fd = unsafe { bpf(BPF_LINK_CREATE, &mut attr) }?;
+        Ok(Link { _fd: own(fd) })
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn names_are_cut_and_padded() {
+        let mut attr = [u64::MAX; 16];
+        put_name(&mut attr, 48, "a_name_longer_than_fifteen");
+        let bytes: Vec<u8> = attr.iter().flat_map(|w| w.to_le_bytes()).collect();
+        assert_eq!(&bytes[48..63], b"a_name_longer_t");
+        assert_eq!(bytes[63], 0);
+        assert_eq!(bytes[47], 0xff);
+        assert_eq!(bytes[64], 0xff);
+    }
+}
