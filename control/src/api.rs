@@ -176,6 +176,16 @@ impl TmTransition {
         })
     }
 
+    /// What a prepared TM still has in buckets moving away: its open
+    /// connections there, or the self-source ports it holds there (UDP
+    /// sessions among them: a port the new owner could hand out again
+    /// toward the same server), whichever is more. Drained at zero.
+    pub fn still_moving(&self) -> u64 {
+        self.connections_in_moved_buckets
+            .unwrap_or(0)
+            .max(self.ports_in_moved_buckets.unwrap_or(0))
+    }
+
     /// Refuses an answer whose fields contradict its phase.
     pub fn check(&self) -> Result<(), String> {
         match self.phase {

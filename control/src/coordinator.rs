@@ -893,7 +893,7 @@ impl Push {
                 t.check().map_err(CallError::Garbage)?;
                 match t.phase {
                     TmPhase::Prepared if t.next().as_ref() == Some(&self.to) => {
-                        Ok(t.connections_in_moved_buckets.unwrap_or(0))
+                        Ok(t.still_moving())
                     }
                     // Resumed: this node committed the table already.
                     TmPhase::Idle if t.current() == self.to => Ok(0),
@@ -951,7 +951,7 @@ impl Push {
                     .map_err(|e| unknown(format!("unreadable state ({e})")))?;
                 match t.phase {
                     TmPhase::Prepared if t.next().as_ref() == Some(&self.to) => {
-                        Ok(t.connections_in_moved_buckets.unwrap_or(0))
+                        Ok(t.still_moving())
                     }
                     TmPhase::Idle if t.current() == self.to => Ok(0),
                     TmPhase::Idle if t.current() == self.from => Err(DrainState::Restarted),

@@ -3,9 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use allocation::rules::proto;
-use allocation::{
-    AllocationTable, Flow, GroupSpec, HashKey, MacAddr, PortRange, Profile, SelfPorts, Tm, TmIndex,
-};
+use allocation::{AllocationTable, Flow, HashKey, MacAddr, PortRange, SelfPorts, TmIndex};
 use datapath::build::{self, tcp_flags, L2};
 use datapath::wire::ethertype;
 use datapath::{Action, Branch, Drop, Plan, PortKind, Worker, WorkerConfig};
@@ -34,23 +32,7 @@ fn snat6() -> IpAddr {
 }
 
 fn table() -> AllocationTable {
-    let tms = (0..4)
-        .map(|i| Tm {
-            id: i,
-            name: format!("tm{i}"),
-            mac: MacAddr([0x02, 0x53, 0x54, 0, 0, i as u8 + 1]),
-            weight: 1,
-            group: 0,
-        })
-        .collect();
-    let key: HashKey = "000102030405060708090a0b0c0d0e0f".parse().expect("key");
-    AllocationTable::new(
-        1,
-        key,
-        tms,
-        vec![GroupSpec::default_group(Profile::Uniform)],
-    )
-    .expect("table")
+    testkit::uniform(4)
 }
 
 /// Port 0 outside, ports 1–4 one TM each, port 5 bridged.

@@ -7,9 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use allocation::rules::proto;
-use allocation::{AllocationTable, Flow, GroupSpec, HashKey, MacAddr, Profile, Tm};
+use allocation::{AllocationTable, Flow, MacAddr, Profile};
 use distributor::build::{self, tcp_flags, L2};
 use distributor::pcap::{Reader, Writer};
+use testkit::{free_port, metric, wait_for};
 
 const GROUP: &str = "02:53:54:44:00:01";
 const TOKEN: &str = "t0ps3cret";
@@ -27,71 +28,8 @@ impl Drop for Daemon {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// A minimal HTTP/1.1 client: (status, body).
-fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-    s.write_all(req.as_bytes()).expect("send");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .map(|v| v as u64)
-        .sum()
-}
-
 fn table() -> AllocationTable {
-    let tms = (0..4)
-        .map(|i| Tm {
-            id: i,
-            name: format!("tm{i}"),
-            mac: MacAddr([2, 0x53, 0x54, 0, 0, i as u8 + 1]),
-            weight: 1,
-            group: 0,
-        })
-        .collect();
-    let key: HashKey = "000102030405060708090a0b0c0d0e0f".parse().expect("key");
-    AllocationTable::new(
-        1,
-        key,
-        tms,
-        vec![GroupSpec::default_group(Profile::Uniform)],
-    )
-    .expect("table")
+    testkit::uniform(4)
 }
 
 fn start(dir: &Path, admin: u16) -> Daemon {
@@ -508,4 +446,9 @@ fn a_tm_that_stops_answering_is_failed_over_and_only_a_new_table_readmits_it() {
         0,
         "a table giving them buckets readmits them"
     );
+}
+
+/// An admin request to stdd on loopback `port`.
+fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    testkit::http(("127.0.0.1", port), method, path, token, body)
 }

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use allocation::rules::proto;
-use allocation::{AllocationTable, Flow, GroupSpec, HashKey, MacAddr, Profile, Tm};
+use allocation::{AllocationTable, Flow, MacAddr};
 use distributor::build::{self, tcp_flags, L2};
 
 const GROUP: MacAddr = MacAddr([0x02, 0x53, 0x54, 0x44, 0x00, 0x01]);
@@ -86,23 +86,7 @@ fn root_with_tools() -> Result<(), String> {
 }
 
 fn table() -> AllocationTable {
-    let tms = (0..4)
-        .map(|i| Tm {
-            id: i,
-            name: format!("tm{i}"),
-            mac: MacAddr([2, 0x53, 0x54, 0, 0, i as u8 + 1]),
-            weight: 1,
-            group: 0,
-        })
-        .collect();
-    let key: HashKey = "000102030405060708090a0b0c0d0e0f".parse().expect("key");
-    AllocationTable::new(
-        1,
-        key,
-        tms,
-        vec![GroupSpec::default_group(Profile::Uniform)],
-    )
-    .expect("table")
+    testkit::uniform(4)
 }
 
 fn captured(path: &Path) -> Vec<Vec<u8>> {

@@ -1,13 +1,13 @@
 //! A capture whose last record is cut short (a capture still being written, a copy interrupted): the records before it are steered by the pcap-file backend, `stdd run` and `stdd replay`, and the cut tail is counted and named by its byte offset.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use allocation::rules::proto;
-use allocation::{AllocationTable, Flow, GroupSpec, HashKey, MacAddr, Profile, Tm};
+use allocation::{AllocationTable, Flow, MacAddr};
 use distributor::backend::PcapFileBackend;
 use distributor::build::{self, tcp_flags, L2};
 use distributor::io::{Backend, Batch};
@@ -31,23 +31,7 @@ fn scratch(what: &str) -> Dir {
 }
 
 fn table() -> AllocationTable {
-    let tms = (0..4)
-        .map(|i| Tm {
-            id: i,
-            name: format!("tm{i}"),
-            mac: MacAddr([2, 0x53, 0x54, 0, 0, i as u8 + 1]),
-            weight: 1,
-            group: 0,
-        })
-        .collect();
-    let key: HashKey = "000102030405060708090a0b0c0d0e0f".parse().expect("key");
-    AllocationTable::new(
-        1,
-        key,
-        tms,
-        vec![GroupSpec::default_group(Profile::Uniform)],
-    )
-    .expect("table")
+    testkit::uniform(4)
 }
 
 fn client(i: usize) -> (IpAddr, u16) {
@@ -179,13 +163,6 @@ fn replay_steers_the_records_before_a_cut_tail_and_reports_it() {
     assert_eq!(written, GOOD);
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 fn metrics(port: u16) -> String {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
         return String::new();
@@ -212,7 +189,7 @@ fn stdd_run_steers_the_records_before_a_cut_tail() {
     allocation::file::save(dir.0.join("table.toml"), &t).expect("table");
     let (bytes, offset) = truncated_capture(5);
     std::fs::write(dir.0.join("in.pcap"), bytes).expect("capture");
-    let admin = free_port();
+    let admin = testkit::free_port();
     let mut cfg = format!(
         "role = \"front\"\ngroup_mac = \"{GROUP}\"\ncluster_addresses = [\"198.51.100.10\"]\ntable = \"table.toml\"\nbackend = \"pcap-file\"\n\n[[port]]\nname = \"outside\"\nkind = \"outside\"\ninput = \"in.pcap\"\n"
     );

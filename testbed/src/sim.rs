@@ -1025,7 +1025,10 @@ impl Sim {
         let Some(Some(f)) = self.flows.get_mut(slot) else {
             return Ok(false);
         };
-        let (tcp, moved_by_commit) = (f.tcp, f.commits_at_start != self.commits);
+        // A commit moves UDP sessions of moved buckets (DESIGN §4): from the
+        // first distributor's commit to the push's end, and for sessions
+        // that started before either.
+        let (tcp, moved_by_commit) = (f.tcp, f.commits_at_start != self.commits || self.committing);
         match f.owner {
             None => {
                 f.owner = Some(tm);
@@ -1412,9 +1415,10 @@ impl Sim {
             t.prepared = false;
             t.committed = false;
         }
-        if !std::mem::take(&mut self.committing) {
-            self.commits += 1;
-        }
+        // The commit window closes: sessions that started inside it were
+        // moved by it too.
+        self.committing = false;
+        self.commits += 1;
         self.busy = false;
         let label = self
             .report

@@ -1,12 +1,12 @@
 //! The admin endpoints of a running stdd and tmd under a hostile client — slow bodies, an idle-connection flood, a descriptor limit — while `/healthz` keeps answering within 100 ms and stdd's health probe never fails the flooded TM over.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use allocation::{AllocationTable, GroupSpec, HashKey, MacAddr, Profile, Tm};
+use allocation::{AllocationTable, HashKey, Profile};
 
 struct Proc(Child);
 
@@ -41,54 +41,13 @@ fn binary(name: &str, package: &str) -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 fn table() -> AllocationTable {
-    let tms = (0..2)
-        .map(|i| Tm {
-            id: i,
-            name: format!("tm{i}"),
-            mac: MacAddr([2, 0x53, 0x54, 0, 0, i as u8 + 1]),
-            weight: 1,
-            group: 0,
-        })
-        .collect();
-    AllocationTable::new(
-        1,
-        HashKey::from_bytes([9; 16]),
-        tms,
-        vec![GroupSpec::default_group(Profile::Uniform)],
-    )
-    .expect("table")
-}
-
-fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
-        return (0, "connect failed".into());
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    if s.write_all(req.as_bytes()).is_err() {
-        return (0, "send failed".into());
-    }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, out)
+    testkit::table(1, HashKey::from_bytes([9; 16]), 2, Profile::Uniform)
 }
 
 fn wait_healthy(addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while http(addr, "GET", "/healthz").0 != 200 {
+    while testkit::http(addr, "GET", "/healthz", None, "").0 != 200 {
         assert!(Instant::now() < deadline, "{addr} never answered /healthz");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -99,7 +58,7 @@ fn slowest_health(addr: SocketAddr, n: usize, gap: Duration) -> Duration {
     let mut worst = Duration::ZERO;
     for _ in 0..n {
         let t0 = Instant::now();
-        let (code, out) = http(addr, "GET", "/healthz");
+        let (code, out) = testkit::http(addr, "GET", "/healthz", None, "");
         assert_eq!(code, 200, "{addr}: {out}");
         worst = worst.max(t0.elapsed());
         std::thread::sleep(gap);
@@ -107,18 +66,10 @@ fn slowest_health(addr: SocketAddr, n: usize, gap: Duration) -> Duration {
     worst
 }
 
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .map(|v| v as u64)
-        .sum()
-}
-
 /// tmd on `dir`, its admin endpoint on `admin`; `nofile`: a descriptor limit.
 fn tmd(dir: &Path, admin: u16, nofile: Option<u32>) -> Proc {
     allocation::file::save(dir.join("table.toml"), &table()).expect("table");
-    let vip = free_port();
+    let vip = testkit::free_port();
     let cfg = format!(
         "tm_id = 0\ntable = \"table.toml\"\nsnat_addresses = [\"127.0.0.30\"]\nsnat_ports = \"1024-65535\"\n\n\
          [[pool]]\nname = \"web\"\nmethod = \"round-robin\"\nservers = [{{ address = \"127.0.0.29:9\" }}]\n\n\
@@ -211,7 +162,7 @@ fn slow_bodies(
 #[test]
 fn slow_bodies_and_an_idle_flood_neither_stall_health_nor_fail_a_tm_over() {
     let d = dir("flood");
-    let (tmd_admin, stdd_admin) = (free_port(), free_port());
+    let (tmd_admin, stdd_admin) = (testkit::free_port(), testkit::free_port());
     let _tmd = tmd(&d, tmd_admin, None);
     let tm_addr: SocketAddr = ([127, 0, 0, 1], tmd_admin).into();
     wait_healthy(tm_addr);
@@ -219,9 +170,9 @@ fn slow_bodies_and_an_idle_flood_neither_stall_health_nor_fail_a_tm_over() {
     let _stdd = stdd(&sd, stdd_admin, tmd_admin);
     let std_addr: SocketAddr = ([127, 0, 0, 1], stdd_admin).into();
     wait_healthy(std_addr);
-    let metrics = || http(std_addr, "GET", "/metrics").1;
+    let metrics = || testkit::http(std_addr, "GET", "/metrics", None, "").1;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&metrics(), "std_tm_up{tm_id=\"0\"}") != 1 {
+    while testkit::metric(&metrics(), "std_tm_up{tm_id=\"0\"}") != 1 {
         assert!(Instant::now() < deadline, "stdd never saw tmd up");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -253,9 +204,13 @@ fn slow_bodies_and_an_idle_flood_neither_stall_health_nor_fail_a_tm_over() {
     }
     drop(idle);
     let m = metrics();
-    assert_eq!(metric(&m, "std_failovers_total"), 0, "no failover: {m}");
-    assert_eq!(metric(&m, "std_failed_tms"), 0);
-    assert_eq!(metric(&m, "std_tm_up{tm_id=\"0\"}"), 1);
+    assert_eq!(
+        testkit::metric(&m, "std_failovers_total"),
+        0,
+        "no failover: {m}"
+    );
+    assert_eq!(testkit::metric(&m, "std_failed_tms"), 0);
+    assert_eq!(testkit::metric(&m, "std_tm_up{tm_id=\"0\"}"), 1);
     let _ = std::fs::remove_dir_all(&d);
     let _ = std::fs::remove_dir_all(&sd);
 }
@@ -263,7 +218,7 @@ fn slow_bodies_and_an_idle_flood_neither_stall_health_nor_fail_a_tm_over() {
 #[test]
 fn out_of_descriptors_the_endpoint_sheds_idle_connections_and_lives() {
     let d = dir("emfile");
-    let admin = free_port();
+    let admin = testkit::free_port();
     let _tmd = tmd(&d, admin, Some(96));
     let addr: SocketAddr = ([127, 0, 0, 1], admin).into();
     wait_healthy(addr);

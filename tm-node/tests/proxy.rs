@@ -7,10 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use testkit::metric;
+
 use allocation::rules::proto;
-use allocation::{
-    AllocationTable, Flow, GroupSpec, HashKey, MacAddr, PortRange, Profile, SelfPorts, Tm,
-};
+use allocation::{AllocationTable, Flow, PortRange, Profile, SelfPorts};
 
 const TM_ID: u32 = 2;
 
@@ -19,23 +19,7 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn table() -> AllocationTable {
-    let tms = (0..4)
-        .map(|i| Tm {
-            id: i,
-            name: format!("tm{i}"),
-            mac: MacAddr([2, 0x53, 0x54, 0, 0, i as u8 + 1]),
-            weight: 1,
-            group: 0,
-        })
-        .collect();
-    let key: HashKey = "000102030405060708090a0b0c0d0e0f".parse().expect("key");
-    AllocationTable::new(
-        1,
-        key,
-        tms,
-        vec![GroupSpec::default_group(Profile::Uniform)],
-    )
-    .expect("table")
+    testkit::uniform(4)
 }
 
 /// An echo server that records the peer address of every connection.
@@ -381,36 +365,6 @@ fn health_checks_take_a_server_out_and_bring_it_back() {
     let log = stop(tmd);
     assert!(log.contains("is down") && log.contains("is up"), "{log}");
     assert!(log.contains("no server of pool 'web' is up"), "{log}");
-}
-
-/// A minimal HTTP/1.1 client: (status, body).
-fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect admin");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-    s.write_all(req.as_bytes()).expect("send");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        out.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default(),
-    )
-}
-
-fn metric(text: &str, name: &str) -> i64 {
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .map(|v| v as i64)
-        .sum()
 }
 
 #[test]
@@ -1088,4 +1042,9 @@ fn a_udp_session_survives_an_icmp_error_from_its_server() {
         "the session's return path survived the ICMP errors"
     );
     stop(tmd);
+}
+
+/// An admin request to tmd on loopback `port` (no token).
+fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    testkit::http(("127.0.0.1", port), method, path, None, body)
 }

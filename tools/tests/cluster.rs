@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
-use allocation::{file, AllocationTable, GroupSpec, HashKey, MacAddr, Profile, Tm};
+use allocation::{file, AllocationTable, HashKey, Profile};
 
 /// Every request any fake node received: (node, "METHOD path", body).
 type Log = Arc<Mutex<Vec<(String, String, String)>>>;
@@ -231,22 +231,7 @@ fn fake_node(name: &str, script: Script, log: Log) -> String {
 }
 
 fn table() -> AllocationTable {
-    let tms = (0..3)
-        .map(|i| Tm {
-            id: i,
-            name: format!("tm{i}"),
-            mac: MacAddr([2, 0x53, 0x54, 0, 0, i as u8 + 1]),
-            weight: 1,
-            group: 0,
-        })
-        .collect();
-    AllocationTable::new(
-        4,
-        HashKey::from_bytes([6; 16]),
-        tms,
-        vec![GroupSpec::default_group(Profile::Uniform)],
-    )
-    .expect("table")
+    testkit::table(4, HashKey::from_bytes([6; 16]), 3, Profile::Uniform)
 }
 
 struct Cluster {
