@@ -666,12 +666,14 @@ impl Asm {
 
     /// Adds one to per-CPU counter `slot`; clobbers R0..R5.
     fn count(&mut self, stats: i32, slot: Stat) {
+        let none = self.label();
         self.op(STW, FP, 0, -4, slot as i32);
         self.lookup_stack_key(stats);
-        self.op(JEQ_K, R0, 0, 3, 0); // no counter: skip
+        self.jump(JEQ_K, R0, 0, 0, none); // no counter: skip
         self.op(LDXDW, R1, R0, 0, 0);
         self.op(ADD_K, R1, 0, 0, 1);
         self.op(STXDW, R0, R1, 0, 0);
+        self.place(none);
     }
 
     fn finish(mut self) -> Vec<Insn> {
@@ -870,9 +872,11 @@ fn length_within(a: &mut Asm, at: i16, min: i32, before: i32, to_workers: Label)
 /// they sit in the frame (the hash's byte order), R4, R5 as numbers; on to
 /// `src_side` if the source port is the greater.
 fn ports(a: &mut Asm, f: &Family, to_workers: Label, src_side: Label) {
+    let tcp_or_udp = a.label();
     a.op(LDXB, R1, R7, f.proto, 0);
-    a.op(JEQ_K, R1, 0, 1, 6);
+    a.jump(JEQ_K, R1, 0, 6, tcp_or_udp);
     a.jump(JNE_K, R1, 0, 17, to_workers);
+    a.place(tcp_or_udp);
     a.op(LDXH, R2, R7, f.l4, 0);
     a.op(LDXH, R3, R7, f.l4 + 2, 0);
     a.op(MOV_X, R4, R2, 0, 0);
