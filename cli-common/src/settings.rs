@@ -30,6 +30,29 @@ pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigEr
     }
 }
 
+/// A program's configuration: read from a TOML file with `PREFIX_*`
+/// environment overrides, then finished (relative paths resolved against
+/// the file's directory, what types cannot check checked).
+pub trait Settings: DeserializeOwned {
+    /// The environment variables' prefix (`STD`, `TMD`, `STDCTL`).
+    const PREFIX: &'static str;
+
+    /// After deserialising: `base` is the configuration file's directory.
+    fn finish(self, base: &Path) -> Result<Self, ConfigError>;
+
+    /// Reads `path` with the process's overrides.
+    fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, env_overrides(Self::PREFIX))
+    }
+
+    /// [`Settings::load`] with the environment given instead of read from
+    /// the process (variables without the prefix are ignored).
+    fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Self, ConfigError> {
+        let raw: Self = load_with_env(path, Self::PREFIX, env)?;
+        raw.finish(path.parent().unwrap_or(Path::new(".")))
+    }
+}
+
 /// Reads `path` (TOML) with the process's `PREFIX_*` environment overrides.
 pub fn load<T: DeserializeOwned>(path: &Path, prefix: &str) -> Result<T, ConfigError> {
     load_with_env(path, prefix, env_overrides(prefix))

@@ -3,7 +3,6 @@
 //! Every key is documented in `docs/configuration.md`; defaults are the
 //! named constants below.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -25,7 +24,7 @@ pub const DEFAULT_BATCH: usize = 64;
 pub const DEFAULT_POLL_MS: u64 = 10;
 
 use cli_common::settings::invalid;
-pub use cli_common::settings::ConfigError;
+pub use cli_common::settings::{ConfigError, Settings};
 
 /// What the distributor stands between.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -291,22 +290,16 @@ pub struct DistributorConfig {
 /// names are case-insensitive; unknown keys are errors, as in the file.
 pub const ENV_PREFIX: &str = "STD";
 
+impl Settings for DistributorConfig {
+    const PREFIX: &'static str = ENV_PREFIX;
+
+    /// Relative paths resolved, then [`DistributorConfig::validated`].
+    fn finish(self, base: &Path) -> Result<Self, ConfigError> {
+        self.resolved(base).validated()
+    }
+}
+
 impl DistributorConfig {
-    /// Reads `path` (TOML), applies the process's `STD_*` environment
-    /// overrides ([`ENV_PREFIX`]: `STD_TABLE`, `STD_ADMIN__LISTEN=0.0.0.0:9180`),
-    /// and validates.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        Self::load_with_env(path, cli_common::settings::env_overrides(ENV_PREFIX))
-    }
-
-    /// Like [`Self::load`], with the environment given instead of read
-    /// from the process (variables without the prefix are ignored).
-    pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Self, ConfigError> {
-        let cfg: DistributorConfig = cli_common::settings::load_with_env(path, ENV_PREFIX, env)?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        cfg.resolved(base).validated()
-    }
-
     /// Relative paths resolved against the configuration file's directory.
     fn resolved(mut self, base: &Path) -> Self {
         let fix = |p: &mut PathBuf| {

@@ -1,6 +1,5 @@
 //! tmd's configuration: TOML through `config` with `TMD_*` environment overrides, validated with errors that name the key.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -19,7 +18,7 @@ pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 300_000;
 pub const DEFAULT_DRAIN_MS: u64 = 30_000;
 
 use cli_common::settings::invalid;
-pub use cli_common::settings::ConfigError;
+pub use cli_common::settings::{ConfigError, Settings};
 
 /// A real server.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -150,24 +149,19 @@ pub struct NodeConfig {
 /// names are case-insensitive; unknown keys are errors, as in the file.
 pub const ENV_PREFIX: &str = "TMD";
 
-impl NodeConfig {
-    /// Reads `path` (TOML), applies the process's `TMD_*` environment
-    /// overrides ([`ENV_PREFIX`]: `TMD_WORKERS=4`, `TMD_ADMIN__LISTEN=0.0.0.0:9190`),
-    /// and validates.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        Self::load_with_env(path, cli_common::settings::env_overrides(ENV_PREFIX))
-    }
+impl Settings for NodeConfig {
+    const PREFIX: &'static str = ENV_PREFIX;
 
-    /// Like [`Self::load`], with the environment given instead of read
-    /// from the process (variables without the prefix are ignored).
-    pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Self, ConfigError> {
-        let mut cfg: NodeConfig = cli_common::settings::load_with_env(path, ENV_PREFIX, env)?;
-        if cfg.table.is_relative() {
-            cfg.table = path.parent().unwrap_or(Path::new(".")).join(&cfg.table);
+    /// The table path resolved, then [`NodeConfig::validated`].
+    fn finish(mut self, base: &Path) -> Result<Self, ConfigError> {
+        if self.table.is_relative() {
+            self.table = base.join(&self.table);
         }
-        cfg.validated()
+        self.validated()
     }
+}
 
+impl NodeConfig {
     /// Checks what types cannot.
     pub fn validated(self) -> Result<Self, ConfigError> {
         if !self.admin.listen.ip().is_loopback()

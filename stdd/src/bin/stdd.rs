@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use stdd::config::Settings;
 
 /// stdd — the statistical traffic distributor.
 #[derive(Debug, Parser)]
@@ -186,7 +187,7 @@ mod daemon {
     use distributor::backend::{PcapBackend, PcapFileBackend};
     use distributor::io::{run_worker, Backend, WorkerShared};
     use stdd::admin::{self, AdminState};
-    use stdd::config::{BackendKind, DistributorConfig};
+    use stdd::config::{BackendKind, DistributorConfig, Settings};
 
     /// What a worker thread needs.
     struct WorkerSpawn {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
-use tm_node::config::NodeConfig;
+use tm_node::config::{NodeConfig, Settings};
 use tm_node::proxy::{self, Pool, VirtualServer, VsStats};
 use tm_node::snat::Snat;
 
