@@ -3,7 +3,7 @@
 //! What is real: every frame is built as Ethernet/IP bytes and steered by
 //! the `distributor` crate's `Worker` under a `Plan` (the same code `stdd`
 //! runs), the transition memory included; every TM picks its self-source
-//! ports with `tm_node::snat::Snat` (the same allocator `tmd` uses), and
+//! ports with `tm_core::snat::Snat` (the same allocator `tmd` uses), and
 //! retables it on prepare, commit and failover; tables are built, rebalanced
 //! and failed over by the `allocation` crate. What is modelled: the TMs'
 //! connection bookkeeping and the endpoints (TCP-like flows: SYN, SYN-ACK,
@@ -37,8 +37,8 @@ use datapath::transit::TransitConfig;
 use datapath::wire::{self, EthernetFrame};
 use datapath::{Action, Plan, PortKind, Worker, WorkerConfig};
 use fnv::FnvHashMap;
-use tm_node::snat::{Lease, Snat};
-use tm_node::tables::Tables;
+use tm_core::snat::{Lease, Snat};
+use tm_core::tables::Tables;
 
 use crate::report::{EventReport, PhaseReport, Report, TmShare};
 use crate::scenario::{Event, Family, PortPattern, Scenario};
@@ -193,7 +193,7 @@ struct TmSt {
     alive: bool,
     snat: Arc<Snat>,
     /// Its open TCP connections and tables: tmd's own bookkeeping
-    /// (`tm_node::tables::Tables`), which answers what moves in a transition.
+    /// (`tm_core::tables::Tables`), which answers what moves in a transition.
     tables: Tables,
     /// Prepared for the next table (the coordinator's prepare reached it).
     prepared: bool,

@@ -25,5 +25,5 @@ pub mod health;
 pub mod persist;
 pub mod proxy;
 pub mod snat;
-pub mod tables;
+pub use tm_core::tables;
 pub mod udp;
