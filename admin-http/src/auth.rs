@@ -1,6 +1,35 @@
-//! Who may use an admin endpoint: a bearer token compared in constant time, and the rule that an endpoint off loopback needs one.
+//! Who may use an admin endpoint and where it listens: the `[admin]` settings, a bearer token compared in constant time, and the rule that an endpoint off loopback needs one.
 
 use std::net::SocketAddr;
+
+use serde::Deserialize;
+
+/// An admin endpoint's settings: the `[admin]` section of stdd's and tmd's
+/// configurations, listening on loopback port `PORT` by default.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig<const PORT: u16> {
+    /// Listen address. Anything but loopback requires `token`.
+    #[serde(default = "loopback::<PORT>")]
+    pub listen: SocketAddr,
+    /// Bearer token (`Authorization: Bearer …`), required off loopback.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// `127.0.0.1:PORT`.
+pub fn loopback<const PORT: u16>() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], PORT))
+}
+
+impl<const PORT: u16> Default for AdminConfig<PORT> {
+    fn default() -> Self {
+        AdminConfig {
+            listen: loopback::<PORT>(),
+            token: None,
+        }
+    }
+}
 
 /// Compares without an early exit on the first differing byte.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -3,7 +3,7 @@
 //! Every key is documented in `docs/configuration.md`; defaults are the
 //! named constants below.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use allocation::{AllocationTable, MacAddr};
@@ -92,32 +92,8 @@ pub enum PortKindConfig {
     Bridged,
 }
 
-/// The admin endpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdminConfig {
-    /// Listen address. Anything but loopback requires `token`.
-    #[serde(default = "default_admin")]
-    pub listen: SocketAddr,
-    /// Bearer token (`Authorization: Bearer …`), required off loopback.
-    #[serde(default)]
-    pub token: Option<String>,
-}
-
-fn default_admin() -> SocketAddr {
-    DEFAULT_ADMIN
-        .parse()
-        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9180)))
-}
-
-impl Default for AdminConfig {
-    fn default() -> Self {
-        AdminConfig {
-            listen: default_admin(),
-            token: None,
-        }
-    }
-}
+/// The admin endpoint (`[admin]`): loopback port 9180 by default.
+pub type AdminConfig = admin_http::auth::AdminConfig<9180>;
 
 /// Worker threads.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -8,7 +8,6 @@
 //! for the same table. A table installed by PUT or commit is written to
 //! the configured table file, where tmd reads it at start.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -18,7 +17,6 @@ use control::api::{
     AbortAnswer, CommitAnswer, HeldPort, PrepareRequest, TableId, TmPhase, TmTransition,
 };
 use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
-use serde::Deserialize;
 
 use crate::proxy::VirtualServer;
 use crate::snat::Snat;
@@ -37,32 +35,9 @@ pub fn limits() -> admin_http::Limits {
     }
 }
 
-/// Admin endpoint settings.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdminConfig {
-    /// Listen address; anything but loopback requires `token`.
-    #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
-    /// Bearer token.
-    #[serde(default)]
-    pub token: Option<String>,
-}
-
-fn default_listen() -> SocketAddr {
-    DEFAULT_ADMIN
-        .parse()
-        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9190)))
-}
-
-impl Default for AdminConfig {
-    fn default() -> Self {
-        AdminConfig {
-            listen: default_listen(),
-            token: None,
-        }
-    }
-}
+/// Admin endpoint settings (`[admin]`): loopback port 9190 by default;
+/// anything but loopback requires `token`.
+pub type AdminConfig = admin_http::auth::AdminConfig<9190>;
 
 /// What the admin endpoint reads and changes.
 #[derive(Debug)]
