@@ -242,25 +242,10 @@ impl Snat {
 mod test {
     use super::*;
     use allocation::rules::proto;
-    use allocation::{Flow, GroupSpec, HashKey, MacAddr, Profile, Tm};
+    use allocation::{Flow, HashKey, Profile};
 
     fn table() -> AllocationTable {
-        let tms = (0..4)
-            .map(|i| Tm {
-                id: i,
-                name: format!("tm{i}"),
-                mac: MacAddr([2, 0, 0, 0, 0, i as u8 + 1]),
-                weight: 1,
-                group: 0,
-            })
-            .collect();
-        AllocationTable::new(
-            1,
-            HashKey::from_bytes([1; 16]),
-            tms,
-            vec![GroupSpec::default_group(Profile::Uniform)],
-        )
-        .expect("table")
+        testkit::table(1, HashKey::from_bytes([1; 16]), 4, Profile::Uniform)
     }
 
     #[test]
