@@ -10,14 +10,19 @@ use serde::de::DeserializeOwned;
 /// Largest answer read (a table file is at most 16 MiB).
 pub const MAX_ANSWER_BYTES: u64 = 17 * 1024 * 1024;
 
-/// A node's admin endpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A node's admin endpoint (as stdctl's cluster file lists it: `name`,
+/// `admin`, `token`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Endpoint {
-    /// Name for humans.
+    /// Name for humans (defaulted by the cluster file's reader).
+    #[serde(default)]
     pub name: String,
     /// Base URL, `http://host:port`.
+    #[serde(rename = "admin")]
     pub url: String,
     /// Bearer token, if the endpoint wants one.
+    #[serde(default)]
     pub token: Option<String>,
 }
 

@@ -31,6 +31,20 @@ impl TableId {
     }
 }
 
+impl TableId {
+    /// The refusal of `self` where a node has `other` (`what`: "running",
+    /// "prepared"): the same version with other contents. `None` when they
+    /// are the same table or different versions.
+    pub fn conflict(&self, what: &str, other: &TableId) -> Option<String> {
+        (self.version == other.version && self != other).then(|| {
+            format!(
+                "table rejected: it is version {} with checksum {}, but the {what} version {} has checksum {}: a different table with the same version",
+                self.version, self.checksum, other.version, other.checksum
+            )
+        })
+    }
+}
+
 impl fmt::Display for TableId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "version {} ({})", self.version, self.checksum)
@@ -277,6 +291,23 @@ mod test {
             r#"{"phase":"sleeping","current":4,"current_checksum":"a"}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_different_table_with_the_same_version_conflicts() {
+        let id = |v, c: &str| TableId {
+            version: v,
+            checksum: c.into(),
+        };
+        let why = id(3, "b")
+            .conflict("running", &id(3, "a"))
+            .expect("conflict");
+        assert!(
+            why.contains("checksum b") && why.contains("running version 3 has checksum a"),
+            "{why}"
+        );
+        assert_eq!(id(3, "a").conflict("running", &id(3, "a")), None);
+        assert_eq!(id(4, "b").conflict("running", &id(3, "a")), None);
     }
 
     #[test]

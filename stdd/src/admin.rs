@@ -159,13 +159,9 @@ fn named_table(req: &Request) -> Result<Option<TableId>, Reply> {
 
 /// Refuses a table with the running version and other contents.
 fn same_version_other_table(running: &AllocationTable, table: &AllocationTable) -> Option<Reply> {
-    let (a, b) = (TableId::of(running), TableId::of(table));
-    (a.version == b.version && a != b).then(|| {
-        Reply::text(
-            409,
-            format!("table rejected: it is version {} with checksum {}, but the running version {} has checksum {}: a different table with the same version", b.version, b.checksum, a.version, a.checksum),
-        )
-    })
+    TableId::of(table)
+        .conflict("running", &TableId::of(running))
+        .map(|why| Reply::text(409, why))
 }
 
 fn put_table(req: &Request, state: &AdminState) -> Reply {

@@ -16,8 +16,6 @@ use distributor::transit::TransitConfig;
 use distributor::verdict::PortId;
 use distributor::worker::WorkerConfig;
 
-/// Default admin listen address (loopback: no token needed).
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:9180";
 /// Default frames per receive batch.
 pub const DEFAULT_BATCH: usize = 64;
 /// Default receive poll timeout, in milliseconds.

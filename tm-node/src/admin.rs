@@ -21,9 +21,6 @@ use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, 
 use crate::proxy::VirtualServer;
 use crate::snat::Snat;
 
-/// Default admin listen address.
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:9190";
-
 /// Largest request body: a table file, JSON-framed, with room to spare.
 pub const MAX_BODY_BYTES: usize = allocation::file::MAX_FILE_BYTES as usize + 64 * 1024;
 
@@ -105,16 +102,10 @@ fn parse_table(body: &str, state: &AdminState) -> Result<AllocationTable, Reply>
 
 /// Refuses `table` when it has `other`'s version and other contents.
 fn same_version_other_table(what: &str, other: &TableId, table: &TableId) -> Result<(), Reply> {
-    if other.version == table.version && other != table {
-        return Err(Reply::text(
-            409,
-            format!(
-                "table rejected: it is version {} with checksum {}, but the {what} version {} has checksum {}: a different table with the same version",
-                table.version, table.checksum, other.version, other.checksum
-            ),
-        ));
+    match table.conflict(what, other) {
+        Some(why) => Err(Reply::text(409, why)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Writes `table` where tmd reads it at start; the error as text.

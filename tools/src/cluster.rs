@@ -12,18 +12,7 @@ use control::coordinator::{Answer, Call, CallError, NodeId, Outcome, Push, PushS
 use serde::{Deserialize, Serialize};
 
 /// A node's admin endpoint.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Node {
-    /// Name for humans (a distributor's; a TM's defaults to `tm<id>`).
-    #[serde(default)]
-    pub name: String,
-    /// Base URL of the admin endpoint, `http://host:port`.
-    pub admin: String,
-    /// Bearer token, if the endpoint wants one.
-    #[serde(default)]
-    pub token: Option<String>,
-}
+pub type Node = Endpoint;
 
 /// A TM: its id in the tables, and its admin endpoint.
 #[derive(Debug, Clone, Deserialize)]
@@ -105,12 +94,12 @@ impl Cluster {
             bail!("cluster file {}: a TM id is listed twice", path.display());
         }
         for n in c.distributors.iter().chain(c.tms.iter().map(|t| &t.node)) {
-            if !n.admin.starts_with("http://") {
+            if !n.url.starts_with("http://") {
                 bail!(
                     "cluster file {}: node '{}': admin must be an http:// URL, got '{}'",
                     path.display(),
                     n.name,
-                    n.admin
+                    n.url
                 );
             }
         }
@@ -121,18 +110,10 @@ impl Cluster {
         Client::new(Duration::from_millis(self.timeout_ms.max(1)))
     }
 
-    fn endpoint(node: &Node) -> Endpoint {
-        Endpoint {
-            name: node.name.clone(),
-            url: node.admin.clone(),
-            token: node.token.clone(),
-        }
-    }
-
     fn endpoints(&self) -> (Vec<Endpoint>, Vec<Endpoint>) {
         (
-            self.distributors.iter().map(Self::endpoint).collect(),
-            self.tms.iter().map(|t| Self::endpoint(&t.node)).collect(),
+            self.distributors.clone(),
+            self.tms.iter().map(|t| t.node.clone()).collect(),
         )
     }
 }
