@@ -535,23 +535,9 @@ listen = "127.0.0.1:9180"
         load_env(text, &[])
     }
 
-    /// Loads `text` with exactly the environment `env` (never the
-    /// process's: tests run in parallel, and the environment is global).
+    /// Loads `text` with exactly the environment `env` (never the process's).
     fn load_env(text: &str, env: &[(&str, &str)]) -> Result<DistributorConfig, ConfigError> {
-        // Tests run in parallel: every call gets its own directory.
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("stdd-config-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("stdd.toml");
-        std::fs::write(&path, text).expect("write");
-        let env = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let r = DistributorConfig::load_with_env(&path, env);
-        let _ = std::fs::remove_dir_all(&dir);
-        r
+        testkit::load_config(text, env)
     }
 
     #[test]

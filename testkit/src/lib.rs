@@ -5,6 +5,7 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use allocation::{AllocationTable, GroupSpec, HashKey, MacAddr, Profile, Tm};
+use cli_common::settings::{ConfigError, Settings};
 
 /// The hash key most tests use.
 pub const KEY: &str = "000102030405060708090a0b0c0d0e0f";
@@ -105,4 +106,24 @@ pub fn metric(text: &str, name: &str) -> u64 {
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
         .map(|v| v as u64)
         .sum()
+}
+
+/// Loads configuration `text` as a file of its own (a fresh directory per
+/// call: tests run in parallel) with exactly the environment `env`, never
+/// the process's (which is global).
+pub fn load_config<T: Settings>(text: &str, env: &[(&str, &str)]) -> Result<T, ConfigError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("testkit-config-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).expect("write");
+    let env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let r = T::load_with_env(&path, env);
+    let _ = std::fs::remove_dir_all(&dir);
+    r
 }

@@ -257,19 +257,7 @@ mod test {
 
     /// Loads `text` with exactly the environment `env` (never the process's).
     fn load_env(text: &str, env: &[(&str, &str)]) -> Result<NodeConfig, ConfigError> {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("tmd-config-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("tmd.toml");
-        std::fs::write(&path, text).expect("write");
-        let env = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let r = NodeConfig::load_with_env(&path, env);
-        let _ = std::fs::remove_dir_all(&dir);
-        r
+        testkit::load_config(text, env)
     }
 
     #[test]
