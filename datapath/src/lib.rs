@@ -2,7 +2,8 @@
 //!
 //! * [`wire`] — typed zero-copy views of Ethernet (802.1Q/802.1ad), ARP,
 //!   IPv4, IPv6 with extension headers, ports, ICMP/ICMPv6;
-//! * [`steer`] — the steering rule as a pure function of (frame, [`steer::Plan`]);
+//! * [`steer`] — the steering rule as a pure function of (frame, [`steer::Plan`])
+//!   ([`steer::classify`]), and the step that writes its rewrite ([`steer::apply`]);
 //! * [`worker`] — a core's state: fragment memory and hold pool ([`frag`]),
 //!   MAC learning ([`bridge`]), counters ([`verdict`]); turns verdicts into
 //!   [`verdict::Action`]s, frame by frame or a [`batch::Batch`] at a time;
@@ -29,6 +30,9 @@ pub mod wire;
 pub mod worker;
 
 pub use batch::Batch;
-pub use steer::{decide, FlowKey, FragKey, Moved, Plan, PlanError, PortKind, Verdict};
+pub use steer::{
+    apply, classify, decide, Decision, FlowKey, FragKey, Moved, Plan, PlanError, PortKind, Rewrite,
+    Verdict,
+};
 pub use verdict::{Action, Branch, Counters, Drop, PortId};
 pub use worker::{Worker, WorkerConfig};

@@ -1,4 +1,4 @@
-//! The steering decision: (frame bytes, plan) → verdict, the distributor's steering rule in one pure function.
+//! The steering decision: (frame bytes, plan) → verdict and rewrite, the distributor's steering rule in one pure function ([`classify`]), and the step that writes it into the frame ([`apply`]).
 //!
 //! The order is the design's (DESIGN §2): layer 2 first (a frame not for the
 //! group MAC is bridged), then the control path (ARP and neighbour discovery
@@ -8,9 +8,14 @@
 //! their destination without hashing, their cluster-address ARP/ND sender
 //! rewritten to the group MAC so neighbours never learn a TM's MAC.
 //!
-//! The only side effects are in-place rewrites of the frame: replies
-//! (ARP/ND answers) and sender-MAC rewrites. State that outlives a frame
-//! (fragments, MAC learning) belongs to the worker (`worker.rs`).
+//! [`classify`] reads the frame and writes nothing: it says where the frame
+//! goes ([`Verdict`]) and what is to be written into it ([`Rewrite`]:
+//! replies to ARP/ND for cluster addresses, sender-MAC rewrites).
+//! [`apply`] writes it; [`decide`] is the two in a row. The batch fast path
+//! (`worker.rs`) and the in-kernel program (`distributor::xdp_steer`) are
+//! projections of `classify`'s endpoint branch. State that outlives a
+//! frame (fragments, MAC learning, transition memory) belongs to the
+//! worker (`worker.rs`).
 
 use std::net::{IpAddr, Ipv6Addr};
 
@@ -486,23 +491,161 @@ pub enum Verdict {
     Drop(Drop),
 }
 
+/// What the steering writes into the frame before it goes: the one side
+/// effect of the rule, said by [`classify`] and done by [`apply`]. Offsets
+/// are the frame's (`l3`: where the layer-3 header starts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rewrite {
+    /// Nothing: the frame goes as it came (the worker still sets a TM's
+    /// destination MAC when it sends the frame to a TM).
+    None,
+    /// The source MAC becomes the group MAC (a TM's frame from a cluster address).
+    SrcMac,
+    /// A TM's ARP about a cluster address: the sender hardware address and
+    /// the source MAC become the group MAC.
+    ArpSender {
+        /// The ARP header.
+        l3: usize,
+    },
+    /// An ARP request for a cluster address becomes the group MAC's reply,
+    /// in place (same length).
+    ArpReply {
+        /// The ARP header.
+        l3: usize,
+    },
+    /// A neighbour solicitation for a cluster address becomes the group
+    /// MAC's solicited advertisement (`REPLY_ND_BYTES` after `l3`; the
+    /// buffer must hold it).
+    NdAdvert {
+        /// The IPv6 header.
+        l3: usize,
+        /// The address asked for (the reply's source).
+        target: Ipv6Addr,
+        /// Who asked (the reply's destination).
+        solicitor: Ipv6Addr,
+        /// The solicitor's link-layer address (its option, or the frame's source MAC).
+        to: MacAddr,
+    },
+    /// A TM's NS/NA from a cluster address: the source MAC and the
+    /// link-layer address option become the group MAC, the ICMPv6 checksum
+    /// is recomputed.
+    NdOption {
+        /// The ICMPv6 message: `msg.0..msg.1` of the frame.
+        msg: (usize, usize),
+        /// The option's MAC, at this offset of the message.
+        mac_at: usize,
+        /// The checksum's pseudo-header source.
+        src: Ipv6Addr,
+        /// The checksum's pseudo-header destination.
+        dst: Ipv6Addr,
+    },
+}
+
+/// Bytes of an ND reply after the IPv6 header's start: the header and a
+/// neighbour advertisement with its target link-layer address option.
+pub const REPLY_ND_BYTES: usize = wire::ipv6::HEADER + 32;
+
+/// The steering rule's answer for one frame, computed from its bytes and
+/// the plan alone: the verdict, and what to write into the frame for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// Where the frame goes (before the worker's state is consulted).
+    pub verdict: Verdict,
+    /// What [`apply`] writes.
+    pub rewrite: Rewrite,
+}
+
+impl Decision {
+    #[inline(always)]
+    fn plain(verdict: Verdict) -> Self {
+        Decision {
+            verdict,
+            rewrite: Rewrite::None,
+        }
+    }
+}
+
 /// Decides what to do with the frame in `buf[..len]` that came in on
-/// `ingress`. `buf` may be longer than the frame: a reply may grow into it.
+/// `ingress`, and does it: [`classify`], then [`apply`]. `buf` may be
+/// longer than the frame: an ND reply grows into it (with no room for it,
+/// the frame is dropped, [`Drop::NoRoomForReply`]).
 #[inline]
 pub fn decide(buf: &mut [u8], len: usize, ingress: PortId, plan: &Plan) -> Verdict {
     let Some(frame) = buf.get(..len) else {
         return Verdict::Drop(Drop::Truncated);
     };
+    let d = classify(frame, ingress, plan);
+    apply(buf, len, &d, plan.group_mac)
+}
+
+/// The steering rule (DESIGN §2) as a pure function: what to do with
+/// `frame`, which came in on `ingress`, under `plan`. Nothing is written;
+/// the batch fast path (`worker.rs`) and the XDP program (`distributor`'s
+/// `xdp_steer`) are projections of this function's endpoint branch, held
+/// equal to it by property tests.
+#[inline]
+pub fn classify(frame: &[u8], ingress: PortId, plan: &Plan) -> Decision {
     let eth = match EthernetFrame::new_checked(frame) {
         Ok(e) => e,
-        Err(d) => return Verdict::Drop(d),
+        Err(d) => return Decision::plain(Verdict::Drop(d)),
     };
     let (l3, ty, dst_mac) = (eth.payload_offset(), eth.ethertype(), eth.dst());
     match plan.ports.get(usize::from(ingress)) {
-        Some(PortKind::Outside) => from_outside(buf, len, l3, ty, dst_mac, plan),
-        Some(PortKind::Tm) => from_tm(buf, len, ingress, l3, ty, plan),
-        _ => Verdict::Bridge(Branch::Bridge),
+        Some(PortKind::Outside) => from_outside(frame, l3, ty, dst_mac, plan),
+        Some(PortKind::Tm) => from_tm(frame, ingress, l3, ty, plan),
+        _ => Decision::plain(Verdict::Bridge(Branch::Bridge)),
     }
+}
+
+/// Writes `d`'s rewrite into the frame `buf[..len]` (a reply may grow into
+/// the rest of `buf`) and returns its verdict; `d` must be [`classify`]'s
+/// answer for this frame. The offsets were checked against the frame by
+/// `classify`; checked again here, so a mismatched frame is dropped as
+/// truncated, never written out of bounds.
+#[inline]
+pub fn apply(buf: &mut [u8], len: usize, d: &Decision, group: MacAddr) -> Verdict {
+    let done = match d.rewrite {
+        Rewrite::None => Some(()),
+        Rewrite::SrcMac => set_src(buf, len, group),
+        Rewrite::ArpSender { l3 } => put(buf, len, l3 + wire::arp::SHA.start, &group.0)
+            .and_then(|()| set_src(buf, len, group)),
+        Rewrite::ArpReply { l3 } => arp_reply(buf, len, l3, group),
+        Rewrite::NdAdvert {
+            l3,
+            target,
+            solicitor,
+            to,
+        } => {
+            if buf.len() < l3 + REPLY_ND_BYTES {
+                return Verdict::Drop(Drop::NoRoomForReply);
+            }
+            nd_advert(buf, l3, target, solicitor, to, group)
+        }
+        Rewrite::NdOption {
+            msg,
+            mac_at,
+            src,
+            dst,
+        } => set_src(buf, len, group)
+            .and_then(|()| write_nd_option(buf, len, msg, mac_at, src, dst, group)),
+    };
+    match done {
+        Some(()) => d.verdict,
+        None => Verdict::Drop(Drop::Truncated),
+    }
+}
+
+/// `frame[at..at + bytes.len()] = bytes`, within the frame's `len`.
+#[inline(always)]
+fn put(buf: &mut [u8], len: usize, at: usize, bytes: &[u8]) -> Option<()> {
+    let end = at.checked_add(bytes.len()).filter(|&e| e <= len)?;
+    buf.get_mut(at..end)?.copy_from_slice(bytes);
+    Some(())
+}
+
+#[inline(always)]
+fn set_src(buf: &mut [u8], len: usize, group: MacAddr) -> Option<()> {
+    put(buf, len, wire::eth::SRC.start, &group.0)
 }
 
 #[inline(always)]
@@ -515,45 +658,40 @@ fn parse_ip(frame: &[u8], ty: u16) -> Option<Result<IpHeader, Drop>> {
 }
 
 #[inline]
-fn from_outside(
-    buf: &mut [u8],
-    len: usize,
-    l3: usize,
-    ty: u16,
-    dst_mac: MacAddr,
-    plan: &Plan,
-) -> Verdict {
+fn from_outside(frame: &[u8], l3: usize, ty: u16, dst_mac: MacAddr, plan: &Plan) -> Decision {
     if ty == ethertype::ARP {
-        let arp = match ArpPacket::new_checked(&buf[l3..len]) {
+        let arp = match ArpPacket::new_checked(&frame[l3..]) {
             Ok(a) => a,
-            Err(d) => return Verdict::Drop(d),
+            Err(d) => return Decision::plain(Verdict::Drop(d)),
         };
         let (oper, tpa) = (arp.oper(), IpAddr::V4(arp.tpa()));
         if oper == wire::arp::REQUEST && plan.owns(tpa) {
-            arp_reply(buf, l3, plan.group_mac);
-            return Verdict::Reply {
-                len,
-                branch: Branch::ArpReply,
+            return Decision {
+                verdict: Verdict::Reply {
+                    len: frame.len(),
+                    branch: Branch::ArpReply,
+                },
+                rewrite: Rewrite::ArpReply { l3 },
             };
         }
         if oper == wire::arp::REPLY && plan.owns(tpa) {
-            return Verdict::ToAllTms;
+            return Decision::plain(Verdict::ToAllTms);
         }
-        return Verdict::Bridge(Branch::Bridge);
+        return Decision::plain(Verdict::Bridge(Branch::Bridge));
     }
-    let ip = match parse_ip(&buf[l3..len], ty) {
-        None => return Verdict::Bridge(Branch::Bridge),
-        Some(Err(d)) => return Verdict::Drop(d),
+    let ip = match parse_ip(&frame[l3..], ty) {
+        None => return Decision::plain(Verdict::Bridge(Branch::Bridge)),
+        Some(Err(d)) => return Decision::plain(Verdict::Drop(d)),
         Some(Ok(ip)) => ip,
     };
     let first_or_whole = ip.frag.is_none_or(|f| f.is_first());
     if ip.proto == proto::ICMPV6 && first_or_whole {
-        if let Some(v) = neighbour_from_outside(buf, len, l3, &ip, plan) {
-            return v;
+        if let Some(d) = neighbour_from_outside(frame, l3, &ip, plan) {
+            return d;
         }
     }
     if dst_mac != plan.group_mac {
-        return Verdict::Bridge(Branch::Bridge);
+        return Decision::plain(Verdict::Bridge(Branch::Bridge));
     }
     if let Some(f) = ip.frag {
         let key = FragKey {
@@ -563,9 +701,9 @@ fn from_outside(
             id: f.id,
         };
         if !f.is_first() {
-            return Verdict::Follow(key);
+            return Decision::plain(Verdict::Follow(key));
         }
-        return match steer_ip(&buf[l3..len], &ip, plan) {
+        return Decision::plain(match steer_ip(&frame[l3..], &ip, plan) {
             Verdict::ToTm {
                 tm, branch, moved, ..
             } => Verdict::ToTm {
@@ -575,9 +713,9 @@ fn from_outside(
                 moved,
             },
             other => other,
-        };
+        });
     }
-    steer_ip(&buf[l3..len], &ip, plan)
+    Decision::plain(steer_ip(&frame[l3..], &ip, plan))
 }
 
 /// Steers an IP packet (whole, or a first fragment) for the cluster.
@@ -648,135 +786,137 @@ fn is_tcp_syn(protocol: u8, l4: &[u8]) -> bool {
 }
 
 /// ARP request → reply in place: the group MAC answers for the cluster address.
-fn arp_reply(buf: &mut [u8], l3: usize, group: MacAddr) {
+fn arp_reply(buf: &mut [u8], len: usize, l3: usize, group: MacAddr) -> Option<()> {
+    let a = buf.get_mut(l3..len)?.get_mut(..wire::arp::TPA.end)?;
     let mut requester = [0u8; 6];
-    requester.copy_from_slice(&buf[l3 + wire::arp::SHA.start..l3 + wire::arp::SHA.end]);
+    requester.copy_from_slice(&a[wire::arp::SHA]);
     let mut asked = [0u8; 4];
-    asked.copy_from_slice(&buf[l3 + wire::arp::TPA.start..l3 + wire::arp::TPA.end]);
-    let a = &mut buf[l3..];
+    asked.copy_from_slice(&a[wire::arp::TPA]);
     a[wire::arp::OPER..wire::arp::OPER + 2].copy_from_slice(&wire::arp::REPLY.to_be_bytes());
     let (spa_start, spa_end) = (wire::arp::SPA.start, wire::arp::SPA.end);
     a.copy_within(wire::arp::SHA.start..spa_end, wire::arp::THA.start);
     a[wire::arp::SHA].copy_from_slice(&group.0);
     a[spa_start..spa_end].copy_from_slice(&asked);
-    let sender_eth = MacAddr(requester);
-    wire::set_dst_mac(buf, sender_eth);
-    wire::set_src_mac(buf, group);
+    put(buf, len, wire::eth::DST.start, &requester)?;
+    set_src(buf, len, group)
 }
 
 /// Neighbour discovery from outside: a solicitation for a cluster address
 /// is answered with the group MAC; an advertisement of someone else's
 /// address sent to the group (the answer to a TM's solicitation) goes to
 /// every TM. `None`: not ND, or nothing special to do.
-fn neighbour_from_outside(
-    buf: &mut [u8],
-    len: usize,
-    l3: usize,
-    ip: &IpHeader,
-    plan: &Plan,
-) -> Option<Verdict> {
-    let msg = buf.get(l3 + ip.l4..l3 + ip.end)?;
+fn neighbour_from_outside(frame: &[u8], l3: usize, ip: &IpHeader, plan: &Plan) -> Option<Decision> {
+    let msg = frame.get(l3 + ip.l4..l3 + ip.end)?;
     let ty = *msg.first()?;
     if ty != icmp::NS && ty != icmp::NA {
         return None;
     }
     if msg.len() < icmp::ND_OPTIONS {
-        return Some(Verdict::Drop(Drop::Truncated));
+        return Some(Decision::plain(Verdict::Drop(Drop::Truncated)));
     }
     let mut t = [0u8; 16];
     t.copy_from_slice(&msg[icmp::ND_TARGET..icmp::ND_TARGET + 16]);
-    let target = IpAddr::V6(Ipv6Addr::from(t));
+    let target = Ipv6Addr::from(t);
     if ty == icmp::NA {
-        return (plan.owns(ip.dst) && !plan.owns(target)).then_some(Verdict::ToAllTms);
+        return (plan.owns(ip.dst) && !plan.owns(IpAddr::V6(target)))
+            .then_some(Decision::plain(Verdict::ToAllTms));
     }
     let IpAddr::V6(solicitor) = ip.src else {
         return None;
     };
     // Only plain solicitations (no extension headers) from an assigned address.
-    if !plan.owns(target) || solicitor.is_unspecified() || ip.l4 != wire::ipv6::HEADER {
+    if !plan.owns(IpAddr::V6(target)) || solicitor.is_unspecified() || ip.l4 != wire::ipv6::HEADER {
         return None;
     }
-    let reply_mac = wire::nd_lla_option(&msg[icmp::ND_OPTIONS..], icmp::OPT_SLLA)
+    let to = wire::nd_lla_option(&msg[icmp::ND_OPTIONS..], icmp::OPT_SLLA)
         .map(|(_, m)| m)
         .unwrap_or_else(|| {
-            EthernetFrame::new_checked(&buf[..len])
+            EthernetFrame::new_checked(frame)
                 .map(|e| e.src())
                 .unwrap_or_default()
         });
-    let new_len = l3 + wire::ipv6::HEADER + 32;
-    if buf.len() < new_len {
-        return Some(Verdict::Bridge(Branch::Bridge));
-    }
-    let IpAddr::V6(target6) = target else {
-        return None;
-    };
+    Some(Decision {
+        verdict: Verdict::Reply {
+            len: l3 + REPLY_ND_BYTES,
+            branch: Branch::NdReply,
+        },
+        rewrite: Rewrite::NdAdvert {
+            l3,
+            target,
+            solicitor,
+            to,
+        },
+    })
+}
+
+/// Writes the group MAC's solicited advertisement of `target` to
+/// `solicitor` at `to` over the frame (`buf` holds `l3 + REPLY_ND_BYTES`).
+fn nd_advert(
+    buf: &mut [u8],
+    l3: usize,
+    target: Ipv6Addr,
+    solicitor: Ipv6Addr,
+    to: MacAddr,
+    group: MacAddr,
+) -> Option<()> {
+    let new_len = l3 + REPLY_ND_BYTES;
     // IPv6 header: src = the target, dst = the solicitor, hop limit 255, payload 32.
-    let ip6 = &mut buf[l3..new_len];
+    let ip6 = buf.get_mut(l3..new_len)?;
     ip6[wire::ipv6::LEN..wire::ipv6::LEN + 2].copy_from_slice(&32u16.to_be_bytes());
     ip6[wire::ipv6::NEXT] = proto::ICMPV6;
     ip6[wire::ipv6::HOP] = 255;
-    ip6[wire::ipv6::SRC].copy_from_slice(&target6.octets());
+    ip6[wire::ipv6::SRC].copy_from_slice(&target.octets());
     ip6[wire::ipv6::DST].copy_from_slice(&solicitor.octets());
     let na = &mut ip6[wire::ipv6::HEADER..];
     na[..8].copy_from_slice(&[icmp::NA, 0, 0, 0, 0x60, 0, 0, 0]); // solicited, override
-    na[8..24].copy_from_slice(&target6.octets());
+    na[8..24].copy_from_slice(&target.octets());
     na[24..26].copy_from_slice(&[icmp::OPT_TLLA, 1]);
-    na[26..32].copy_from_slice(&plan.group_mac.0);
-    let sum = wire::icmpv6_checksum(&target6, &solicitor, na);
+    na[26..32].copy_from_slice(&group.0);
+    let sum = wire::icmpv6_checksum(&target, &solicitor, na);
     na[2..4].copy_from_slice(&sum.to_be_bytes());
-    wire::set_dst_mac(buf, reply_mac);
-    wire::set_src_mac(buf, plan.group_mac);
-    Some(Verdict::Reply {
-        len: new_len,
-        branch: Branch::NdReply,
-    })
+    put(buf, new_len, wire::eth::DST.start, &to.0)?;
+    set_src(buf, new_len, group)
 }
 
 /// Frames from a TM go toward their destination unhashed; what they say
 /// about cluster addresses is said with the group MAC.
-fn from_tm(
-    buf: &mut [u8],
-    len: usize,
-    ingress: PortId,
-    l3: usize,
-    ty: u16,
-    plan: &Plan,
-) -> Verdict {
-    let group = plan.group_mac;
+fn from_tm(frame: &[u8], ingress: PortId, l3: usize, ty: u16, plan: &Plan) -> Decision {
     if ty == ethertype::ARP {
-        let arp = match ArpPacket::new_checked(&buf[l3..len]) {
+        let arp = match ArpPacket::new_checked(&frame[l3..]) {
             Ok(a) => a,
-            Err(d) => return Verdict::Drop(d),
+            Err(d) => return Decision::plain(Verdict::Drop(d)),
         };
         if !plan.owns(IpAddr::V4(arp.spa())) {
-            return Verdict::Bridge(Branch::FromTm);
+            return Decision::plain(Verdict::Bridge(Branch::FromTm));
         }
-        buf[l3 + wire::arp::SHA.start..l3 + wire::arp::SHA.end].copy_from_slice(&group.0);
-        wire::set_src_mac(buf, group);
-        return Verdict::Bridge(Branch::FromTmRewritten);
+        return Decision {
+            verdict: Verdict::Bridge(Branch::FromTmRewritten),
+            rewrite: Rewrite::ArpSender { l3 },
+        };
     }
-    let ip = match parse_ip(&buf[l3..len], ty) {
-        None => return Verdict::Bridge(Branch::FromTm),
-        Some(Err(d)) => return Verdict::Drop(d),
+    let ip = match parse_ip(&frame[l3..], ty) {
+        None => return Decision::plain(Verdict::Bridge(Branch::FromTm)),
+        Some(Err(d)) => return Decision::plain(Verdict::Drop(d)),
         Some(Ok(ip)) => ip,
     };
     let started = match plan.previous {
-        Some(_) if ip.frag.is_none() => started_by_tm(&buf[..len], l3, &ip, ingress, plan),
+        Some(_) if ip.frag.is_none() => started_by_tm(frame, l3, &ip, ingress, plan),
         _ => None,
     };
-    let branch = if plan.owns(ip.src) {
-        if ip.proto == proto::ICMPV6 && ip.frag.is_none() {
-            rewrite_nd_option(&mut buf[l3..len], &ip, group);
-        }
-        wire::set_src_mac(buf, group);
-        Branch::FromTmRewritten
+    let (branch, rewrite) = if plan.owns(ip.src) {
+        let nd = match ip.proto == proto::ICMPV6 && ip.frag.is_none() {
+            true => nd_option(frame, l3, &ip),
+            false => None,
+        };
+        (Branch::FromTmRewritten, nd.unwrap_or(Rewrite::SrcMac))
     } else {
-        Branch::FromTm
+        (Branch::FromTm, Rewrite::None)
     };
-    match started {
+    let verdict = match started {
         Some((key, tm)) => Verdict::BridgeStarted { branch, key, tm },
         None => Verdict::Bridge(branch),
-    }
+    };
+    Decision { verdict, rewrite }
 }
 
 /// During a transition, a TCP SYN a TM sends (e.g. a DNAT-only connection
@@ -803,29 +943,42 @@ fn started_by_tm(
     Some((m.key, tm))
 }
 
-/// In a TM's NS/NA from a cluster address, replaces the link-layer address
-/// option with the group MAC and fixes the ICMPv6 checksum.
-fn rewrite_nd_option(packet: &mut [u8], ip: &IpHeader, group: MacAddr) {
+/// In a TM's NS/NA from a cluster address, where its link-layer address
+/// option is (to become the group MAC, the ICMPv6 checksum recomputed).
+/// `None`: not NS/NA, or no such option.
+fn nd_option(frame: &[u8], l3: usize, ip: &IpHeader) -> Option<Rewrite> {
     let (IpAddr::V6(src), IpAddr::V6(dst)) = (ip.src, ip.dst) else {
-        return;
+        return None;
     };
-    let Some(msg) = packet.get_mut(ip.l4..ip.end) else {
-        return;
-    };
+    let msg = frame.get(l3 + ip.l4..l3 + ip.end)?;
     let opt = match msg.first() {
         Some(&icmp::NS) => icmp::OPT_SLLA,
         Some(&icmp::NA) => icmp::OPT_TLLA,
-        _ => return,
+        _ => return None,
     };
-    let Some(options) = msg.get(icmp::ND_OPTIONS..) else {
-        return;
-    };
-    let Some((at, _)) = wire::nd_lla_option(options, opt) else {
-        return;
-    };
-    let mac_at = icmp::ND_OPTIONS + at + 2;
-    msg[mac_at..mac_at + 6].copy_from_slice(&group.0);
-    msg[2..4].copy_from_slice(&[0, 0]);
+    let (at, _) = wire::nd_lla_option(msg.get(icmp::ND_OPTIONS..)?, opt)?;
+    Some(Rewrite::NdOption {
+        msg: (l3 + ip.l4, l3 + ip.end),
+        mac_at: icmp::ND_OPTIONS + at + 2,
+        src,
+        dst,
+    })
+}
+
+/// The group MAC into a TM's NS/NA link-layer option (see [`Rewrite::NdOption`]).
+fn write_nd_option(
+    buf: &mut [u8],
+    len: usize,
+    (start, end): (usize, usize),
+    mac_at: usize,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    group: MacAddr,
+) -> Option<()> {
+    let msg = buf.get_mut(start..end.min(len))?;
+    msg.get_mut(mac_at..mac_at + 6)?.copy_from_slice(&group.0);
+    msg.get_mut(2..4)?.copy_from_slice(&[0, 0]);
     let sum = wire::icmpv6_checksum(&src, &dst, msg);
     msg[2..4].copy_from_slice(&sum.to_be_bytes());
+    Some(())
 }

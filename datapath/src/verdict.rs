@@ -29,11 +29,14 @@ pub enum Drop {
     FragmentTooLarge,
     /// The bridge would send the frame back out of the port it came in on.
     Hairpin,
+    /// A reply (an ND advertisement, longer than the solicitation it
+    /// answers) does not fit the buffer the backend gave the frame.
+    NoRoomForReply,
 }
 
 impl Drop {
     /// Every reason, for metrics.
-    pub const ALL: [Drop; 10] = [
+    pub const ALL: [Drop; 11] = [
         Drop::Truncated,
         Drop::Malformed,
         Drop::TooManyTags,
@@ -44,6 +47,7 @@ impl Drop {
         Drop::FragmentTimeout,
         Drop::FragmentTooLarge,
         Drop::Hairpin,
+        Drop::NoRoomForReply,
     ];
 
     /// Metric label.
@@ -59,6 +63,7 @@ impl Drop {
             Drop::FragmentTimeout => "fragment_timeout",
             Drop::FragmentTooLarge => "fragment_too_large",
             Drop::Hairpin => "hairpin",
+            Drop::NoRoomForReply => "no_room_for_reply",
         }
     }
 

@@ -51,12 +51,18 @@ pub struct EthernetFrame<T: AsRef<[u8]>> {
     tags: u8,
 }
 
-mod eth {
+/// Ethernet header fields.
+pub mod eth {
     use super::Field;
+    /// Destination MAC.
     pub const DST: Field = 0..6;
+    /// Source MAC.
     pub const SRC: Field = 6..12;
+    /// EtherType (untagged).
     pub const TYPE: usize = 12;
+    /// Header length (untagged).
     pub const HEADER: usize = 14;
+    /// An 802.1Q/802.1ad tag's length.
     pub const TAG: usize = 4;
 }
 

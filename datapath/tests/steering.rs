@@ -5,8 +5,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use allocation::rules::proto;
 use allocation::{AllocationTable, Flow, HashKey, MacAddr, PortRange, SelfPorts, TmIndex};
 use datapath::build::{self, tcp_flags, L2};
+use datapath::steer::REPLY_ND_BYTES;
 use datapath::wire::ethertype;
-use datapath::{Action, Branch, Drop, Plan, PortKind, Worker, WorkerConfig};
+use datapath::{
+    apply, classify, decide, Action, Branch, Drop, Plan, PortKind, Rewrite, Verdict, Worker,
+    WorkerConfig,
+};
 use proptest::prelude::*;
 
 const GROUP: MacAddr = MacAddr([0x02, 0x57, 0x44, 0, 0, 1]);
@@ -518,6 +522,80 @@ fn neighbour_discovery_for_cluster_addresses() {
         OTHER_MAC,
     );
     assert_eq!(run(&mut w, &p, &na, 0, 0).0, Action::ToAllTms);
+}
+
+/// The rule is a pure classification (what to do and what to write,
+/// nothing written) and a separate step that writes it: classifying leaves
+/// the frame as it was, applying makes exactly the bytes `decide` makes, a
+/// reply with no room in the buffer is a counted drop, and a decision
+/// applied to a frame it was not made for is refused, never written out
+/// of bounds.
+#[test]
+fn classification_writes_nothing_and_apply_does_what_it_says() {
+    let p = plan();
+    let solicitor: Ipv6Addr = "2001:db8::1".parse().expect("addr");
+    let IpAddr::V6(target) = vip6() else {
+        unreachable!()
+    };
+    let ns = build::neighbour_solicitation(ROUTER_MAC, solicitor, target, None);
+    let d = classify(&ns, 0, &p);
+    assert_eq!(
+        d.rewrite,
+        Rewrite::NdAdvert {
+            l3: 14,
+            target,
+            solicitor,
+            to: ROUTER_MAC
+        }
+    );
+    let Verdict::Reply { len, branch } = d.verdict else {
+        panic!("not a reply: {d:?}")
+    };
+    assert_eq!((len, branch), (14 + REPLY_ND_BYTES, Branch::NdReply));
+    assert!(
+        len > ns.len(),
+        "the advertisement is longer than the solicitation"
+    );
+    // Room for it: the same bytes as decide's.
+    let mut applied = ns.clone();
+    applied.resize(len, 0);
+    assert_eq!(apply(&mut applied, ns.len(), &d, GROUP), d.verdict);
+    let mut decided = ns.clone();
+    decided.resize(len, 0);
+    assert_eq!(decide(&mut decided, ns.len(), 0, &p), d.verdict);
+    assert_eq!(applied, decided);
+    // No room: dropped, the frame untouched; the worker counts it.
+    let mut exact = ns.clone();
+    assert_eq!(
+        decide(&mut exact, ns.len(), 0, &p),
+        Verdict::Drop(Drop::NoRoomForReply)
+    );
+    assert_eq!(exact, ns);
+    let mut w = worker();
+    let mut exact = ns.clone();
+    assert_eq!(
+        w.process(&mut exact, ns.len(), 0, &p, 0),
+        Action::Drop(Drop::NoRoomForReply)
+    );
+    assert_eq!(w.counters.of_drop(Drop::NoRoomForReply), 1);
+    // An ARP reply for a cluster address, applied to a 20-byte frame it was
+    // not classified from: refused as truncated.
+    let req = build::arp(
+        &L2::new(MacAddr([0xff; 6]), ROUTER_MAC),
+        1,
+        ROUTER_MAC,
+        Ipv4Addr::new(198, 51, 100, 1),
+        MacAddr::default(),
+        Ipv4Addr::new(198, 51, 100, 10),
+    );
+    let d = classify(&req, 0, &p);
+    assert_eq!(d.rewrite, Rewrite::ArpReply { l3: 14 });
+    let mut short = req[..20].to_vec();
+    assert_eq!(
+        apply(&mut short, 20, &d, GROUP),
+        Verdict::Drop(Drop::Truncated)
+    );
+    assert_eq!(short, req[..20]);
 }
 
 #[test]
