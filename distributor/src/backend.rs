@@ -19,7 +19,9 @@ use crate::verdict::PortId;
 #[derive(Debug)]
 struct Input {
     reader: Reader<BufReader<File>>,
-    next: Option<Record>,
+    /// The next record (its buffer reused record after record), if any.
+    next: Record,
+    has_next: bool,
     path: PathBuf,
 }
 
@@ -30,8 +32,9 @@ impl Input {
     /// and logged with its byte offset. Other read errors end the input too
     /// and are returned.
     fn advance(&mut self, truncated: &mut u64) -> io::Result<()> {
-        self.next = match self.reader.next_record() {
-            Ok(r) => r,
+        self.has_next = false;
+        self.has_next = match self.reader.next_into(&mut self.next) {
+            Ok(got) => got,
             Err(PcapError::Truncated {
                 index,
                 offset,
@@ -43,7 +46,7 @@ impl Input {
                     "{}: the capture ends inside record {index} (at byte offset {offset}: {present} of its {expected} bytes present); the {index} whole records before it are used, the cut one is dropped",
                     self.path.display()
                 );
-                None
+                false
             }
             Err(e) => {
                 return Err(io::Error::new(
@@ -93,7 +96,8 @@ impl PcapFileBackend {
                     })?;
                     let mut input = Input {
                         reader,
-                        next: None,
+                        next: Record::default(),
+                        has_next: false,
                         path: p.to_path_buf(),
                     };
                     input.advance(&mut truncated)?;
@@ -138,19 +142,18 @@ impl Backend for PcapFileBackend {
                 .enumerate()
                 .filter_map(|(i, inp)| {
                     inp.as_ref()
-                        .and_then(|inp| inp.next.as_ref().map(|r| (r.ts_ns, i)))
+                        .and_then(|inp| inp.has_next.then_some((inp.next.ts_ns, i)))
                 })
                 .min();
             let Some((_, port)) = next else { break };
             let Some(input) = self.inputs[port].as_mut() else {
                 break;
             };
-            let rec = input.next.take();
-            let read = input.advance(&mut self.truncated);
-            if let Some(rec) = rec {
-                self.now_ts = rec.ts_ns;
-                batch.push(port as PortId, rec.ts_ns, &rec.data);
+            if input.has_next {
+                self.now_ts = input.next.ts_ns;
+                batch.push(port as PortId, input.next.ts_ns, &input.next.data);
             }
+            let read = input.advance(&mut self.truncated);
             if let Err(e) = read {
                 if batch.is_empty() {
                     return Err(e);
@@ -185,7 +188,7 @@ impl Backend for PcapFileBackend {
             && self
                 .inputs
                 .iter()
-                .all(|i| i.as_ref().is_none_or(|i| i.next.is_none()))
+                .all(|i| i.as_ref().is_none_or(|i| !i.has_next))
     }
 }
 

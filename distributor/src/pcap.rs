@@ -52,7 +52,7 @@ pub enum PcapError {
 }
 
 /// One captured frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Record {
     /// Capture time, nanoseconds since the epoch.
     pub ts_ns: u64,
@@ -132,20 +132,29 @@ impl<R: Read> Reader<R> {
         self.offset
     }
 
-    /// The next record, `None` at the end of the file.
+    /// The next record, `None` at the end of the file (a new allocation
+    /// per record; [`Reader::next_into`] reuses one).
     ///
     /// A file that ends inside a record gives [`PcapError::Truncated`] once,
     /// after every whole record before it; the reader then stays at its end
     /// (`None`).
     pub fn next_record(&mut self) -> Result<Option<Record>, PcapError> {
+        let mut rec = Record::default();
+        Ok(self.next_into(&mut rec)?.then_some(rec))
+    }
+
+    /// Reads the next record into `rec`, reusing its buffer (no allocation
+    /// once it has grown to the largest record); false at the end of the
+    /// file, `rec` then unchanged. Errors as [`Reader::next_record`]'s.
+    pub fn next_into(&mut self, rec: &mut Record) -> Result<bool, PcapError> {
         if self.ended {
-            return Ok(None);
+            return Ok(false);
         }
         let mut h = [0u8; 16];
         let got = fill(&mut self.r, &mut h)?;
         if got == 0 {
             self.ended = true;
-            return Ok(None);
+            return Ok(false);
         }
         if got < h.len() {
             return Err(self.truncated(got, h.len()));
@@ -162,20 +171,22 @@ impl<R: Read> Reader<R> {
                 len: incl,
             });
         }
-        let mut data = vec![0u8; incl as usize];
-        let got = fill(&mut self.r, &mut data)?;
-        if got < data.len() {
-            return Err(self.truncated(h.len() + got, h.len() + data.len()));
+        rec.data.clear();
+        rec.data.reserve_exact(incl as usize); // at most MAX_RECORD
+                                               // Read straight into the buffer's spare room (no zero-filling
+                                               // first; `read_to_end` retries interrupted reads itself).
+        let got = (&mut self.r)
+            .take(u64::from(incl))
+            .read_to_end(&mut rec.data)?;
+        if got < incl as usize {
+            return Err(self.truncated(h.len() + got, h.len() + incl as usize));
         }
         self.index += 1;
-        self.offset += (h.len() + data.len()) as u64;
-        let ts_ns =
+        self.offset += (h.len() + got) as u64;
+        rec.ts_ns =
             u64::from(sec) * 1_000_000_000 + u64::from(frac) * if self.nanos { 1 } else { 1000 };
-        Ok(Some(Record {
-            ts_ns,
-            orig_len: orig,
-            data,
-        }))
+        rec.orig_len = orig;
+        Ok(true)
     }
 
     /// The end inside a record: reported once, then the reader is at its end.
@@ -251,6 +262,46 @@ impl<W: Write> Writer<W> {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    /// `next_into` reads what `next_record` reads, reusing one buffer (a
+    /// shorter record after a longer one is not padded with the old bytes),
+    /// and reports a cut record the same way.
+    #[test]
+    fn reading_into_one_record_reuses_its_buffer() {
+        let mut w = Writer::new(Vec::new()).expect("writer");
+        w.write(7, 1514, &[9; 100]).expect("write");
+        w.write(8, 60, &[1, 2, 3]).expect("write");
+        let bytes = w.into_inner().expect("flush");
+        let mut r = Reader::new(&bytes[..]).expect("reader");
+        let mut rec = Record::default();
+        assert!(r.next_into(&mut rec).expect("first"));
+        assert_eq!((rec.ts_ns, rec.orig_len, rec.data.len()), (7, 1514, 100));
+        let room = rec.data.capacity();
+        assert!(r.next_into(&mut rec).expect("second"));
+        assert_eq!(
+            rec,
+            Record {
+                ts_ns: 8,
+                orig_len: 60,
+                data: vec![1, 2, 3]
+            }
+        );
+        assert_eq!(rec.data.capacity(), room, "the buffer is reused");
+        assert!(!r.next_into(&mut rec).expect("end"));
+        assert_eq!(rec.data, [1, 2, 3], "unchanged at the end");
+        let mut cut = Reader::new(&bytes[..bytes.len() - 1]).expect("reader");
+        assert!(cut.next_into(&mut rec).expect("first is whole"));
+        assert!(matches!(
+            cut.next_into(&mut rec),
+            Err(PcapError::Truncated {
+                index: 1,
+                present: 18,
+                expected: 19,
+                ..
+            })
+        ));
+        assert!(!cut.next_into(&mut rec).expect("at the end"));
+    }
 
     #[test]
     fn round_trip_and_errors() {

@@ -17,7 +17,7 @@ use allocation::{AllocationTable, HashKey, MacAddr, TmIndex};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::pcap::{PcapError, Reader, Writer};
+use crate::pcap::{PcapError, Reader, Record, Writer};
 use crate::steer::{Plan, PortKind};
 use crate::verdict::{Action, Branch, Drop, PortId};
 use crate::wire::{self, ethertype, EthernetFrame};
@@ -269,10 +269,11 @@ pub fn replay_with<R: Read>(
     let mut summary_flows = FlowSummary::default();
     let mut buf = vec![0u8; crate::pcap::MAX_RECORD as usize + 128];
     let mut truncated_tail = None;
+    let mut rec = Record::default();
     loop {
-        let rec = match reader.next_record() {
-            Ok(Some(rec)) => rec,
-            Ok(None) => break,
+        match reader.next_into(&mut rec) {
+            Ok(true) => {}
+            Ok(false) => break,
             // A cut last record ends the capture: what came before is replayed.
             Err(PcapError::Truncated {
                 index,
@@ -289,7 +290,7 @@ pub fn replay_with<R: Read>(
                 break;
             }
             Err(e) => return Err(e.into()),
-        };
+        }
         frames += 1;
         bytes += rec.data.len() as u64;
         let len = rec.data.len();
