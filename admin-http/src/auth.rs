@@ -31,6 +31,20 @@ impl<const PORT: u16> Default for AdminConfig<PORT> {
     }
 }
 
+impl<const PORT: u16> AdminConfig<PORT> {
+    /// The loopback rule for these settings (see [`check_listen`]): `Some`
+    /// is why they are refused, to be reported against `admin.token`.
+    pub fn insecure(&self) -> Option<String> {
+        let off_loopback = !self.listen.ip().is_loopback();
+        (off_loopback && self.token.as_deref().is_none_or(str::is_empty)).then(|| {
+            format!(
+                "required when admin.listen ({}) is not a loopback address",
+                self.listen
+            )
+        })
+    }
+}
+
 /// Compares without an early exit on the first differing byte.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -48,12 +62,14 @@ pub fn authorised(token: Option<&str>, authorization: Option<&[u8]>) -> bool {
 /// The loopback rule: an endpoint listening anywhere but loopback must
 /// require a token. `Err` is the one-line reason.
 pub fn check_listen(listen: SocketAddr, token: Option<&str>) -> Result<(), String> {
-    if !listen.ip().is_loopback() && token.is_none_or(str::is_empty) {
-        return Err(format!(
-            "admin.token is required when admin.listen ({listen}) is not a loopback address"
-        ));
+    let settings = AdminConfig::<0> {
+        listen,
+        token: token.map(str::to_owned),
+    };
+    match settings.insecure() {
+        Some(why) => Err(format!("admin.token is {why}")),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 #[cfg(test)]

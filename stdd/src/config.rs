@@ -418,16 +418,8 @@ impl DistributorConfig {
         if self.workers.batch == 0 || self.workers.batch > 4096 {
             return Err(invalid("workers.batch", "must be 1 to 4096"));
         }
-        if !self.admin.listen.ip().is_loopback()
-            && self.admin.token.as_deref().is_none_or(str::is_empty)
-        {
-            return Err(invalid(
-                "admin.token",
-                format!(
-                    "required when admin.listen ({}) is not a loopback address",
-                    self.admin.listen
-                ),
-            ));
+        if let Some(why) = self.admin.insecure() {
+            return Err(invalid("admin.token", why));
         }
         if self.fragments.hold_slot_bytes < 64 || self.fragments.hold_slot_bytes > 65_535 {
             return Err(invalid("fragments.hold_slot_bytes", "must be 64 to 65535"));

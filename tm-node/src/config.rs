@@ -164,16 +164,8 @@ impl Settings for NodeConfig {
 impl NodeConfig {
     /// Checks what types cannot.
     pub fn validated(self) -> Result<Self, ConfigError> {
-        if !self.admin.listen.ip().is_loopback()
-            && self.admin.token.as_deref().is_none_or(str::is_empty)
-        {
-            return Err(invalid(
-                "admin.token",
-                format!(
-                    "required when admin.listen ({}) is not a loopback address",
-                    self.admin.listen
-                ),
-            ));
+        if let Some(why) = self.admin.insecure() {
+            return Err(invalid("admin.token", why));
         }
         if self.workers.is_some_and(|w| w == 0 || w > 1024) {
             return Err(invalid("workers", "must be 1 to 1024"));
