@@ -45,7 +45,8 @@
 //! is thus steered by the kernel only with maps that agree with the running
 //! plan, and a transition's moved buckets are never steered in the kernel.
 //!
-//! No `unsafe` here: maps, programs and test runs are `crate::sys::bpf`'s.
+//! No FFI here (only `crate::sys` may hold it): maps, programs and test
+//! runs are `crate::sys::bpf`'s.
 
 use std::io;
 use std::sync::Mutex;
@@ -318,8 +319,8 @@ impl XdpSteer {
                 if !self.check_targets {
                     return Some(i);
                 }
-                match crate::afxdp::xdp_features(i) {
-                    Ok(f) if f & crate::afxdp::XDP_ACT_NDO_XMIT != 0 => Some(i),
+                match crate::sys::netlink::xdp_features(i) {
+                    Ok(f) if f & crate::sys::netlink::XDP_ACT_NDO_XMIT != 0 => Some(i),
                     Ok(_) => None,
                     Err(e) => {
                         log::debug!("ifindex {i}: XDP features unknown: {e}");
