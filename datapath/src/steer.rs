@@ -493,7 +493,9 @@ pub enum Verdict {
 
 /// What the steering writes into the frame before it goes: the one side
 /// effect of the rule, said by [`classify`] and done by [`apply`]. Offsets
-/// are the frame's (`l3`: where the layer-3 header starts).
+/// are the frame's (`l3`: where the layer-3 header starts); addresses the
+/// rewrite needs are read from the frame itself, so a decision stays a few
+/// words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rewrite {
     /// Nothing: the frame goes as it came (the worker still sets a TM's
@@ -505,39 +507,34 @@ pub enum Rewrite {
     /// the source MAC become the group MAC.
     ArpSender {
         /// The ARP header.
-        l3: usize,
+        l3: u32,
     },
     /// An ARP request for a cluster address becomes the group MAC's reply,
     /// in place (same length).
     ArpReply {
         /// The ARP header.
-        l3: usize,
+        l3: u32,
     },
-    /// A neighbour solicitation for a cluster address becomes the group
-    /// MAC's solicited advertisement (`REPLY_ND_BYTES` after `l3`; the
-    /// buffer must hold it).
+    /// A neighbour solicitation (IPv6 header at `l3`, no extension headers)
+    /// for a cluster address becomes the group MAC's solicited
+    /// advertisement of its target to its source, [`REPLY_ND_BYTES`] after
+    /// `l3` (the buffer must hold it).
     NdAdvert {
         /// The IPv6 header.
-        l3: usize,
-        /// The address asked for (the reply's source).
-        target: Ipv6Addr,
-        /// Who asked (the reply's destination).
-        solicitor: Ipv6Addr,
+        l3: u32,
         /// The solicitor's link-layer address (its option, or the frame's source MAC).
         to: MacAddr,
     },
-    /// A TM's NS/NA from a cluster address: the source MAC and the
-    /// link-layer address option become the group MAC, the ICMPv6 checksum
-    /// is recomputed.
+    /// A TM's NS/NA from a cluster address (IPv6 header at `l3`): the source
+    /// MAC and the link-layer address option become the group MAC, the
+    /// ICMPv6 checksum is recomputed.
     NdOption {
+        /// The IPv6 header (the checksum's addresses).
+        l3: u32,
         /// The ICMPv6 message: `msg.0..msg.1` of the frame.
-        msg: (usize, usize),
+        msg: (u32, u32),
         /// The option's MAC, at this offset of the message.
-        mac_at: usize,
-        /// The checksum's pseudo-header source.
-        src: Ipv6Addr,
-        /// The checksum's pseudo-header destination.
-        dst: Ipv6Addr,
+        mac_at: u32,
     },
 }
 
@@ -555,16 +552,6 @@ pub struct Decision {
     pub rewrite: Rewrite,
 }
 
-impl Decision {
-    #[inline(always)]
-    fn plain(verdict: Verdict) -> Self {
-        Decision {
-            verdict,
-            rewrite: Rewrite::None,
-        }
-    }
-}
-
 /// Decides what to do with the frame in `buf[..len]` that came in on
 /// `ingress`, and does it: [`classify`], then [`apply`]. `buf` may be
 /// longer than the frame: an ND reply grows into it (with no room for it,
@@ -574,8 +561,12 @@ pub fn decide(buf: &mut [u8], len: usize, ingress: PortId, plan: &Plan) -> Verdi
     let Some(frame) = buf.get(..len) else {
         return Verdict::Drop(Drop::Truncated);
     };
-    let d = classify(frame, ingress, plan);
-    apply(buf, len, &d, plan.group_mac)
+    let mut rw = Rewrite::None;
+    let verdict = steer_frame(frame, ingress, plan, &mut rw);
+    match rewrite(buf, len, rw, plan.group_mac) {
+        Ok(()) => verdict,
+        Err(drop) => Verdict::Drop(drop),
+    }
 }
 
 /// The steering rule (DESIGN §2) as a pure function: what to do with
@@ -585,15 +576,25 @@ pub fn decide(buf: &mut [u8], len: usize, ingress: PortId, plan: &Plan) -> Verdi
 /// equal to it by property tests.
 #[inline]
 pub fn classify(frame: &[u8], ingress: PortId, plan: &Plan) -> Decision {
+    let mut rewrite = Rewrite::None;
+    let verdict = steer_frame(frame, ingress, plan, &mut rewrite);
+    Decision { verdict, rewrite }
+}
+
+/// [`classify`]'s work, its rewrite written to `rw` (left as it is when
+/// there is none): the verdict of the common case goes straight back to the
+/// caller, with nothing around it to copy.
+#[inline]
+fn steer_frame(frame: &[u8], ingress: PortId, plan: &Plan, rw: &mut Rewrite) -> Verdict {
     let eth = match EthernetFrame::new_checked(frame) {
         Ok(e) => e,
-        Err(d) => return Decision::plain(Verdict::Drop(d)),
+        Err(d) => return Verdict::Drop(d),
     };
     let (l3, ty, dst_mac) = (eth.payload_offset(), eth.ethertype(), eth.dst());
     match plan.ports.get(usize::from(ingress)) {
-        Some(PortKind::Outside) => from_outside(frame, l3, ty, dst_mac, plan),
-        Some(PortKind::Tm) => from_tm(frame, ingress, l3, ty, plan),
-        _ => Decision::plain(Verdict::Bridge(Branch::Bridge)),
+        Some(PortKind::Outside) => from_outside(frame, l3, ty, dst_mac, plan, rw),
+        Some(PortKind::Tm) => from_tm(frame, ingress, l3, ty, plan, rw),
+        _ => Verdict::Bridge(Branch::Bridge),
     }
 }
 
@@ -604,35 +605,38 @@ pub fn classify(frame: &[u8], ingress: PortId, plan: &Plan) -> Decision {
 /// truncated, never written out of bounds.
 #[inline]
 pub fn apply(buf: &mut [u8], len: usize, d: &Decision, group: MacAddr) -> Verdict {
-    let done = match d.rewrite {
-        Rewrite::None => Some(()),
-        Rewrite::SrcMac => set_src(buf, len, group),
-        Rewrite::ArpSender { l3 } => put(buf, len, l3 + wire::arp::SHA.start, &group.0)
-            .and_then(|()| set_src(buf, len, group)),
-        Rewrite::ArpReply { l3 } => arp_reply(buf, len, l3, group),
-        Rewrite::NdAdvert {
-            l3,
-            target,
-            solicitor,
-            to,
-        } => {
-            if buf.len() < l3 + REPLY_ND_BYTES {
-                return Verdict::Drop(Drop::NoRoomForReply);
-            }
-            nd_advert(buf, l3, target, solicitor, to, group)
-        }
-        Rewrite::NdOption {
-            msg,
-            mac_at,
-            src,
-            dst,
-        } => set_src(buf, len, group)
-            .and_then(|()| write_nd_option(buf, len, msg, mac_at, src, dst, group)),
-    };
-    match done {
-        Some(()) => d.verdict,
-        None => Verdict::Drop(Drop::Truncated),
+    match rewrite(buf, len, d.rewrite, group) {
+        Ok(()) => d.verdict,
+        Err(drop) => Verdict::Drop(drop),
     }
+}
+
+/// Writes `r` into the frame `buf[..len]`; the drop reason if it cannot be.
+#[inline]
+fn rewrite(buf: &mut [u8], len: usize, r: Rewrite, group: MacAddr) -> Result<(), Drop> {
+    let done = match r {
+        Rewrite::None => return Ok(()),
+        Rewrite::SrcMac => set_src(buf, len, group),
+        Rewrite::ArpSender { l3 } => put(buf, len, l3 as usize + wire::arp::SHA.start, &group.0)
+            .and_then(|()| set_src(buf, len, group)),
+        Rewrite::ArpReply { l3 } => arp_reply(buf, len, l3 as usize, group),
+        Rewrite::NdAdvert { l3, to } => {
+            if buf.len() < l3 as usize + REPLY_ND_BYTES {
+                return Err(Drop::NoRoomForReply);
+            }
+            nd_advert(buf, len, l3 as usize, to, group)
+        }
+        Rewrite::NdOption { l3, msg, mac_at } => set_src(buf, len, group)
+            .and_then(|()| write_nd_option(buf, len, l3 as usize, msg, mac_at as usize, group)),
+    };
+    done.ok_or(Drop::Truncated)
+}
+
+/// The IPv6 address at `at` of the frame.
+#[inline(always)]
+fn ipv6_at(frame: &[u8], at: usize) -> Option<Ipv6Addr> {
+    let b: [u8; 16] = frame.get(at..at + 16)?.try_into().ok()?;
+    Some(Ipv6Addr::from(b))
 }
 
 /// `frame[at..at + bytes.len()] = bytes`, within the frame's `len`.
@@ -658,40 +662,45 @@ fn parse_ip(frame: &[u8], ty: u16) -> Option<Result<IpHeader, Drop>> {
 }
 
 #[inline]
-fn from_outside(frame: &[u8], l3: usize, ty: u16, dst_mac: MacAddr, plan: &Plan) -> Decision {
+fn from_outside(
+    frame: &[u8],
+    l3: usize,
+    ty: u16,
+    dst_mac: MacAddr,
+    plan: &Plan,
+    rw: &mut Rewrite,
+) -> Verdict {
     if ty == ethertype::ARP {
         let arp = match ArpPacket::new_checked(&frame[l3..]) {
             Ok(a) => a,
-            Err(d) => return Decision::plain(Verdict::Drop(d)),
+            Err(d) => return Verdict::Drop(d),
         };
         let (oper, tpa) = (arp.oper(), IpAddr::V4(arp.tpa()));
         if oper == wire::arp::REQUEST && plan.owns(tpa) {
-            return Decision {
-                verdict: Verdict::Reply {
-                    len: frame.len(),
-                    branch: Branch::ArpReply,
-                },
-                rewrite: Rewrite::ArpReply { l3 },
+            *rw = Rewrite::ArpReply { l3: l3 as u32 };
+            return Verdict::Reply {
+                len: frame.len(),
+                branch: Branch::ArpReply,
             };
         }
         if oper == wire::arp::REPLY && plan.owns(tpa) {
-            return Decision::plain(Verdict::ToAllTms);
+            return Verdict::ToAllTms;
         }
-        return Decision::plain(Verdict::Bridge(Branch::Bridge));
+        return Verdict::Bridge(Branch::Bridge);
     }
     let ip = match parse_ip(&frame[l3..], ty) {
-        None => return Decision::plain(Verdict::Bridge(Branch::Bridge)),
-        Some(Err(d)) => return Decision::plain(Verdict::Drop(d)),
+        None => return Verdict::Bridge(Branch::Bridge),
+        Some(Err(d)) => return Verdict::Drop(d),
         Some(Ok(ip)) => ip,
     };
     let first_or_whole = ip.frag.is_none_or(|f| f.is_first());
     if ip.proto == proto::ICMPV6 && first_or_whole {
-        if let Some(d) = neighbour_from_outside(frame, l3, &ip, plan) {
-            return d;
+        if let Some(v) = neighbour_from_outside(frame, l3, &ip, plan, rw) {
+            return v;
         }
     }
     if dst_mac != plan.group_mac {
-        return Decision::plain(Verdict::Bridge(Branch::Bridge));
+        return Verdict::Bridge(Branch::Bridge);
     }
     if let Some(f) = ip.frag {
         let key = FragKey {
@@ -701,9 +710,9 @@ fn from_outside(frame: &[u8], l3: usize, ty: u16, dst_mac: MacAddr, plan: &Plan)
             id: f.id,
         };
         if !f.is_first() {
-            return Decision::plain(Verdict::Follow(key));
+            return Verdict::Follow(key);
         }
-        return Decision::plain(match steer_ip(&frame[l3..], &ip, plan) {
+        return match steer_ip(&frame[l3..], &ip, plan) {
             Verdict::ToTm {
                 tm, branch, moved, ..
             } => Verdict::ToTm {
@@ -713,9 +722,9 @@ fn from_outside(frame: &[u8], l3: usize, ty: u16, dst_mac: MacAddr, plan: &Plan)
                 moved,
             },
             other => other,
-        });
+        };
     }
-    Decision::plain(steer_ip(&frame[l3..], &ip, plan))
+    steer_ip(&frame[l3..], &ip, plan)
 }
 
 /// Steers an IP packet (whole, or a first fragment) for the cluster.
@@ -805,21 +814,26 @@ fn arp_reply(buf: &mut [u8], len: usize, l3: usize, group: MacAddr) -> Option<()
 /// is answered with the group MAC; an advertisement of someone else's
 /// address sent to the group (the answer to a TM's solicitation) goes to
 /// every TM. `None`: not ND, or nothing special to do.
-fn neighbour_from_outside(frame: &[u8], l3: usize, ip: &IpHeader, plan: &Plan) -> Option<Decision> {
+fn neighbour_from_outside(
+    frame: &[u8],
+    l3: usize,
+    ip: &IpHeader,
+    plan: &Plan,
+    rw: &mut Rewrite,
+) -> Option<Verdict> {
     let msg = frame.get(l3 + ip.l4..l3 + ip.end)?;
     let ty = *msg.first()?;
     if ty != icmp::NS && ty != icmp::NA {
         return None;
     }
     if msg.len() < icmp::ND_OPTIONS {
-        return Some(Decision::plain(Verdict::Drop(Drop::Truncated)));
+        return Some(Verdict::Drop(Drop::Truncated));
     }
     let mut t = [0u8; 16];
     t.copy_from_slice(&msg[icmp::ND_TARGET..icmp::ND_TARGET + 16]);
     let target = Ipv6Addr::from(t);
     if ty == icmp::NA {
-        return (plan.owns(ip.dst) && !plan.owns(IpAddr::V6(target)))
-            .then_some(Decision::plain(Verdict::ToAllTms));
+        return (plan.owns(ip.dst) && !plan.owns(IpAddr::V6(target))).then_some(Verdict::ToAllTms);
     }
     let IpAddr::V6(solicitor) = ip.src else {
         return None;
@@ -835,30 +849,20 @@ fn neighbour_from_outside(frame: &[u8], l3: usize, ip: &IpHeader, plan: &Plan) -
                 .map(|e| e.src())
                 .unwrap_or_default()
         });
-    Some(Decision {
-        verdict: Verdict::Reply {
-            len: l3 + REPLY_ND_BYTES,
-            branch: Branch::NdReply,
-        },
-        rewrite: Rewrite::NdAdvert {
-            l3,
-            target,
-            solicitor,
-            to,
-        },
+    *rw = Rewrite::NdAdvert { l3: l3 as u32, to };
+    Some(Verdict::Reply {
+        len: l3 + REPLY_ND_BYTES,
+        branch: Branch::NdReply,
     })
 }
 
-/// Writes the group MAC's solicited advertisement of `target` to
-/// `solicitor` at `to` over the frame (`buf` holds `l3 + REPLY_ND_BYTES`).
-fn nd_advert(
-    buf: &mut [u8],
-    l3: usize,
-    target: Ipv6Addr,
-    solicitor: Ipv6Addr,
-    to: MacAddr,
-    group: MacAddr,
-) -> Option<()> {
+/// Writes the group MAC's solicited advertisement over the solicitation
+/// in `buf[..len]` (IPv6 header at `l3`, the message right after it), to
+/// `to`; `buf` holds `l3 + REPLY_ND_BYTES`.
+fn nd_advert(buf: &mut [u8], len: usize, l3: usize, to: MacAddr, group: MacAddr) -> Option<()> {
+    let frame = buf.get(..len)?;
+    let solicitor = ipv6_at(frame, l3 + wire::ipv6::SRC.start)?;
+    let target = ipv6_at(frame, l3 + wire::ipv6::HEADER + icmp::ND_TARGET)?;
     let new_len = l3 + REPLY_ND_BYTES;
     // IPv6 header: src = the target, dst = the solicitor, hop limit 255, payload 32.
     let ip6 = buf.get_mut(l3..new_len)?;
@@ -880,23 +884,28 @@ fn nd_advert(
 
 /// Frames from a TM go toward their destination unhashed; what they say
 /// about cluster addresses is said with the group MAC.
-fn from_tm(frame: &[u8], ingress: PortId, l3: usize, ty: u16, plan: &Plan) -> Decision {
+fn from_tm(
+    frame: &[u8],
+    ingress: PortId,
+    l3: usize,
+    ty: u16,
+    plan: &Plan,
+    rw: &mut Rewrite,
+) -> Verdict {
     if ty == ethertype::ARP {
         let arp = match ArpPacket::new_checked(&frame[l3..]) {
             Ok(a) => a,
-            Err(d) => return Decision::plain(Verdict::Drop(d)),
+            Err(d) => return Verdict::Drop(d),
         };
         if !plan.owns(IpAddr::V4(arp.spa())) {
-            return Decision::plain(Verdict::Bridge(Branch::FromTm));
+            return Verdict::Bridge(Branch::FromTm);
         }
-        return Decision {
-            verdict: Verdict::Bridge(Branch::FromTmRewritten),
-            rewrite: Rewrite::ArpSender { l3 },
-        };
+        *rw = Rewrite::ArpSender { l3: l3 as u32 };
+        return Verdict::Bridge(Branch::FromTmRewritten);
     }
     let ip = match parse_ip(&frame[l3..], ty) {
-        None => return Decision::plain(Verdict::Bridge(Branch::FromTm)),
-        Some(Err(d)) => return Decision::plain(Verdict::Drop(d)),
+        None => return Verdict::Bridge(Branch::FromTm),
+        Some(Err(d)) => return Verdict::Drop(d),
         Some(Ok(ip)) => ip,
     };
     let started = match plan.previous {
@@ -912,11 +921,11 @@ fn from_tm(frame: &[u8], ingress: PortId, l3: usize, ty: u16, plan: &Plan) -> De
     } else {
         (Branch::FromTm, Rewrite::None)
     };
-    let verdict = match started {
+    *rw = rewrite;
+    match started {
         Some((key, tm)) => Verdict::BridgeStarted { branch, key, tm },
         None => Verdict::Bridge(branch),
-    };
-    Decision { verdict, rewrite }
+    }
 }
 
 /// During a transition, a TCP SYN a TM sends (e.g. a DNAT-only connection
@@ -947,9 +956,9 @@ fn started_by_tm(
 /// option is (to become the group MAC, the ICMPv6 checksum recomputed).
 /// `None`: not NS/NA, or no such option.
 fn nd_option(frame: &[u8], l3: usize, ip: &IpHeader) -> Option<Rewrite> {
-    let (IpAddr::V6(src), IpAddr::V6(dst)) = (ip.src, ip.dst) else {
+    if !ip.src.is_ipv6() {
         return None;
-    };
+    }
     let msg = frame.get(l3 + ip.l4..l3 + ip.end)?;
     let opt = match msg.first() {
         Some(&icmp::NS) => icmp::OPT_SLLA,
@@ -957,11 +966,11 @@ fn nd_option(frame: &[u8], l3: usize, ip: &IpHeader) -> Option<Rewrite> {
         _ => return None,
     };
     let (at, _) = wire::nd_lla_option(msg.get(icmp::ND_OPTIONS..)?, opt)?;
+    let offset = |o: usize| u32::try_from(o).ok();
     Some(Rewrite::NdOption {
-        msg: (l3 + ip.l4, l3 + ip.end),
-        mac_at: icmp::ND_OPTIONS + at + 2,
-        src,
-        dst,
+        l3: offset(l3)?,
+        msg: (offset(l3 + ip.l4)?, offset(l3 + ip.end)?),
+        mac_at: offset(icmp::ND_OPTIONS + at + 2)?,
     })
 }
 
@@ -969,13 +978,15 @@ fn nd_option(frame: &[u8], l3: usize, ip: &IpHeader) -> Option<Rewrite> {
 fn write_nd_option(
     buf: &mut [u8],
     len: usize,
-    (start, end): (usize, usize),
+    l3: usize,
+    (start, end): (u32, u32),
     mac_at: usize,
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
     group: MacAddr,
 ) -> Option<()> {
-    let msg = buf.get_mut(start..end.min(len))?;
+    let frame = buf.get(..len)?;
+    let src = ipv6_at(frame, l3 + wire::ipv6::SRC.start)?;
+    let dst = ipv6_at(frame, l3 + wire::ipv6::DST.start)?;
+    let msg = buf.get_mut(start as usize..(end as usize).min(len))?;
     msg.get_mut(mac_at..mac_at + 6)?.copy_from_slice(&group.0);
     msg.get_mut(2..4)?.copy_from_slice(&[0, 0]);
     let sum = wire::icmpv6_checksum(&src, &dst, msg);

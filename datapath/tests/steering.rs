@@ -543,8 +543,6 @@ fn classification_writes_nothing_and_apply_does_what_it_says() {
         d.rewrite,
         Rewrite::NdAdvert {
             l3: 14,
-            target,
-            solicitor,
             to: ROUTER_MAC
         }
     );
