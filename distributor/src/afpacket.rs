@@ -111,7 +111,7 @@ fn on(iface: &str, e: io::Error) -> io::Error {
 }
 
 /// The interface index of `iface`, or an error naming it.
-pub(crate) fn ifindex(iface: &str) -> io::Result<u32> {
+pub fn ifindex(iface: &str) -> io::Result<u32> {
     let name = CString::new(iface)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface name has a NUL"))?;
     socket::if_nametoindex(&name).map_err(|e| err("no such interface", iface, e))

@@ -169,30 +169,95 @@ pub struct RedirectAll {
     _link: Link,
 }
 
+/// The trivial forwarder's program alone, loaded (for a benchmark that
+/// attaches and swaps programs itself): see [`RedirectAll`].
+pub fn redirect_program(to: &str, touch: Touch) -> io::Result<Program> {
+    Program::load_xdp(&RedirectAll::program(ifindex(to)?, touch), "std_redirect")
+        .map_err(|e| err("loading the redirect program", to, e))
+}
+
+/// What the trivial forwarder does to a frame before redirecting it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Touch {
+    /// Nothing: the frame leaves unchanged.
+    Nothing,
+    /// Sets its destination MAC to this one (the least a steering device
+    /// writes).
+    SetMac([u8; 6]),
+    /// Reads its destination MAC and redirects it only if it is this one
+    /// (`XDP_PASS` otherwise): the least a steering device reads.
+    CheckMac([u8; 6]),
+}
+
 impl RedirectAll {
-    /// The program for frames to `to_ifindex`.
-    fn program(to_ifindex: u32) -> [Insn; 4] {
+    /// The program for frames to `to_ifindex` (a frame shorter than 6
+    /// bytes is redirected unchanged).
+    fn program(to_ifindex: u32, touch: Touch) -> Vec<Insn> {
         let i = |code, dst: u8, src: u8, off, imm| Insn {
             code,
             regs: dst | (src << 4),
             off,
             imm,
         };
-        [
+        let halves = |m: [u8; 6]| {
+            (
+                i32::from_le_bytes([m[0], m[1], m[2], m[3]]),
+                i32::from(i16::from_le_bytes([m[4], m[5]])),
+            )
+        };
+        // r2 = ctx->data, r3 = ctx->data_end, r4 = r2 + 6; then, if
+        // r4 > r3, skip the `n` instructions that follow.
+        let bounds = |n: i16| {
+            [
+                i(0x61, 2, 1, 0, 0),
+                i(0x61, 3, 1, 4, 0),
+                i(0xbf, 4, 2, 0, 0),
+                i(0x07, 4, 0, 0, 6),
+                i(0x2d, 4, 3, n, 0),
+            ]
+        };
+        let mut p = Vec::new();
+        match touch {
+            Touch::Nothing => {}
+            Touch::SetMac(m) => {
+                let (lo, hi) = halves(m);
+                p.extend(bounds(2));
+                // *(u32 *)(r2 + 0) = lo; *(u16 *)(r2 + 4) = hi
+                p.extend([i(0x62, 2, 0, 0, lo), i(0x6a, 2, 0, 4, hi)]);
+            }
+            Touch::CheckMac(m) => {
+                let (lo, hi) = halves(m);
+                p.extend(bounds(7));
+                p.extend([
+                    // r5 = *(u32 *)(r2 + 0); if r5 != lo: pass
+                    i(0x61, 5, 2, 0, 0),
+                    i(0x55, 5, 0, 3, lo),
+                    // r5 = *(u16 *)(r2 + 4); if r5 != hi: pass
+                    i(0x69, 5, 2, 4, 0),
+                    i(0x55, 5, 0, 1, hi & 0xffff),
+                    i(0x05, 0, 0, 2, 0), // to the redirect
+                    // pass: r0 = XDP_PASS; return
+                    i(0xb7, 0, 0, 0, XDP_PASS),
+                    i(0x95, 0, 0, 0, 0),
+                ]);
+            }
+        }
+        p.extend([
             // r1 = the target interface; r2 = flags (0)
             i(0xb7, 1, 0, 0, to_ifindex as i32),
             i(0xb7, 2, 0, 0, 0),
             // r0 = bpf_redirect(r1, r2); return r0
             i(0x85, 0, 0, 0, BPF_FUNC_REDIRECT),
             i(0x95, 0, 0, 0, 0),
-        ]
+        ]);
+        p
     }
 
-    /// Attaches it to `from` (native XDP), redirecting to `to`.
-    pub fn attach(from: &str, to: &str) -> io::Result<Self> {
-        let (from_index, to_index) = (ifindex(from)?, ifindex(to)?);
-        let prog = Program::load_xdp(&Self::program(to_index), "std_redirect")
-            .map_err(|e| err("loading the redirect program", from, e))?;
+    /// Attaches it to `from` (native XDP), redirecting to `to`, doing
+    /// `touch` to every frame on the way.
+    pub fn attach(from: &str, to: &str, touch: Touch) -> io::Result<Self> {
+        let from_index = ifindex(from)?;
+        let prog = redirect_program(to, touch)?;
         let link = Link::xdp(&prog, from_index, XDP_FLAGS_DRV_MODE)
             .map_err(|e| err("attaching the redirect program in native mode", from, e))?;
         Ok(RedirectAll {

@@ -478,6 +478,12 @@ pub enum TestVerdict {
 }
 
 impl TestProgram {
+    /// The loaded program, to attach elsewhere (benchmarks): frames for
+    /// the workers pass to the kernel's stack.
+    pub fn program(&self) -> &Program {
+        &self.prog
+    }
+
     /// Runs the program on `frame` (at least 14 bytes: the kernel refuses
     /// shorter ones).
     pub fn run(&self, frame: &[u8]) -> io::Result<TestVerdict> {

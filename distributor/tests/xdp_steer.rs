@@ -413,3 +413,64 @@ fn one_frame_a_second_goes_to_the_workers_for_learning() {
     let counted = s.counters().expect("counters");
     assert_eq!((counted.steered, counted.to_workers), (16, 2));
 }
+
+/// The benchmark's trivial forwarders (`stdbench kernel-ab`): each
+/// redirects, setting or checking the destination MAC as it says; and the
+/// kernel's run-time statistics count their runs only while switched on.
+#[test]
+fn the_trivial_forwarders_do_what_they_say() {
+    use distributor::afxdp::{redirect_program, Touch};
+    use distributor::sys::bpf::RunStats;
+    if !root() {
+        return;
+    }
+    const XDP_PASS: u32 = 2;
+    const XDP_REDIRECT: u32 = 4;
+    let tm = [2, 0x53, 0x54, 0, 0, 9];
+    let f = build::udp_frame(
+        &L2::new(GROUP, ROUTER),
+        "203.0.113.7".parse().expect("addr"),
+        40000,
+        "198.51.100.10".parse().expect("addr"),
+        53,
+        b"q",
+    );
+    let plain = redirect_program("lo", Touch::Nothing).expect("load");
+    let r = plain.test_run(&f).expect("run");
+    assert_eq!((r.retval, &r.out[..]), (XDP_REDIRECT, &f[..]));
+
+    let set = redirect_program("lo", Touch::SetMac(tm)).expect("load");
+    let r = set.test_run(&f).expect("run");
+    assert_eq!(r.retval, XDP_REDIRECT);
+    assert_eq!(&r.out[..6], &tm);
+    assert_eq!(&r.out[6..], &f[6..]);
+
+    let check = redirect_program("lo", Touch::CheckMac(GROUP.0)).expect("load");
+    let r = check.test_run(&f).expect("run");
+    assert_eq!((r.retval, &r.out[..]), (XDP_REDIRECT, &f[..]));
+    for at in [0, 3, 5] {
+        let mut other = f.clone();
+        other[at] ^= 0x40;
+        assert_eq!(
+            check.test_run(&other).expect("run").retval,
+            XDP_PASS,
+            "byte {at} differs"
+        );
+    }
+
+    let (_, before) = plain.run_stats().expect("stats");
+    {
+        let _on = RunStats::enable().expect("enable stats");
+        for _ in 0..5 {
+            plain.test_run(&f).expect("run");
+        }
+    }
+    let (_, on) = plain.run_stats().expect("stats");
+    plain.test_run(&f).expect("run");
+    let (_, after) = plain.run_stats().expect("stats");
+    assert!(on >= before + 5, "runs counted while on: {before} → {on}");
+    assert_eq!(
+        after, on,
+        "a run while off is not counted (unless another holder switched them on)"
+    );
+}

@@ -15,6 +15,14 @@ const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_ENABLE_STATS: libc::c_long = 32;
+/// `struct bpf_prog_info`: the bytes we read of it, and where its
+/// `run_time_ns` and `run_cnt` sit.
+const PROG_INFO_LEN: usize = 224;
+const PROG_INFO_RUN_TIME: usize = 192;
+const PROG_INFO_RUN_CNT: usize = 200;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
 
@@ -210,7 +218,46 @@ pub struct TestRun {
     pub out: Vec<u8>,
 }
 
+/// The kernel's run-time statistics of every BPF program
+/// (`BPF_ENABLE_STATS`, `BPF_STATS_RUN_TIME`), on while this is held: each
+/// run then costs two clock reads, so for measurements only.
+#[derive(Debug)]
+pub struct RunStats {
+    _fd: OwnedFd,
+}
+
+impl RunStats {
+    /// Switches the statistics on (root; until dropped).
+    pub fn enable() -> io::Result<RunStats> {
+        let mut attr = [0u64; 16];
+        // enable_stats.type = BPF_STATS_RUN_TIME (0)
+        // SAFETY: the block carries no pointer.
+        let fd = unsafe { bpf(BPF_ENABLE_STATS, &mut attr) }?;
+        Ok(RunStats { _fd: own(fd) })
+    }
+}
+
 impl Program {
+    /// The kernel's (nanoseconds spent, runs) of this program so far:
+    /// counted while [`RunStats`] are on.
+    pub fn run_stats(&self) -> io::Result<(u64, u64)> {
+        let mut info = [0u8; PROG_INFO_LEN];
+        let mut attr = [0u64; 16];
+        // info.bpf_fd | info.info_len, info.info
+        attr[0] = self.fd.as_raw_fd() as u64 | ((PROG_INFO_LEN as u64) << 32);
+        attr[1] = info.as_mut_ptr() as u64;
+        // SAFETY: `info` is PROG_INFO_LEN live writable bytes, the length
+        // the block gives; zeroed, it asks for none of the arrays the
+        // structure can point to.
+        unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
+        let u64_at = |at: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&info[at..at + 8]);
+            u64::from_ne_bytes(w)
+        };
+        Ok((u64_at(PROG_INFO_RUN_TIME), u64_at(PROG_INFO_RUN_CNT)))
+    }
+
     /// Loads an XDP program named `name` (15 bytes shown); the verifier's
     /// last lines are in the error when it refuses. The maps the program's
     /// instructions name must outlive the load (the kernel takes references).
@@ -277,7 +324,7 @@ impl Program {
 /// dropped (or when the process ends).
 #[derive(Debug)]
 pub struct Link {
-    _fd: OwnedFd,
+    fd: OwnedFd,
 }
 
 /// `XDP_FLAGS_SKB_MODE`: the generic path.
@@ -293,7 +340,18 @@ impl Link {
         attr[1] = u64::from(BPF_XDP) | (u64::from(flags) << 32);
         // SAFETY: the block carries no pointer.
         let fd = unsafe { bpf(BPF_LINK_CREATE, &mut attr) }?;
-        Ok(Link { _fd: own(fd) })
+        Ok(Link { fd: own(fd) })
+    }
+
+    /// Replaces the link's program by `prog`, atomically: every frame runs
+    /// one or the other.
+    pub fn update(&self, prog: &Program) -> io::Result<()> {
+        let mut attr = [0u64; 16];
+        // link_fd, new_prog_fd | flags (0), old_prog_fd (unused)
+        attr[0] = self.fd.as_raw_fd() as u64 | ((prog.fd.as_raw_fd() as u64) << 32);
+        // SAFETY: the block carries no pointer.
+        unsafe { bpf(BPF_LINK_UPDATE, &mut attr) }?;
+        Ok(())
     }
 }
 
