@@ -217,6 +217,19 @@ pub enum PortError {
     /// Self-port tables for different addresses or TMs were combined.
     #[error("self-port sets for different (address, TM) pairs cannot be combined")]
     Mismatch,
+    /// The server's replies to every SNAT address land in another group
+    /// than the TM's, whatever the port: no port can steer them home.
+    #[error("replies from {server} to SNAT address {addr} land in group '{lands_in}', not this TM's group '{group}'")]
+    ReplyElsewhere {
+        /// The server.
+        server: std::net::SocketAddr,
+        /// The (last) SNAT address tried.
+        addr: IpAddr,
+        /// The group the replies land in.
+        lands_in: String,
+        /// The TM's group.
+        group: String,
+    },
 }
 
 /// Table-file problems: I/O, syntax, content, checksum.

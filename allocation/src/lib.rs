@@ -45,7 +45,7 @@ pub use mac::MacAddr;
 pub use profile::Profile;
 pub use rebalance::{Change, Move};
 pub use rules::{PortRange, Prefix, Rule};
-pub use selfport::{PortAllocator, SelfPorts, SnatAllocator};
+pub use selfport::{PortAllocator, ReplyFit, SelfPorts, SnatAllocator};
 pub use shared::{SharedTable, Versioned};
 pub use table::{
     AllocationTable, Buckets, Flow, Group, GroupSpec, HashMode, SteerBy, Steering, Tm, TmIndex,

@@ -245,7 +245,44 @@ pub struct Rule {
     pub prefix: Option<Prefix>,
 }
 
+/// How a rule matches the replies of one server-side connection — (server
+/// address, server port) → (SNAT address, port), one protocol — as the
+/// SNAT port varies: the only part of the reply a TM chooses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyMatch {
+    /// Whatever the port.
+    Always,
+    /// Only when the port is in this range.
+    Ports(PortRange),
+    /// Whatever the port, never.
+    Never,
+}
+
 impl Rule {
+    /// How the rule matches the replies from `server`:`server_port` to
+    /// `snat`:port carrying `protocol`, as the port varies.
+    pub fn reply_match(
+        &self,
+        protocol: u8,
+        server: IpAddr,
+        server_port: u16,
+        snat: IpAddr,
+    ) -> ReplyMatch {
+        if self.protocol.is_some_and(|p| p.0 != protocol) {
+            return ReplyMatch::Never;
+        }
+        if self
+            .prefix
+            .is_some_and(|p| !p.contains(server) && !p.contains(snat))
+        {
+            return ReplyMatch::Never;
+        }
+        match self.ports {
+            Some(r) if !r.contains(server_port) => ReplyMatch::Ports(r),
+            _ => ReplyMatch::Always,
+        }
+    }
+
     /// True if the rule sets no criterion.
     pub fn is_empty(&self) -> bool {
         self.protocol.is_none() && self.ports.is_none() && self.prefix.is_none()

@@ -7,6 +7,14 @@
 //! out in O(1) (a two-level bitmap: 1024 words and a 16-word summary of the
 //! words that still have a free port) from a rotating cursor, so a released
 //! port is reused last; [`SnatAllocator`] walks several SNAT addresses.
+//!
+//! With several groups, the reply must also be *classified* into the TM's
+//! own group (DESIGN §2 step 5: rules see both ports and both addresses).
+//! A port of another group's port rule never is a self-source port; the
+//! rest depends on the server: [`ReplyFit`] says, per connection, whether
+//! every self-source port fits, only those in the ranges of the TM's own
+//! group's port rules, or none (the replies land in another group whatever
+//! the port — a configuration that cannot work, refused by tmd).
 
 use std::net::IpAddr;
 
@@ -168,6 +176,105 @@ impl SelfPorts {
     }
 }
 
+/// Which of a TM's self-source ports can carry one server-side connection:
+/// those whose reply the distributors classify into the TM's own group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyFit {
+    /// Every one: the TM's group matches the replies whatever the port.
+    Any,
+    /// Only those in these ranges (above the server's port): the TM's
+    /// group matches the replies by port rules alone (none of which names
+    /// the server's port).
+    Within(Vec<PortRange>),
+    /// None: the replies land in group `lands_in` whatever the port.
+    Never {
+        /// The group they land in.
+        lands_in: usize,
+    },
+}
+
+impl ReplyFit {
+    /// The fit of TM `tm`'s connections from SNAT address `snat` to
+    /// `server`:`server_port` carrying `protocol`, under `table`: the
+    /// groups' rules in steering order (groups 1… first match, else the
+    /// default group 0), each rule matching the reply whatever the port,
+    /// for ports of a range, or never. A TM that is not in the table fits
+    /// nothing.
+    pub fn of(
+        table: &AllocationTable,
+        tm: TmIndex,
+        server: IpAddr,
+        server_port: u16,
+        protocol: u8,
+        snat: IpAddr,
+    ) -> ReplyFit {
+        use crate::rules::ReplyMatch;
+        let Some(g) = table.tm(tm).map(|t| t.group) else {
+            return ReplyFit::Never { lands_in: 0 };
+        };
+        let mut own: Vec<PortRange> = Vec::new();
+        for (h, group) in table.groups().iter().enumerate().skip(1) {
+            let mut always = false;
+            for r in &group.rules {
+                match r.reply_match(protocol, server, server_port, snat) {
+                    ReplyMatch::Always => always = true,
+                    // Ports of another group's rules are no self-source
+                    // ports (`SelfPorts`): only the TM's own ranges count.
+                    // Only ports above the server's: the reply hashes on
+                    // the SNAT side's endpoint only then.
+                    ReplyMatch::Ports(range) if h == g && range.hi > server_port => {
+                        own.push(PortRange {
+                            lo: range.lo.max(server_port + 1),
+                            hi: range.hi,
+                        })
+                    }
+                    ReplyMatch::Ports(_) | ReplyMatch::Never => {}
+                }
+            }
+            if h == g && always {
+                return ReplyFit::Any;
+            }
+            if h == g && !own.is_empty() {
+                return ReplyFit::Within(own);
+            }
+            if always {
+                return ReplyFit::Never { lands_in: h };
+            }
+        }
+        if g == 0 {
+            ReplyFit::Any
+        } else {
+            ReplyFit::Never { lands_in: 0 }
+        }
+    }
+
+    /// The fit under two tables at once (a transition: valid under both).
+    pub fn and(self, other: ReplyFit) -> ReplyFit {
+        match (self, other) {
+            (ReplyFit::Never { lands_in }, _) | (_, ReplyFit::Never { lands_in }) => {
+                ReplyFit::Never { lands_in }
+            }
+            (ReplyFit::Any, x) | (x, ReplyFit::Any) => x,
+            (ReplyFit::Within(a), ReplyFit::Within(b)) => {
+                let both: Vec<PortRange> = a
+                    .iter()
+                    .flat_map(|x| {
+                        b.iter().filter_map(move |y| {
+                            let (lo, hi) = (x.lo.max(y.lo), x.hi.min(y.hi));
+                            (lo <= hi).then_some(PortRange { lo, hi })
+                        })
+                    })
+                    .collect();
+                if both.is_empty() {
+                    ReplyFit::Never { lands_in: 0 }
+                } else {
+                    ReplyFit::Within(both)
+                }
+            }
+        }
+    }
+}
+
 /// Port ranges named by rules of groups other than `g`.
 fn excluded_ports(table: &AllocationTable, g: usize) -> Vec<PortRange> {
     table
@@ -294,6 +401,28 @@ impl PortAllocator {
         self.cursor = port + 1;
         self.in_use += 1;
         Some(port as u16)
+    }
+
+    /// A free self-source port greater than `above` that `fit` allows:
+    /// [`PortAllocator::allocate`] for [`ReplyFit::Any`]; for
+    /// [`ReplyFit::Within`] the first free one in its ranges (a search of
+    /// those ranges' words only).
+    #[inline]
+    pub fn allocate_fit(&mut self, above: u16, fit: &ReplyFit) -> Option<u16> {
+        match fit {
+            ReplyFit::Any => self.allocate(above),
+            ReplyFit::Never { .. } => None,
+            ReplyFit::Within(ranges) => {
+                let port = ranges.iter().find_map(|r| {
+                    self.find(u32::from(r.lo).max(u32::from(above) + 1), u32::from(r.hi))
+                })?;
+                let w = (port / 64) as usize;
+                self.used[w] |= 1 << (port % 64);
+                self.refresh(w);
+                self.in_use += 1;
+                Some(port as u16)
+            }
+        }
     }
 
     /// Marks `port` as in use (a connection that already holds it, e.g. kept
@@ -450,6 +579,49 @@ impl SnatAllocator {
         })
     }
 
+    /// A (SNAT address, port) for a connection to a server on port
+    /// `above` whose replies to address `a` fit as `fit(a)` says: the first
+    /// address with a free port that fits, in order. When no address fits
+    /// at all the error says where the replies would land (`group_name`
+    /// names groups); when some fit but are full, exhaustion.
+    pub fn allocate_fit(
+        &mut self,
+        server: std::net::SocketAddr,
+        fit: impl Fn(IpAddr) -> ReplyFit,
+        group_name: impl Fn(usize) -> (String, String),
+    ) -> Result<(IpAddr, u16), PortError> {
+        let above = server.port();
+        let mut elsewhere = None;
+        let mut any_fits = false;
+        for pool in self.pools.iter_mut() {
+            let f = fit(pool.addr);
+            if let ReplyFit::Never { lands_in } = f {
+                elsewhere = Some((pool.addr, lands_in));
+                continue;
+            }
+            any_fits = true;
+            if let Some(p) = pool.allocate_fit(above, &f) {
+                return Ok((pool.addr, p));
+            }
+        }
+        match elsewhere {
+            Some((addr, lands_in)) if !any_fits => {
+                let (lands_in, group) = group_name(lands_in);
+                Err(PortError::ReplyElsewhere {
+                    server,
+                    addr,
+                    lands_in,
+                    group,
+                })
+            }
+            _ => Err(PortError::Exhausted {
+                above,
+                tm: usize::from(self.tm),
+                addresses: self.pools.len(),
+            }),
+        }
+    }
+
     /// Releases a port allocated on `addr`.
     pub fn release(&mut self, addr: IpAddr, port: u16) -> Result<(), PortError> {
         self.pools
@@ -470,8 +642,9 @@ mod test {
     use super::*;
     use crate::profile::Profile;
     use crate::rules::proto;
+    use crate::rules::{Protocol, Rule};
     use crate::table::test::uniform;
-    use crate::table::Flow;
+    use crate::table::{Flow, GroupSpec, Tm};
     use proptest::prelude::*;
 
     fn ip(s: &str) -> IpAddr {
@@ -650,8 +823,6 @@ mod test {
 
     #[test]
     fn rule_ports_of_other_groups_are_never_self_ports() {
-        use crate::rules::{Protocol, Rule};
-        use crate::table::{GroupSpec, Tm};
         let mut tms: Vec<Tm> = uniform(4).tms().to_vec();
         tms[3].group = 1;
         let spec = GroupSpec {
@@ -677,6 +848,231 @@ mod test {
         for p in set.iter().filter(|&p| p > 80) {
             let reply = Flow::with_ports(proto::TCP, ip("198.51.100.1"), 80, ip("10.1.0.1"), p);
             assert_eq!(t.steer(&reply).tm, 0);
+        }
+    }
+
+    /// Four TMs: 0, 1 in the default group, 2, 3 in group 1 ("tls") with
+    /// `rules`.
+    fn partitioned(rules: Vec<Rule>) -> AllocationTable {
+        let mut tms: Vec<Tm> = uniform(4).tms().to_vec();
+        tms[2].group = 1;
+        tms[3].group = 1;
+        let tls = GroupSpec {
+            name: "tls".into(),
+            rules,
+            hash: HashMode::Endpoint,
+            profile: Profile::Uniform,
+        };
+        AllocationTable::new(
+            1,
+            *uniform(1).key(),
+            tms,
+            vec![GroupSpec::default_group(Profile::Uniform), tls],
+        )
+        .expect("table")
+    }
+
+    fn rule(protocol: u8, ports: &str) -> Rule {
+        Rule {
+            protocol: Some(Protocol(protocol)),
+            ports: Some(ports.parse().expect("range")),
+            prefix: None,
+        }
+    }
+
+    /// Every port the allocator hands out under a fit steers the reply to
+    /// the TM (and its group) by the distributors' own `steer`.
+    fn allocate_all(
+        t: &AllocationTable,
+        tm: TmIndex,
+        server: std::net::SocketAddr,
+        protocol: u8,
+        snat: IpAddr,
+    ) -> Result<Vec<u16>, PortError> {
+        let mut a = SnatAllocator::new(t, tm, &[snat], PortRange::ALL)?;
+        let fit = |addr| ReplyFit::of(t, tm, server.ip(), server.port(), protocol, addr);
+        let names = |g: usize| (t.groups()[g].name.clone(), String::new());
+        let mut out = Vec::new();
+        loop {
+            match a.allocate_fit(server, fit, names) {
+                Ok((addr, p)) => {
+                    let reply = Flow::with_ports(protocol, server.ip(), server.port(), addr, p);
+                    let s = t.steer(&reply);
+                    assert_eq!(
+                        (s.group, s.tm),
+                        (t.tms()[usize::from(tm)].group, tm),
+                        "port {p}"
+                    );
+                    out.push(p);
+                }
+                Err(PortError::Exhausted { .. }) => return Ok(out),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A TLS-group virtual server (rule: TCP 443) whose servers listen on
+    /// 8080: every reply is classified into the default group, so no port
+    /// can work — refused, naming the group; with the server port in a
+    /// rule of the group, every self-source port works; with a rule over a
+    /// port range of the SNAT side, just the ports in it.
+    #[test]
+    fn replies_are_classified_into_the_tms_group() {
+        let server: std::net::SocketAddr = "198.51.100.7:8080".parse().expect("addr");
+        let snat = ip("10.1.0.1");
+        let t = partitioned(vec![rule(proto::TCP, "443")]);
+        assert_eq!(
+            ReplyFit::of(&t, 2, server.ip(), 8080, proto::TCP, snat),
+            ReplyFit::Never { lands_in: 0 }
+        );
+        match allocate_all(&t, 2, server, proto::TCP, snat) {
+            Err(PortError::ReplyElsewhere { lands_in, .. }) => assert_eq!(lands_in, "default"),
+            other => panic!("{other:?}"),
+        }
+        // The default group's TMs: any port, but never 443 (the TLS rule's).
+        assert_eq!(
+            ReplyFit::of(&t, 0, server.ip(), 8080, proto::TCP, snat),
+            ReplyFit::Any
+        );
+        let ports = allocate_all(&t, 0, server, proto::TCP, snat).expect("ports");
+        assert!(ports.len() > 10_000 && !ports.contains(&443));
+
+        let t = partitioned(vec![rule(proto::TCP, "443"), rule(proto::TCP, "8080")]);
+        assert_eq!(
+            ReplyFit::of(&t, 2, server.ip(), 8080, proto::TCP, snat),
+            ReplyFit::Any
+        );
+        assert!(
+            allocate_all(&t, 2, server, proto::TCP, snat)
+                .expect("ports")
+                .len()
+                > 10_000
+        );
+        // Now the default group's TMs cannot reach that server: its replies are TLS's.
+        assert_eq!(
+            ReplyFit::of(&t, 0, server.ip(), 8080, proto::TCP, snat),
+            ReplyFit::Never { lands_in: 1 }
+        );
+        // Another protocol is not matched by the TLS rules.
+        assert_eq!(
+            ReplyFit::of(&t, 0, server.ip(), 8080, proto::UDP, snat),
+            ReplyFit::Any
+        );
+
+        let t = partitioned(vec![
+            rule(proto::TCP, "443"),
+            rule(proto::TCP, "40000-40999"),
+        ]);
+        assert_eq!(
+            ReplyFit::of(&t, 3, server.ip(), 8080, proto::TCP, snat),
+            ReplyFit::Within(vec!["40000-40999".parse().expect("r")])
+        );
+        let ports = allocate_all(&t, 3, server, proto::TCP, snat).expect("ports");
+        assert!(!ports.is_empty() && ports.iter().all(|p| (40000..=40999).contains(p)));
+
+        // A prefix rule covering the SNAT address takes every reply to it.
+        let t = partitioned(vec![Rule {
+            protocol: None,
+            ports: None,
+            prefix: Some("10.1.0.0/16".parse().expect("prefix")),
+        }]);
+        assert_eq!(
+            ReplyFit::of(&t, 2, server.ip(), 8080, proto::UDP, snat),
+            ReplyFit::Any
+        );
+        assert_eq!(
+            ReplyFit::of(&t, 1, server.ip(), 8080, proto::UDP, snat),
+            ReplyFit::Never { lands_in: 1 }
+        );
+        assert_eq!(
+            ReplyFit::of(&t, 1, server.ip(), 8080, proto::UDP, ip("10.2.0.1")),
+            ReplyFit::Any
+        );
+    }
+
+    #[test]
+    fn fits_combine_as_both_tables_require() {
+        let r = |s: &str| -> PortRange { s.parse().expect("r") };
+        assert_eq!(ReplyFit::Any.and(ReplyFit::Any), ReplyFit::Any);
+        assert_eq!(
+            ReplyFit::Any.and(ReplyFit::Within(vec![r("10-20")])),
+            ReplyFit::Within(vec![r("10-20")])
+        );
+        assert_eq!(
+            ReplyFit::Within(vec![r("10-20"), r("30-40")]).and(ReplyFit::Within(vec![r("15-35")])),
+            ReplyFit::Within(vec![r("15-20"), r("30-35")])
+        );
+        assert_eq!(
+            ReplyFit::Within(vec![r("10-20")]).and(ReplyFit::Within(vec![r("30-40")])),
+            ReplyFit::Never { lands_in: 0 }
+        );
+        assert_eq!(
+            ReplyFit::Any.and(ReplyFit::Never { lands_in: 2 }),
+            ReplyFit::Never { lands_in: 2 }
+        );
+    }
+
+    fn arb_rule() -> impl Strategy<Value = Rule> {
+        (
+            prop::option::of(prop::sample::select(vec![proto::TCP, proto::UDP])),
+            prop::option::of((1u16..65535, 0u16..3000)),
+            prop::option::of(prop::sample::select(vec![
+                "10.1.0.0/16",
+                "198.51.100.0/24",
+                "10.1.0.1/32",
+                "192.0.2.0/24",
+            ])),
+        )
+            .prop_map(|(p, ports, prefix)| Rule {
+                protocol: p.map(Protocol),
+                ports: ports.map(|(lo, w)| PortRange {
+                    lo,
+                    hi: lo.saturating_add(w),
+                }),
+                prefix: prefix.map(|s| s.parse().expect("prefix")),
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Random partitions (rules of protocol, ports and prefix; TMs in
+        /// three groups): every port handed out steers its reply home by
+        /// `steer`; when none can, no self-source port of the TM's would
+        /// have (the refusal is never a false alarm).
+        #[test]
+        fn every_port_handed_out_steers_home(
+            g1 in prop::collection::vec(arb_rule(), 1..3),
+            g2 in prop::collection::vec(arb_rule(), 1..3),
+            groups in prop::collection::vec(0usize..3, 6),
+            tm in 0u16..6,
+            server_port in 1u16..65535,
+            udp in any::<bool>(),
+            snat in prop::sample::select(vec!["10.1.0.1", "10.9.0.1"]),
+        ) {
+            let mut tms: Vec<Tm> = uniform(6).tms().to_vec();
+            for (t, g) in tms.iter_mut().zip(&groups) {
+                t.group = *g;
+            }
+            let spec = |name: &str, rules: Vec<Rule>| GroupSpec { name: name.into(), rules, hash: HashMode::Endpoint, profile: Profile::Uniform };
+            let Ok(t) = AllocationTable::new(1, *uniform(1).key(), tms, vec![GroupSpec::default_group(Profile::Uniform), spec("a", g1), spec("b", g2)]) else {
+                return Ok(()); // a group without TMs, or another invalid layout
+            };
+            let protocol = if udp { proto::UDP } else { proto::TCP };
+            let server = std::net::SocketAddr::new(ip("198.51.100.7"), server_port);
+            let snat = ip(snat);
+            match allocate_all(&t, tm, server, protocol, snat) {
+                Ok(_) => {}
+                Err(PortError::ReplyElsewhere { .. }) => {
+                    let own = SelfPorts::build(&t, snat, tm, PortRange::ALL).expect("ports");
+                    let g = t.tms()[usize::from(tm)].group;
+                    for p in own.iter().filter(|&p| p > server_port).step_by(97) {
+                        let reply = Flow::with_ports(protocol, server.ip(), server_port, snat, p);
+                        prop_assert_ne!(t.steer(&reply).group, g, "port {} would have worked", p);
+                    }
+                }
+                Err(e) => prop_assert!(false, "{}", e),
+            }
         }
     }
 

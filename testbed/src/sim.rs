@@ -870,13 +870,16 @@ impl Sim {
     /// TM `tm` leases a self-source port for flow `slot` toward its server
     /// (the real allocator), checked and recorded. False when none is left.
     fn lease(&mut self, slot: usize, tm: u32, protocol: u8) -> bool {
-        let Some((v6, server)) = self.flow(slot).map(|f| (f.v6, f.server)) else {
+        let Some(server) = self.flow(slot).map(|f| f.server) else {
             return false;
         };
         let Some(node) = self.tms.iter().find(|t| t.id == tm) else {
             return false;
         };
-        let Ok(lease) = node.snat.lease(!v6, server.1) else {
+        let Ok(lease) = node
+            .snat
+            .lease(std::net::SocketAddr::new(server.0, server.1), protocol)
+        else {
             return false;
         };
         self.check_port(tm, lease.addr, lease.port, server);

@@ -12,7 +12,8 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
-use allocation::{AllocationTable, PortError, PortRange, SnatAllocator, TmIndex};
+use allocation::rules::proto;
+use allocation::{AllocationTable, PortError, PortRange, ReplyFit, SnatAllocator, TmIndex};
 use thiserror::Error;
 
 /// Address-in-use answers tolerated for one connection before giving up.
@@ -21,8 +22,10 @@ pub const MAX_PORT_RETRIES: usize = 32;
 /// Why a server-side connection could not be made.
 #[derive(Debug, Error)]
 pub enum ConnectError {
-    /// No self-source port is free above the server port on any SNAT address of the family.
-    #[error("no self-source port left: {0}")]
+    /// No self-source port is free above the server port on any SNAT
+    /// address of the family, or none can carry the server's replies to
+    /// this TM's group.
+    #[error("no self-source port: {0}")]
     Exhausted(PortError),
     /// No SNAT address of the server's address family.
     #[error("no SNAT address for {0}")]
@@ -50,6 +53,98 @@ pub struct Snat {
     range: PortRange,
     v4: Option<Mutex<SnatAllocator>>,
     v6: Option<Mutex<SnatAllocator>>,
+    /// The table the ports are for, and during a transition the next one:
+    /// what classifies a connection's replies into a group (its rules).
+    tables: Mutex<Arc<Tables>>,
+}
+
+/// The tables a node's ports must be valid under.
+#[derive(Debug)]
+struct Tables {
+    running: AllocationTable,
+    next: Option<AllocationTable>,
+}
+
+/// One server a virtual server connects to, for [`check_replies`].
+#[derive(Debug, Clone, Copy)]
+pub struct ServerSide<'a> {
+    /// The virtual server.
+    pub vs: &'a str,
+    /// Its pool.
+    pub pool: &'a str,
+    /// `allocation::rules::proto::TCP` or `UDP`.
+    pub protocol: u8,
+    /// The server.
+    pub server: SocketAddr,
+}
+
+/// The fit of TM id `tm_id`'s connections from `addr` to `server` under
+/// `table` (and `next`, where this node is in it).
+fn fit_under(
+    table: &AllocationTable,
+    next: Option<&AllocationTable>,
+    tm_id: u32,
+    server: SocketAddr,
+    protocol: u8,
+    addr: IpAddr,
+) -> ReplyFit {
+    let one = |t: &AllocationTable| {
+        t.tm_index_by_id(tm_id)
+            .map(|tm| ReplyFit::of(t, tm, server.ip(), server.port(), protocol, addr))
+    };
+    let now = one(table).unwrap_or(ReplyFit::Never { lands_in: 0 });
+    match next.and_then(one) {
+        Some(after) => now.and(after),
+        None => now,
+    }
+}
+
+/// The names of group `g` of `table` and of TM id `tm_id`'s own group.
+fn group_names(table: &AllocationTable, tm_id: u32, g: usize) -> (String, String) {
+    let name = |g: usize| {
+        table
+            .groups()
+            .get(g)
+            .map_or_else(|| format!("#{g}"), |x| x.name.clone())
+    };
+    let own = table
+        .tm_index_by_id(tm_id)
+        .and_then(|i| table.tm(i))
+        .map_or(0, |t| t.group);
+    (name(g), name(own))
+}
+
+/// Refuses a configuration that can never work: a server whose replies to
+/// one of the SNAT addresses `addrs` land in another group than TM id
+/// `tm_id`'s whatever the port, under `table` (and `next`). One line names
+/// the virtual server, the pool, the server, the SNAT address and both
+/// groups.
+pub fn check_replies(
+    table: &AllocationTable,
+    next: Option<&AllocationTable>,
+    tm_id: u32,
+    addrs: &[IpAddr],
+    servers: &[ServerSide<'_>],
+) -> Result<(), String> {
+    for s in servers {
+        for &a in addrs.iter().filter(|a| a.is_ipv4() == s.server.is_ipv4()) {
+            if let ReplyFit::Never { lands_in } =
+                fit_under(table, next, tm_id, s.server, s.protocol, a)
+            {
+                let t = next.unwrap_or(table);
+                let (lands, own) = group_names(t, tm_id, lands_in);
+                let p = proto::name(s.protocol);
+                return Err(format!(
+                    "virtual server '{}' (pool '{}'): {p} replies from server {} to SNAT address {a} land in group '{lands}' whatever the port, not in this TM's group '{own}': give group '{own}' a rule that matches them (e.g. {p} port {}, or a prefix holding {a}), or put the TM in group '{lands}'",
+                    s.vs,
+                    s.pool,
+                    s.server,
+                    s.server.port(),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A leased (address, port): released when dropped.
@@ -92,7 +187,30 @@ impl Snat {
             range,
             v4: build(&v4)?,
             v6: build(&v6)?,
+            tables: Mutex::new(Arc::new(Tables {
+                running: table.clone(),
+                next: None,
+            })),
         })
+    }
+
+    /// The SNAT addresses, in order (IPv4 first).
+    pub fn addrs(&self) -> Vec<IpAddr> {
+        [&self.v4, &self.v6]
+            .into_iter()
+            .flatten()
+            .flat_map(|m| {
+                let a = m.lock().unwrap_or_else(|p| p.into_inner());
+                a.pools().iter().map(|p| p.addr()).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    fn set_tables(&self, running: &AllocationTable, next: Option<&AllocationTable>) {
+        *self.tables.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(Tables {
+            running: running.clone(),
+            next: next.cloned(),
+        });
     }
 
     /// This node's TM id (stable across tables).
@@ -108,11 +226,27 @@ impl Snat {
         }
     }
 
-    /// Leases a self-source port above `server_port` for a server of the given family.
-    pub fn lease(self: &Arc<Self>, v4: bool, server_port: u16) -> Result<Lease, ConnectError> {
-        let alloc = self.family(v4)?;
+    /// Leases a self-source port for a connection to `server` carrying
+    /// `protocol` (`allocation::rules::proto`): above the server's port, and
+    /// one whose reply the distributors classify into this TM's group (and
+    /// steer to it) under the running table — and, during a transition,
+    /// the next one too.
+    pub fn lease(
+        self: &Arc<Self>,
+        server: SocketAddr,
+        protocol: u8,
+    ) -> Result<Lease, ConnectError> {
+        let alloc = self.family(server.is_ipv4())?;
+        let tables = Arc::clone(&self.tables.lock().unwrap_or_else(|p| p.into_inner()));
+        let (running, next) = (&tables.running, tables.next.as_ref());
         let mut a = alloc.lock().unwrap_or_else(|p| p.into_inner());
-        let (addr, port) = a.allocate(server_port).map_err(ConnectError::Exhausted)?;
+        let (addr, port) = a
+            .allocate_fit(
+                server,
+                |addr| fit_under(running, next, self.tm_id, server, protocol, addr),
+                |g| group_names(next.unwrap_or(running), self.tm_id, g),
+            )
+            .map_err(ConnectError::Exhausted)?;
         Ok(Lease {
             snat: Arc::clone(self),
             addr,
@@ -157,6 +291,7 @@ impl Snat {
                 .unwrap_or_else(|p| p.into_inner())
                 .retable(table, tm, next, self.range)?;
         }
+        self.set_tables(table, next.map(|(n, _)| n));
         Ok(())
     }
 
@@ -182,6 +317,8 @@ impl Snat {
                 .unwrap_or_else(|p| p.into_inner())
                 .prepare_joining(next, tm, held, self.range)?;
         }
+        // It owns nothing of the running table: its replies are the next one's.
+        self.set_tables(next, None);
         Ok(())
     }
 
@@ -244,6 +381,10 @@ mod test {
     use allocation::rules::proto;
     use allocation::{Flow, HashKey, Profile};
 
+    fn server80() -> SocketAddr {
+        "198.51.100.1:80".parse().expect("addr")
+    }
+
     fn table() -> AllocationTable {
         testkit::table(1, HashKey::from_bytes([1; 16]), 4, Profile::Uniform)
     }
@@ -267,7 +408,7 @@ mod test {
         snat.retable(&next, None).expect("retable");
         let me = next.tm_index_by_id(3).expect("id 3");
         for _ in 0..300 {
-            let lease = snat.lease(true, 80).expect("lease");
+            let lease = snat.lease(server80(), proto::TCP).expect("lease");
             let reply = Flow::with_ports(
                 proto::TCP,
                 "198.51.100.1".parse().expect("addr"),
@@ -300,12 +441,15 @@ mod test {
             .expect("readmit")
             .table;
         let snat = Arc::new(Snat::new(&failover, 2, &[addr], range).expect("snat"));
-        assert!(snat.lease(true, 80).is_err(), "no bucket, no port");
+        assert!(
+            snat.lease(server80(), proto::TCP).is_err(),
+            "no bucket, no port"
+        );
         assert!(snat.joins_from(&failover));
         // A member holds ports in buckets moving to TM 2 ...
         let member = Arc::new(Snat::new(&failover, 1, &[addr], range).expect("snat"));
         let mut leases: Vec<Lease> = (0..400)
-            .map(|_| member.lease(true, 80).expect("lease"))
+            .map(|_| member.lease(server80(), proto::TCP).expect("lease"))
             .collect();
         member.retable(&failover, Some(&back)).expect("prepare");
         let held = member.moving_ports(&back);
@@ -328,7 +472,7 @@ mod test {
         // ... which the joining TM never takes.
         snat.prepare_joining(&back, &held).expect("prepare");
         let mut got = Vec::new();
-        while let Ok(lease) = snat.lease(true, 80) {
+        while let Ok(lease) = snat.lease(server80(), proto::TCP) {
             let reply = Flow::with_ports(
                 proto::TCP,
                 "198.51.100.1".parse().expect("addr"),
@@ -351,7 +495,7 @@ mod test {
         // The member, prepared, only takes ports valid under both tables.
         leases.clear();
         for _ in 0..100 {
-            let lease = member.lease(true, 80).expect("lease");
+            let lease = member.lease(server80(), proto::TCP).expect("lease");
             let reply = Flow::with_ports(
                 proto::TCP,
                 "198.51.100.1".parse().expect("addr"),
@@ -362,5 +506,80 @@ mod test {
             assert_eq!(failover.steer(&reply).tm, 1);
             assert_eq!(back.steer(&reply).tm, 1);
         }
+    }
+
+    /// A TLS-group TM (rule: TCP 443) whose servers listen on 8080: every
+    /// reply is classified into the default group, so the configuration is
+    /// refused with one line naming both groups and a lease is refused too;
+    /// with a rule for 8080 in the TLS group every lease steers home.
+    #[test]
+    fn replies_that_land_in_another_group_are_refused() {
+        use allocation::rules::{Protocol, Rule};
+        use allocation::{GroupSpec, HashMode, Tm};
+        let with_rules = |rules: Vec<Rule>| {
+            let mut tms: Vec<Tm> = table().tms().to_vec();
+            tms[2].group = 1;
+            tms[3].group = 1;
+            let tls = GroupSpec {
+                name: "tls".into(),
+                rules,
+                hash: HashMode::Endpoint,
+                profile: Profile::Uniform,
+            };
+            AllocationTable::new(
+                1,
+                *table().key(),
+                tms,
+                vec![GroupSpec::default_group(Profile::Uniform), tls],
+            )
+            .expect("table")
+        };
+        let rule = |port: &str| Rule {
+            protocol: Some(Protocol(proto::TCP)),
+            ports: Some(port.parse().expect("range")),
+            prefix: None,
+        };
+        let addr: IpAddr = "10.1.0.1".parse().expect("addr");
+        let server: SocketAddr = "198.51.100.7:8080".parse().expect("addr");
+        let sides = [ServerSide {
+            vs: "web-tls",
+            pool: "app",
+            protocol: proto::TCP,
+            server,
+        }];
+        let t = with_rules(vec![rule("443")]);
+        let id = t.tm(2).expect("tm").id;
+        let e = check_replies(&t, None, id, &[addr], &sides).expect_err("refused");
+        assert!(
+            e.contains("'web-tls'")
+                && e.contains("'app'")
+                && e.contains("10.1.0.1")
+                && e.contains("group 'default'")
+                && e.contains("group 'tls'"),
+            "{e}"
+        );
+        let snat = Arc::new(Snat::new(&t, 2, &[addr], PortRange::ALL).expect("snat"));
+        assert!(matches!(
+            snat.lease(server, proto::TCP),
+            Err(ConnectError::Exhausted(PortError::ReplyElsewhere { .. }))
+        ));
+        // The default group's TMs are fine there.
+        let id0 = t.tm(0).expect("tm").id;
+        assert!(check_replies(&t, None, id0, &[addr], &sides).is_ok());
+
+        let fixed = with_rules(vec![rule("443"), rule("8080")]);
+        assert!(check_replies(&fixed, None, id, &[addr], &sides).is_ok());
+        // A transition to the fixed table is still refused: the running one
+        // must take the replies too.
+        assert!(check_replies(&t, Some(&fixed), id, &[addr], &sides).is_err());
+        snat.retable(&fixed, None).expect("retable");
+        for _ in 0..500 {
+            let lease = snat.lease(server, proto::TCP).expect("lease");
+            let reply = Flow::with_ports(proto::TCP, server.ip(), 8080, lease.addr, lease.port);
+            let s = fixed.steer(&reply);
+            assert_eq!((s.group, s.tm), (1, 2));
+        }
+        // Now default-group TMs cannot reach that server (its replies are TLS's).
+        assert!(check_replies(&fixed, None, id0, &[addr], &sides).is_err());
     }
 }

@@ -49,6 +49,22 @@ pub struct AdminState {
     pub servers: Vec<Arc<VirtualServer>>,
     /// Where an installed table is saved (the table file tmd starts from).
     pub table_file: Option<PathBuf>,
+    /// The servers this node connects to from self-source ports: a table
+    /// under which one's replies cannot come back is refused.
+    pub server_sides: Vec<crate::config::OwnedServerSide>,
+}
+
+impl AdminState {
+    /// Refuses `table` (with `next`, a transition's) if a server's replies
+    /// could never come back to this node under it.
+    fn check_replies(
+        &self,
+        table: &allocation::AllocationTable,
+        next: Option<&allocation::AllocationTable>,
+    ) -> Result<(), String> {
+        let sides: Vec<_> = self.server_sides.iter().map(|s| s.side()).collect();
+        tm_core::snat::check_replies(table, next, self.tm_id, &self.snat.addrs(), &sides)
+    }
 }
 
 /// The handler the admin server runs for tmd.
@@ -160,6 +176,9 @@ fn put_table(req: &Request, state: &AdminState) -> Reply {
                 running.version()
             ),
         );
+    }
+    if let Err(e) = state.check_replies(&table, None) {
+        return Reply::text(400, format!("table rejected: {e}"));
     }
     if let Err(e) = state.snat.retable(&table, None) {
         return Reply::text(400, format!("table rejected: {e}"));
@@ -282,6 +301,13 @@ fn prepare(req: &Request, state: &AdminState) -> Reply {
     let held: Option<Vec<(std::net::IpAddr, u16)>> = request
         .held
         .map(|h| h.into_iter().map(|HeldPort(a, p)| (a, p)).collect());
+    let fits = match &held {
+        None => state.check_replies(&running, Some(&table)),
+        Some(_) => state.check_replies(&table, None),
+    };
+    if let Err(e) = fits {
+        return Reply::text(400, format!("table rejected: {e}"));
+    }
     let prepared = match &held {
         None => state.snat.retable(&running, Some(&table)),
         Some(h) => state.snat.prepare_joining(&table, h),

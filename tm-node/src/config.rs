@@ -62,6 +62,32 @@ pub enum Protocol {
     Udp,
 }
 
+/// A server a virtual server connects to from self-source ports, owned
+/// ([`tm_core::snat::ServerSide`] borrows it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedServerSide {
+    /// The virtual server.
+    pub vs: String,
+    /// Its pool.
+    pub pool: String,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// The server.
+    pub server: SocketAddr,
+}
+
+impl OwnedServerSide {
+    /// The borrowed form [`tm_core::snat::check_replies`] takes.
+    pub fn side(&self) -> tm_core::snat::ServerSide<'_> {
+        tm_core::snat::ServerSide {
+            vs: &self.vs,
+            pool: &self.pool,
+            protocol: self.protocol,
+            server: self.server,
+        }
+    }
+}
+
 /// A virtual server.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -162,6 +188,43 @@ impl Settings for NodeConfig {
 }
 
 impl NodeConfig {
+    /// Every (virtual server, pool, protocol, server) this node connects
+    /// to from self-source ports (DNAT-only virtual servers keep the
+    /// client's address: none of theirs).
+    pub fn server_sides(&self) -> Vec<OwnedServerSide> {
+        let mut out = Vec::new();
+        for v in self.virtual_servers.iter().filter(|v| !v.dnat_only) {
+            let protocol = match v.protocol {
+                Protocol::Tcp => allocation::rules::proto::TCP,
+                Protocol::Udp => allocation::rules::proto::UDP,
+            };
+            for p in self.pools.iter().filter(|p| p.name == v.pool) {
+                for s in &p.servers {
+                    out.push(OwnedServerSide {
+                        vs: v.name.clone(),
+                        pool: p.name.clone(),
+                        protocol,
+                        server: s.address,
+                    });
+                }
+            }
+        }
+        // Health checks connect from self-source ports too, over TCP.
+        for p in self.pools.iter().filter(|p| p.health.is_some()) {
+            for s in &p.servers {
+                out.push(OwnedServerSide {
+                    vs: "(health checks)".into(),
+                    pool: p.name.clone(),
+                    protocol: allocation::rules::proto::TCP,
+                    server: s.address,
+                });
+            }
+        }
+        out.sort_by(|a, b| (a.protocol, a.server, &a.vs).cmp(&(b.protocol, b.server, &b.vs)));
+        out.dedup_by(|a, b| a.protocol == b.protocol && a.server == b.server);
+        out
+    }
+
     /// Checks what types cannot.
     pub fn validated(self) -> Result<Self, ConfigError> {
         if let Some(why) = self.admin.insecure() {

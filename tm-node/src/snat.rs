@@ -24,7 +24,7 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<(TcpStream, Lease), ConnectError> {
     for _ in 0..MAX_PORT_RETRIES {
-        let lease = snat.lease(server.is_ipv4(), server.port())?;
+        let lease = snat.lease(server, allocation::rules::proto::TCP)?;
         let socket = if server.is_ipv4() {
             TcpSocket::new_v4()
         } else {

@@ -39,7 +39,7 @@ async fn connect_udp(
     server: SocketAddr,
 ) -> Result<(UdpSocket, Lease), ConnectError> {
     for _ in 0..MAX_PORT_RETRIES {
-        let lease = vs.snat.lease(server.is_ipv4(), server.port())?;
+        let lease = vs.snat.lease(server, allocation::rules::proto::UDP)?;
         let sock = match UdpSocket::bind(SocketAddr::new(lease.addr, lease.port)).await {
             Ok(s) => s,
             Err(e)

@@ -52,6 +52,12 @@ fn run(path: &Path) -> Result<()> {
         )
     })?;
     let snat = Arc::new(Snat::new(&table, tm, &cfg.snat_addresses, cfg.snat_ports)?);
+    let server_sides = cfg.server_sides();
+    {
+        let sides: Vec<_> = server_sides.iter().map(|s| s.side()).collect();
+        tm_node::snat::check_replies(&table, None, cfg.tm_id, &cfg.snat_addresses, &sides)
+            .map_err(|e| anyhow!("table {}: {e}", cfg.table.display()))?;
+    }
     for (addr, _, free) in snat.usage() {
         log::info!(
             "SNAT {addr}: {free} self-source ports for TM {} ('{}')",
@@ -208,6 +214,7 @@ fn run(path: &Path) -> Result<()> {
             snat: Arc::clone(&snat),
             servers: servers.clone(),
             table_file: Some(cfg.table.clone()),
+            server_sides,
         });
         let admin_thread = {
             let stop = Arc::clone(&admin_stop);
