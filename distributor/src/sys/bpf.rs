@@ -96,9 +96,12 @@ unsafe fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i32> {
 }
 
 /// A descriptor the kernel has just returned: owned from here on.
-fn own(fd: i32) -> OwnedFd {
-    // SAFETY: `fd` was returned by a successful bpf(2) call that creates a
-    // descriptor; nothing else holds it.
+///
+/// # Safety
+/// `fd` was returned by a successful bpf(2) call that creates a
+/// descriptor, and nothing else owns or closes it.
+unsafe fn own(fd: i32) -> OwnedFd {
+    // SAFETY: the caller's promise: a fresh descriptor no one else owns.
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
@@ -157,7 +160,8 @@ impl Map {
         // SAFETY: the block carries no pointer.
         let fd = unsafe { bpf(BPF_MAP_CREATE, &mut attr) }?;
         Ok(Map {
-            fd: own(fd),
+            // SAFETY: a descriptor BPF_MAP_CREATE just returned.
+            fd: unsafe { own(fd) },
             key_size,
             user_value,
         })
@@ -233,7 +237,10 @@ impl RunStats {
         // enable_stats.type = BPF_STATS_RUN_TIME (0)
         // SAFETY: the block carries no pointer.
         let fd = unsafe { bpf(BPF_ENABLE_STATS, &mut attr) }?;
-        Ok(RunStats { _fd: own(fd) })
+        // SAFETY: a descriptor BPF_ENABLE_STATS just returned.
+        Ok(RunStats {
+            _fd: unsafe { own(fd) },
+        })
     }
 }
 
@@ -283,7 +290,10 @@ impl Program {
             unsafe { bpf(BPF_PROG_LOAD, &mut attr) }
         };
         match load(&mut []) {
-            Ok(fd) => Ok(Program { fd: own(fd) }),
+            // SAFETY: a descriptor BPF_PROG_LOAD just returned.
+            Ok(fd) => Ok(Program {
+                fd: unsafe { own(fd) },
+            }),
             Err(e) => {
                 let mut log = vec![0u8; 64 * 1024];
                 let _ = load(&mut log);
@@ -309,9 +319,10 @@ impl Program {
         attr[1] = (frame.len() as u64) | ((out.len() as u64) << 32);
         attr[2] = frame.as_ptr() as u64;
         attr[3] = out.as_mut_ptr() as u64;
-        attr[4] = 1; // repeat
-                     // SAFETY: the input is `frame.len()` live bytes, the output buffer
-                     // `out.len()` live writable bytes, the sizes the block gives.
+        // repeat
+        attr[4] = 1;
+        // SAFETY: the input is `frame.len()` live bytes, the output buffer
+        // `out.len()` live writable bytes, the sizes the block gives.
         unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }?;
         let retval = (attr[0] >> 32) as u32;
         let out_len = ((attr[1] >> 32) as usize).min(out.len());
@@ -340,7 +351,10 @@ impl Link {
         attr[1] = u64::from(BPF_XDP) | (u64::from(flags) << 32);
         // SAFETY: the block carries no pointer.
         let fd = unsafe { bpf(BPF_LINK_CREATE, &mut attr) }?;
-        Ok(Link { fd: own(fd) })
+        // SAFETY: a descriptor BPF_LINK_CREATE just returned.
+        Ok(Link {
+            fd: unsafe { own(fd) },
+        })
     }
 
     /// Replaces the link's program by `prog`, atomically: every frame runs

@@ -177,8 +177,9 @@ impl Mmap {
     }
 
     /// A copy of the `T` at `off` (any alignment); `None` out of bounds.
-    /// Memory the kernel writes at the same time reads as some value of
-    /// `T` (it is plain data), never outside the mapping.
+    /// For memory the ring's protocol says is quiescent (a descriptor the
+    /// kernel has published, a slot this side owns); a word the kernel may
+    /// change meanwhile is read with [`Mmap::atomic_u32`] instead.
     #[inline(always)]
     pub fn read<T: Pod>(&self, off: usize) -> Option<T> {
         if !self.contains(off, std::mem::size_of::<T>()) {

@@ -19,6 +19,8 @@ use netmap_sys::netmap::{
 
 use super::mmap::{Extra, Mmap};
 
+/// `NR_EXCLUSIVE` (netmap.h): no other descriptor may bind the same rings.
+const NR_EXCLUSIVE: u32 = 0x800;
 const HEAD: usize = offset_of!(netmap_ring, head);
 const CUR: usize = offset_of!(netmap_ring, cur);
 const TAIL: usize = offset_of!(netmap_ring, tail);
@@ -75,10 +77,12 @@ impl Port {
             *d = s as libc::c_char;
         }
         req.nr_version = NETMAP_API as u32;
+        // Exclusive: no other descriptor may bind these rings, so no
+        // other `Port` moves their heads (and hands back slots this one lends).
         match ring {
-            None => req.nr_flags = NR_REG_ALL_NIC,
+            None => req.nr_flags = NR_REG_ALL_NIC | NR_EXCLUSIVE,
             Some(r) => {
-                req.nr_flags = NR_REG_ONE_NIC;
+                req.nr_flags = NR_REG_ONE_NIC | NR_EXCLUSIVE;
                 req.nr_ringid = r & NETMAP_RING_MASK as u16;
             }
         }
@@ -141,9 +145,22 @@ impl Port {
         self.rx.len()
     }
 
+    /// A ring header's field (`head`, `cur`, `tail`, …), which the kernel
+    /// may change during a sync on another thread: read atomically. In
+    /// bounds and aligned: `at` is a ring header field (checked at open).
     fn u32_at(&self, at: usize) -> u32 {
-        // In bounds: `at` is a ring header field (checked at open).
-        self.mem.read(at).unwrap_or(0)
+        self.mem
+            .atomic_u32(at)
+            .map_or(0, |a| a.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// Sets a ring header's `head` and `cur` (releasing the slots before them).
+    fn set_head(&self, ring: usize, v: u32) {
+        for at in [ring + HEAD, ring + CUR] {
+            if let Some(a) = self.mem.atomic_u32(at) {
+                a.store(v, std::sync::atomic::Ordering::Release);
+            }
+        }
     }
 
     /// Byte offset of the buffer of slot `i` of the ring at `ring`, if the
@@ -178,9 +195,11 @@ impl Port {
             if let Some(len) = self.mem.read::<u16>(slot + SLOT_LEN).map(usize::from) {
                 if let Some((_, at)) = self.buffer(ring, cur, len) {
                     // SAFETY: the slot lies between head and tail, so its
-                    // buffer is ours until head moves past it and a system
-                    // call syncs the ring (`&mut self`, after this borrow);
-                    // bounds checked.
+                    // buffer is ours until head moves past it (below, after
+                    // this borrow ends); the rings are bound exclusively
+                    // (`NR_EXCLUSIVE`), so no other descriptor moves head,
+                    // and a sync on another thread only takes slots before
+                    // head. Bounds checked.
                     if let Some(data) = unsafe { self.mem.slice(at, len) } {
                         f(data);
                     }
@@ -189,8 +208,7 @@ impl Port {
             taken += 1;
             cur = if cur + 1 == n { 0 } else { cur + 1 };
         }
-        self.mem.write(ring + HEAD, cur);
-        self.mem.write(ring + CUR, cur);
+        self.set_head(ring, cur);
     }
 
     /// Copies `frame` into the TX ring's slot at head and moves head past
@@ -218,8 +236,7 @@ impl Port {
         self.mem.copy_in(at, frame);
         self.mem.write(slot + SLOT_LEN, frame.len() as u16);
         let next = if head + 1 == n { 0 } else { head + 1 };
-        self.mem.write(ring + HEAD, next);
-        self.mem.write(ring + CUR, next);
+        self.set_head(ring, next);
         Ok(true)
     }
 

@@ -345,10 +345,14 @@ pub struct SendBatch {
 unsafe impl Send for SendBatch {}
 
 impl SendBatch {
-    /// Room for `slots` frames of up to `slot_size` bytes.
+    /// Room for `slots` frames of up to `slot_size` bytes (a size past
+    /// memory is a programming error: it panics).
     pub fn new(slots: usize, slot_size: usize) -> SendBatch {
+        let bytes = slots
+            .checked_mul(slot_size)
+            .expect("SendBatch: slots × slot_size overflows");
         SendBatch {
-            stage: vec![0u8; slots * slot_size],
+            stage: vec![0u8; bytes],
             lens: Vec::with_capacity(slots),
             slots,
             slot_size,
@@ -384,7 +388,9 @@ impl SendBatch {
         let base = self.stage.as_mut_ptr();
         for (i, &len) in self.lens.iter().enumerate() {
             self.iov.push(libc::iovec {
-                // SAFETY: slot i lies inside `stage` (i < slots); `len` ≤ slot_size.
+                // SAFETY: i < lens.len() ≤ slots (push refuses more), so
+                // i × slot_size + len ≤ slots × slot_size = stage.len()
+                // (no overflow: checked in `new`); `len` ≤ slot_size.
                 iov_base: unsafe { base.add(i * self.slot_size) }.cast(),
                 iov_len: len,
             });
@@ -399,9 +405,10 @@ impl SendBatch {
         let mut done = 0;
         let mut result = Ok(());
         while done < n {
-            // SAFETY: msgs[done..n] are live mmsghdr whose iovecs point into
-            // `stage` (slot lengths within it), all outliving the call; the
-            // kernel only reads them.
+            // SAFETY: msgs[done..n] are live, writable mmsghdr (the kernel
+            // writes each one's msg_len) whose iovecs point into `stage`
+            // (slot lengths within it), all outliving the call; the kernel
+            // only reads the iovecs and the frames.
             let r = unsafe {
                 libc::sendmmsg(
                     fd.as_raw_fd(),

@@ -150,9 +150,10 @@ impl XdpSocket {
         reg.len = umem.len() as u64;
         reg.chunk_size = FRAME_SIZE as u32;
         // SAFETY: the UMEM is the mapping above, owned by the value
-        // returned together with the socket; the kernel pins its pages for
-        // as long as it uses them, and the mapping is unmapped only after
-        // the socket is closed (field order).
+        // returned together with the socket. The kernel pins its pages at
+        // registration and reaches them through its own page list from
+        // then on, so even a clone of the socket's descriptor that outlives
+        // this value (`AsFd`) never makes it touch unmapped memory.
         unsafe { setsockopt_raw(fd.as_fd(), libc::SOL_XDP, libc::XDP_UMEM_REG, &reg) }
             .map_err(|e| ctx("UMEM registration", e))?;
         for (opt, what) in [
@@ -303,18 +304,24 @@ impl XdpSocket {
             // An RX slot the kernel published, not yet released.
             let d = self.rx.read(start.wrapping_add(j));
             let (addr, len) = (d.addr as usize, d.len as usize);
-            if len > MAX_FRAME || addr.saturating_add(len) > FRAMES * FRAME_SIZE {
+            let frame = addr / FRAME_SIZE;
+            // Inside one frame of the receive half, or not lent at all.
+            if len > MAX_FRAME || frame >= FRAMES / 2 || addr % FRAME_SIZE + len > FRAME_SIZE {
                 f(None);
+                // A descriptor the kernel got wrong: its frame is not
+                // known to be ours, so it is not given back either.
             } else {
-                // SAFETY: the frame at `addr` came off the RX ring and is
-                // not on the fill ring (it goes back below, published after
-                // the loop), so the kernel does not write it while `f`
-                // holds it; `send` cannot write it either (`&mut self`).
+                // SAFETY: the frame (one frame of the receive half, checked)
+                // came off the RX ring and is on no other ring: it goes to
+                // the fill ring only below, after `f` returns, and each RX
+                // slot is given back once (`rx.local` moves past it at
+                // once, even if `f` unwinds); so the kernel does not write
+                // it while `f` holds it, nor can `send` (`&mut self`).
                 f(unsafe { self.umem.slice(addr, len) });
+                self.give_back((frame * FRAME_SIZE) as u64, &mut room);
             }
-            self.give_back(d.addr & !(FRAME_SIZE as u64 - 1), &mut room);
+            self.rx.local = start.wrapping_add(j + 1);
         }
-        self.rx.local = start.wrapping_add(take);
         self.rx.consumer().store(self.rx.local, Ordering::Release);
         self.publish_fill();
         take
@@ -330,7 +337,12 @@ impl XdpSocket {
         for k in 0..ready {
             // A completion slot the kernel published.
             let a = self.comp.read(self.comp.local.wrapping_add(k));
-            self.free.push(a & !(FRAME_SIZE as u64 - 1));
+            // Only frames of the TX half come back here (one the kernel
+            // got wrong is dropped, never put in the TX pool).
+            let frame = a as usize / FRAME_SIZE;
+            if (FRAMES / 2..FRAMES).contains(&frame) {
+                self.free.push((frame * FRAME_SIZE) as u64);
+            }
         }
         if ready > 0 {
             self.comp.local = self.comp.local.wrapping_add(ready);
