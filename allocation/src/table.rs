@@ -567,6 +567,16 @@ impl AllocationTable {
             .collect()
     }
 
+    /// Buckets TM `tm` owns in its own group's table (0 for an index the
+    /// table does not have): whether it is in service.
+    pub fn buckets_of(&self, tm: TmIndex) -> u32 {
+        self.tm(tm).map_or(0, |t| {
+            self.groups.get(t.group).map_or(0, |grp| {
+                grp.buckets.as_slice().iter().filter(|&&o| o == tm).count() as u32
+            })
+        })
+    }
+
     /// Entries per TM index in group `g` (zero for TMs of other groups).
     pub fn counts(&self, g: usize) -> Vec<u32> {
         self.groups

@@ -78,13 +78,13 @@ impl FailoverState {
     /// A new table was installed by an operator: it is the new base; only
     /// failures of TMs it gives no bucket are kept.
     pub fn installed(&self, table: &AllocationTable) {
-        let counts = table.counts(0);
         let lock = |m: &Mutex<BTreeSet<u32>>| {
             let mut f = m.lock().unwrap_or_else(|p| p.into_inner());
+            // Whatever its group: a TM with buckets in it is in service.
             f.retain(|&id| {
                 table
                     .tm_index_by_id(id)
-                    .is_none_or(|i| counts[usize::from(i)] == 0)
+                    .is_none_or(|i| table.buckets_of(i) == 0)
             });
         };
         lock(&self.failed);
@@ -178,8 +178,8 @@ pub fn fail_over(state: &AdminState, id: u32) {
     let Some(k) = base.tm_index_by_id(id) else {
         return;
     };
-    if base.counts(0)[usize::from(k)] == 0 {
-        return; // out of service already: nothing to move
+    if base.buckets_of(k) == 0 {
+        return; // out of service already (in its own group): nothing to move
     }
     let set: Vec<u32> = {
         let mut f = fo.failed.lock().unwrap_or_else(|p| p.into_inner());

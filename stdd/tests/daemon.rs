@@ -37,8 +37,11 @@ fn start(dir: &Path, admin: u16) -> Daemon {
 }
 
 fn start_with(dir: &Path, admin: u16, extra: &str) -> Daemon {
-    let t = table();
-    allocation::file::save(dir.join("table.toml"), &t).expect("table");
+    start_with_table(dir, admin, extra, &table())
+}
+
+fn start_with_table(dir: &Path, admin: u16, extra: &str, t: &AllocationTable) -> Daemon {
+    allocation::file::save(dir.join("table.toml"), t).expect("table");
     let group: MacAddr = GROUP.parse().expect("mac");
     let l2 = L2::new(group, MacAddr([2, 0xee, 0, 0, 0, 1]));
     let mut w =
@@ -446,6 +449,73 @@ fn a_tm_that_stops_answering_is_failed_over_and_only_a_new_table_readmits_it() {
         0,
         "a table giving them buckets readmits them"
     );
+}
+
+/// TMs 0, 1 in the default group, 2, 3 in group "tls" (TCP 443): a TM of
+/// the second group that stops answering fails over within its group.
+#[test]
+fn a_tm_outside_the_default_group_is_failed_over_too() {
+    use allocation::rules::{proto, Protocol, Rule};
+    use allocation::{GroupSpec, HashMode, Profile, Tm};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let mut tms: Vec<Tm> = table().tms().to_vec();
+    tms[2].group = 1;
+    tms[3].group = 1;
+    let tls = GroupSpec {
+        name: "tls".into(),
+        rules: vec![Rule {
+            protocol: Some(Protocol(proto::TCP)),
+            ports: Some("443".parse().expect("range")),
+            prefix: None,
+        }],
+        hash: HashMode::Endpoint,
+        profile: Profile::Uniform,
+    };
+    let t = AllocationTable::new(
+        1,
+        *table().key(),
+        tms,
+        vec![GroupSpec::default_group(Profile::Uniform), tls],
+    )
+    .expect("table");
+    let dir = std::env::temp_dir().join(format!("stdd-failover-g-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let up: Vec<Arc<AtomicBool>> = (0..4).map(|_| Arc::new(AtomicBool::new(true))).collect();
+    let mut extra = String::from("\n[failover]\ninterval_ms = 50\nmisses = 3\ntimeout_ms = 200\n");
+    for (k, u) in up.iter().enumerate() {
+        let port = health_server(Arc::clone(u));
+        extra +=
+            &format!("\n[[failover.tm]]\nid = {k}\nhealth = \"http://127.0.0.1:{port}/healthz\"\n");
+    }
+    let admin = free_port();
+    let _d = start_with_table(&dir, admin, &extra, &t);
+    wait_for("healthz", || {
+        TcpStream::connect(("127.0.0.1", admin)).is_ok()
+            && http(admin, "GET", "/healthz", Some(TOKEN), "").0 == 200
+    });
+    let m = || http(admin, "GET", "/metrics", Some(TOKEN), "").1;
+    wait_for("probes", || metric(&m(), "std_tm_up") == 4);
+    up[3].store(false, Ordering::Relaxed);
+    wait_for("failover", || metric(&m(), "std_failed_tms") == 1);
+    let failover = t.failover(&[3]).expect("failover").table;
+    assert_eq!(failover.counts(1)[3], 0);
+    assert_eq!(
+        failover.counts(1)[2],
+        4096,
+        "TM 2 takes the whole tls group"
+    );
+    assert_eq!(
+        failover.counts(0),
+        t.counts(0),
+        "the default group is untouched"
+    );
+    let (code, body) = http(admin, "GET", "/table", Some(TOKEN), "");
+    assert_eq!(
+        (code, body.trim_end()),
+        (200, allocation::file::render(&failover).trim_end())
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// An admin request to stdd on loopback `port`.
