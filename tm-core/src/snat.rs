@@ -22,11 +22,14 @@ pub const MAX_PORT_RETRIES: usize = 32;
 /// Why a server-side connection could not be made.
 #[derive(Debug, Error)]
 pub enum ConnectError {
-    /// No self-source port is free above the server port on any SNAT
-    /// address of the family, or none can carry the server's replies to
-    /// this TM's group.
-    #[error("no self-source port: {0}")]
+    /// No self-source port is free above the server port on any SNAT address of the family.
+    #[error("no self-source port left: {0}")]
     Exhausted(PortError),
+    /// No self-source port can carry the server's replies: they land in
+    /// another group than this TM's whatever the port (a configuration
+    /// tmd refuses; reached only if the table changed under it).
+    #[error("no self-source port can carry the replies: {0}")]
+    ReplyElsewhere(PortError),
     /// No SNAT address of the server's address family.
     #[error("no SNAT address for {0}")]
     NoAddress(&'static str),
@@ -246,7 +249,10 @@ impl Snat {
                 |addr| fit_under(running, next, self.tm_id, server, protocol, addr),
                 |g| group_names(next.unwrap_or(running), self.tm_id, g),
             )
-            .map_err(ConnectError::Exhausted)?;
+            .map_err(|e| match e {
+                PortError::ReplyElsewhere { .. } => ConnectError::ReplyElsewhere(e),
+                e => ConnectError::Exhausted(e),
+            })?;
         Ok(Lease {
             snat: Arc::clone(self),
             addr,
@@ -561,7 +567,9 @@ mod test {
         let snat = Arc::new(Snat::new(&t, 2, &[addr], PortRange::ALL).expect("snat"));
         assert!(matches!(
             snat.lease(server, proto::TCP),
-            Err(ConnectError::Exhausted(PortError::ReplyElsewhere { .. }))
+            Err(ConnectError::ReplyElsewhere(
+                PortError::ReplyElsewhere { .. }
+            ))
         ));
         // The default group's TMs are fine there.
         let id0 = t.tm(0).expect("tm").id;

@@ -173,11 +173,17 @@ pub fn out_of_service(t: &AllocationTable, g: usize) -> Vec<TmIndex> {
         .collect()
 }
 
-/// The next table for a target profile: TMs in `excluded` get no bucket,
-/// every other member its share; version + 1.
-pub fn plan_change(t: &AllocationTable, profile: &Profile, excluded: &[TmIndex]) -> Result<Change> {
-    let targets = t.targets_excluding(0, profile, excluded)?;
-    Ok(t.rebalance_to_targets(0, &targets, Some(profile.clone()))?)
+/// The next table for group `g` at a target profile: its TMs in
+/// `excluded` get no bucket, every other member its share; the other
+/// groups unchanged; version + 1.
+pub fn plan_change(
+    t: &AllocationTable,
+    g: usize,
+    profile: &Profile,
+    excluded: &[TmIndex],
+) -> Result<Change> {
+    let targets = t.targets_excluding(g, profile, excluded)?;
+    Ok(t.rebalance_to_targets(g, &targets, Some(profile.clone()))?)
 }
 
 fn progress(json: bool, line: &str) {
@@ -445,15 +451,17 @@ pub struct TmShare {
     pub tm_id: u32,
     /// Name.
     pub name: String,
-    /// Buckets in the cluster's table.
+    /// Its group.
+    pub group: String,
+    /// Buckets in its group's table.
     pub buckets: u32,
-    /// Their share of the table.
+    /// Their share of the group's table.
     pub target: f64,
-    /// Share of the frames the distributors steered to it.
+    /// Share of the frames the distributors steered to its group's TMs.
     pub packet_share: f64,
     /// Open connections.
     pub open_connections: u64,
-    /// Share of all open connections.
+    /// Share of its group's open connections.
     pub connection_share: f64,
 }
 
@@ -588,16 +596,26 @@ pub fn status(c: &Cluster) -> Status {
             problems,
         });
     }
-    let total_packets: u64 = packets.values().sum();
-    let total_active: u64 = active.values().sum();
     let shares = table
         .as_ref()
         .map(|t| {
+            // Per group: a TM's shares are of its group's traffic.
+            let mut total_packets = vec![0u64; t.groups().len()];
+            let mut total_active = vec![0u64; t.groups().len()];
+            for tm in t.tms() {
+                if let (Some(p), Some(a)) = (
+                    total_packets.get_mut(tm.group),
+                    total_active.get_mut(tm.group),
+                ) {
+                    *p += packets.get(&tm.id).copied().unwrap_or(0);
+                    *a += active.get(&tm.id).copied().unwrap_or(0);
+                }
+            }
             t.tms()
                 .iter()
-                .map(|tm| {
-                    let n = t.counts(tm.group)
-                        [usize::from(t.tm_index_by_id(tm.id).unwrap_or_default())];
+                .enumerate()
+                .map(|(i, tm)| {
+                    let n = t.buckets_of(i as TmIndex);
                     let p = packets.get(&tm.id).copied().unwrap_or(0);
                     let a = active.get(&tm.id).copied().unwrap_or(0);
                     let share = |x: u64, total: u64| {
@@ -607,14 +625,19 @@ pub fn status(c: &Cluster) -> Status {
                             0.0
                         }
                     };
+                    let g = tm.group;
                     TmShare {
                         tm_id: tm.id,
                         name: tm.name.clone(),
+                        group: t
+                            .groups()
+                            .get(g)
+                            .map_or_else(String::new, |x| x.name.clone()),
                         buckets: n,
                         target: f64::from(n) / allocation::TABLE_SIZE as f64,
-                        packet_share: share(p, total_packets),
+                        packet_share: share(p, total_packets.get(g).copied().unwrap_or(0)),
                         open_connections: a,
-                        connection_share: share(a, total_active),
+                        connection_share: share(a, total_active.get(g).copied().unwrap_or(0)),
                     }
                 })
                 .collect()
@@ -710,15 +733,16 @@ pub fn status_text(v: &Status) -> String {
     }
     s.push_str(&format!(
         "
-{:<10} {:>8} {:>8} {:>14} {:>12} {:>11}
+{:<10} {:<10} {:>8} {:>8} {:>14} {:>12} {:>11}
 ",
-        "tm", "buckets", "target", "packet share", "open conns", "conn share"
+        "tm", "group", "buckets", "target", "packet share", "open conns", "conn share"
     ));
     for t in &v.tms {
         s.push_str(&format!(
-            "{:<10} {:>8} {:>7.2}% {:>13.2}% {:>12} {:>10.2}%
+            "{:<10} {:<10} {:>8} {:>7.2}% {:>13.2}% {:>12} {:>10.2}%
 ",
             t.name,
+            t.group,
             t.buckets,
             t.target * 100.0,
             t.packet_share * 100.0,
@@ -727,7 +751,7 @@ pub fn status_text(v: &Status) -> String {
         ));
     }
     s.push_str(
-        "(packet share: since each distributor started; open connections: now)
+        "(shares are of the TM's group; packet share: since each distributor started; open connections: now)
 ",
     );
     if v.problems > 0 {

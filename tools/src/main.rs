@@ -362,30 +362,26 @@ fn tm_cluster(a: cli::TmClusterArgs, drain: bool, out: &Out) -> Result<()> {
     let c = cluster::Cluster::load(&a.cluster.cluster)?;
     let running = cluster::running_table(&c)?;
     let k = resolve_tm(&running, &a.tm)?;
-    let mut out_of_service = cluster::out_of_service(&running, 0);
-    let counts = running.counts(0);
+    // The TM's own group: its buckets go to (or come from) its group's TMs.
+    let g = running.tms()[usize::from(k)].group;
+    let mut out_of_service = cluster::out_of_service(&running, g);
+    let buckets = running.buckets_of(k);
     if drain {
-        if counts[usize::from(k)] == 0 {
+        if buckets == 0 {
             bail!("TM {} has no bucket already", a.tm);
         }
         out_of_service.push(k);
     } else {
-        if counts[usize::from(k)] > 0 {
-            bail!(
-                "TM {} is in service ({} buckets)",
-                a.tm,
-                counts[usize::from(k)]
-            );
+        if buckets > 0 {
+            bail!("TM {} is in service ({buckets} buckets)", a.tm);
         }
         out_of_service.retain(|&m| m != k);
     }
-    let profile = running.groups()[0].profile.clone();
-    let change = cluster::plan_change(&running, &profile, &out_of_service)?;
+    let profile = running.groups()[g].profile.clone();
+    let change = cluster::plan_change(&running, g, &profile, &out_of_service)?;
     let what = if drain { "drain" } else { "readmit" };
     if a.dry_run {
-        out.rebalance(&running, &change, 0, None);
-    }
-    if a.dry_run {
+        out.rebalance(&running, &change, g, None);
         return Ok(());
     }
     if !out.json {
@@ -406,12 +402,13 @@ fn rebalance(a: cli::RebalanceArgs, out: &Out) -> Result<()> {
     if let Some(path) = &a.cluster {
         let c = cluster::Cluster::load(path)?;
         let running = cluster::running_table(&c)?;
-        let profile = profile_from(&a.profile, running.members(0).len())?;
+        let g = resolve_group(&running, a.group.as_deref())?;
+        let profile = profile_from(&a.profile, running.members(g).len())?;
         // Failed and drained TMs stay out; readmit brings them back.
         let change =
-            cluster::plan_change(&running, &profile, &cluster::out_of_service(&running, 0))?;
+            cluster::plan_change(&running, g, &profile, &cluster::out_of_service(&running, g))?;
         if a.dry_run || !out.json {
-            out.rebalance(&running, &change, 0, None);
+            out.rebalance(&running, &change, g, None);
         }
         if a.dry_run {
             return Ok(());

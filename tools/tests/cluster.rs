@@ -534,6 +534,113 @@ fn rebalance_dry_run_changes_nothing_and_drain_readmit_push_the_right_tables() {
     assert!(c3.posts().is_empty());
 }
 
+/// tm1 and tm2 in group "tls" (TCP 443), tm0 in the default group.
+fn partitioned() -> AllocationTable {
+    use allocation::rules::{proto, Protocol, Rule};
+    use allocation::{GroupSpec, HashMode, Tm};
+    let base = table();
+    let mut tms: Vec<Tm> = base.tms().to_vec();
+    tms[1].group = 1;
+    tms[2].group = 1;
+    let tls = GroupSpec {
+        name: "tls".into(),
+        rules: vec![Rule {
+            protocol: Some(Protocol(proto::TCP)),
+            ports: Some("443".parse().expect("range")),
+            prefix: None,
+        }],
+        hash: HashMode::Endpoint,
+        profile: Profile::Uniform,
+    };
+    AllocationTable::new(
+        base.version(),
+        *base.key(),
+        tms,
+        vec![GroupSpec::default_group(Profile::Uniform), tls],
+    )
+    .expect("table")
+}
+
+#[test]
+fn drain_readmit_rebalance_and_status_work_in_any_group() {
+    let t = partitioned();
+    let text = file::render(&t);
+    let c = cluster("groups", |n| Script {
+        table: text.clone(),
+        ..normal(n)
+    });
+    let o = stdctl(&["tm", "drain", "tm2", "--cluster", &c.file()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pushed = file::parse(
+        &c.body_of("front", "POST /transition/switch")
+            .expect("switched"),
+    )
+    .expect("table");
+    assert_eq!(pushed.counts(1)[2], 0, "tm2 drained");
+    assert_eq!(
+        pushed.counts(1)[1],
+        4096,
+        "its group's other TM takes its buckets"
+    );
+    assert_eq!(
+        pushed.counts(0),
+        t.counts(0),
+        "the default group is untouched"
+    );
+
+    // Readmit it against a cluster running the drained table.
+    let drained = file::render(&pushed);
+    let c2 = cluster("groups-readmit", |n| Script {
+        table: drained.clone(),
+        ..normal(n)
+    });
+    let o = stdctl(&["tm", "readmit", "tm2", "--cluster", &c2.file()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let back = file::parse(
+        &c2.body_of("front", "POST /transition/switch")
+            .expect("switched"),
+    )
+    .expect("table");
+    assert_eq!((back.counts(1)[1], back.counts(1)[2]), (2048, 2048));
+    assert_eq!(back.counts(0), t.counts(0));
+
+    // Rebalance one group by name; an unknown group is one clear line.
+    let o = stdctl(&[
+        "rebalance",
+        "--cluster",
+        &c.file(),
+        "--group",
+        "tls",
+        "--profile",
+        "gaussian",
+        "--dry-run",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = stdctl(&[
+        "rebalance",
+        "--cluster",
+        &c.file(),
+        "--group",
+        "nope",
+        "--profile",
+        "uniform",
+        "--dry-run",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("no group named 'nope'"), "{err}");
+
+    // Status (after the readmit): each TM with its group, shares of its group's table.
+    let o = stdctl(&["status", "--cluster", &c2.file(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let tms = v["tms"].as_array().expect("tms");
+    let by_id = |id: u64| tms.iter().find(|x| x["tm_id"] == id).expect("tm");
+    assert_eq!(by_id(0)["group"], "default");
+    assert_eq!(by_id(0)["target"], 1.0);
+    assert_eq!(by_id(2)["group"], "tls");
+    assert_eq!(by_id(2)["target"], 0.5);
+}
+
 #[test]
 fn status_reports_every_node_and_a_dead_one() {
     let c = cluster("status", normal);
