@@ -455,30 +455,9 @@ fn a_tm_that_stops_answering_is_failed_over_and_only_a_new_table_readmits_it() {
 /// the second group that stops answering fails over within its group.
 #[test]
 fn a_tm_outside_the_default_group_is_failed_over_too() {
-    use allocation::rules::{proto, Protocol, Rule};
-    use allocation::{GroupSpec, HashMode, Profile, Tm};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    let mut tms: Vec<Tm> = table().tms().to_vec();
-    tms[2].group = 1;
-    tms[3].group = 1;
-    let tls = GroupSpec {
-        name: "tls".into(),
-        rules: vec![Rule {
-            protocol: Some(Protocol(proto::TCP)),
-            ports: Some("443".parse().expect("range")),
-            prefix: None,
-        }],
-        hash: HashMode::Endpoint,
-        profile: Profile::Uniform,
-    };
-    let t = AllocationTable::new(
-        1,
-        *table().key(),
-        tms,
-        vec![GroupSpec::default_group(Profile::Uniform), tls],
-    )
-    .expect("table");
+    let t = testkit::partitioned(&table(), &[2, 3], vec![testkit::tcp_rule("443")]);
     let dir = std::env::temp_dir().join(format!("stdd-failover-g-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let up: Vec<Arc<AtomicBool>> = (0..4).map(|_| Arc::new(AtomicBool::new(true))).collect();

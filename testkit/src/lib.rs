@@ -37,6 +37,42 @@ pub fn uniform(n: u32) -> AllocationTable {
     table(1, KEY.parse().expect("key"), n, Profile::Uniform)
 }
 
+/// A TCP rule over `ports` (`"443"`, `"8000-8999"`).
+pub fn tcp_rule(ports: &str) -> allocation::Rule {
+    allocation::Rule {
+        protocol: Some(allocation::rules::Protocol(allocation::rules::proto::TCP)),
+        ports: Some(ports.parse().expect("a port range")),
+        prefix: None,
+    }
+}
+
+/// `base` partitioned: the TMs at indexes `second` move to a second group
+/// "tls" with `rules` (uniform, endpoint hash); the rest stay in the
+/// default group. Version, key and TMs otherwise as in `base`.
+pub fn partitioned(
+    base: &AllocationTable,
+    second: &[usize],
+    rules: Vec<allocation::Rule>,
+) -> AllocationTable {
+    let mut tms: Vec<Tm> = base.tms().to_vec();
+    for &i in second {
+        tms[i].group = 1;
+    }
+    let tls = GroupSpec {
+        name: "tls".into(),
+        rules,
+        hash: allocation::HashMode::Endpoint,
+        profile: Profile::Uniform,
+    };
+    AllocationTable::new(
+        base.version(),
+        *base.key(),
+        tms,
+        vec![GroupSpec::default_group(Profile::Uniform), tls],
+    )
+    .expect("a valid partitioned test table")
+}
+
 /// A port free on loopback now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -520,31 +520,8 @@ mod test {
     /// with a rule for 8080 in the TLS group every lease steers home.
     #[test]
     fn replies_that_land_in_another_group_are_refused() {
-        use allocation::rules::{Protocol, Rule};
-        use allocation::{GroupSpec, HashMode, Tm};
-        let with_rules = |rules: Vec<Rule>| {
-            let mut tms: Vec<Tm> = table().tms().to_vec();
-            tms[2].group = 1;
-            tms[3].group = 1;
-            let tls = GroupSpec {
-                name: "tls".into(),
-                rules,
-                hash: HashMode::Endpoint,
-                profile: Profile::Uniform,
-            };
-            AllocationTable::new(
-                1,
-                *table().key(),
-                tms,
-                vec![GroupSpec::default_group(Profile::Uniform), tls],
-            )
-            .expect("table")
-        };
-        let rule = |port: &str| Rule {
-            protocol: Some(Protocol(proto::TCP)),
-            ports: Some(port.parse().expect("range")),
-            prefix: None,
-        };
+        let with_rules = |rules| testkit::partitioned(&table(), &[2, 3], rules);
+        let rule = testkit::tcp_rule;
         let addr: IpAddr = "10.1.0.1".parse().expect("addr");
         let server: SocketAddr = "198.51.100.7:8080".parse().expect("addr");
         let sides = [ServerSide {

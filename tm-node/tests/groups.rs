@@ -2,36 +2,9 @@
 
 use std::process::Command;
 
-use allocation::rules::{proto, Protocol, Rule};
-use allocation::{AllocationTable, GroupSpec, HashMode, Profile, Tm};
-
 /// TMs 0, 1 in the default group, 2, 3 in "tls" with `rules`.
-fn partitioned(rules: Vec<Rule>) -> AllocationTable {
-    let base = testkit::uniform(4);
-    let mut tms: Vec<Tm> = base.tms().to_vec();
-    tms[2].group = 1;
-    tms[3].group = 1;
-    let tls = GroupSpec {
-        name: "tls".into(),
-        rules,
-        hash: HashMode::Endpoint,
-        profile: Profile::Uniform,
-    };
-    AllocationTable::new(
-        1,
-        *base.key(),
-        tms,
-        vec![GroupSpec::default_group(Profile::Uniform), tls],
-    )
-    .expect("table")
-}
-
-fn tcp(ports: &str) -> Rule {
-    Rule {
-        protocol: Some(Protocol(proto::TCP)),
-        ports: Some(ports.parse().expect("range")),
-        prefix: None,
-    }
+fn partitioned(rules: Vec<allocation::Rule>) -> allocation::AllocationTable {
+    testkit::partitioned(&testkit::uniform(4), &[2, 3], rules)
 }
 
 #[test]
@@ -39,7 +12,11 @@ fn a_tm_whose_replies_land_in_another_group_is_refused_at_start() {
     let dir = std::env::temp_dir().join(format!("tmd-groups-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
-    allocation::file::save(dir.join("table.toml"), &partitioned(vec![tcp("443")])).expect("table");
+    allocation::file::save(
+        dir.join("table.toml"),
+        &partitioned(vec![testkit::tcp_rule("443")]),
+    )
+    .expect("table");
     let tm_id = testkit::uniform(4).tms()[2].id;
     std::fs::write(
         dir.join("tmd.toml"),

@@ -536,29 +536,7 @@ fn rebalance_dry_run_changes_nothing_and_drain_readmit_push_the_right_tables() {
 
 /// tm1 and tm2 in group "tls" (TCP 443), tm0 in the default group.
 fn partitioned() -> AllocationTable {
-    use allocation::rules::{proto, Protocol, Rule};
-    use allocation::{GroupSpec, HashMode, Tm};
-    let base = table();
-    let mut tms: Vec<Tm> = base.tms().to_vec();
-    tms[1].group = 1;
-    tms[2].group = 1;
-    let tls = GroupSpec {
-        name: "tls".into(),
-        rules: vec![Rule {
-            protocol: Some(Protocol(proto::TCP)),
-            ports: Some("443".parse().expect("range")),
-            prefix: None,
-        }],
-        hash: HashMode::Endpoint,
-        profile: Profile::Uniform,
-    };
-    AllocationTable::new(
-        base.version(),
-        *base.key(),
-        tms,
-        vec![GroupSpec::default_group(Profile::Uniform), tls],
-    )
-    .expect("table")
+    testkit::partitioned(&table(), &[1, 2], vec![testkit::tcp_rule("443")])
 }
 
 #[test]
