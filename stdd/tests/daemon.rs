@@ -375,19 +375,27 @@ fn health_server(up: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u16 {
     port
 }
 
-#[test]
-fn a_tm_that_stops_answering_is_failed_over_and_only_a_new_table_readmits_it() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+/// `n` TMs' health endpoints (each up while its flag is) and the
+/// `[failover]` configuration probing them fast.
+fn failover_probes(n: u32) -> (Vec<std::sync::Arc<std::sync::atomic::AtomicBool>>, String) {
+    use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
-    let dir = std::env::temp_dir().join(format!("stdd-failover-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let up: Vec<Arc<AtomicBool>> = (0..4).map(|_| Arc::new(AtomicBool::new(true))).collect();
+    let up: Vec<Arc<AtomicBool>> = (0..n).map(|_| Arc::new(AtomicBool::new(true))).collect();
     let mut extra = String::from("\n[failover]\ninterval_ms = 50\nmisses = 3\ntimeout_ms = 200\n");
     for (k, u) in up.iter().enumerate() {
         let port = health_server(Arc::clone(u));
         extra +=
             &format!("\n[[failover.tm]]\nid = {k}\nhealth = \"http://127.0.0.1:{port}/healthz\"\n");
     }
+    (up, extra)
+}
+
+#[test]
+fn a_tm_that_stops_answering_is_failed_over_and_only_a_new_table_readmits_it() {
+    use std::sync::atomic::Ordering;
+    let dir = std::env::temp_dir().join(format!("stdd-failover-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (up, extra) = failover_probes(4);
     let admin = free_port();
     let _d = start_with(&dir, admin, &extra);
     wait_for("healthz", || {
@@ -455,18 +463,11 @@ fn a_tm_that_stops_answering_is_failed_over_and_only_a_new_table_readmits_it() {
 /// the second group that stops answering fails over within its group.
 #[test]
 fn a_tm_outside_the_default_group_is_failed_over_too() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
     let t = testkit::partitioned(&table(), &[2, 3], vec![testkit::tcp_rule("443")]);
     let dir = std::env::temp_dir().join(format!("stdd-failover-g-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let up: Vec<Arc<AtomicBool>> = (0..4).map(|_| Arc::new(AtomicBool::new(true))).collect();
-    let mut extra = String::from("\n[failover]\ninterval_ms = 50\nmisses = 3\ntimeout_ms = 200\n");
-    for (k, u) in up.iter().enumerate() {
-        let port = health_server(Arc::clone(u));
-        extra +=
-            &format!("\n[[failover.tm]]\nid = {k}\nhealth = \"http://127.0.0.1:{port}/healthz\"\n");
-    }
+    let (up, extra) = failover_probes(4);
     let admin = free_port();
     let _d = start_with_table(&dir, admin, &extra, &t);
     wait_for("healthz", || {
