@@ -54,6 +54,16 @@ pub fn partitioned(
     second: &[usize],
     rules: Vec<allocation::Rule>,
 ) -> AllocationTable {
+    partitioned_hash(base, second, rules, allocation::HashMode::Endpoint)
+}
+
+/// [`partitioned`], the second group hashing as `hash`.
+pub fn partitioned_hash(
+    base: &AllocationTable,
+    second: &[usize],
+    rules: Vec<allocation::Rule>,
+    hash: allocation::HashMode,
+) -> AllocationTable {
     let mut tms: Vec<Tm> = base.tms().to_vec();
     for &i in second {
         tms[i].group = 1;
@@ -61,7 +71,7 @@ pub fn partitioned(
     let tls = GroupSpec {
         name: "tls".into(),
         rules,
-        hash: allocation::HashMode::Endpoint,
+        hash,
         profile: Profile::Uniform,
     };
     AllocationTable::new(

@@ -129,6 +129,24 @@ pub fn check_replies(
     addrs: &[IpAddr],
     servers: &[ServerSide<'_>],
 ) -> Result<(), String> {
+    // A source-affinity group hashes an endpoint's address alone: every
+    // port of a SNAT address lands in one bucket, so self-source ports
+    // cannot spread a TM's replies (they steer home only by the accident
+    // of the address's bucket, and a rebalance takes them all away).
+    for t in [Some(table), next].into_iter().flatten() {
+        let group = t
+            .tm_index_by_id(tm_id)
+            .and_then(|i| t.tm(i))
+            .and_then(|tm| t.groups().get(tm.group));
+        if let (Some(g), Some(s)) = (group, servers.first()) {
+            if matches!(g.hash, allocation::HashMode::Address { .. }) {
+                return Err(format!(
+                    "virtual server '{}' (pool '{}'): this TM is in group '{}', whose hash = \"address\" steers every port of a SNAT address to one TM: self-source ports cannot bring the replies home; set dnat_only = true on its virtual servers (and no health checks), or move the TM to an endpoint-hash group",
+                    s.vs, s.pool, g.name
+                ));
+            }
+        }
+    }
     for s in servers {
         for &a in addrs.iter().filter(|a| a.is_ipv4() == s.server.is_ipv4()) {
             if let ReplyFit::Never { lands_in } =
@@ -566,5 +584,41 @@ mod test {
         }
         // Now default-group TMs cannot reach that server (its replies are TLS's).
         assert!(check_replies(&fixed, None, id0, &[addr], &sides).is_err());
+    }
+
+    /// A source-affinity group's TM connecting from self-source ports is
+    /// refused (DNAT-only is the mode such a group supports).
+    #[test]
+    fn an_address_hash_group_refuses_self_source_ports() {
+        let t = testkit::partitioned_hash(
+            &table(),
+            &[2, 3],
+            vec![testkit::tcp_rule("443")],
+            allocation::HashMode::Address {
+                v4_prefix: 32,
+                v6_prefix: 128,
+            },
+        );
+        let sides = [ServerSide {
+            vs: "web-tls",
+            pool: "app",
+            protocol: proto::TCP,
+            server: "198.51.100.7:443".parse().expect("addr"),
+        }];
+        let addr: IpAddr = "10.1.0.1".parse().expect("addr");
+        let e = check_replies(&t, None, 2, &[addr], &sides).expect_err("refused");
+        assert!(
+            e.contains("hash = \"address\"") && e.contains("dnat_only"),
+            "{e}"
+        );
+        // Nothing from self-source ports (DNAT-only virtual servers only): fine.
+        assert!(check_replies(&t, None, 2, &[addr], &[]).is_ok());
+        // The default group's TMs are unaffected (servers off 443: the
+        // replies of 443 are the tls group's).
+        let other = [ServerSide {
+            server: "198.51.100.7:8080".parse().expect("addr"),
+            ..sides[0]
+        }];
+        assert!(check_replies(&t, None, 0, &[addr], &other).is_ok());
     }
 }
