@@ -117,6 +117,13 @@ struct Args {
     /// Share of flows to port 8443 (above some client ports) instead of 80/53.
     #[arg(long, default_value = "0%")]
     high_port: String,
+    /// A second TM group whose rule is this port range (either port, any
+    /// protocol: `8443`, `8000-8999`); its TMs are --partition-tms.
+    #[arg(long, requires = "partition_tms")]
+    partition_ports: Option<allocation::PortRange>,
+    /// The second group's TMs, by id (`1,3`).
+    #[arg(long, value_delimiter = ',', requires = "partition_ports")]
+    partition_tms: Vec<u32>,
     /// Self-source port range of the TMs, e.g. 40000-40060 to exhaust it.
     #[arg(long, default_value = "1024-65535")]
     snat_range: String,
@@ -246,6 +253,25 @@ fn scenario(a: &Args) -> Result<Scenario> {
         fragment_share: fraction(&a.fragments, "fragments")?,
         icmp_share: fraction(&a.icmp, "icmp")?,
         high_port_share: fraction(&a.high_port, "high-port")?,
+        partition: match a.partition_ports {
+            None => None,
+            Some(ports) => {
+                for &id in &a.partition_tms {
+                    tm_in_range(id, a.tms, "partition-tms")?;
+                }
+                if a.partition_tms.len() >= a.tms as usize {
+                    bail!("--partition-tms: the default group must keep a TM");
+                }
+                Some(testbed::scenario::Partition {
+                    rules: vec![allocation::Rule {
+                        protocol: None,
+                        ports: Some(ports),
+                        prefix: None,
+                    }],
+                    tms: a.partition_tms.clone(),
+                })
+            }
+        },
         snat_range: PortRange { lo, hi },
         events,
         drain_window_ns: a.drain_ms.saturating_mul(1_000_000),

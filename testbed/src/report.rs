@@ -14,11 +14,13 @@ pub struct TmShare {
     pub id: u32,
     /// TM name.
     pub name: String,
+    /// Its group (index in the table).
+    pub group: usize,
     /// Flows whose first packet reached it.
     pub flows: u64,
-    /// Its share of the phase's flows.
+    /// Its share of the phase's flows in its group.
     pub share: f64,
-    /// Its share of the table's buckets (the profile's target).
+    /// Its share of its group's buckets (the profile's target).
     pub target: f64,
 }
 

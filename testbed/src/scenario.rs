@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use allocation::{PortRange, Profile};
+use allocation::{PortRange, Profile, Rule};
 use serde::Serialize;
 
 /// Address families of the clients (and of the servers they reach).
@@ -76,6 +76,17 @@ pub struct Timed {
     pub what: Event,
 }
 
+/// A second TM group ("part", endpoint hash, the scenario's profile): the
+/// flows its rules select — in either direction, as the distributors
+/// classify them — go to its TMs; every other TM stays in the default group.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Partition {
+    /// Its rules (at least one).
+    pub rules: Vec<Rule>,
+    /// Its TMs, by id (at least one; the default group keeps at least one).
+    pub tms: Vec<u32>,
+}
+
 /// Everything a run depends on: the same scenario gives the same report.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Scenario {
@@ -116,6 +127,8 @@ pub struct Scenario {
     pub transit_memory: usize,
     /// Time from a TM's failure until the distributors switch to its failover table, ns.
     pub detect_ns: u64,
+    /// A second TM group, if any.
+    pub partition: Option<Partition>,
 }
 
 fn range_text<S: serde::Serializer>(r: &PortRange, s: S) -> Result<S::Ok, S::Error> {
@@ -145,6 +158,7 @@ impl Default for Scenario {
             arrival_ns: 20_000,
             transit_memory: 65_536,
             detect_ns: 900_000_000,
+            partition: None,
         }
     }
 }

@@ -160,8 +160,10 @@ enum Ev {
 enum Key {
     /// Client side: protocol, client address and port.
     Client(u8, IpAddr, u16),
-    /// Server side: protocol, SNAT address and port.
-    Server(u8, IpAddr, u16),
+    /// Server side: protocol, SNAT address and port, server address and
+    /// port (TMs of different groups may hold the same SNAT port toward
+    /// servers whose replies their groups' rules tell apart).
+    Server(u8, IpAddr, u16, IpAddr, u16),
     /// A non-first fragment: source and identification.
     Frag(IpAddr, u32),
 }
@@ -175,6 +177,8 @@ struct FlowSt {
     vip_port: u16,
     server: (IpAddr, u16),
     lease: Option<Lease>,
+    /// The TM that holds the lease.
+    lease_tm: u32,
     owner: Option<u32>,
     rounds: u8,
     think_ns: u64,
@@ -231,6 +235,9 @@ pub struct Sim {
     flows: Vec<Option<FlowSt>>,
     free: Vec<usize>,
     keys: FnvHashMap<Key, usize>,
+    /// (protocol, SNAT address, port, TM id) of every lease held: a TM
+    /// handed one twice is a collision, whatever the servers.
+    held: FnvHashMap<(u8, IpAddr, u16, u32), usize>,
     arrived: u64,
     next_event: usize,
     pending: Vec<Event>,
@@ -343,12 +350,20 @@ impl Sim {
         for c in key.chunks_mut(8) {
             c.copy_from_slice(&rng.next_u64().to_be_bytes());
         }
-        let table = AllocationTable::new(
-            1,
-            HashKey::from_bytes(key),
-            (0..sc.tms).map(tm_entry).collect(),
-            vec![GroupSpec::default_group(sc.profile.clone())],
-        )?;
+        let mut tms: Vec<Tm> = (0..sc.tms).map(tm_entry).collect();
+        let mut groups = vec![GroupSpec::default_group(sc.profile.clone())];
+        if let Some(p) = &sc.partition {
+            for t in tms.iter_mut().filter(|t| p.tms.contains(&t.id)) {
+                t.group = 1;
+            }
+            groups.push(GroupSpec {
+                name: "part".into(),
+                rules: p.rules.clone(),
+                hash: allocation::HashMode::Endpoint,
+                profile: sc.profile.clone(),
+            });
+        }
+        let table = AllocationTable::new(1, HashKey::from_bytes(key), tms, groups)?;
         let mk = |i: u64| -> Result<Dist, SimError> {
             Ok(Dist {
                 worker: Worker::new(
@@ -404,6 +419,7 @@ impl Sim {
             flows: Vec::new(),
             free: Vec::new(),
             keys: FnvHashMap::default(),
+            held: FnvHashMap::default(),
             arrived: 0,
             next_event: 0,
             pending: Vec::new(),
@@ -531,6 +547,7 @@ impl Sim {
             vip_port,
             server: (server(v6, (i % SERVERS as u64) as usize), vip_port),
             lease: None,
+            lease_tm: 0,
             owner: None,
             rounds: self.rng.range(1, 3) as u8,
             think_ns,
@@ -882,11 +899,16 @@ impl Sim {
         else {
             return false;
         };
-        self.check_port(tm, lease.addr, lease.port, server);
-        self.keys
-            .insert(Key::Server(protocol, lease.addr, lease.port), slot);
+        self.check_port(tm, protocol, lease.addr, lease.port, server);
+        self.keys.insert(
+            Key::Server(protocol, lease.addr, lease.port, server.0, server.1),
+            slot,
+        );
+        self.held
+            .insert((protocol, lease.addr, lease.port, tm), slot);
         if let Some(Some(f)) = self.flows.get_mut(slot) {
             f.lease = Some(lease);
+            f.lease_tm = tm;
         }
         true
     }
@@ -899,17 +921,29 @@ impl Sim {
 
     /// Property 5: the port the TM was given steers the server's reply to
     /// it, under the running table and, while prepared, the next one too.
-    fn check_port(&mut self, tm: u32, addr: IpAddr, port: u16, server: (IpAddr, u16)) {
+    fn check_port(
+        &mut self,
+        tm: u32,
+        protocol: u8,
+        addr: IpAddr,
+        port: u16,
+        server: (IpAddr, u16),
+    ) {
         self.report.checks.ports_leased += 1;
-        // Another TM's open connection on the same SNAT address and port
-        // (all TMs share the address): their replies could not be told apart.
-        if [proto::TCP, proto::UDP]
-            .iter()
-            .any(|&p| self.keys.contains_key(&Key::Server(p, addr, port)))
+        // Another open connection of the protocol on the same SNAT address
+        // and port toward the same server (all TMs share the address):
+        // their replies could not be told apart. (One TM's TCP and UDP
+        // ports come from one allocator; TMs of different groups may hold
+        // the same port for different protocols or servers, which their
+        // groups' rules tell apart.)
+        if self
+            .keys
+            .contains_key(&Key::Server(protocol, addr, port, server.0, server.1))
+            || self.held.contains_key(&(protocol, addr, port, tm))
         {
             self.report.checks.port_collision += 1;
         }
-        let reply = Flow::with_ports(proto::TCP, server.0, server.1, addr, port);
+        let reply = Flow::with_ports(protocol, server.0, server.1, addr, port);
         // The TM's own tables: the running one (the next one once it
         // committed), and the next one while it is prepared.
         let st = self.tms.iter().find(|t| t.id == tm);
@@ -922,15 +956,13 @@ impl Sim {
             && !committed
             && current
                 .tm_index_by_id(tm)
-                .is_none_or(|i| current.counts(0)[usize::from(i)] == 0);
+                .is_none_or(|i| current.buckets_of(i) == 0);
         let ok_now = joining || owner(current, &reply) == tm;
         // A TM the next table drains to zero keeps its current ports until
         // the switch (they stay its as the old owner until commit).
         let ok_next = !prepared
             || self.next.as_ref().is_none_or(|n| {
-                owner(n, &reply) == tm
-                    || n.tm_index_by_id(tm)
-                        .is_none_or(|i| n.counts(0)[usize::from(i)] == 0)
+                owner(n, &reply) == tm || n.tm_index_by_id(tm).is_none_or(|i| n.buckets_of(i) == 0)
             });
         if !(ok_now && ok_next) || port <= server.1 || !self.sc.snat_range.contains(port) {
             self.report.checks.wrong_port += 1;
@@ -1127,7 +1159,9 @@ impl Sim {
         let p = if f.tcp { proto::TCP } else { proto::UDP };
         self.keys.remove(&Key::Client(p, f.client.0, f.client.1));
         if let Some(l) = &f.lease {
-            self.keys.remove(&Key::Server(p, l.addr, l.port));
+            self.keys
+                .remove(&Key::Server(p, l.addr, l.port, f.server.0, f.server.1));
+            self.held.remove(&(p, l.addr, l.port, f.lease_tm));
         }
         if f.frag {
             self.keys.remove(&Key::Frag(f.client.0, f.ip_id));
@@ -1186,12 +1220,17 @@ impl Sim {
                 self.open_phase(&what.to_string());
             }
             Event::Rebalance(p) => {
-                // Failed TMs stay out: the profile spreads over the others.
-                let targets = self
-                    .table
-                    .targets_excluding(0, &p, &self.failed_indexes(None))?;
-                let change = self.table.rebalance_to_targets(0, &targets, Some(p))?;
-                self.begin_transition(&what, change.table, change.optimum)?;
+                // Every group to the profile, in one new table; failed TMs
+                // stay out: the profile spreads over the others.
+                let (mut next, mut optimum) = (self.table.clone(), 0);
+                for g in 0..next.groups().len() {
+                    let targets = next.targets_excluding(g, &p, &self.failed_indexes(None))?;
+                    let change = next.rebalance_to_targets(g, &targets, Some(p.clone()))?;
+                    optimum += change.optimum;
+                    next = change.table;
+                }
+                let next = next.with_version(self.table.version() + 1);
+                self.begin_transition(&what, next, optimum)?;
             }
             Event::DrainTm(id) => {
                 let Some(k) = self.table.tm_index_by_id(id) else {
@@ -1199,9 +1238,11 @@ impl Sim {
                 };
                 let mut out = self.failed_indexes(None);
                 out.push(k);
-                let profile = self.table.groups()[0].profile.clone();
-                let targets = self.table.targets_excluding(0, &profile, &out)?;
-                let change = self.table.rebalance_to_targets(0, &targets, None)?;
+                // Within its own group.
+                let g = self.table.tms()[usize::from(k)].group;
+                let profile = self.table.groups()[g].profile.clone();
+                let targets = self.table.targets_excluding(g, &profile, &out)?;
+                let change = self.table.rebalance_to_targets(g, &targets, None)?;
                 self.begin_transition(&what, change.table, change.optimum)?;
             }
             Event::AddTm => {
@@ -1247,12 +1288,16 @@ impl Sim {
                 if self.tms.iter().any(|t| t.id == id && t.alive) {
                     return Err(bad(format!("TM {id} cannot return: it did not fail")));
                 }
-                // Its share of the table's profile comes back; other failed TMs stay out.
-                let profile = self.table.groups()[0].profile.clone();
+                // Its share of its group's profile comes back; other failed TMs stay out.
+                let g = self
+                    .table
+                    .tm_index_by_id(id)
+                    .map_or(0, |k| self.table.tms()[usize::from(k)].group);
+                let profile = self.table.groups()[g].profile.clone();
                 let targets =
                     self.table
-                        .targets_excluding(0, &profile, &self.failed_indexes(Some(id)))?;
-                let change = self.table.rebalance_to_targets(0, &targets, None)?;
+                        .targets_excluding(g, &profile, &self.failed_indexes(Some(id)))?;
+                let change = self.table.rebalance_to_targets(g, &targets, None)?;
                 let idx = index_of(&change.table, id)?;
                 let snat = Arc::new(Snat::new(
                     &change.table,
@@ -1303,10 +1348,12 @@ impl Sim {
         next: AllocationTable,
         optimum: usize,
     ) -> Result<(), SimError> {
-        let moved = (0..allocation::TABLE_SIZE)
-            .filter(|&b| {
-                let old = self.table.tms()[usize::from(self.table.groups()[0].buckets.get(b))].id;
-                let new = next.tms()[usize::from(next.groups()[0].buckets.get(b))].id;
+        // Over every group (the same groups in both tables).
+        let moved = (0..self.table.groups().len().min(next.groups().len()))
+            .flat_map(|g| (0..allocation::TABLE_SIZE).map(move |b| (g, b)))
+            .filter(|&(g, b)| {
+                let old = self.table.tms()[usize::from(self.table.groups()[g].buckets.get(b))].id;
+                let new = next.tms()[usize::from(next.groups()[g].buckets.get(b))].id;
                 old != new
             })
             .count();
@@ -1604,12 +1651,11 @@ impl Sim {
             Op::Coordinate => self.coordinate()?,
             Op::Failover(id) => {
                 let idx = index_of(&self.table, id)?;
-                let counts = self.table.counts(0);
                 // Every failed TM, in any order: the same table everywhere.
                 let change = self.table.failover(&self.failed_indexes(None))?;
                 if let Some(e) = self.report.events.last_mut() {
                     e.moved_buckets = change.moves.len();
-                    e.optimum = counts[usize::from(idx)] as usize;
+                    e.optimum = self.table.buckets_of(idx) as usize;
                     e.window_ms = self.sc.detect_ns as f64 / 1e6;
                 }
                 self.install(change.table)?;
@@ -1622,18 +1668,19 @@ impl Sim {
     }
 
     fn open_phase(&mut self, label: &str) {
-        let counts = self.table.counts(0);
         let tms = self
             .table
             .tms()
             .iter()
-            .zip(&counts)
-            .map(|(t, &c)| TmShare {
+            .enumerate()
+            .map(|(i, t)| TmShare {
                 id: t.id,
                 name: t.name.clone(),
+                group: t.group,
                 flows: 0,
                 share: 0.0,
-                target: f64::from(c) / allocation::TABLE_SIZE as f64,
+                target: f64::from(self.table.buckets_of(i as TmIndex))
+                    / allocation::TABLE_SIZE as f64,
             })
             .collect();
         self.report.phases.push(PhaseReport {
@@ -1665,21 +1712,34 @@ impl Report {
         }
     }
 
-    /// Shares, their largest distance from target, and the chi-square test per phase.
+    /// Shares, their largest distance from target, and the chi-square test
+    /// per phase: each TM against its own group's flows (the groups' flow
+    /// counts are what the traffic mix made them; within a group the table
+    /// says how they split), the groups' statistics summed.
     fn finish(&mut self) {
         for p in &mut self.phases {
-            let n = p.flows.max(1) as f64;
-            let observed: Vec<u64> = p.tms.iter().map(|t| t.flows).collect();
-            let expected: Vec<f64> = p.tms.iter().map(|t| t.target * p.flows as f64).collect();
+            let groups = p.tms.iter().map(|t| t.group + 1).max().unwrap_or(0);
+            let mut n = vec![0u64; groups];
+            for t in &p.tms {
+                n[t.group] += t.flows;
+            }
             for t in &mut p.tms {
-                t.share = t.flows as f64 / n;
+                t.share = t.flows as f64 / n[t.group].max(1) as f64;
             }
             p.max_abs_diff = p
                 .tms
                 .iter()
                 .map(|t| (t.share - t.target).abs())
                 .fold(0.0, f64::max);
-            let (x, dof) = stats::chi_square(&observed, &expected);
+            let (mut x, mut dof) = (0.0, 0);
+            for (g, &ng) in n.iter().enumerate() {
+                let cells: Vec<&TmShare> = p.tms.iter().filter(|t| t.group == g).collect();
+                let observed: Vec<u64> = cells.iter().map(|t| t.flows).collect();
+                let expected: Vec<f64> = cells.iter().map(|t| t.target * ng as f64).collect();
+                let (xg, dg) = stats::chi_square(&observed, &expected);
+                x += xg;
+                dof += dg;
+            }
             p.chi_square = x;
             p.dof = dof;
             p.p_value = stats::chi_square_p(x, dof);
