@@ -8,7 +8,9 @@
 
 use crate::error::TableError;
 use crate::profile::{largest_remainder, Profile};
-use crate::table::{largest_target, profile_targets, AllocationTable, Buckets, Group, Tm, TmIndex};
+use crate::table::{
+    largest_target, profile_targets, AllocationTable, Buckets, Group, GroupSpec, Tm, TmIndex,
+};
 use crate::TABLE_SIZE;
 
 /// One bucket that changed owner.
@@ -345,6 +347,61 @@ impl AllocationTable {
     }
 }
 
+impl AllocationTable {
+    /// A new group `spec` served by `members` (TMs of other groups, which
+    /// leave them): their buckets in their old groups go to those groups'
+    /// other TMs exactly as on a failover (the fewest moves; every such
+    /// group must keep a TM), and the new group's buckets are laid out by
+    /// its profile over its members. Version + 1. The moves listed are
+    /// those of the existing groups (the new group's buckets are all new).
+    pub fn with_new_group(
+        &self,
+        spec: GroupSpec,
+        members: &[TmIndex],
+    ) -> Result<Change, TableError> {
+        if members.is_empty() {
+            return Err(TableError::Groups(format!(
+                "group '{}' needs at least one TM",
+                spec.name
+            )));
+        }
+        if self.group_index(&spec.name).is_some() {
+            return Err(TableError::Groups(format!(
+                "a group named '{}' exists already",
+                spec.name
+            )));
+        }
+        let left = self.failover(members)?;
+        let g = self.groups().len();
+        let mut tms = left.table.tms().to_vec();
+        for &m in members {
+            tms[usize::from(m)].group = g;
+        }
+        // The new group's layout, from a table built afresh with it (only
+        // that group of it is kept).
+        let mut specs: Vec<GroupSpec> = self
+            .groups()
+            .iter()
+            .map(|x| GroupSpec {
+                name: x.name.clone(),
+                rules: x.rules.clone(),
+                hash: x.hash,
+                profile: x.profile.clone(),
+            })
+            .collect();
+        specs.push(spec);
+        let fresh = AllocationTable::new(self.version(), *self.key(), tms.clone(), specs)?;
+        let mut groups = left.table.groups().to_vec();
+        groups.push(fresh.groups()[g].clone());
+        Ok(Change {
+            // Past MAX_VERSION: refused by the rebuild.
+            table: self.rebuilt(self.version().saturating_add(1), tms, groups)?,
+            moves: left.moves,
+            optimum: left.optimum,
+        })
+    }
+}
+
 /// Member targets (in member order) as a per-TM-index vector of length `n`.
 fn spread_targets(member_targets: &[u32], members: &[TmIndex], n: usize) -> Vec<u32> {
     let mut out = vec![0u32; n];
@@ -656,5 +713,44 @@ mod test {
         assert!(t
             .targets_excluding(0, &Profile::Uniform, &[0, 1, 2, 3])
             .is_err());
+    }
+
+    #[test]
+    fn a_new_group_takes_its_members_out_of_their_group_with_the_fewest_moves() {
+        let t = uniform(6);
+        let spec = GroupSpec {
+            name: "tls".into(),
+            rules: vec!["443"
+                .parse::<crate::rules::PortRange>()
+                .map(|p| crate::Rule {
+                    protocol: None,
+                    ports: Some(p),
+                    prefix: None,
+                })
+                .expect("rule")],
+            hash: crate::HashMode::Endpoint,
+            profile: Profile::Uniform,
+        };
+        let c = t.with_new_group(spec.clone(), &[4, 5]).expect("split");
+        assert_eq!(c.table.version(), t.version() + 1);
+        assert_eq!(c.table.groups().len(), 2);
+        // Only the members' buckets moved in the default group, spread over the others.
+        let lost = t.counts(0)[4] + t.counts(0)[5];
+        assert_eq!(c.moves.len(), lost as usize);
+        assert_eq!(c.table.counts(0)[4] + c.table.counts(0)[5], 0);
+        for k in 0..4 {
+            assert!(c.table.counts(0)[k] >= t.counts(0)[k]);
+        }
+        // The new group: its members, uniform.
+        assert_eq!((c.table.counts(1)[4], c.table.counts(1)[5]), (2048, 2048));
+        assert_eq!(c.table.tms()[4].group, 1);
+        // A name taken, no member, or a group left without a TM: refused.
+        assert!(c.table.with_new_group(spec.clone(), &[3]).is_err());
+        let other = GroupSpec {
+            name: "dns".into(),
+            ..spec
+        };
+        assert!(t.with_new_group(other.clone(), &[]).is_err());
+        assert!(t.with_new_group(other, &[0, 1, 2, 3, 4, 5]).is_err());
     }
 }

@@ -31,6 +31,9 @@ pub enum Command {
     /// Add or remove a traffic manager (offline, on a table file).
     #[command(subcommand)]
     Tm(TmCmd),
+    /// Partition the TMs: make a new group (offline, on a table file).
+    #[command(subcommand)]
+    Group(GroupCmd),
     /// Show (and optionally write) the failover table for failed TMs.
     Failover(FailoverArgs),
     /// A running cluster: every node's health, table version, transition and load share.
@@ -248,6 +251,45 @@ pub struct TmAddArgs {
     /// Group (default: the default group).
     #[arg(long)]
     pub group: Option<String>,
+    /// Output file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Overwrite the output file if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupCmd {
+    /// A new group of existing TMs: their buckets in their old groups go
+    /// to those groups' other TMs (the fewest moves), the new group's are
+    /// laid out by its profile.
+    Add(GroupAddArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GroupAddArgs {
+    /// Table file.
+    #[arg(long)]
+    pub table: PathBuf,
+    /// The new group's name.
+    #[arg(long)]
+    pub name: String,
+    /// A rule selecting the group's traffic (repeat for several; any one
+    /// matching selects it): comma-separated `protocol=tcp|udp|icmp|N`,
+    /// `ports=443` or `ports=8000-8999`, `prefix=192.0.2.0/24`, each
+    /// optional, at least one. Direction-free: either port, either address.
+    #[arg(long = "rule", required = true)]
+    pub rules: Vec<String>,
+    /// Its TMs: ids or names, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub tms: Vec<String>,
+    /// `endpoint` (default) or `address` (source affinity; its TMs must
+    /// keep client addresses: DNAT-only, docs/tmd.md).
+    #[arg(long, default_value = "endpoint")]
+    pub hash: String,
+    #[command(flatten)]
+    pub profile: ProfileArgs,
     /// Output file.
     #[arg(short, long)]
     pub output: PathBuf,

@@ -16,7 +16,7 @@ use allocation::{
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 
-use cli::{Cli, Command, ProfileArgs, ProfileName, TableCmd, TmCmd};
+use cli::{Cli, Command, GroupCmd, ProfileArgs, ProfileName, TableCmd, TmCmd};
 use report::Out;
 
 fn main() -> ExitCode {
@@ -130,6 +130,7 @@ fn run(cmd: Command, out: &Out) -> Result<()> {
             });
             Ok(())
         }
+        Command::Group(GroupCmd::Add(a)) => group_add(a, out),
         Command::Tm(TmCmd::Drain(a)) => tm_cluster(a, true, out),
         Command::Tm(TmCmd::Readmit(a)) => tm_cluster(a, false, out),
         Command::Failover(a) => {
@@ -160,6 +161,83 @@ fn write_new(path: &Path, t: &AllocationTable, force: bool) -> Result<()> {
         bail!("{} exists (use --force to overwrite)", path.display());
     }
     file::save(path, t).map_err(|e| anyhow!(e))
+}
+
+/// One `--rule`: comma-separated `protocol=…`, `ports=…`, `prefix=…`.
+fn parse_rule(text: &str) -> Result<allocation::Rule> {
+    let mut r = allocation::Rule {
+        protocol: None,
+        ports: None,
+        prefix: None,
+    };
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(|| {
+            anyhow!("--rule '{text}': '{part}' is not key=value (protocol=, ports=, prefix=)")
+        })?;
+        let bad = |e: String| anyhow!("--rule '{text}': {k} = '{v}': {e}");
+        match k.trim() {
+            "protocol" => {
+                r.protocol = Some(allocation::rules::Protocol(
+                    allocation::rules::proto::parse(v.trim())
+                        .ok_or_else(|| bad("not tcp, udp, icmp, icmpv6 or 0-255".into()))?,
+                ))
+            }
+            "ports" => r.ports = Some(v.trim().parse().map_err(|e| bad(format!("{e}")))?),
+            "prefix" => r.prefix = Some(v.trim().parse().map_err(|e| bad(format!("{e}")))?),
+            other => bail!("--rule '{text}': unknown key '{other}' (protocol, ports, prefix)"),
+        }
+    }
+    if r.is_empty() {
+        bail!("--rule '{text}': sets no criterion");
+    }
+    Ok(r)
+}
+
+fn group_add(a: cli::GroupAddArgs, out: &Out) -> Result<()> {
+    let t = load(&a.table)?;
+    let members = a
+        .tms
+        .iter()
+        .map(|s| resolve_tm(&t, s))
+        .collect::<Result<Vec<_>>>()?;
+    let rules = a
+        .rules
+        .iter()
+        .map(|r| parse_rule(r))
+        .collect::<Result<Vec<_>>>()?;
+    let hash = match a.hash.as_str() {
+        "endpoint" => allocation::HashMode::Endpoint,
+        "address" => allocation::HashMode::Address {
+            v4_prefix: 32,
+            v6_prefix: 128,
+        },
+        other => bail!("--hash '{other}': endpoint or address"),
+    };
+    let profile = profile_from(&a.profile, members.len())?;
+    let spec = allocation::GroupSpec {
+        name: a.name.clone(),
+        rules,
+        hash,
+        profile,
+    };
+    let change = t.with_new_group(spec, &members)?;
+    write_new(&a.output, &change.table, a.force)?;
+    let g = change.table.groups().len() - 1;
+    out.emit(
+        json!({"file": a.output.display().to_string(), "version": change.table.version(), "group": a.name, "tms": a.tms, "moved_buckets": change.moves.len(), "checksum": file::checksum(&change.table)}),
+        || {
+            format!(
+                "{}: group '{}' of {} TM(s) ({}), {} bucket(s) of the other groups moved; table version {}",
+                a.output.display(),
+                a.name,
+                change.table.members(g).len(),
+                a.tms.join(", "),
+                change.moves.len(),
+                change.table.version()
+            )
+        },
+    );
+    Ok(())
 }
 
 /// A TM by id (a number) or by name.

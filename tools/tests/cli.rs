@@ -430,3 +430,79 @@ fn help_is_available_everywhere() {
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("addr")
 }
+
+/// `group add`: a TLS partition of existing TMs, checked by the library
+/// (their buckets left the default group with the fewest moves, the rule
+/// selects the group); bad rules and impossible partitions are one line.
+#[test]
+fn group_add_partitions_the_tms() {
+    let d = Dir::new("group");
+    let (t, p) = (d.path("t.toml"), d.path("p.toml"));
+    ok(&["table", "new", "--tms", "5", "--key", KEY, "-o", s(&t)]);
+    let o = ok(&[
+        "group",
+        "add",
+        "--table",
+        s(&t),
+        "--name",
+        "tls",
+        "--rule",
+        "protocol=tcp,ports=443",
+        "--tms",
+        "3,tm4",
+        "-o",
+        s(&p),
+    ]);
+    assert!(o.contains("group 'tls' of 2 TM(s)"), "{o}");
+    let before = file::load(&t).expect("table");
+    let after = file::load(&p).expect("partitioned");
+    assert_eq!(after.version(), before.version() + 1);
+    assert_eq!(after.groups()[1].name, "tls");
+    assert_eq!((after.counts(1)[3], after.counts(1)[4]), (2048, 2048));
+    assert_eq!(after.counts(0)[3] + after.counts(0)[4], 0);
+    let moved = allocation::rebalance::minimum_moves(&before.counts(0), &after.counts(0));
+    assert_eq!(moved, (before.counts(0)[3] + before.counts(0)[4]) as usize);
+    let c: IpAddr = "203.0.113.9".parse().expect("addr");
+    let vip: IpAddr = "198.51.100.10".parse().expect("addr");
+    let tls = Flow::with_ports(proto::TCP, c, 40000, vip, 443);
+    let web = Flow::with_ports(proto::TCP, c, 40000, vip, 80);
+    assert_eq!(after.steer(&tls).group, 1);
+    assert!([3, 4].contains(&after.steer(&tls).tm));
+    assert_eq!(after.steer(&web).group, 0);
+    // One line each: an unknown key, a group that would leave the default
+    // group empty, a name taken.
+    let x = d.path("x.toml");
+    for (args, want) in [
+        (
+            vec!["--rule", "protocl=tcp", "--tms", "3"],
+            "unknown key 'protocl'",
+        ),
+        (vec!["--rule", "ports=443", "--tms", "0,1,2,3,4"], "default"),
+        (vec!["--rule", "ports=99999", "--tms", "3"], "99999"),
+    ] {
+        let mut a = vec!["group", "add", "--table", s(&t), "--name", "x"];
+        a.extend(args);
+        a.extend(["-o", s(&x)]);
+        let o = stdctl(&a);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    let y = d.path("y.toml");
+    let o = stdctl(&[
+        "group",
+        "add",
+        "--table",
+        s(&p),
+        "--name",
+        "tls",
+        "--rule",
+        "ports=53",
+        "--tms",
+        "2",
+        "-o",
+        s(&y),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("exists already"));
+}
