@@ -135,17 +135,38 @@ impl Hysteresis {
     }
 }
 
-/// One probe of `server`: `Err` says why it failed.
+/// Why a probe did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeError {
+    /// The server failed it: counts toward taking it down.
+    Failed(String),
+    /// This node had no self-source port to probe from (no bucket: a
+    /// drained or joining TM; or every port in use): says nothing about
+    /// the server, so it changes nothing — a TM readmitted after a drain
+    /// finds its servers as they were, not marked down by its own drain.
+    NoPort(String),
+}
+
+/// One probe of `server`.
 pub async fn probe(
     kind: &ProbeKind,
     snat: &Arc<Snat>,
     server: std::net::SocketAddr,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), ProbeError> {
+    use snat::ConnectError;
     let work = async {
-        let (mut stream, _lease) = snat::connect(snat, server, timeout)
-            .await
-            .map_err(|e| e.to_string())?;
+        let (mut stream, _lease) =
+            snat::connect(snat, server, timeout)
+                .await
+                .map_err(|e| match e {
+                    ConnectError::Exhausted(_)
+                    | ConnectError::ReplyElsewhere(_)
+                    | ConnectError::NoAddress(_)
+                    | ConnectError::Busy(..) => ProbeError::NoPort(e.to_string()),
+                    e => ProbeError::Failed(e.to_string()),
+                })?;
+        let failed = |e: std::io::Error| ProbeError::Failed(e.to_string());
         match kind {
             ProbeKind::Tcp => Ok(()),
             ProbeKind::Http {
@@ -153,17 +174,11 @@ pub async fn probe(
                 expect_status,
             } => {
                 let req = format!("GET {path} HTTP/1.1\r\nHost: {server}\r\nUser-Agent: tmd-health\r\nConnection: close\r\n\r\n");
-                stream
-                    .write_all(req.as_bytes())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                stream.write_all(req.as_bytes()).await.map_err(failed)?;
                 let mut head = [0u8; 64];
                 let mut got = 0;
                 while got < 12 {
-                    let n = stream
-                        .read(&mut head[got..])
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let n = stream.read(&mut head[got..]).await.map_err(failed)?;
                     if n == 0 {
                         break;
                     }
@@ -176,15 +191,17 @@ pub async fn probe(
                     .and_then(|c| c.parse().ok());
                 match status {
                     Some(s) if s == *expect_status => Ok(()),
-                    Some(s) => Err(format!("status {s}, expected {expect_status}")),
-                    None => Err("not an HTTP response".into()),
+                    Some(s) => Err(ProbeError::Failed(format!(
+                        "status {s}, expected {expect_status}"
+                    ))),
+                    None => Err(ProbeError::Failed("not an HTTP response".into())),
                 }
             }
         }
     };
     tokio::time::timeout(timeout, work)
         .await
-        .map_err(|_| "timed out".to_string())?
+        .map_err(|_| ProbeError::Failed("timed out".to_string()))?
 }
 
 /// Probes every server of `pool` until `stop`, marking them up and down.
@@ -201,12 +218,20 @@ pub async fn run(pool: Arc<Pool>, cfg: HealthConfig, snat: Arc<Snat>, stop: Arc<
         }))
         .await;
         for (i, r) in results.into_iter().enumerate() {
+            if let Ok(Err(ProbeError::NoPort(why))) = &r {
+                log::debug!(
+                    "pool {}: server {} not probed: {why}",
+                    pool.name,
+                    pool.servers[i]
+                );
+                continue;
+            }
             let ok = matches!(r, Ok(Ok(())));
             if let Some(up) = states[i].observe(ok) {
                 pool.set_up(i, up);
                 match (&r, up) {
                     (_, true) => log::info!("pool {}: server {} is up", pool.name, pool.servers[i]),
-                    (Ok(Err(why)), false) => log::warn!(
+                    (Ok(Err(ProbeError::Failed(why))), false) => log::warn!(
                         "pool {}: server {} is down: {why}",
                         pool.name,
                         pool.servers[i]
@@ -297,18 +322,28 @@ mod test {
             assert_eq!(probe(&http, &snat, ok, t).await, Ok(()));
             assert_eq!(
                 probe(&http, &snat, bad, t).await,
-                Err("status 503, expected 200".into())
+                Err(ProbeError::Failed("status 503, expected 200".into()))
             );
             assert_eq!(
                 probe(&http, &snat, junk, t).await,
-                Err("not an HTTP response".into())
+                Err(ProbeError::Failed("not an HTTP response".into()))
             );
             assert_eq!(probe(&ProbeKind::Tcp, &snat, junk, t).await, Ok(()));
             // Nothing listening: the probe fails.
             let closed = std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
                 .expect("addr");
-            assert!(probe(&ProbeKind::Tcp, &snat, closed, t).await.is_err());
+            assert!(matches!(
+                probe(&ProbeKind::Tcp, &snat, closed, t).await,
+                Err(ProbeError::Failed(_))
+            ));
+            // A node with no bucket has no port: no verdict on the server.
+            let drained = table.failover(&[0]).expect("failover").table;
+            snat.retable(&drained, None).expect("retable");
+            assert!(matches!(
+                probe(&http, &snat, ok, t).await,
+                Err(ProbeError::NoPort(_))
+            ));
         });
     }
 

@@ -210,7 +210,9 @@ pub struct RebalanceArgs {
     /// Group to rebalance (default: the default group).
     #[arg(long)]
     pub group: Option<String>,
-    /// Output file (the new table, version + 1). Without it, only the plan is printed.
+    /// Output file (the new table, version + 1). Without it, only the plan
+    /// is printed. With --cluster: the table pushed (with --dry-run: that
+    /// would be pushed).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
     /// Overwrite the output file if it exists.

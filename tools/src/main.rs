@@ -485,8 +485,12 @@ fn rebalance(a: cli::RebalanceArgs, out: &Out) -> Result<()> {
         // Failed and drained TMs stay out; readmit brings them back.
         let change =
             cluster::plan_change(&running, g, &profile, &cluster::out_of_service(&running, g))?;
+        // With -o: the table pushed (or, with --dry-run, that would be).
+        if let Some(path) = &a.output {
+            write_new(path, &change.table, a.force)?;
+        }
         if a.dry_run || !out.json {
-            out.rebalance(&running, &change, g, None);
+            out.rebalance(&running, &change, g, a.output.as_deref());
         }
         if a.dry_run {
             return Ok(());
