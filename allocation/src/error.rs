@@ -219,16 +219,16 @@ pub enum PortError {
     Mismatch,
     /// The server's replies to every SNAT address land in another group
     /// than the TM's, whatever the port: no port can steer them home.
-    #[error("replies from {server} to SNAT address {addr} land in group '{lands_in}', not this TM's group '{group}'")]
+    #[error(
+        "replies from {server} to SNAT address {addr} land in group #{lands_in}, not this TM's"
+    )]
     ReplyElsewhere {
         /// The server.
         server: std::net::SocketAddr,
         /// The (last) SNAT address tried.
         addr: IpAddr,
-        /// The group the replies land in.
-        lands_in: String,
-        /// The TM's group.
-        group: String,
+        /// The index of the group the replies land in.
+        lands_in: usize,
     },
 }
 

@@ -395,12 +395,18 @@ impl PortAllocator {
         let port = self
             .find(start, 65535)
             .or_else(|| self.find(lo, start.saturating_sub(1)))?;
+        self.take(port);
+        self.cursor = port + 1;
+        Some(port as u16)
+    }
+
+    /// Marks free port `port` in use.
+    #[inline(always)]
+    fn take(&mut self, port: u32) {
         let w = (port / 64) as usize;
         self.used[w] |= 1 << (port % 64);
-        self.refresh(w);
-        self.cursor = port + 1;
         self.in_use += 1;
-        Some(port as u16)
+        self.refresh(w);
     }
 
     /// A free self-source port greater than `above` that `fit` allows:
@@ -416,10 +422,7 @@ impl PortAllocator {
                 let port = ranges.iter().find_map(|r| {
                     self.find(u32::from(r.lo).max(u32::from(above) + 1), u32::from(r.hi))
                 })?;
-                let w = (port / 64) as usize;
-                self.used[w] |= 1 << (port % 64);
-                self.refresh(w);
-                self.in_use += 1;
+                self.take(port);
                 Some(port as u16)
             }
         }
@@ -428,13 +431,10 @@ impl PortAllocator {
     /// Marks `port` as in use (a connection that already holds it, e.g. kept
     /// across a restart). Returns false if it was already in use.
     pub fn reserve(&mut self, port: u16) -> bool {
-        let (w, bit) = (usize::from(port) / 64, 1u64 << (port % 64));
-        if self.used[w] & bit != 0 {
+        if self.is_used(port) {
             return false;
         }
-        self.used[w] |= bit;
-        self.in_use += 1;
-        self.refresh(w);
+        self.take(u32::from(port));
         true
     }
 
@@ -579,16 +579,14 @@ impl SnatAllocator {
         })
     }
 
-    /// A (SNAT address, port) for a connection to a server on port
-    /// `above` whose replies to address `a` fit as `fit(a)` says: the first
-    /// address with a free port that fits, in order. When no address fits
-    /// at all the error says where the replies would land (`group_name`
-    /// names groups); when some fit but are full, exhaustion.
+    /// A (SNAT address, port) for a connection to `server` whose replies
+    /// to address `a` fit as `fit(a)` says: the first address with a free
+    /// port that fits, in order. When no address fits at all the error
+    /// says where the replies land; when some fit but are full, exhaustion.
     pub fn allocate_fit(
         &mut self,
         server: std::net::SocketAddr,
         fit: impl Fn(IpAddr) -> ReplyFit,
-        group_name: impl Fn(usize) -> (String, String),
     ) -> Result<(IpAddr, u16), PortError> {
         let above = server.port();
         let mut elsewhere = None;
@@ -605,15 +603,11 @@ impl SnatAllocator {
             }
         }
         match elsewhere {
-            Some((addr, lands_in)) if !any_fits => {
-                let (lands_in, group) = group_name(lands_in);
-                Err(PortError::ReplyElsewhere {
-                    server,
-                    addr,
-                    lands_in,
-                    group,
-                })
-            }
+            Some((addr, lands_in)) if !any_fits => Err(PortError::ReplyElsewhere {
+                server,
+                addr,
+                lands_in,
+            }),
             _ => Err(PortError::Exhausted {
                 above,
                 tm: usize::from(self.tm),
@@ -891,10 +885,9 @@ mod test {
     ) -> Result<Vec<u16>, PortError> {
         let mut a = SnatAllocator::new(t, tm, &[snat], PortRange::ALL)?;
         let fit = |addr| ReplyFit::of(t, tm, server.ip(), server.port(), protocol, addr);
-        let names = |g: usize| (t.groups()[g].name.clone(), String::new());
         let mut out = Vec::new();
         loop {
-            match a.allocate_fit(server, fit, names) {
+            match a.allocate_fit(server, fit) {
                 Ok((addr, p)) => {
                     let reply = Flow::with_ports(protocol, server.ip(), server.port(), addr, p);
                     let s = t.steer(&reply);
@@ -926,7 +919,7 @@ mod test {
             ReplyFit::Never { lands_in: 0 }
         );
         match allocate_all(&t, 2, server, proto::TCP, snat) {
-            Err(PortError::ReplyElsewhere { lands_in, .. }) => assert_eq!(lands_in, "default"),
+            Err(PortError::ReplyElsewhere { lands_in, .. }) => assert_eq!(lands_in, 0),
             other => panic!("{other:?}"),
         }
         // The default group's TMs: any port, but never 443 (the TLS rule's).

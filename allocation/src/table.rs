@@ -577,6 +577,21 @@ impl AllocationTable {
         })
     }
 
+    /// Buckets whose owner (by TM id) differs between this table and
+    /// `other`, over the groups both have.
+    pub fn moved_buckets(&self, other: &AllocationTable) -> usize {
+        let id = |t: &AllocationTable, g: usize, k: usize| {
+            t.tms[usize::from(t.groups[g].buckets.get(k))].id
+        };
+        (0..self.groups.len().min(other.groups.len()))
+            .map(|g| {
+                (0..TABLE_SIZE)
+                    .filter(|&k| id(self, g, k) != id(other, g, k))
+                    .count()
+            })
+            .sum()
+    }
+
     /// Entries per TM index in group `g` (zero for TMs of other groups).
     pub fn counts(&self, g: usize) -> Vec<u32> {
         self.groups

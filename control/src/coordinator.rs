@@ -268,26 +268,7 @@ fn describe(r: &Result<Answer, CallError>) -> String {
 
 /// True when TM `id` has a bucket in its group of `t`.
 fn in_service(t: &AllocationTable, id: u32) -> bool {
-    t.tm_index_by_id(id).is_some_and(|i| {
-        let g = t.tms()[usize::from(i)].group;
-        t.counts(g)[usize::from(i)] > 0
-    })
-}
-
-/// Buckets whose owner (by TM id) differs, over the groups both tables have.
-fn moved_buckets(a: &AllocationTable, b: &AllocationTable) -> usize {
-    let groups = a.groups().len().min(b.groups().len());
-    (0..groups)
-        .map(|g| {
-            (0..allocation::TABLE_SIZE)
-                .filter(|&k| {
-                    let id =
-                        |t: &AllocationTable| t.tms()[usize::from(t.groups()[g].buckets.get(k))].id;
-                    id(a) != id(b)
-                })
-                .count()
-        })
-        .sum()
+    t.tm_index_by_id(id).is_some_and(|i| t.buckets_of(i) > 0)
 }
 
 impl Push {
@@ -339,7 +320,7 @@ impl Push {
             from: TableId::of(from),
             to: TableId::of(to),
             body: file::render(to),
-            moved: moved_buckets(from, to),
+            moved: from.moved_buckets(to),
             order,
             joining,
             idle_both,

@@ -253,11 +253,10 @@ impl RedirectAll {
         p
     }
 
-    /// Attaches it to `from` (native XDP), redirecting to `to`, doing
-    /// `touch` to every frame on the way.
-    pub fn attach(from: &str, to: &str, touch: Touch) -> io::Result<Self> {
+    /// Attaches it to `from` (native XDP), redirecting to `to`.
+    pub fn attach(from: &str, to: &str) -> io::Result<Self> {
         let from_index = ifindex(from)?;
-        let prog = redirect_program(to, touch)?;
+        let prog = redirect_program(to, Touch::Nothing)?;
         let link = Link::xdp(&prog, from_index, XDP_FLAGS_DRV_MODE)
             .map_err(|e| err("attaching the redirect program in native mode", from, e))?;
         Ok(RedirectAll {

@@ -237,7 +237,7 @@ pub struct Sim {
     keys: FnvHashMap<Key, usize>,
     /// (protocol, SNAT address, port, TM id) of every lease held: a TM
     /// handed one twice is a collision, whatever the servers.
-    held: FnvHashMap<(u8, IpAddr, u16, u32), usize>,
+    held: fnv::FnvHashSet<(u8, IpAddr, u16, u32)>,
     arrived: u64,
     next_event: usize,
     pending: Vec<Event>,
@@ -419,7 +419,7 @@ impl Sim {
             flows: Vec::new(),
             free: Vec::new(),
             keys: FnvHashMap::default(),
-            held: FnvHashMap::default(),
+            held: fnv::FnvHashSet::default(),
             arrived: 0,
             next_event: 0,
             pending: Vec::new(),
@@ -904,8 +904,7 @@ impl Sim {
             Key::Server(protocol, lease.addr, lease.port, server.0, server.1),
             slot,
         );
-        self.held
-            .insert((protocol, lease.addr, lease.port, tm), slot);
+        self.held.insert((protocol, lease.addr, lease.port, tm));
         if let Some(Some(f)) = self.flows.get_mut(slot) {
             f.lease = Some(lease);
             f.lease_tm = tm;
@@ -939,7 +938,7 @@ impl Sim {
         if self
             .keys
             .contains_key(&Key::Server(protocol, addr, port, server.0, server.1))
-            || self.held.contains_key(&(protocol, addr, port, tm))
+            || self.held.contains(&(protocol, addr, port, tm))
         {
             self.report.checks.port_collision += 1;
         }
@@ -1348,15 +1347,7 @@ impl Sim {
         next: AllocationTable,
         optimum: usize,
     ) -> Result<(), SimError> {
-        // Over every group (the same groups in both tables).
-        let moved = (0..self.table.groups().len().min(next.groups().len()))
-            .flat_map(|g| (0..allocation::TABLE_SIZE).map(move |b| (g, b)))
-            .filter(|&(g, b)| {
-                let old = self.table.tms()[usize::from(self.table.groups()[g].buckets.get(b))].id;
-                let new = next.tms()[usize::from(next.groups()[g].buckets.get(b))].id;
-                old != new
-            })
-            .count();
+        let moved = self.table.moved_buckets(&next);
         self.report
             .events
             .push(EventReport::new(what, self.arrived, moved, optimum));

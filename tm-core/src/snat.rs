@@ -28,8 +28,17 @@ pub enum ConnectError {
     /// No self-source port can carry the server's replies: they land in
     /// another group than this TM's whatever the port (a configuration
     /// tmd refuses; reached only if the table changed under it).
-    #[error("no self-source port can carry the replies: {0}")]
-    ReplyElsewhere(PortError),
+    #[error("no self-source port can carry the replies: replies from {server} to SNAT address {addr} land in group '{lands_in}', not this TM's group '{group}'")]
+    ReplyElsewhere {
+        /// The server.
+        server: SocketAddr,
+        /// The (last) SNAT address tried.
+        addr: IpAddr,
+        /// The group the replies land in.
+        lands_in: String,
+        /// This TM's group.
+        group: String,
+    },
     /// No SNAT address of the server's address family.
     #[error("no SNAT address for {0}")]
     NoAddress(&'static str),
@@ -61,11 +70,40 @@ pub struct Snat {
     tables: Mutex<Arc<Tables>>,
 }
 
-/// The tables a node's ports must be valid under.
+/// The tables a node's ports must be valid under, with this node's index
+/// in each (resolved once, not per connection).
 #[derive(Debug)]
 struct Tables {
-    running: AllocationTable,
-    next: Option<AllocationTable>,
+    running: (AllocationTable, Option<TmIndex>),
+    next: Option<(AllocationTable, Option<TmIndex>)>,
+}
+
+impl Tables {
+    fn new(tm_id: u32, running: &AllocationTable, next: Option<&AllocationTable>) -> Tables {
+        let with_index = |t: &AllocationTable| (t.clone(), t.tm_index_by_id(tm_id));
+        Tables {
+            running: with_index(running),
+            next: next.map(with_index),
+        }
+    }
+
+    /// The fit of this node's connections from `addr` to `server`, under
+    /// both tables (each where this node is in it).
+    fn fit(&self, server: SocketAddr, protocol: u8, addr: IpAddr) -> ReplyFit {
+        let one = |(t, tm): &(AllocationTable, Option<TmIndex>)| {
+            tm.map(|tm| ReplyFit::of(t, tm, server.ip(), server.port(), protocol, addr))
+        };
+        let now = one(&self.running).unwrap_or(ReplyFit::Never { lands_in: 0 });
+        match self.next.as_ref().and_then(one) {
+            Some(after) => now.and(after),
+            None => now,
+        }
+    }
+
+    /// The table whose group names an error gives (the next one, if any).
+    fn naming(&self) -> &AllocationTable {
+        self.next.as_ref().map_or(&self.running.0, |n| &n.0)
+    }
 }
 
 /// One server a virtual server connects to, for [`check_replies`].
@@ -79,27 +117,6 @@ pub struct ServerSide<'a> {
     pub protocol: u8,
     /// The server.
     pub server: SocketAddr,
-}
-
-/// The fit of TM id `tm_id`'s connections from `addr` to `server` under
-/// `table` (and `next`, where this node is in it).
-fn fit_under(
-    table: &AllocationTable,
-    next: Option<&AllocationTable>,
-    tm_id: u32,
-    server: SocketAddr,
-    protocol: u8,
-    addr: IpAddr,
-) -> ReplyFit {
-    let one = |t: &AllocationTable| {
-        t.tm_index_by_id(tm_id)
-            .map(|tm| ReplyFit::of(t, tm, server.ip(), server.port(), protocol, addr))
-    };
-    let now = one(table).unwrap_or(ReplyFit::Never { lands_in: 0 });
-    match next.and_then(one) {
-        Some(after) => now.and(after),
-        None => now,
-    }
 }
 
 /// The names of group `g` of `table` and of TM id `tm_id`'s own group.
@@ -147,13 +164,11 @@ pub fn check_replies(
             }
         }
     }
+    let tables = Tables::new(tm_id, table, next);
     for s in servers {
         for &a in addrs.iter().filter(|a| a.is_ipv4() == s.server.is_ipv4()) {
-            if let ReplyFit::Never { lands_in } =
-                fit_under(table, next, tm_id, s.server, s.protocol, a)
-            {
-                let t = next.unwrap_or(table);
-                let (lands, own) = group_names(t, tm_id, lands_in);
+            if let ReplyFit::Never { lands_in } = tables.fit(s.server, s.protocol, a) {
+                let (lands, own) = group_names(tables.naming(), tm_id, lands_in);
                 let p = proto::name(s.protocol);
                 return Err(format!(
                     "virtual server '{}' (pool '{}'): {p} replies from server {} to SNAT address {a} land in group '{lands}' whatever the port, not in this TM's group '{own}': give group '{own}' a rule that matches them (e.g. {p} port {}, or a prefix holding {a}), or put the TM in group '{lands}'",
@@ -208,10 +223,7 @@ impl Snat {
             range,
             v4: build(&v4)?,
             v6: build(&v6)?,
-            tables: Mutex::new(Arc::new(Tables {
-                running: table.clone(),
-                next: None,
-            })),
+            tables: Mutex::new(Arc::new(Tables::new(tm_id, table, None))),
         })
     }
 
@@ -228,10 +240,8 @@ impl Snat {
     }
 
     fn set_tables(&self, running: &AllocationTable, next: Option<&AllocationTable>) {
-        *self.tables.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(Tables {
-            running: running.clone(),
-            next: next.cloned(),
-        });
+        *self.tables.lock().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(Tables::new(self.tm_id, running, next));
     }
 
     /// This node's TM id (stable across tables).
@@ -259,16 +269,23 @@ impl Snat {
     ) -> Result<Lease, ConnectError> {
         let alloc = self.family(server.is_ipv4())?;
         let tables = Arc::clone(&self.tables.lock().unwrap_or_else(|p| p.into_inner()));
-        let (running, next) = (&tables.running, tables.next.as_ref());
         let mut a = alloc.lock().unwrap_or_else(|p| p.into_inner());
         let (addr, port) = a
-            .allocate_fit(
-                server,
-                |addr| fit_under(running, next, self.tm_id, server, protocol, addr),
-                |g| group_names(next.unwrap_or(running), self.tm_id, g),
-            )
+            .allocate_fit(server, |addr| tables.fit(server, protocol, addr))
             .map_err(|e| match e {
-                PortError::ReplyElsewhere { .. } => ConnectError::ReplyElsewhere(e),
+                PortError::ReplyElsewhere {
+                    server,
+                    addr,
+                    lands_in,
+                } => {
+                    let (lands_in, group) = group_names(tables.naming(), self.tm_id, lands_in);
+                    ConnectError::ReplyElsewhere {
+                        server,
+                        addr,
+                        lands_in,
+                        group,
+                    }
+                }
                 e => ConnectError::Exhausted(e),
             })?;
         Ok(Lease {
@@ -562,9 +579,7 @@ mod test {
         let snat = Arc::new(Snat::new(&t, 2, &[addr], PortRange::ALL).expect("snat"));
         assert!(matches!(
             snat.lease(server, proto::TCP),
-            Err(ConnectError::ReplyElsewhere(
-                PortError::ReplyElsewhere { .. }
-            ))
+            Err(ConnectError::ReplyElsewhere { .. })
         ));
         // The default group's TMs are fine there.
         let id0 = t.tm(0).expect("tm").id;

@@ -161,7 +161,7 @@ pub async fn probe(
                 .await
                 .map_err(|e| match e {
                     ConnectError::Exhausted(_)
-                    | ConnectError::ReplyElsewhere(_)
+                    | ConnectError::ReplyElsewhere { .. }
                     | ConnectError::NoAddress(_)
                     | ConnectError::Busy(..) => ProbeError::NoPort(e.to_string()),
                     e => ProbeError::Failed(e.to_string()),

@@ -315,7 +315,7 @@ async fn handle(vs: Arc<VirtualServer>, client: TcpStream, peer: SocketAddr) {
         Err(e) => {
             match e {
                 ConnectError::Exhausted(_)
-                | ConnectError::ReplyElsewhere(_)
+                | ConnectError::ReplyElsewhere { .. }
                 | ConnectError::Busy(..)
                 | ConnectError::NoAddress(_) => {
                     st.refused_ports.fetch_add(1, Ordering::Relaxed);

@@ -143,7 +143,7 @@ async fn open(
         Err(e) => {
             match e {
                 ConnectError::Exhausted(_)
-                | ConnectError::ReplyElsewhere(_)
+                | ConnectError::ReplyElsewhere { .. }
                 | ConnectError::Busy(..)
                 | ConnectError::NoAddress(_) => st.refused_ports.fetch_add(1, Ordering::Relaxed),
                 _ => st.connect_failed.fetch_add(1, Ordering::Relaxed),

@@ -552,10 +552,8 @@ pub fn status(c: &Cluster) -> Status {
             open = Some(n as u64);
         }
         let in_service = table.as_ref().is_some_and(|tab| {
-            tab.tm_index_by_id(t.id).is_some_and(|i| {
-                let g = tab.tms()[usize::from(i)].group;
-                tab.counts(g)[usize::from(i)] > 0
-            })
+            tab.tm_index_by_id(t.id)
+                .is_some_and(|i| tab.buckets_of(i) > 0)
         });
         if health != "ok" && in_service {
             problems.push(format!("health: {health}"));

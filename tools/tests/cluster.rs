@@ -284,6 +284,27 @@ fn normal(_: &str) -> Script {
     }
 }
 
+/// A cluster whose every node runs `t` and otherwise answers normally.
+fn running(name: &str, t: &AllocationTable) -> Cluster {
+    let text = file::render(t);
+    cluster(name, move |n| Script {
+        table: text.clone(),
+        ..normal(n)
+    })
+}
+
+impl Cluster {
+    /// The table `node` was switched to.
+    fn switched(&self, node: &str) -> AllocationTable {
+        file::parse(
+            &self
+                .body_of(node, "POST /transition/switch")
+                .expect("switched"),
+        )
+        .expect("table")
+    }
+}
+
 fn stdctl(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_stdctl"))
         .args(args)
@@ -458,11 +479,7 @@ fn rebalance_dry_run_changes_nothing_and_drain_readmit_push_the_right_tables() {
 
     let o = stdctl(&["tm", "drain", "tm1", "--cluster", &c.file()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let pushed = file::parse(
-        &c.body_of("front", "POST /transition/switch")
-            .expect("switched"),
-    )
-    .expect("table");
+    let pushed = c.switched("front");
     assert_eq!(pushed.version(), 5);
     assert_eq!(pushed.counts(0)[1], 0, "tm1 drained");
     let min = allocation::rebalance::minimum_moves(&table().counts(0), &pushed.counts(0));
@@ -473,18 +490,10 @@ fn rebalance_dry_run_changes_nothing_and_drain_readmit_push_the_right_tables() {
     );
 
     // Readmit against a cluster running the drained table.
-    let drained = file::render(&pushed);
-    let c2 = cluster("readmit", |n| Script {
-        table: drained.clone(),
-        ..normal(n)
-    });
+    let c2 = running("readmit", &pushed);
     let o = stdctl(&["tm", "readmit", "1", "--cluster", &c2.file()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let back = file::parse(
-        &c2.body_of("back", "POST /transition/switch")
-            .expect("switched"),
-    )
-    .expect("table");
+    let back = c2.switched("back");
     assert_eq!(back.version(), 6);
     // tm1 joins: it is prepared last, with the ports the members hold.
     let prep: Vec<String> = c2
@@ -523,10 +532,7 @@ fn rebalance_dry_run_changes_nothing_and_drain_readmit_push_the_right_tables() {
         back.counts(0)
     );
     // Readmitting a TM in service, or draining a drained one, is refused.
-    let c3 = cluster("drained", |n| Script {
-        table: drained.clone(),
-        ..normal(n)
-    });
+    let c3 = running("drained", &pushed);
     let o = stdctl(&["tm", "drain", "1", "--cluster", &c3.file()]);
     assert_eq!(o.status.code(), Some(1));
     let o = stdctl(&["tm", "readmit", "0", "--cluster", &c3.file()]);
@@ -542,18 +548,10 @@ fn partitioned() -> AllocationTable {
 #[test]
 fn drain_readmit_rebalance_and_status_work_in_any_group() {
     let t = partitioned();
-    let text = file::render(&t);
-    let c = cluster("groups", |n| Script {
-        table: text.clone(),
-        ..normal(n)
-    });
+    let c = running("groups", &t);
     let o = stdctl(&["tm", "drain", "tm2", "--cluster", &c.file()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let pushed = file::parse(
-        &c.body_of("front", "POST /transition/switch")
-            .expect("switched"),
-    )
-    .expect("table");
+    let pushed = c.switched("front");
     assert_eq!(pushed.counts(1)[2], 0, "tm2 drained");
     assert_eq!(
         pushed.counts(1)[1],
@@ -567,18 +565,10 @@ fn drain_readmit_rebalance_and_status_work_in_any_group() {
     );
 
     // Readmit it against a cluster running the drained table.
-    let drained = file::render(&pushed);
-    let c2 = cluster("groups-readmit", |n| Script {
-        table: drained.clone(),
-        ..normal(n)
-    });
+    let c2 = running("groups-readmit", &pushed);
     let o = stdctl(&["tm", "readmit", "tm2", "--cluster", &c2.file()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let back = file::parse(
-        &c2.body_of("front", "POST /transition/switch")
-            .expect("switched"),
-    )
-    .expect("table");
+    let back = c2.switched("front");
     assert_eq!((back.counts(1)[1], back.counts(1)[2]), (2048, 2048));
     assert_eq!(back.counts(0), t.counts(0));
 

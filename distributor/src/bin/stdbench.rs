@@ -76,10 +76,6 @@ struct RedirectArgs {
     /// Interface they leave by.
     #[arg(long)]
     to: String,
-    /// Also set each frame's destination MAC to this one (aa:bb:cc:dd:ee:ff):
-    /// the least a steering device writes.
-    #[arg(long, value_parser = parse_mac)]
-    rewrite_mac: Option<[u8; 6]>,
 }
 
 /// A MAC address argument (`aa:bb:cc:dd:ee:ff`).
@@ -91,14 +87,9 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
 
 /// Holds the redirect program until a signal ends the process.
 fn redirect(a: &RedirectArgs) -> Result<bool> {
-    use distributor::afxdp::Touch;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    let _held = distributor::afxdp::RedirectAll::attach(
-        &a.from,
-        &a.to,
-        a.rewrite_mac.map_or(Touch::Nothing, Touch::SetMac),
-    )?;
+    let _held = distributor::afxdp::RedirectAll::attach(&a.from, &a.to)?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
