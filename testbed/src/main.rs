@@ -124,6 +124,16 @@ struct Args {
     /// The second group's TMs, by id (`1,3`).
     #[arg(long, value_delimiter = ',', requires = "partition_ports")]
     partition_tms: Vec<u32>,
+    /// Make the second group a source-affinity one (`hash = "address"`)
+    /// keeping these prefix lengths, IPv4 then IPv6 (`24,64`): its rule
+    /// becomes TCP-only and its TMs DNAT-only.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        requires = "partition_ports",
+        value_name = "V4,V6"
+    )]
+    partition_affinity: Vec<u8>,
     /// Self-source port range of the TMs, e.g. 40000-40060 to exhaust it.
     #[arg(long, default_value = "1024-65535")]
     snat_range: String,
@@ -262,13 +272,20 @@ fn scenario(a: &Args) -> Result<Scenario> {
                 if a.partition_tms.len() >= a.tms as usize {
                     bail!("--partition-tms: the default group must keep a TM");
                 }
+                let source_affinity = match a.partition_affinity[..] {
+                    [] => None,
+                    [v4, v6] if v4 <= 32 && v6 <= 128 => Some([v4, v6]),
+                    _ => bail!("--partition-affinity: IPv4 prefix 0-32, then IPv6 prefix 0-128"),
+                };
                 Some(testbed::scenario::Partition {
                     rules: vec![allocation::Rule {
-                        protocol: None,
+                        protocol: source_affinity
+                            .map(|_| allocation::rules::Protocol(allocation::rules::proto::TCP)),
                         ports: Some(ports),
                         prefix: None,
                     }],
                     tms: a.partition_tms.clone(),
+                    source_affinity,
                 })
             }
         },

@@ -114,6 +114,9 @@ pub struct FlowTotals {
 pub struct Checks {
     /// Self-source ports handed out.
     pub ports_leased: u64,
+    /// TCP connections of a source-affinity group's (DNAT-only) TMs that
+    /// kept the client's own endpoint toward the server.
+    pub addresses_kept: u64,
     /// Ports handed out while another TM's open connection held the same SNAT address and port (must be 0).
     pub port_collision: u64,
     /// Ports whose server reply would not steer back to their TM (must be 0).
@@ -306,10 +309,11 @@ impl Report {
         let c = &self.checks;
         let _ = writeln!(
             s,
-            "checks: {} ports leased, {} wrong, {} colliding; {} frames rewritten wrong; {} not bridged; {} not steered; {} dropped {:?}; {} transition-memory overflows; {} ICMP errors and {} fragmented datagrams reached their flow's TM",
+            "checks: {} ports leased, {} wrong, {} colliding; {} client endpoints kept (DNAT-only); {} frames rewritten wrong; {} not bridged; {} not steered; {} dropped {:?}; {} transition-memory overflows; {} ICMP errors and {} fragmented datagrams reached their flow's TM",
             c.ports_leased,
             c.wrong_port,
             c.port_collision,
+            c.addresses_kept,
             c.bad_rewrite,
             c.bad_bridge,
             c.not_steered,

@@ -76,15 +76,33 @@ pub struct Timed {
     pub what: Event,
 }
 
-/// A second TM group ("part", endpoint hash, the scenario's profile): the
-/// flows its rules select — in either direction, as the distributors
-/// classify them — go to its TMs; every other TM stays in the default group.
+/// A second TM group ("part", the scenario's profile): the flows its rules
+/// select — in either direction, as the distributors classify them — go to
+/// its TMs; every other TM stays in the default group.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Partition {
     /// Its rules (at least one).
     pub rules: Vec<Rule>,
     /// Its TMs, by id (at least one; the default group keeps at least one).
     pub tms: Vec<u32>,
+    /// Source affinity (`hash = "address"`, masked to these IPv4 and IPv6
+    /// prefix lengths) instead of the endpoint hash. Its TMs are DNAT-only,
+    /// as tmd requires: they keep the client's endpoint toward the server.
+    /// Its rules must all be TCP-only (UDP sessions are not DNAT-only).
+    pub source_affinity: Option<[u8; 2]>,
+}
+
+impl Partition {
+    /// The group's hash mode.
+    pub fn hash(&self) -> allocation::HashMode {
+        match self.source_affinity {
+            None => allocation::HashMode::Endpoint,
+            Some([v4_prefix, v6_prefix]) => allocation::HashMode::Address {
+                v4_prefix,
+                v6_prefix,
+            },
+        }
+    }
 }
 
 /// Everything a run depends on: the same scenario gives the same report.

@@ -37,7 +37,7 @@ use datapath::transit::TransitConfig;
 use datapath::wire::{self, EthernetFrame};
 use datapath::{Action, Plan, PortKind, Worker, WorkerConfig};
 use fnv::FnvHashMap;
-use tm_core::snat::{Lease, Snat};
+use tm_core::snat::{ConnectError, Lease, Snat};
 use tm_core::tables::Tables;
 
 use crate::report::{EventReport, PhaseReport, Report, TmShare};
@@ -177,6 +177,8 @@ struct FlowSt {
     vip_port: u16,
     server: (IpAddr, u16),
     lease: Option<Lease>,
+    /// DNAT-only: the server side runs from the client's own endpoint.
+    kept: bool,
     /// The TM that holds the lease.
     lease_tm: u32,
     owner: Option<u32>,
@@ -196,6 +198,10 @@ struct TmSt {
     id: u32,
     alive: bool,
     snat: Arc<Snat>,
+    /// In a source-affinity group: TCP connections keep the client's
+    /// endpoint toward the server when its reply comes home (tmd's
+    /// `dnat_only`), else fall back to a self-source port.
+    dnat_only: bool,
     /// Its open TCP connections and tables: tmd's own bookkeeping
     /// (`tm_core::tables::Tables`), which answers what moves in a transition.
     tables: Tables,
@@ -353,16 +359,31 @@ impl Sim {
         let mut tms: Vec<Tm> = (0..sc.tms).map(tm_entry).collect();
         let mut groups = vec![GroupSpec::default_group(sc.profile.clone())];
         if let Some(p) = &sc.partition {
+            if p.source_affinity.is_some()
+                && !p
+                    .rules
+                    .iter()
+                    .all(|r| r.protocol.map(|x| x.0) == Some(proto::TCP))
+            {
+                return Err(bad(
+                    "a source-affinity partition needs TCP-only rules: its TMs are DNAT-only, which UDP sessions are not",
+                ));
+            }
             for t in tms.iter_mut().filter(|t| p.tms.contains(&t.id)) {
                 t.group = 1;
             }
             groups.push(GroupSpec {
                 name: "part".into(),
                 rules: p.rules.clone(),
-                hash: allocation::HashMode::Endpoint,
+                hash: p.hash(),
                 profile: sc.profile.clone(),
             });
         }
+        let dnat_only = |id: u32| {
+            sc.partition
+                .as_ref()
+                .is_some_and(|p| p.source_affinity.is_some() && p.tms.contains(&id))
+        };
         let table = AllocationTable::new(1, HashKey::from_bytes(key), tms, groups)?;
         let mk = |i: u64| -> Result<Dist, SimError> {
             Ok(Dist {
@@ -396,6 +417,7 @@ impl Sim {
                         &snat_addrs(),
                         sc.snat_range,
                     )?),
+                    dnat_only: dnat_only(id),
                     tables: Tables::new(id, table.clone()),
                     prepared: false,
                     committed: false,
@@ -547,6 +569,7 @@ impl Sim {
             vip_port,
             server: (server(v6, (i % SERVERS as u64) as usize), vip_port),
             lease: None,
+            kept: false,
             lease_tm: 0,
             owner: None,
             rounds: self.rng.range(1, 3) as u8,
@@ -586,7 +609,11 @@ impl Sim {
             return Ok(()); // the flow ended and its slot was reused
         }
         let (v6, tcp, client, vip_port, server) = (f.v6, f.tcp, f.client, f.vip_port, f.server);
-        let snat = f.lease.as_ref().map(|l| (l.addr, l.port));
+        let snat = if f.kept {
+            Some(f.client)
+        } else {
+            f.lease.as_ref().map(|l| (l.addr, l.port))
+        };
         let vip = vip(v6);
         let front = L2::new(GROUP, CLIENT_ROUTER);
         let back = L2::new(GROUP, SERVER_ROUTER);
@@ -672,7 +699,11 @@ impl Sim {
             return Ok(());
         };
         let (v6, server, client, vip_port, icmp) = (f.v6, f.server, f.client, f.vip_port, f.icmp);
-        if step == Step::Syn && !self.lease(slot, tm, proto::TCP) {
+        let refused = match step {
+            Step::Syn => self.connect(slot, tm).err(),
+            _ => None,
+        };
+        if let Some(why) = refused {
             // No self-source port: the TM resets the client's connection.
             let rst = build::tcp_frame(
                 &L2::new(CLIENT_ROUTER, tm_mac(tm)),
@@ -684,7 +715,7 @@ impl Sim {
                 b"",
             );
             self.tm_sends(Side::Front, tm, rst);
-            self.end(slot, End::Refused("port_exhausted"));
+            self.end(slot, End::Refused(why));
             return Ok(());
         }
         let Some((sa, sp)) = self.snat_of(slot) else {
@@ -861,9 +892,11 @@ impl Sim {
             }
         };
         // The TM relays the request from its session's self-source port.
-        if self.flow(slot).is_some_and(|f| f.lease.is_none()) && !self.lease(slot, tm, proto::UDP) {
-            self.end(slot, End::Refused("port_exhausted"));
-            return Ok(());
+        if self.flow(slot).is_some_and(|f| f.lease.is_none()) {
+            if let Err(why) = self.lease(slot, tm, proto::UDP) {
+                self.end(slot, End::Refused(why));
+                return Ok(());
+            }
         }
         let Some((sa, sp)) = self.snat_of(slot) else {
             return Ok(());
@@ -884,20 +917,55 @@ impl Sim {
         Ok(())
     }
 
+    /// TM `tm` opens TCP flow `slot`'s server side: a DNAT-only TM keeps
+    /// the client's endpoint when the reply comes home (tmd's check, on
+    /// the TM's own tables), otherwise a self-source port. The refusal's
+    /// reason when there is none.
+    fn connect(&mut self, slot: usize, tm: u32) -> Result<(), &'static str> {
+        let Some(f) = self.flow(slot) else {
+            return Err("gone");
+        };
+        let (client, server, vip_addr, vip_port) = (f.client, f.server, vip(f.v6), f.vip_port);
+        let request = Flow::with_ports(proto::TCP, client.0, client.1, vip_addr, vip_port);
+        let reply = Flow::with_ports(proto::TCP, server.0, server.1, client.0, client.1);
+        let keep = self
+            .tms
+            .iter()
+            .find(|t| t.id == tm)
+            .is_some_and(|t| t.dnat_only && t.tables.dnat_reply_home(&request, &reply));
+        if !keep {
+            return self.lease(slot, tm, proto::TCP);
+        }
+        self.report.checks.addresses_kept += 1;
+        self.keys.insert(
+            Key::Server(proto::TCP, client.0, client.1, server.0, server.1),
+            slot,
+        );
+        if let Some(Some(f)) = self.flows.get_mut(slot) {
+            f.kept = true;
+            f.lease_tm = tm;
+        }
+        Ok(())
+    }
+
     /// TM `tm` leases a self-source port for flow `slot` toward its server
-    /// (the real allocator), checked and recorded. False when none is left.
-    fn lease(&mut self, slot: usize, tm: u32, protocol: u8) -> bool {
+    /// (the real allocator), checked and recorded. The refusal's reason
+    /// when none fits: none left (`port_exhausted`), or none whose reply
+    /// the rules put in the TM's group (`reply_elsewhere`).
+    fn lease(&mut self, slot: usize, tm: u32, protocol: u8) -> Result<(), &'static str> {
         let Some(server) = self.flow(slot).map(|f| f.server) else {
-            return false;
+            return Err("gone");
         };
         let Some(node) = self.tms.iter().find(|t| t.id == tm) else {
-            return false;
+            return Err("gone");
         };
-        let Ok(lease) = node
+        let lease = match node
             .snat
             .lease(std::net::SocketAddr::new(server.0, server.1), protocol)
-        else {
-            return false;
+        {
+            Ok(l) => l,
+            Err(ConnectError::ReplyElsewhere { .. }) => return Err("reply_elsewhere"),
+            Err(_) => return Err("port_exhausted"),
         };
         self.check_port(tm, protocol, lease.addr, lease.port, server);
         self.keys.insert(
@@ -909,13 +977,17 @@ impl Sim {
             f.lease = Some(lease);
             f.lease_tm = tm;
         }
-        true
+        Ok(())
     }
 
-    /// The SNAT endpoint flow `slot` holds.
+    /// The endpoint flow `slot`'s server side runs from: its SNAT lease,
+    /// or the client's own (DNAT-only).
     fn snat_of(&self, slot: usize) -> Option<(IpAddr, u16)> {
-        self.flow(slot)
-            .and_then(|f| f.lease.as_ref().map(|l| (l.addr, l.port)))
+        let f = self.flow(slot)?;
+        if f.kept {
+            return Some(f.client);
+        }
+        f.lease.as_ref().map(|l| (l.addr, l.port))
     }
 
     /// Property 5: the port the TM was given steers the server's reply to
@@ -1162,6 +1234,11 @@ impl Sim {
                 .remove(&Key::Server(p, l.addr, l.port, f.server.0, f.server.1));
             self.held.remove(&(p, l.addr, l.port, f.lease_tm));
         }
+        if f.kept {
+            self.keys.remove(&Key::Server(
+                p, f.client.0, f.client.1, f.server.0, f.server.1,
+            ));
+        }
         if f.frag {
             self.keys.remove(&Key::Frag(f.client.0, f.ip_id));
         }
@@ -1260,6 +1337,8 @@ impl Sim {
                         &snat_addrs(),
                         self.sc.snat_range,
                     )?),
+                    // tm_entry: the default group.
+                    dnat_only: false,
                     tables: Tables::new(id, change.table.clone()),
                     prepared: false,
                     committed: false,

@@ -53,7 +53,14 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             proptest::option::of(0.1f64..0.9),
             proptest::option::of((any::<u32>(), 0.1f64..0.9)),
         ),
-        proptest::option::of(0usize..PARTITION_RULES.len()),
+        proptest::option::of((
+            0usize..PARTITION_RULES.len(),
+            proptest::option::of(prop_oneof![
+                Just([32u8, 128u8]),
+                Just([24, 64]),
+                Just([8, 32])
+            ]),
+        )),
     )
         .prop_map(
             |(
@@ -65,10 +72,20 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 // A second group (four TMs or more): the odd ids, under one
                 // of the rules — some that split the traffic, some whose
                 // replies land in the other group (connections refused,
-                // never mis-steered).
-                let partition = partition.filter(|_| tms >= 4).map(|r| Partition {
-                    rules: vec![PARTITION_RULES[r].parse_rule()],
-                    tms: (0..tms).filter(|id| id % 2 == 1).collect(),
+                // never mis-steered) — hashing endpoints, or client
+                // addresses (source affinity: the rule made TCP-only, the
+                // TMs DNAT-only).
+                let partition = partition.filter(|_| tms >= 4).map(|(r, affinity)| {
+                    let mut rule = PARTITION_RULES[r].parse_rule();
+                    if affinity.is_some() {
+                        rule.protocol =
+                            Some(allocation::rules::Protocol(allocation::rules::proto::TCP));
+                    }
+                    Partition {
+                        rules: vec![rule],
+                        tms: (0..tms).filter(|id| id % 2 == 1).collect(),
+                        source_affinity: affinity,
+                    }
                 });
                 let group_size = |id: u32| match &partition {
                     Some(p) if p.tms.contains(&id) => p.tms.len() as u32,
@@ -372,4 +389,60 @@ fn the_same_seed_gives_the_same_run() {
             .collect()
     };
     assert_eq!(shares(&a), shares(&b));
+}
+
+/// A source-affinity group (TCP 8443, `hash = "address"`, DNAT-only TMs)
+/// beside the default group: its connections keep the client's endpoint,
+/// and a rebalance of both groups under traffic neither refuses nor breaks
+/// one — the connections in its moved buckets included (their replies
+/// take the request's steering decision, which the distributors' transition
+/// memory keeps on one TM).
+#[test]
+fn a_source_affinity_group_keeps_client_addresses_through_a_rebalance() {
+    let sc = Scenario {
+        seed: 5,
+        tms: 6,
+        ports: PortPattern::Fixed,
+        high_port_share: 0.5,
+        udp_share: 0.1,
+        partition: Some(Partition {
+            rules: vec![allocation::Rule {
+                protocol: Some(allocation::rules::Protocol(allocation::rules::proto::TCP)),
+                ports: Some("8443".parse().expect("ports")),
+                prefix: None,
+            }],
+            tms: vec![1, 3, 5],
+            source_affinity: Some([32, 128]),
+        }),
+        events: vec![Timed {
+            at: 0.3,
+            what: Event::Rebalance(Profile::Gaussian {
+                mean: None,
+                sigma: None,
+            }),
+        }],
+        drain_window_ns: 20_000_000_000,
+        ..small(30_000)
+    };
+    let r = simulate(sc).expect("simulate");
+    check(&r).expect("properties");
+    let refused: u64 = r.flows.refused.values().sum();
+    assert_eq!(refused, 0, "{:?}", r.flows.refused);
+    // Only UDP sessions cut at commit (DESIGN §4; the default group's).
+    assert!(
+        r.flows.broken.keys().all(|k| k == "udp_moved_at_commit"),
+        "{:?}",
+        r.flows.broken
+    );
+    // About half the flows are the group's TCP ones.
+    assert!(
+        r.checks.addresses_kept > 10_000,
+        "{}",
+        r.checks.addresses_kept
+    );
+    assert!(r.events.iter().all(|e| e.moved_buckets > 0));
+    // Both groups' TMs served in both phases.
+    for p in &r.phases {
+        assert!(p.tms.iter().all(|t| t.flows > 0), "after {}", p.after);
+    }
 }

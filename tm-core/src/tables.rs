@@ -160,6 +160,35 @@ impl Tables {
         };
         home(&self.current()) && self.next().is_none_or(|n| home(&n))
     }
+
+    /// True if a DNAT-only connection's server side comes home: its
+    /// `reply` (server → the client's own endpoint) steers to this node
+    /// under every table in force ([`Tables::steers_home`]), or it takes
+    /// the very steering decision of the client's `request` (same group,
+    /// same bucket) under each of them while the request steers here under
+    /// one. Then the distributors send the reply wherever they send the
+    /// client's packets — here — also during a transition, when a moved
+    /// bucket's flows follow where they started (the back distributor
+    /// remembers the SYN a TM sends) and the commit waits for them to end.
+    /// That is what lets a source-affinity group (`hash = "address"`)
+    /// accept new connections in moved buckets.
+    pub fn dnat_reply_home(&self, request: &Flow, reply: &Flow) -> bool {
+        if self.steers_home(reply) {
+            return true;
+        }
+        let current = self.current();
+        let next = self.next();
+        let tables = std::iter::once(&*current).chain(next.as_deref());
+        let mut here = false;
+        for t in tables {
+            let (a, b) = (t.steer(request), t.steer(reply));
+            if a.group != b.group || a.by != b.by {
+                return false;
+            }
+            here |= t.tm_index_by_id(self.tm_id).is_some_and(|me| a.tm == me);
+        }
+        here
+    }
 }
 
 #[cfg(test)]
@@ -242,5 +271,74 @@ mod test {
             "closed connections are forgotten"
         );
         assert_eq!(tables.moving(&next), 0);
+    }
+
+    /// DNAT-only in a source-affinity group during a rebalance: a client
+    /// whose bucket moves keeps its address (its reply takes the request's
+    /// steering decision under both tables, and the request is this
+    /// node's); a reply in another bucket than its request (the port
+    /// relation flipped) must steer here under both tables.
+    #[test]
+    fn a_dnat_reply_in_the_requests_bucket_comes_home_during_a_transition() {
+        let t = testkit::partitioned_hash(
+            &table(),
+            &[2, 3],
+            vec![testkit::tcp_rule("9000")],
+            allocation::HashMode::Address {
+                v4_prefix: 32,
+                v6_prefix: 128,
+            },
+        );
+        let next = t
+            .rebalance(
+                1,
+                &Profile::Custom {
+                    weights: vec![3.0, 1.0],
+                },
+            )
+            .expect("rebalance")
+            .table;
+        let vip: SocketAddr = "198.51.100.10:9000".parse().expect("vip");
+        let server: SocketAddr = "10.2.0.5:9000".parse().expect("server");
+        let req =
+            |c: SocketAddr| Flow::with_ports(proto::TCP, c.ip(), c.port(), vip.ip(), vip.port());
+        let rep = |c: SocketAddr| {
+            Flow::with_ports(proto::TCP, server.ip(), server.port(), c.ip(), c.port())
+        };
+        let owner = |tab: &AllocationTable, f: &Flow| tab.tms()[usize::from(tab.steer(f).tm)].id;
+        // A client TM 3 owns now whose bucket goes to TM 2 next.
+        let moving = (1..=250u8)
+            .map(|i| SocketAddr::new(IpAddr::from([203, 0, 113, i]), 40000))
+            .find(|c| owner(&t, &req(*c)) == 3 && owner(&next, &req(*c)) == 2)
+            .expect("a client in a moved bucket");
+        let tables = Tables::new(3, t.clone());
+        assert!(tables.steers_home(&rep(moving)));
+        *tables.next.lock().expect("lock") = Some(Arc::new(next.clone()));
+        assert!(
+            !tables.steers_home(&rep(moving)),
+            "moves under the next table"
+        );
+        assert!(
+            tables.dnat_reply_home(&req(moving), &rep(moving)),
+            "the reply follows the request"
+        );
+        // The new owner, for the same client (the open phase sends it there).
+        let new_owner = Tables::new(2, t.clone());
+        *new_owner.next.lock().expect("lock") = Some(Arc::new(next.clone()));
+        assert!(new_owner.dnat_reply_home(&req(moving), &rep(moving)));
+        // A TM the request never steers to does not keep the address.
+        let bystander = Tables::new(0, t.clone());
+        *bystander.next.lock().expect("lock") = Some(Arc::new(next.clone()));
+        assert!(!bystander.dnat_reply_home(&req(moving), &rep(moving)));
+        // Relation flipped: client port 5000 < the server's 9000, so the
+        // reply hashes the server's address, not the client's.
+        let low = SocketAddr::new(moving.ip(), 5000);
+        let flip_home = tables.steers_home(&rep(low));
+        assert_eq!(
+            tables.dnat_reply_home(&req(low), &rep(low)),
+            flip_home,
+            "another bucket than the request's: only steers_home decides"
+        );
+        assert_ne!(t.steer(&req(low)).by, t.steer(&rep(low)).by);
     }
 }

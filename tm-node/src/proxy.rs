@@ -277,17 +277,16 @@ async fn handle(vs: Arc<VirtualServer>, client: TcpStream, peer: SocketAddr) {
     };
     let server = vs.pool.servers[i];
     // DNAT-only: keep the client's address if the server's reply (server →
-    // client) steers back here under every table in force; otherwise, or if
+    // client) comes back here under every table in force (or follows the
+    // client's own packets: `Tables::dnat_reply_home`); otherwise, or if
     // the transparent connect fails, a self-source port.
     if let Some(tables) = &vs.dnat_only {
-        let reply = allocation::Flow::with_ports(
-            allocation::rules::proto::TCP,
-            server.ip(),
-            server.port(),
-            peer.ip(),
-            peer.port(),
-        );
-        if peer.is_ipv4() == server.is_ipv4() && tables.steers_home(&reply) {
+        let tcp = allocation::rules::proto::TCP;
+        let reply =
+            allocation::Flow::with_ports(tcp, server.ip(), server.port(), peer.ip(), peer.port());
+        let request =
+            allocation::Flow::with_ports(tcp, peer.ip(), peer.port(), local.ip(), local.port());
+        if peer.is_ipv4() == server.is_ipv4() && tables.dnat_reply_home(&request, &reply) {
             match connect_transparent(peer, server, vs.connect_timeout).await {
                 Ok(upstream) => {
                     open.connected(server, peer);
