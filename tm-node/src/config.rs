@@ -285,6 +285,12 @@ impl NodeConfig {
                     "UDP sessions already keep a client on its server",
                 ));
             }
+            if v.protocol == Protocol::Udp && v.dnat_only {
+                return Err(invalid(
+                    format!("virtual_server[{i}].dnat_only"),
+                    "DNAT-only is TCP: UDP sessions always use self-source ports",
+                ));
+            }
             if !self.pools.iter().any(|p| p.name == v.pool) {
                 return Err(invalid(
                     format!("virtual_server[{i}].pool"),
@@ -313,6 +319,20 @@ mod test {
     /// Loads `text` with exactly the environment `env` (never the process's).
     fn load_env(text: &str, env: &[(&str, &str)]) -> Result<NodeConfig, ConfigError> {
         testkit::load_config(text, env)
+    }
+
+    #[test]
+    fn a_udp_virtual_server_cannot_be_dnat_only() {
+        let udp = GOOD.replace("pool = \"web\"\n", "pool = \"web\"\nprotocol = \"udp\"\n");
+        assert!(load_env(&udp, &[]).is_ok());
+        let dnat = udp.replace(
+            "protocol = \"udp\"\n",
+            "protocol = \"udp\"\ndnat_only = true\n",
+        );
+        match load_env(&dnat, &[]) {
+            Err(e) => assert!(e.to_string().contains("dnat_only"), "{e}"),
+            Ok(_) => panic!("a DNAT-only UDP virtual server was accepted"),
+        }
     }
 
     #[test]
