@@ -331,3 +331,55 @@ mod test {
         .is_err());
     }
 }
+
+/// `GET /persistence` on a TM: its persistence domains and the bindings it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PersistenceView {
+    /// The TM's id.
+    pub tm_id: u32,
+    /// One per virtual server with persistence or buddy group.
+    pub domains: Vec<PersistenceDomain>,
+}
+
+/// One persistence domain of a TM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PersistenceDomain {
+    /// The virtual server's or buddy group's name.
+    pub name: String,
+    /// Its virtual servers.
+    pub virtual_servers: Vec<String>,
+    /// A buddy group (servers matched by host address).
+    pub buddy_group: bool,
+    /// IPv4 prefix length clients are grouped by.
+    pub v4_prefix: u8,
+    /// IPv6 prefix length clients are grouped by.
+    pub v6_prefix: u8,
+    /// How long a binding outlives its client's last connection, ms.
+    pub timeout_ms: u64,
+    /// New connections that kept their client's binding.
+    pub hits: u64,
+    /// New connections of a client without a live binding.
+    pub misses: u64,
+    /// New connections whose client's server was not usable: bound anew.
+    pub rebinds: u64,
+    /// Live bindings in all.
+    pub bindings_total: u64,
+    /// Live bindings (at most 10,000).
+    pub bindings: Vec<PersistenceBinding>,
+}
+
+/// A client's binding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PersistenceBinding {
+    /// The client key: its address masked to the domain's prefix.
+    pub client: IpAddr,
+    /// The server: `addr:port`, or the host address alone in a buddy group.
+    pub server: String,
+    /// Connections open now.
+    pub open: u32,
+    /// Since its last connection ended, ms (0 while one is open).
+    pub idle_ms: u64,
+}

@@ -52,6 +52,8 @@ pub struct AdminState {
     /// The servers this node connects to from self-source ports: a table
     /// under which one's replies cannot come back is refused.
     pub server_sides: Vec<crate::config::OwnedServerSide>,
+    /// Persistence domains (virtual servers with persistence, buddy groups).
+    pub domains: Vec<Arc<crate::persist::Domain>>,
 }
 
 impl AdminState {
@@ -85,6 +87,7 @@ pub fn handle(req: &Request, state: &AdminState) -> Reply {
         ("GET", "/table") => Reply::text(200, allocation::file::render(&state.tables.current())),
         ("PUT", "/table") => put_table(req, state),
         ("GET", "/transition") => Reply::json(200, &transition_state(state)),
+        ("GET", "/persistence") => Reply::json(200, &persistence(state)),
         ("GET", "/transition/ports") => moving_ports(state),
         ("POST", "/transition/prepare") => prepare(req, state),
         ("POST", "/transition/commit") => finish(req, state, true),
@@ -92,12 +95,55 @@ pub fn handle(req: &Request, state: &AdminState) -> Reply {
         (
             _,
             "/metrics" | "/healthz" | "/table" | "/transition" | "/transition/ports"
-            | "/transition/prepare" | "/transition/commit" | "/transition/abort",
+            | "/transition/prepare" | "/transition/commit" | "/transition/abort"
+            | "/persistence",
         ) => Reply::text(405, "method not allowed"),
         _ => Reply::text(
             404,
-            "not found: /metrics, /healthz, /table, /transition, /transition/{ports,prepare,commit,abort}",
+            "not found: /metrics, /healthz, /table, /transition, /transition/{ports,prepare,commit,abort}, /persistence",
         ),
+    }
+}
+
+/// `GET /persistence`: every domain's settings, counters and live bindings.
+fn persistence(state: &AdminState) -> control::api::PersistenceView {
+    use std::sync::atomic::Ordering::Relaxed;
+    let now = std::time::Instant::now();
+    let domains = state
+        .domains
+        .iter()
+        .map(|d| {
+            let (list, total) = d.bindings(now);
+            control::api::PersistenceDomain {
+                name: d.name.clone(),
+                virtual_servers: d.members.clone(),
+                buddy_group: d.by_host,
+                v4_prefix: d.cfg.v4_prefix,
+                v6_prefix: d.cfg.v6_prefix,
+                timeout_ms: d.cfg.timeout_ms,
+                hits: d.stats.hits.load(Relaxed),
+                misses: d.stats.misses.load(Relaxed),
+                rebinds: d.stats.rebinds.load(Relaxed),
+                bindings_total: total as u64,
+                bindings: list
+                    .into_iter()
+                    .map(|b| control::api::PersistenceBinding {
+                        client: b.client,
+                        server: if d.by_host {
+                            b.server.ip().to_string()
+                        } else {
+                            b.server.to_string()
+                        },
+                        open: b.open,
+                        idle_ms: u64::try_from(b.idle.as_millis()).unwrap_or(u64::MAX),
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    control::api::PersistenceView {
+        tm_id: state.tm_id,
+        domains,
     }
 }
 
@@ -476,6 +522,13 @@ fn metrics(state: &AdminState) -> Result<Reply, prometheus::Error> {
         ),
         &["vs", "outcome"],
     )?;
+    let follow = IntCounterVec::new(
+        Opts::new(
+            "tmd_buddy_link_total",
+            "New connections of a virtual server that follows another (buddy link): to the leader's host, or its own choice (no usable server there)",
+        ),
+        &["vs", "outcome"],
+    )?;
     for vs in &state.servers {
         let s = &vs.stats;
         conns
@@ -493,6 +546,14 @@ fn metrics(state: &AdminState) -> Result<Reply, prometheus::Error> {
             refused
                 .with_label_values(&[&vs.name, reason])
                 .inc_by(v.load(Relaxed));
+        }
+        if vs.follows.is_some() {
+            follow
+                .with_label_values(&[&vs.name, "leader_host"])
+                .inc_by(s.followed.load(Relaxed));
+            follow
+                .with_label_values(&[&vs.name, "own_choice"])
+                .inc_by(s.follow_missed.load(Relaxed));
         }
         dnat.with_label_values(&[&vs.name, "kept"])
             .inc_by(s.dnat_kept.load(Relaxed));
@@ -519,6 +580,32 @@ fn metrics(state: &AdminState) -> Result<Reply, prometheus::Error> {
                 .with_label_values(&[&vs.pool.name, &a])
                 .set(i64::from(up));
         }
+    }
+    let sticky = IntCounterVec::new(
+        Opts::new(
+            "tmd_persistence_total",
+            "New connections of a persistence domain (virtual server or buddy group): binding kept (hit), none (miss), its server unusable (rebind)",
+        ),
+        &["domain", "outcome"],
+    )?;
+    let bindings = IntGaugeVec::new(
+        Opts::new(
+            "tmd_persistence_bindings",
+            "Client bindings kept, per persistence domain",
+        ),
+        &["domain"],
+    )?;
+    for d in &state.domains {
+        for (outcome, v) in [
+            ("hit", &d.stats.hits),
+            ("miss", &d.stats.misses),
+            ("rebind", &d.stats.rebinds),
+        ] {
+            sticky
+                .with_label_values(&[&d.name, outcome])
+                .inc_by(v.load(Relaxed));
+        }
+        bindings.with_label_values(&[&d.name]).set(d.len() as i64);
     }
     let ports = IntGaugeVec::new(
         Opts::new(
@@ -564,6 +651,9 @@ fn metrics(state: &AdminState) -> Result<Reply, prometheus::Error> {
         Box::new(prepared),
         Box::new(moving),
         Box::new(dnat),
+        Box::new(sticky),
+        Box::new(follow),
+        Box::new(bindings),
     ] {
         r.register(c)?;
     }

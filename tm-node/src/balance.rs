@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use allocation::hash::{hash_bytes, HashKey};
+use allocation::hash::HashKey;
 use serde::Deserialize;
 
 /// How a pool picks a server.
@@ -45,16 +45,22 @@ pub struct Balancer {
     next: usize,
     credit: Vec<i64>,
     key: HashKey,
+    /// The servers' addresses: the source hash scores a server by its
+    /// address, not its place in the list, so TMs whose configurations
+    /// list a pool in another order still agree.
+    ids: Vec<std::net::SocketAddr>,
 }
 
 impl Balancer {
-    /// A balancer for `servers` servers; `key` keys the source hash.
-    pub fn new(method: Method, servers: usize, key: HashKey) -> Self {
+    /// A balancer for `servers`; `key` keys the source hash (the cluster's,
+    /// `persist::cluster_key`, for every TM to pick alike).
+    pub fn new(method: Method, servers: &[std::net::SocketAddr], key: HashKey) -> Self {
         Balancer {
             method,
             next: 0,
-            credit: vec![0; servers],
+            credit: vec![0; servers.len()],
             key,
+            ids: servers.to_vec(),
         }
     }
 
@@ -123,28 +129,13 @@ impl Balancer {
                 self.next = (b + 1) % n;
                 Some(b)
             }
-            Method::SourceHash => {
-                let mut msg = [0u8; 18];
-                let len = match allocation::hash::canonical(client) {
-                    IpAddr::V4(a) => {
-                        msg[..4].copy_from_slice(&a.octets());
-                        4
-                    }
-                    IpAddr::V6(a) => {
-                        msg[..16].copy_from_slice(&a.octets());
-                        16
-                    }
-                };
-                servers
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| s.eligible())
-                    .max_by_key(|(i, _)| {
-                        msg[len..len + 2].copy_from_slice(&(*i as u16).to_be_bytes());
-                        hash_bytes(&self.key, &msg[..len + 2])
-                    })
-                    .map(|(i, _)| i)
-            }
+            Method::SourceHash => servers
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.eligible())
+                .filter_map(|(i, _)| self.ids.get(i).map(|&id| (i, id)))
+                .max_by_key(|&(_, id)| crate::persist::score(&self.key, b"source-hash", client, id))
+                .map(|(i, _)| i),
         }
     }
 }
@@ -161,13 +152,19 @@ mod test {
         }
     }
 
+    fn addrs(n: u8) -> Vec<std::net::SocketAddr> {
+        (1..=n)
+            .map(|i| std::net::SocketAddr::new(IpAddr::from([10, 0, 0, i]), 80))
+            .collect()
+    }
+
     fn any() -> IpAddr {
         "192.0.2.1".parse().expect("addr")
     }
 
     #[test]
     fn round_robin_skips_down_servers() {
-        let mut b = Balancer::new(Method::RoundRobin, 3, HashKey::from_bytes([1; 16]));
+        let mut b = Balancer::new(Method::RoundRobin, &addrs(3), HashKey::from_bytes([1; 16]));
         let mut s = vec![up(1, 0), up(1, 0), up(1, 0)];
         let picks: Vec<usize> = (0..6).filter_map(|_| b.pick(&s, any())).collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
@@ -180,7 +177,7 @@ mod test {
 
     #[test]
     fn weighted_round_robin_is_proportional_and_smooth() {
-        let mut b = Balancer::new(Method::WeightedRoundRobin, 3, HashKey::from_bytes([1; 16]));
+        let mut b = Balancer::new(Method::WeightedRoundRobin, &addrs(3), HashKey::from_bytes([1; 16]));
         let s = vec![up(5, 0), up(1, 0), up(1, 0)];
         let picks: Vec<usize> = (0..7).filter_map(|_| b.pick(&s, any())).collect();
         assert_eq!(picks.iter().filter(|&&p| p == 0).count(), 5);
@@ -193,7 +190,7 @@ mod test {
 
     #[test]
     fn least_connections_by_weight() {
-        let mut b = Balancer::new(Method::LeastConnections, 3, HashKey::from_bytes([1; 16]));
+        let mut b = Balancer::new(Method::LeastConnections, &addrs(3), HashKey::from_bytes([1; 16]));
         assert_eq!(b.pick(&[up(1, 5), up(1, 2), up(1, 9)], any()), Some(1));
         assert_eq!(
             b.pick(&[up(1, 4), up(3, 9), up(1, 9)], any()),
@@ -218,7 +215,7 @@ mod test {
 
     #[test]
     fn source_hash_is_sticky_and_moves_only_the_failed_servers_clients() {
-        let mut b = Balancer::new(Method::SourceHash, 4, HashKey::from_bytes([1; 16]));
+        let mut b = Balancer::new(Method::SourceHash, &addrs(4), HashKey::from_bytes([1; 16]));
         let mut s = vec![up(1, 0); 4];
         let clients: Vec<IpAddr> = (0..400u32)
             .map(|i| IpAddr::V4((0xc000_0200 + i).into()))
@@ -241,6 +238,14 @@ mod test {
             } else {
                 assert_ne!(now, 2);
             }
+        }
+        // Another TM listing the pool in another order picks the same servers.
+        let mut reversed = addrs(4);
+        reversed.reverse();
+        let mut other = Balancer::new(Method::SourceHash, &reversed, HashKey::from_bytes([1; 16]));
+        let all = vec![up(1, 0); 4];
+        for (i, &c) in clients.iter().enumerate() {
+            assert_eq!(other.pick(&all, c), Some(3 - before[i]), "by address, not position");
         }
     }
 }

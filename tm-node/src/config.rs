@@ -119,6 +119,61 @@ pub struct VirtualServerConfig {
     pub dnat_only: bool,
 }
 
+/// A buddy group (seed 003): virtual servers whose pools share physical
+/// hosts (`web` on :80 and `shop` on :443), so that a client's connections
+/// to any of them reach one host — servers are matched by address. Every
+/// member needs `persistence`; the group takes the most granular netmask
+/// and the shortest timeout of its members.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuddyGroupConfig {
+    /// Name (metrics, `GET /persistence`).
+    pub name: String,
+    /// Its virtual servers, by name (two or more).
+    pub virtual_servers: Vec<String>,
+}
+
+/// A buddy link (seed 003's asymmetric, many-to-one links: web tier → app
+/// tier): a new connection to `to` goes to the host `from`'s persistence
+/// would send the client to — or the host `hosts` maps it to — when `to`'s
+/// pool has a usable server there; else `to` picks as it would alone.
+/// `from` never follows `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuddyLinkConfig {
+    /// The leading virtual server (it needs `persistence`).
+    pub from: String,
+    /// The following virtual server.
+    pub to: String,
+    /// Leader host → follower host (several may map to one); a host not
+    /// listed maps to itself.
+    #[serde(default)]
+    pub hosts: Vec<HostMap>,
+}
+
+/// One entry of a buddy link's host map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostMap {
+    /// A host of the leader's pool.
+    pub from: IpAddr,
+    /// The follower's host for its clients.
+    pub to: IpAddr,
+}
+
+/// A persistence domain as configured: a virtual server alone, or a buddy group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainConfig {
+    /// The virtual server's or buddy group's name.
+    pub name: String,
+    /// Its virtual servers.
+    pub members: Vec<String>,
+    /// Settings (merged for a buddy group).
+    pub persistence: crate::persist::PersistConfig,
+    /// Servers matched by host address (a buddy group).
+    pub by_host: bool,
+}
+
 fn max_conn() -> u64 {
     DEFAULT_MAX_CONNECTIONS
 }
@@ -164,6 +219,12 @@ pub struct NodeConfig {
     /// Virtual servers.
     #[serde(rename = "virtual_server")]
     pub virtual_servers: Vec<VirtualServerConfig>,
+    /// Buddy groups: virtual servers whose clients share one host.
+    #[serde(default, rename = "buddy_group")]
+    pub buddy_groups: Vec<BuddyGroupConfig>,
+    /// Buddy links: a virtual server that follows another's choice of host.
+    #[serde(default, rename = "buddy_link")]
+    pub buddy_links: Vec<BuddyLinkConfig>,
     /// Admin endpoint.
     #[serde(default)]
     pub admin: crate::admin::AdminConfig,
@@ -223,6 +284,129 @@ impl NodeConfig {
         out.sort_by(|a, b| (a.protocol, a.server, &a.vs).cmp(&(b.protocol, b.server, &b.vs)));
         out.dedup_by(|a, b| a.protocol == b.protocol && a.server == b.server);
         out
+    }
+
+    /// The persistence domains: each buddy group, and each virtual server
+    /// with `persistence` outside one.
+    pub fn persistence_domains(&self) -> Vec<DomainConfig> {
+        let mut out: Vec<DomainConfig> = self
+            .buddy_groups
+            .iter()
+            .filter_map(|g| {
+                let members: Vec<crate::persist::PersistConfig> = g
+                    .virtual_servers
+                    .iter()
+                    .filter_map(|m| self.virtual_servers.iter().find(|v| &v.name == m))
+                    .filter_map(|v| v.persistence)
+                    .collect();
+                Some(DomainConfig {
+                    name: g.name.clone(),
+                    members: g.virtual_servers.clone(),
+                    persistence: crate::persist::PersistConfig::merged(&members)?,
+                    by_host: true,
+                })
+            })
+            .collect();
+        for v in &self.virtual_servers {
+            let grouped = self.buddy_groups.iter().any(|g| g.virtual_servers.contains(&v.name));
+            if let (Some(p), false) = (v.persistence, grouped) {
+                out.push(DomainConfig {
+                    name: v.name.clone(),
+                    members: vec![v.name.clone()],
+                    persistence: p,
+                    by_host: false,
+                });
+            }
+        }
+        out
+    }
+
+    fn check_buddy_groups(&self) -> Result<(), ConfigError> {
+        for (i, g) in self.buddy_groups.iter().enumerate() {
+            let at = format!("buddy_group[{i}]");
+            if self.buddy_groups[..i].iter().any(|h| h.name == g.name)
+                || self.virtual_servers.iter().any(|v| v.name == g.name)
+            {
+                return Err(invalid(
+                    format!("{at}.name"),
+                    format!("'{}' is used twice (buddy groups and virtual servers share names: metrics label them alike)", g.name),
+                ));
+            }
+            if g.virtual_servers.len() < 2 {
+                return Err(invalid(
+                    format!("{at}.virtual_servers"),
+                    "a buddy group links two virtual servers or more",
+                ));
+            }
+            for (j, m) in g.virtual_servers.iter().enumerate() {
+                let Some(v) = self.virtual_servers.iter().find(|v| &v.name == m) else {
+                    return Err(invalid(
+                        format!("{at}.virtual_servers"),
+                        format!("no [[virtual_server]] is named '{m}'"),
+                    ));
+                };
+                if v.protocol != Protocol::Tcp || v.persistence.is_none() {
+                    return Err(invalid(
+                        format!("{at}.virtual_servers"),
+                        format!("virtual server '{m}' has no persistence (a buddy group's members need it; UDP sessions have none)"),
+                    ));
+                }
+                let elsewhere = g.virtual_servers[..j].contains(m)
+                    || self.buddy_groups[..i].iter().any(|h| h.virtual_servers.contains(m));
+                if elsewhere {
+                    return Err(invalid(
+                        format!("{at}.virtual_servers"),
+                        format!("virtual server '{m}' is in two buddy groups (merge them into one)"),
+                    ));
+                }
+            }
+        }
+        for (i, l) in self.buddy_links.iter().enumerate() {
+            let at = format!("buddy_link[{i}]");
+            let find = |n: &str| self.virtual_servers.iter().find(|v| v.name == n);
+            let Some(from) = find(&l.from) else {
+                return Err(invalid(format!("{at}.from"), format!("no [[virtual_server]] is named '{}'", l.from)));
+            };
+            let Some(to) = find(&l.to) else {
+                return Err(invalid(format!("{at}.to"), format!("no [[virtual_server]] is named '{}'", l.to)));
+            };
+            if from.persistence.is_none() || from.protocol != Protocol::Tcp {
+                return Err(invalid(
+                    format!("{at}.from"),
+                    format!("virtual server '{}' has no persistence: there is no choice to follow", l.from),
+                ));
+            }
+            if to.protocol != Protocol::Tcp || l.from == l.to {
+                return Err(invalid(
+                    format!("{at}.to"),
+                    "a TCP virtual server other than the leader",
+                ));
+            }
+            let same_group = self.buddy_groups.iter().any(|g| {
+                g.virtual_servers.contains(&l.from) && g.virtual_servers.contains(&l.to)
+            });
+            if same_group {
+                return Err(invalid(
+                    format!("{at}"),
+                    format!("'{}' and '{}' are buddies already (one buddy group)", l.from, l.to),
+                ));
+            }
+            if self.buddy_links[..i].iter().any(|k| k.to == l.to) {
+                return Err(invalid(format!("{at}.to"), format!("virtual server '{}' follows two leaders", l.to)));
+            }
+            if self.buddy_links.iter().any(|k| k.to == l.from) {
+                return Err(invalid(
+                    format!("{at}.from"),
+                    format!("virtual server '{}' follows another: links do not chain", l.from),
+                ));
+            }
+            for (j, h) in l.hosts.iter().enumerate() {
+                if l.hosts[..j].iter().any(|g| g.from == h.from) {
+                    return Err(invalid(format!("{at}.hosts"), format!("host {} is mapped twice", h.from)));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Checks what types cannot.
@@ -285,6 +469,14 @@ impl NodeConfig {
                     "UDP sessions already keep a client on its server",
                 ));
             }
+            if let Some(p) = v.persistence {
+                if p.v4_prefix > 32 || p.v6_prefix > 128 {
+                    return Err(invalid(
+                        format!("virtual_server[{i}].persistence"),
+                        "v4_prefix is 0 to 32, v6_prefix 0 to 128",
+                    ));
+                }
+            }
             if v.protocol == Protocol::Udp && v.dnat_only {
                 return Err(invalid(
                     format!("virtual_server[{i}].dnat_only"),
@@ -304,6 +496,7 @@ impl NodeConfig {
                 ));
             }
         }
+        self.check_buddy_groups()?;
         Ok(self)
     }
 }
@@ -319,6 +512,79 @@ mod test {
     /// Loads `text` with exactly the environment `env` (never the process's).
     fn load_env(text: &str, env: &[(&str, &str)]) -> Result<NodeConfig, ConfigError> {
         testkit::load_config(text, env)
+    }
+
+    #[test]
+    fn buddy_groups_are_checked_and_merged() {
+        let two = GOOD.to_string()
+            + "persistence = { v4_prefix = 24, timeout_ms = 60000 }\n\n\
+               [[pool]]\nname = \"shop\"\nservers = [{ address = \"192.0.2.10:443\" }]\n\n\
+               [[virtual_server]]\nname = \"shop\"\nlisten = \"198.51.100.10:443\"\npool = \"shop\"\n";
+        let sticky_shop = two.clone() + "persistence = { v4_prefix = 32, timeout_ms = 5000 }\n";
+        let group = "\n[[buddy_group]]\nname = \"site\"\nvirtual_servers = [\"web\", \"shop\"]\n";
+        let cfg = load_env(&(sticky_shop.clone() + group), &[]).expect("a buddy group");
+        assert_eq!(
+            cfg.persistence_domains(),
+            vec![DomainConfig {
+                name: "site".into(),
+                members: vec!["web".into(), "shop".into()],
+                persistence: crate::persist::PersistConfig {
+                    v4_prefix: 32,
+                    v6_prefix: 64,
+                    timeout_ms: 5000
+                },
+                by_host: true,
+            }]
+        );
+        // Each alone without the group.
+        assert_eq!(load_env(&sticky_shop, &[]).expect("two").persistence_domains().len(), 2);
+        // A link: shop follows web (web has persistence, shop need not).
+        let link = two.clone()
+            + "\n[[buddy_link]]\nfrom = \"web\"\nto = \"shop\"\nhosts = [{ from = \"192.0.2.10\", to = \"192.0.2.20\" }]\n";
+        let cfg = load_env(&link, &[]).expect("a link");
+        assert_eq!(cfg.buddy_links[0].hosts[0].to, "192.0.2.20".parse::<IpAddr>().expect("addr"));
+        for (text, why) in [
+            (two.clone() + group, "has no persistence"),
+            (
+                sticky_shop.clone() + &group.replace("\"shop\"]", "\"cart\"]"),
+                "no [[virtual_server]] is named 'cart'",
+            ),
+            (
+                sticky_shop.clone() + &group.replace(", \"shop\"]", "]"),
+                "two virtual servers or more",
+            ),
+            (
+                sticky_shop.clone() + group + &group.replace("\"site\"", "\"site2\""),
+                "in two buddy groups",
+            ),
+            (sticky_shop.clone() + &group.replace("\"site\"", "\"web\""), "used twice"),
+            (
+                sticky_shop.replace("v4_prefix = 32", "v4_prefix = 33"),
+                "v4_prefix is 0 to 32",
+            ),
+            (
+                two.clone() + "\n[[buddy_link]]\nfrom = \"shop\"\nto = \"web\"\n",
+                "has no persistence: there is no choice to follow",
+            ),
+            (
+                two.clone() + "\n[[buddy_link]]\nfrom = \"web\"\nto = \"cart\"\n",
+                "no [[virtual_server]] is named 'cart'",
+            ),
+            (
+                sticky_shop.clone() + group + "\n[[buddy_link]]\nfrom = \"web\"\nto = \"shop\"\n",
+                "buddies already",
+            ),
+            (
+                two.clone()
+                    + "\n[[buddy_link]]\nfrom = \"web\"\nto = \"shop\"\nhosts = [{ from = \"192.0.2.10\", to = \"192.0.2.20\" }, { from = \"192.0.2.10\", to = \"192.0.2.21\" }]\n",
+                "mapped twice",
+            ),
+        ] {
+            match load_env(&text, &[]) {
+                Err(e) => assert!(e.to_string().contains(why), "{why}: {e}"),
+                Ok(_) => panic!("accepted: {why}"),
+            }
+        }
     }
 
     #[test]

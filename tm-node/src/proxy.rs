@@ -44,7 +44,11 @@ impl Pool {
             name: name.to_string(),
             servers: servers.iter().map(|s| s.0).collect(),
             state: Mutex::new(PoolState {
-                balancer: Balancer::new(method, servers.len(), key),
+                balancer: Balancer::new(
+                    method,
+                    &servers.iter().map(|s| s.0).collect::<Vec<_>>(),
+                    key,
+                ),
                 candidates: servers
                     .iter()
                     .map(|&(_, weight)| Candidate {
@@ -67,6 +71,12 @@ impl Pool {
             }
             _ => false,
         }
+    }
+
+    /// Per server: up with a non-zero weight.
+    pub fn usable_all(&self) -> Vec<bool> {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.candidates.iter().map(|c| c.up && c.weight > 0).collect()
     }
 
     /// True if server `i` is up with a non-zero weight.
@@ -126,6 +136,39 @@ impl Pool {
     }
 }
 
+/// A buddy link from the follower's side: the leader's pool and
+/// persistence, and the host map.
+#[derive(Debug)]
+pub struct Follow {
+    /// The leading virtual server's name.
+    pub leader_name: String,
+    /// Its pool.
+    pub leader_pool: Arc<Pool>,
+    /// Its persistence domain.
+    pub leader: Arc<crate::persist::Domain>,
+    /// Leader host → this virtual server's host (unlisted: the same host).
+    pub hosts: Vec<(IpAddr, IpAddr)>,
+}
+
+impl Follow {
+    /// The server of `pool` (an index) on the host the leader would send
+    /// `client` to, if one is usable there, counted active on it.
+    fn pick(&self, pool: &Pool, client: IpAddr, now: std::time::Instant) -> Option<usize> {
+        let usable = self.leader_pool.usable_all();
+        let li = self.leader.peek(client, &self.leader_pool.servers, &usable, now)?;
+        let lh = self.leader_pool.servers.get(li)?.ip();
+        let host = self.hosts.iter().find(|(a, _)| *a == lh).map_or(lh, |&(_, b)| b);
+        let mine = pool.usable_all();
+        let i = pool
+            .servers
+            .iter()
+            .enumerate()
+            .find(|(i, s)| mine.get(*i).copied().unwrap_or(false) && s.ip() == host)?
+            .0;
+        pool.acquire_server(i).then_some(i)
+    }
+}
+
 /// Counters of a virtual server.
 #[derive(Debug, Default)]
 pub struct VsStats {
@@ -141,6 +184,10 @@ pub struct VsStats {
     pub refused_ports: AtomicU64,
     /// The server connection failed or timed out.
     pub connect_failed: AtomicU64,
+    /// Buddy link: connections sent to the leader's host.
+    pub followed: AtomicU64,
+    /// Buddy link: connections whose leader's host had no usable server here.
+    pub follow_missed: AtomicU64,
     /// DNAT-only: connections that kept the client's address.
     pub dnat_kept: AtomicU64,
     /// DNAT-only: connections that fell back to a self-source port.
@@ -166,8 +213,10 @@ pub struct VirtualServer {
     pub connect_timeout: Duration,
     /// Idle timeout (no byte in either direction).
     pub idle_timeout: Duration,
-    /// Source-address affinity, if configured.
-    pub persistence: Option<crate::persist::Affinity>,
+    /// Its persistence domain (its own, or its buddy group's), if configured.
+    pub persistence: Option<Arc<crate::persist::Domain>>,
+    /// The leader it follows (a buddy link), if any.
+    pub follows: Option<Follow>,
     /// DNAT-only mode, with the tables its reply check reads.
     pub dnat_only: Option<Arc<crate::tables::Tables>>,
     /// The node's tables, where open connections are registered.
@@ -247,24 +296,41 @@ async fn handle(vs: Arc<VirtualServer>, client: TcpStream, peer: SocketAddr) {
     let local = client.local_addr().unwrap_or(peer);
     let open = vs.tables.open(peer, local);
     let now = std::time::Instant::now();
-    // Persistence first: the client's server, if its affinity is alive and the server up.
-    let sticky = vs.persistence.as_ref().and_then(|a| {
-        let i = a.lookup(peer.ip(), now, |i| vs.pool.usable(i))?;
-        if vs.pool.acquire_server(i) {
-            Some(i)
-        } else {
-            // It went down between the lookup and now: undo the count.
-            a.end(peer.ip(), now);
-            None
-        }
+    // Persistence: the client's binding if alive and its server usable,
+    // else the rendezvous winner every TM computes alike. Twice at most: a
+    // server that went down between the look and the count is looked past.
+    // A buddy link first: the leader's host for this client, if usable here.
+    let followed = vs.follows.as_ref().and_then(|f| {
+        let i = f.pick(&vs.pool, peer.ip(), now);
+        let c = if i.is_some() { &st.followed } else { &st.follow_missed };
+        c.fetch_add(1, Ordering::Relaxed);
+        i
     });
-    let picked = sticky.or_else(|| {
-        let i = vs.pool.acquire(peer.ip())?;
-        if let Some(a) = &vs.persistence {
-            a.bind(peer.ip(), i, now);
+    // The domain that counted this connection open (and ends it), if any.
+    let bound = if followed.is_none() {
+        vs.persistence.as_deref()
+    } else {
+        None
+    };
+    let picked = match (&vs.persistence, followed) {
+        (_, Some(i)) => Some(i),
+        (Some(d), None) => {
+            let mut got = None;
+            for _ in 0..2 {
+                let usable = vs.pool.usable_all();
+                let Some(i) = d.choose(peer.ip(), &vs.pool.servers, &usable, now) else {
+                    break;
+                };
+                if vs.pool.acquire_server(i) {
+                    got = Some(i);
+                    break;
+                }
+                d.end(peer.ip(), now);
+            }
+            got
         }
-        Some(i)
-    });
+        (None, None) => vs.pool.acquire(peer.ip()),
+    };
     let Some(i) = picked else {
         st.refused_no_server.fetch_add(1, Ordering::Relaxed);
         log::warn!(
@@ -296,7 +362,7 @@ async fn handle(vs: Arc<VirtualServer>, client: TcpStream, peer: SocketAddr) {
                     st.bytes_up.fetch_add(up, Ordering::Relaxed);
                     st.bytes_down.fetch_add(down, Ordering::Relaxed);
                     vs.pool.release(i);
-                    if let Some(a) = &vs.persistence {
+                    if let Some(a) = bound {
                         a.end(peer.ip(), std::time::Instant::now());
                     }
                     done(&vs);
@@ -337,7 +403,7 @@ async fn handle(vs: Arc<VirtualServer>, client: TcpStream, peer: SocketAddr) {
         }
     }
     vs.pool.release(i);
-    if let Some(a) = &vs.persistence {
+    if let Some(a) = bound {
         a.end(peer.ip(), std::time::Instant::now());
     }
     done(&vs);

@@ -1048,3 +1048,208 @@ fn a_udp_session_survives_an_icmp_error_from_its_server() {
 fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
     testkit::http(("127.0.0.1", port), method, path, None, body)
 }
+
+/// A server that answers every connection with its own address and
+/// closes; it stops accepting (connections refused) once `stop` is set.
+fn naming_server(addr: IpAddr, stop: Arc<std::sync::atomic::AtomicBool>) -> SocketAddr {
+    let l = TcpListener::bind((addr, 0)).expect("bind server");
+    let local = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                break; // the listener closes: refused from now on
+            }
+            if let Ok(mut c) = conn {
+                let _ = c.write_all(addr.to_string().as_bytes());
+            }
+        }
+    });
+    local
+}
+
+/// The host that answered a connection from `src` to `vip`.
+fn named_by(src: IpAddr, vip: SocketAddr) -> Option<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    rt.block_on(async {
+        use tokio::io::AsyncReadExt;
+        let sock = tokio::net::TcpSocket::new_v4().ok()?;
+        sock.bind(SocketAddr::new(src, 0)).ok()?;
+        let mut c = tokio::time::timeout(Duration::from_secs(3), sock.connect(vip))
+            .await
+            .ok()?
+            .ok()?;
+        let mut back = String::new();
+        tokio::time::timeout(Duration::from_secs(3), c.read_to_string(&mut back))
+            .await
+            .ok()?
+            .ok()?;
+        (!back.is_empty()).then_some(back)
+    })
+}
+
+/// Persistence holds across the cluster: two tmd processes, TMs 1 and 2
+/// of one table, before three hosts that each serve `web` and `shop` (a
+/// buddy group) and `hash` (the source-hash method), and two app hosts
+/// that `app` follows `web` to (a buddy link, many-to-one). 20 client
+/// addresses connect alternately through both TMs to both buddies: each
+/// sees one host for all of them, and the app host its web host maps to;
+/// source hash answers alike on both TMs; a host stopped moves only its
+/// clients, to one new host each, on both TMs, and their app host follows.
+#[test]
+fn two_tms_send_each_client_to_one_host_across_a_buddy_group() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let hosts = [ip("127.0.0.81"), ip("127.0.0.82"), ip("127.0.0.83")];
+    let stops: Vec<Arc<AtomicBool>> = hosts.iter().map(|_| Arc::new(AtomicBool::new(false))).collect();
+    let listeners = |i: usize| {
+        [
+            naming_server(hosts[i], Arc::clone(&stops[i])),
+            naming_server(hosts[i], Arc::clone(&stops[i])),
+            naming_server(hosts[i], Arc::clone(&stops[i])),
+        ]
+    };
+    let per_host: Vec<[SocketAddr; 3]> = (0..3).map(listeners).collect();
+    let app_hosts = [ip("127.0.0.84"), ip("127.0.0.85")];
+    let never = Arc::new(AtomicBool::new(false));
+    let app: Vec<SocketAddr> = app_hosts
+        .iter()
+        .map(|&h| naming_server(h, Arc::clone(&never)))
+        .collect();
+    // web hosts 81 and 82 → app host 84; 83 → 85.
+    let app_of = |web: &str| if web == "127.0.0.83" { "127.0.0.85" } else { "127.0.0.84" };
+    let pool = |k: usize| -> String {
+        per_host
+            .iter()
+            .map(|h| format!("{{ address = \"{}\" }}", h[k]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let health = "health = { kind = \"tcp\", interval_ms = 100, timeout_ms = 200, rise = 1, fall = 1 }";
+    let mut tms = Vec::new();
+    let mut vips = Vec::new();
+    let mut app_vips = Vec::new();
+    for (n, id) in [1u32, 2].into_iter().enumerate() {
+        let vip_addr = format!("127.0.0.{}", 91 + n);
+        let (web, shop, hash) = (free_vip(&vip_addr), free_vip(&vip_addr), free_vip(&vip_addr));
+        let app_vip = free_vip(&vip_addr);
+        let admin = free_vip("127.0.0.1").port();
+        let dir = tmd_dir(&format!("buddy{id}"));
+        std::fs::write(
+            dir.join("tmd.toml"),
+            format!(
+                "tm_id = {id}\ntable = \"table.toml\"\nsnat_addresses = [\"127.0.0.30\"]\ndrain_timeout_ms = 2000\n\n\
+                 [[pool]]\nname = \"web\"\nservers = [{}]\n{health}\n\n\
+                 [[pool]]\nname = \"shop\"\nservers = [{}]\n{health}\n\n\
+                 [[pool]]\nname = \"hash\"\nmethod = \"source-hash\"\nservers = [{}]\n\n\
+                 [[virtual_server]]\nname = \"web\"\nlisten = \"{web}\"\npool = \"web\"\npersistence = {{ v4_prefix = 32, timeout_ms = 60000 }}\n\n\
+                 [[virtual_server]]\nname = \"shop\"\nlisten = \"{shop}\"\npool = \"shop\"\npersistence = {{ v4_prefix = 24, timeout_ms = 30000 }}\n\n\
+                 [[virtual_server]]\nname = \"hash\"\nlisten = \"{hash}\"\npool = \"hash\"\n\n\
+                 [[pool]]\nname = \"app\"\nservers = [{{ address = \"{}\" }}, {{ address = \"{}\" }}]\n\n\
+                 [[virtual_server]]\nname = \"app\"\nlisten = \"{app_vip}\"\npool = \"app\"\n\n\
+                 [[buddy_group]]\nname = \"site\"\nvirtual_servers = [\"web\", \"shop\"]\n\n\
+                 [[buddy_link]]\nfrom = \"web\"\nto = \"app\"\nhosts = [{{ from = \"127.0.0.81\", to = \"127.0.0.84\" }}, {{ from = \"127.0.0.82\", to = \"127.0.0.84\" }}, {{ from = \"127.0.0.83\", to = \"127.0.0.85\" }}]\n\n\
+                 [admin]\nlisten = \"127.0.0.1:{admin}\"\n",
+                pool(0),
+                pool(1),
+                pool(2),
+                app[0],
+                app[1]
+            ),
+        )
+        .expect("config");
+        tms.push(spawn_tmd(dir, admin, "warn"));
+        vips.push((web, shop, hash));
+        app_vips.push(app_vip);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for &(web, shop, hash) in &vips {
+        for vip in [web, shop, hash] {
+            while named_by(ip("127.0.0.99"), vip).is_none() {
+                assert!(Instant::now() < deadline, "tmd did not serve {vip}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    let clients: Vec<IpAddr> = (100..120u8).map(|i| IpAddr::from([127, 0, 0, i])).collect();
+    // Each client: web and shop through TM 1, then TM 2, then both again.
+    let round = || -> Vec<String> {
+        clients
+            .iter()
+            .map(|&c| {
+                let seen: Vec<String> = [vips[0].0, vips[1].1, vips[1].0, vips[0].1]
+                    .into_iter()
+                    .map(|vip| named_by(c, vip).expect("an answer"))
+                    .collect();
+                assert!(
+                    seen.iter().all(|h| *h == seen[0]),
+                    "client {c}: one host across both TMs and both buddies: {seen:?}"
+                );
+                for vip in &app_vips {
+                    assert_eq!(
+                        named_by(c, *vip).as_deref(),
+                        Some(app_of(&seen[0])),
+                        "client {c}: app follows web's host {}",
+                        seen[0]
+                    );
+                }
+                seen[0].clone()
+            })
+            .collect()
+    };
+    let before = round();
+    let used: std::collections::BTreeSet<&String> = before.iter().collect();
+    assert!(used.len() >= 2, "clients spread over the hosts: {used:?}");
+    // Source hash (no persistence): the same server on both TMs.
+    for &c in &clients {
+        assert_eq!(named_by(c, vips[0].2), named_by(c, vips[1].2), "source hash for {c}");
+    }
+    // The first client's host stops: both TMs' health checks take it out.
+    let gone = hosts
+        .iter()
+        .position(|h| h.to_string() == before[0])
+        .expect("a host");
+    stops[gone].store(true, Ordering::SeqCst);
+    for &s in &per_host[gone] {
+        let _ = TcpStream::connect(s); // wakes the accept loop, which then closes
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for t in &tms {
+        loop {
+            let m = http(t.admin, "GET", "/metrics", "").1;
+            let down = [0, 1].iter().all(|&k| {
+                metric(&m, &format!("tmd_server_up{{pool=\"{}\",server=\"{}\"}}", ["web", "shop"][k], per_host[gone][k])) == 0
+                    && m.contains(&format!("server=\"{}\"", per_host[gone][k]))
+            });
+            if down {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the stopped host is still up: {m}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let after = round();
+    for (i, c) in clients.iter().enumerate() {
+        if before[i] == hosts[gone].to_string() {
+            assert_ne!(after[i], before[i], "client {c} moved off the stopped host");
+        } else {
+            assert_eq!(after[i], before[i], "client {c} of a running host stays");
+        }
+    }
+    // What a TM holds: the buddy group's bindings, counted.
+    let (code, body) = http(tms[0].admin, "GET", "/persistence", "");
+    assert_eq!(code, 200, "{body}");
+    let v: control::api::PersistenceView = serde_json::from_str(&body).expect("json");
+    assert_eq!(v.tm_id, 1);
+    let site = v.domains.iter().find(|d| d.name == "site").expect("the buddy group");
+    assert!(site.buddy_group);
+    assert_eq!((site.v4_prefix, site.timeout_ms), (32, 30_000), "merged: most granular, shortest");
+    assert_eq!(site.bindings_total, 20);
+    let moved = before.iter().filter(|h| **h == hosts[gone].to_string()).count() as u64;
+    assert_eq!(site.rebinds, moved, "one rebind per moved client on this TM");
+    assert!(site.bindings.iter().all(|b| b.server != hosts[gone].to_string()));
+    for t in tms {
+        stop(t);
+    }
+}

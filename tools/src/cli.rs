@@ -45,6 +45,18 @@ pub enum Command {
     /// Abort the transition a running cluster is in: every distributor and
     /// TM goes back to its previous table (nodes committed already stay).
     Abort(ClusterArg),
+    /// The persistence bindings every TM holds (virtual servers with
+    /// persistence, buddy groups), with their hit, miss and rebind counts.
+    Persistence(PersistenceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PersistenceArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArg,
+    /// Only this TM (id or name as in the cluster file).
+    #[arg(long)]
+    pub tm: Option<String>,
 }
 
 /// The cluster file.

@@ -776,3 +776,92 @@ mod test {
         assert_eq!(samples(text, "std_workers"), vec![(String::new(), 1.0)]);
     }
 }
+
+/// One TM's `GET /persistence`, or why it could not be read.
+#[derive(Debug, Serialize)]
+pub struct TmPersistence {
+    /// The TM's name in the cluster file.
+    pub tm: String,
+    /// Its view.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub view: Option<control::api::PersistenceView>,
+    /// Why it is missing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Every TM's persistence view, or only `tm`'s (id or name).
+pub fn persistence(c: &Cluster, tm: Option<&str>) -> Result<Vec<TmPersistence>> {
+    let client = c.client();
+    let picked: Vec<&TmNode> = c
+        .tms
+        .iter()
+        .filter(|t| tm.is_none_or(|w| w == t.node.name || w.parse::<u32>() == Ok(t.id)))
+        .collect();
+    if picked.is_empty() {
+        bail!("no TM {} in the cluster file", tm.unwrap_or("at all"));
+    }
+    Ok(picked
+        .into_iter()
+        .map(|t| {
+            let e = t.node.clone();
+            match client.ok_json::<control::api::PersistenceView>(&e, "GET", "/persistence", None) {
+                Ok(v) if v.tm_id == t.id => TmPersistence {
+                    tm: e.name.clone(),
+                    view: Some(v),
+                    error: None,
+                },
+                Ok(v) => TmPersistence {
+                    tm: e.name.clone(),
+                    view: None,
+                    error: Some(format!("answers as TM {}, the cluster file says {}", v.tm_id, t.id)),
+                },
+                Err(err) => TmPersistence {
+                    tm: e.name.clone(),
+                    view: None,
+                    error: Some(format!("GET /persistence: {err}")),
+                },
+            }
+        })
+        .collect())
+}
+
+/// `stdctl persistence` for people.
+pub fn persistence_text(all: &[TmPersistence]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    for t in all {
+        let Some(v) = &t.view else {
+            let _ = writeln!(s, "{}: {}", t.tm, t.error.as_deref().unwrap_or("no answer"));
+            continue;
+        };
+        if v.domains.is_empty() {
+            let _ = writeln!(s, "{}: no persistence configured", t.tm);
+        }
+        for d in &v.domains {
+            let _ = writeln!(
+                s,
+                "{} {} {} ({}): clients by /{} (IPv6 /{}), {} ms after the last connection; {} hits, {} misses, {} rebinds; {} bindings",
+                t.tm,
+                if d.buddy_group { "buddy group" } else { "virtual server" },
+                d.name,
+                d.virtual_servers.join(", "),
+                d.v4_prefix,
+                d.v6_prefix,
+                d.timeout_ms,
+                d.hits,
+                d.misses,
+                d.rebinds,
+                d.bindings_total
+            );
+            for b in &d.bindings {
+                let _ = writeln!(
+                    s,
+                    "  {:<40} -> {:<24} {} open, idle {} ms",
+                    b.client, b.server, b.open, b.idle_ms
+                );
+            }
+        }
+    }
+    s
+}

@@ -130,6 +130,15 @@ fn run(cmd: Command, out: &Out) -> Result<()> {
             });
             Ok(())
         }
+        Command::Persistence(a) => {
+            let c = cluster::Cluster::load(&a.cluster.cluster)?;
+            let all = cluster::persistence(&c, a.tm.as_deref())?;
+            out.emit(serde_json::to_value(&all)?, || cluster::persistence_text(&all));
+            if let Some(bad) = all.iter().find(|t| t.error.is_some()) {
+                bail!("{}: {}", bad.tm, bad.error.as_deref().unwrap_or(""));
+            }
+            Ok(())
+        }
         Command::Group(GroupCmd::Add(a)) => group_add(a, out),
         Command::Tm(TmCmd::Drain(a)) => tm_cluster(a, true, out),
         Command::Tm(TmCmd::Readmit(a)) => tm_cluster(a, false, out),

@@ -65,7 +65,22 @@ fn run(path: &Path) -> Result<()> {
             table.tms()[usize::from(tm)].name
         );
     }
-    let key = allocation::HashKey::random().context("reading random bytes")?;
+    // Source hash and persistence score servers with the cluster's key
+    // (derived from the table's): every TM picks alike.
+    let key = tm_node::persist::cluster_key(table.key());
+    let domains: Vec<Arc<tm_node::persist::Domain>> = cfg
+        .persistence_domains()
+        .into_iter()
+        .map(|d| {
+            Arc::new(tm_node::persist::Domain::new(
+                &d.name,
+                d.members,
+                d.persistence,
+                d.by_host,
+                key,
+            ))
+        })
+        .collect();
     let pools: Vec<Arc<Pool>> = cfg
         .pools
         .iter()
@@ -81,6 +96,31 @@ fn run(path: &Path) -> Result<()> {
             ))
         })
         .collect();
+    // Buddy links, from the follower's side (validated: the leader exists
+    // and has persistence).
+    let follow = |name: &str| -> Result<Option<tm_node::proxy::Follow>> {
+        let Some(l) = cfg.buddy_links.iter().find(|l| l.to == name) else {
+            return Ok(None);
+        };
+        let leader_pool = cfg
+            .virtual_servers
+            .iter()
+            .find(|v| v.name == l.from)
+            .and_then(|v| pools.iter().find(|p| p.name == v.pool))
+            .cloned()
+            .ok_or_else(|| anyhow!("buddy_link {} → {}: no leader pool", l.from, l.to))?;
+        let leader = domains
+            .iter()
+            .find(|d| d.members.contains(&l.from))
+            .cloned()
+            .ok_or_else(|| anyhow!("buddy_link {} → {}: the leader has no persistence", l.from, l.to))?;
+        Ok(Some(tm_node::proxy::Follow {
+            leader_name: l.from.clone(),
+            leader_pool,
+            leader,
+            hosts: l.hosts.iter().map(|h| (h.from, h.to)).collect(),
+        }))
+    };
     let tables = Arc::new(tm_node::tables::Tables::new(cfg.tm_id, table));
     // Virtual servers are shared by every worker thread (atomics and one lock per connection).
     let mut servers = Vec::new();
@@ -97,7 +137,11 @@ fn run(path: &Path) -> Result<()> {
             max_connections: v.max_connections,
             connect_timeout: Duration::from_millis(v.connect_timeout_ms),
             idle_timeout: Duration::from_millis(v.idle_timeout_ms),
-            persistence: v.persistence.map(tm_node::persist::Affinity::new),
+            persistence: domains
+                .iter()
+                .find(|d| d.members.contains(&v.name))
+                .cloned(),
+            follows: follow(&v.name)?,
             dnat_only: v.dnat_only.then(|| Arc::clone(&tables)),
             tables: Arc::clone(&tables),
             stats: VsStats::default(),
@@ -215,6 +259,7 @@ fn run(path: &Path) -> Result<()> {
             servers: servers.clone(),
             table_file: Some(cfg.table.clone()),
             server_sides,
+            domains,
         });
         let admin_thread = {
             let stop = Arc::clone(&admin_stop);
