@@ -177,7 +177,11 @@ mod test {
 
     #[test]
     fn weighted_round_robin_is_proportional_and_smooth() {
-        let mut b = Balancer::new(Method::WeightedRoundRobin, &addrs(3), HashKey::from_bytes([1; 16]));
+        let mut b = Balancer::new(
+            Method::WeightedRoundRobin,
+            &addrs(3),
+            HashKey::from_bytes([1; 16]),
+        );
         let s = vec![up(5, 0), up(1, 0), up(1, 0)];
         let picks: Vec<usize> = (0..7).filter_map(|_| b.pick(&s, any())).collect();
         assert_eq!(picks.iter().filter(|&&p| p == 0).count(), 5);
@@ -190,7 +194,11 @@ mod test {
 
     #[test]
     fn least_connections_by_weight() {
-        let mut b = Balancer::new(Method::LeastConnections, &addrs(3), HashKey::from_bytes([1; 16]));
+        let mut b = Balancer::new(
+            Method::LeastConnections,
+            &addrs(3),
+            HashKey::from_bytes([1; 16]),
+        );
         assert_eq!(b.pick(&[up(1, 5), up(1, 2), up(1, 9)], any()), Some(1));
         assert_eq!(
             b.pick(&[up(1, 4), up(3, 9), up(1, 9)], any()),
@@ -245,7 +253,11 @@ mod test {
         let mut other = Balancer::new(Method::SourceHash, &reversed, HashKey::from_bytes([1; 16]));
         let all = vec![up(1, 0); 4];
         for (i, &c) in clients.iter().enumerate() {
-            assert_eq!(other.pick(&all, c), Some(3 - before[i]), "by address, not position");
+            assert_eq!(
+                other.pick(&all, c),
+                Some(3 - before[i]),
+                "by address, not position"
+            );
         }
     }
 }

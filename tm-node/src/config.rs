@@ -308,7 +308,10 @@ impl NodeConfig {
             })
             .collect();
         for v in &self.virtual_servers {
-            let grouped = self.buddy_groups.iter().any(|g| g.virtual_servers.contains(&v.name));
+            let grouped = self
+                .buddy_groups
+                .iter()
+                .any(|g| g.virtual_servers.contains(&v.name));
             if let (Some(p), false) = (v.persistence, grouped) {
                 out.push(DomainConfig {
                     name: v.name.clone(),
@@ -352,11 +355,15 @@ impl NodeConfig {
                     ));
                 }
                 let elsewhere = g.virtual_servers[..j].contains(m)
-                    || self.buddy_groups[..i].iter().any(|h| h.virtual_servers.contains(m));
+                    || self.buddy_groups[..i]
+                        .iter()
+                        .any(|h| h.virtual_servers.contains(m));
                 if elsewhere {
                     return Err(invalid(
                         format!("{at}.virtual_servers"),
-                        format!("virtual server '{m}' is in two buddy groups (merge them into one)"),
+                        format!(
+                            "virtual server '{m}' is in two buddy groups (merge them into one)"
+                        ),
                     ));
                 }
             }
@@ -365,15 +372,24 @@ impl NodeConfig {
             let at = format!("buddy_link[{i}]");
             let find = |n: &str| self.virtual_servers.iter().find(|v| v.name == n);
             let Some(from) = find(&l.from) else {
-                return Err(invalid(format!("{at}.from"), format!("no [[virtual_server]] is named '{}'", l.from)));
+                return Err(invalid(
+                    format!("{at}.from"),
+                    format!("no [[virtual_server]] is named '{}'", l.from),
+                ));
             };
             let Some(to) = find(&l.to) else {
-                return Err(invalid(format!("{at}.to"), format!("no [[virtual_server]] is named '{}'", l.to)));
+                return Err(invalid(
+                    format!("{at}.to"),
+                    format!("no [[virtual_server]] is named '{}'", l.to),
+                ));
             };
             if from.persistence.is_none() || from.protocol != Protocol::Tcp {
                 return Err(invalid(
                     format!("{at}.from"),
-                    format!("virtual server '{}' has no persistence: there is no choice to follow", l.from),
+                    format!(
+                        "virtual server '{}' has no persistence: there is no choice to follow",
+                        l.from
+                    ),
                 ));
             }
             if to.protocol != Protocol::Tcp || l.from == l.to {
@@ -382,27 +398,40 @@ impl NodeConfig {
                     "a TCP virtual server other than the leader",
                 ));
             }
-            let same_group = self.buddy_groups.iter().any(|g| {
-                g.virtual_servers.contains(&l.from) && g.virtual_servers.contains(&l.to)
-            });
+            let same_group = self
+                .buddy_groups
+                .iter()
+                .any(|g| g.virtual_servers.contains(&l.from) && g.virtual_servers.contains(&l.to));
             if same_group {
                 return Err(invalid(
-                    format!("{at}"),
-                    format!("'{}' and '{}' are buddies already (one buddy group)", l.from, l.to),
+                    at.clone(),
+                    format!(
+                        "'{}' and '{}' are buddies already (one buddy group)",
+                        l.from, l.to
+                    ),
                 ));
             }
             if self.buddy_links[..i].iter().any(|k| k.to == l.to) {
-                return Err(invalid(format!("{at}.to"), format!("virtual server '{}' follows two leaders", l.to)));
+                return Err(invalid(
+                    format!("{at}.to"),
+                    format!("virtual server '{}' follows two leaders", l.to),
+                ));
             }
             if self.buddy_links.iter().any(|k| k.to == l.from) {
                 return Err(invalid(
                     format!("{at}.from"),
-                    format!("virtual server '{}' follows another: links do not chain", l.from),
+                    format!(
+                        "virtual server '{}' follows another: links do not chain",
+                        l.from
+                    ),
                 ));
             }
             for (j, h) in l.hosts.iter().enumerate() {
                 if l.hosts[..j].iter().any(|g| g.from == h.from) {
-                    return Err(invalid(format!("{at}.hosts"), format!("host {} is mapped twice", h.from)));
+                    return Err(invalid(
+                        format!("{at}.hosts"),
+                        format!("host {} is mapped twice", h.from),
+                    ));
                 }
             }
         }
@@ -537,12 +566,21 @@ mod test {
             }]
         );
         // Each alone without the group.
-        assert_eq!(load_env(&sticky_shop, &[]).expect("two").persistence_domains().len(), 2);
+        assert_eq!(
+            load_env(&sticky_shop, &[])
+                .expect("two")
+                .persistence_domains()
+                .len(),
+            2
+        );
         // A link: shop follows web (web has persistence, shop need not).
         let link = two.clone()
             + "\n[[buddy_link]]\nfrom = \"web\"\nto = \"shop\"\nhosts = [{ from = \"192.0.2.10\", to = \"192.0.2.20\" }]\n";
         let cfg = load_env(&link, &[]).expect("a link");
-        assert_eq!(cfg.buddy_links[0].hosts[0].to, "192.0.2.20".parse::<IpAddr>().expect("addr"));
+        assert_eq!(
+            cfg.buddy_links[0].hosts[0].to,
+            "192.0.2.20".parse::<IpAddr>().expect("addr")
+        );
         for (text, why) in [
             (two.clone() + group, "has no persistence"),
             (

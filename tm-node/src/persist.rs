@@ -204,7 +204,13 @@ impl Domain {
     /// Where `client` would go now among `servers` (an index): its live
     /// binding's server if usable there, else the rendezvous winner — with
     /// nothing counted or bound (a buddy link asks its leader this).
-    pub fn peek(&self, client: IpAddr, servers: &[SocketAddr], usable: &[bool], now: Instant) -> Option<usize> {
+    pub fn peek(
+        &self,
+        client: IpAddr,
+        servers: &[SocketAddr],
+        usable: &[bool],
+        now: Instant,
+    ) -> Option<usize> {
         let timeout = Duration::from_millis(self.cfg.timeout_ms);
         let bound = {
             let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
@@ -217,7 +223,9 @@ impl Domain {
                 servers
                     .iter()
                     .enumerate()
-                    .find(|(i, s)| usable.get(*i).copied().unwrap_or(false) && self.identity(**s) == id)
+                    .find(|(i, s)| {
+                        usable.get(*i).copied().unwrap_or(false) && self.identity(**s) == id
+                    })
                     .map(|(i, _)| i)
             })
             .or_else(|| self.winner(client, servers, usable))
@@ -242,10 +250,9 @@ impl Domain {
             alive.then_some(e.server)
         });
         if let Some(id) = bound {
-            let here = servers
-                .iter()
-                .enumerate()
-                .find(|(i, s)| usable.get(*i).copied().unwrap_or(false) && self.identity(**s) == id);
+            let here = servers.iter().enumerate().find(|(i, s)| {
+                usable.get(*i).copied().unwrap_or(false) && self.identity(**s) == id
+            });
             if let Some((i, _)) = here {
                 if let Some(e) = map.get_mut(&key) {
                     e.open += 1;
@@ -385,12 +392,16 @@ mod test {
         // Its server down: bound anew, counted as a rebind.
         let mut down = [true; 3];
         down[first] = false;
-        let moved = d.choose(c1, &s, &down, t0 + Duration::from_secs(11)).expect("server");
+        let moved = d
+            .choose(c1, &s, &down, t0 + Duration::from_secs(11))
+            .expect("server");
         assert_ne!(moved, first);
         assert_eq!(d.stats.rebinds.load(Ordering::Relaxed), 1);
         d.end(c1, t0 + Duration::from_secs(11));
         // Expired: the rendezvous winner again, a miss.
-        let back = d.choose(c1, &s, &up, t0 + Duration::from_secs(20)).expect("server");
+        let back = d
+            .choose(c1, &s, &up, t0 + Duration::from_secs(20))
+            .expect("server");
         assert_eq!(back, first, "the winner once the binding expired");
         assert_eq!(d.stats.misses.load(Ordering::Relaxed), 2);
         assert!(d.choose(c1, &s, &[false; 3], t0).is_none());

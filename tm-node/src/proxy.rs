@@ -155,9 +155,15 @@ impl Follow {
     /// `client` to, if one is usable there, counted active on it.
     fn pick(&self, pool: &Pool, client: IpAddr, now: std::time::Instant) -> Option<usize> {
         let usable = self.leader_pool.usable_all();
-        let li = self.leader.peek(client, &self.leader_pool.servers, &usable, now)?;
+        let li = self
+            .leader
+            .peek(client, &self.leader_pool.servers, &usable, now)?;
         let lh = self.leader_pool.servers.get(li)?.ip();
-        let host = self.hosts.iter().find(|(a, _)| *a == lh).map_or(lh, |&(_, b)| b);
+        let host = self
+            .hosts
+            .iter()
+            .find(|(a, _)| *a == lh)
+            .map_or(lh, |&(_, b)| b);
         let mine = pool.usable_all();
         let i = pool
             .servers
@@ -302,7 +308,11 @@ async fn handle(vs: Arc<VirtualServer>, client: TcpStream, peer: SocketAddr) {
     // A buddy link first: the leader's host for this client, if usable here.
     let followed = vs.follows.as_ref().and_then(|f| {
         let i = f.pick(&vs.pool, peer.ip(), now);
-        let c = if i.is_some() { &st.followed } else { &st.follow_missed };
+        let c = if i.is_some() {
+            &st.followed
+        } else {
+            &st.follow_missed
+        };
         c.fetch_add(1, Ordering::Relaxed);
         i
     });

@@ -1102,7 +1102,10 @@ fn named_by(src: IpAddr, vip: SocketAddr) -> Option<String> {
 fn two_tms_send_each_client_to_one_host_across_a_buddy_group() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let hosts = [ip("127.0.0.81"), ip("127.0.0.82"), ip("127.0.0.83")];
-    let stops: Vec<Arc<AtomicBool>> = hosts.iter().map(|_| Arc::new(AtomicBool::new(false))).collect();
+    let stops: Vec<Arc<AtomicBool>> = hosts
+        .iter()
+        .map(|_| Arc::new(AtomicBool::new(false)))
+        .collect();
     let listeners = |i: usize| {
         [
             naming_server(hosts[i], Arc::clone(&stops[i])),
@@ -1118,7 +1121,13 @@ fn two_tms_send_each_client_to_one_host_across_a_buddy_group() {
         .map(|&h| naming_server(h, Arc::clone(&never)))
         .collect();
     // web hosts 81 and 82 → app host 84; 83 → 85.
-    let app_of = |web: &str| if web == "127.0.0.83" { "127.0.0.85" } else { "127.0.0.84" };
+    let app_of = |web: &str| {
+        if web == "127.0.0.83" {
+            "127.0.0.85"
+        } else {
+            "127.0.0.84"
+        }
+    };
     let pool = |k: usize| -> String {
         per_host
             .iter()
@@ -1126,13 +1135,18 @@ fn two_tms_send_each_client_to_one_host_across_a_buddy_group() {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let health = "health = { kind = \"tcp\", interval_ms = 100, timeout_ms = 200, rise = 1, fall = 1 }";
+    let health =
+        "health = { kind = \"tcp\", interval_ms = 100, timeout_ms = 200, rise = 1, fall = 1 }";
     let mut tms = Vec::new();
     let mut vips = Vec::new();
     let mut app_vips = Vec::new();
     for (n, id) in [1u32, 2].into_iter().enumerate() {
         let vip_addr = format!("127.0.0.{}", 91 + n);
-        let (web, shop, hash) = (free_vip(&vip_addr), free_vip(&vip_addr), free_vip(&vip_addr));
+        let (web, shop, hash) = (
+            free_vip(&vip_addr),
+            free_vip(&vip_addr),
+            free_vip(&vip_addr),
+        );
         let app_vip = free_vip(&vip_addr);
         let admin = free_vip("127.0.0.1").port();
         let dir = tmd_dir(&format!("buddy{id}"));
@@ -1203,7 +1217,11 @@ fn two_tms_send_each_client_to_one_host_across_a_buddy_group() {
     assert!(used.len() >= 2, "clients spread over the hosts: {used:?}");
     // Source hash (no persistence): the same server on both TMs.
     for &c in &clients {
-        assert_eq!(named_by(c, vips[0].2), named_by(c, vips[1].2), "source hash for {c}");
+        assert_eq!(
+            named_by(c, vips[0].2),
+            named_by(c, vips[1].2),
+            "source hash for {c}"
+        );
     }
     // The first client's host stops: both TMs' health checks take it out.
     let gone = hosts
@@ -1219,13 +1237,23 @@ fn two_tms_send_each_client_to_one_host_across_a_buddy_group() {
         loop {
             let m = http(t.admin, "GET", "/metrics", "").1;
             let down = [0, 1].iter().all(|&k| {
-                metric(&m, &format!("tmd_server_up{{pool=\"{}\",server=\"{}\"}}", ["web", "shop"][k], per_host[gone][k])) == 0
+                metric(
+                    &m,
+                    &format!(
+                        "tmd_server_up{{pool=\"{}\",server=\"{}\"}}",
+                        ["web", "shop"][k],
+                        per_host[gone][k]
+                    ),
+                ) == 0
                     && m.contains(&format!("server=\"{}\"", per_host[gone][k]))
             });
             if down {
                 break;
             }
-            assert!(Instant::now() < deadline, "the stopped host is still up: {m}");
+            assert!(
+                Instant::now() < deadline,
+                "the stopped host is still up: {m}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -1242,13 +1270,34 @@ fn two_tms_send_each_client_to_one_host_across_a_buddy_group() {
     assert_eq!(code, 200, "{body}");
     let v: control::api::PersistenceView = serde_json::from_str(&body).expect("json");
     assert_eq!(v.tm_id, 1);
-    let site = v.domains.iter().find(|d| d.name == "site").expect("the buddy group");
+    let site = v
+        .domains
+        .iter()
+        .find(|d| d.name == "site")
+        .expect("the buddy group");
     assert!(site.buddy_group);
-    assert_eq!((site.v4_prefix, site.timeout_ms), (32, 30_000), "merged: most granular, shortest");
-    assert_eq!(site.bindings_total, 20);
-    let moved = before.iter().filter(|h| **h == hosts[gone].to_string()).count() as u64;
-    assert_eq!(site.rebinds, moved, "one rebind per moved client on this TM");
-    assert!(site.bindings.iter().all(|b| b.server != hosts[gone].to_string()));
+    assert_eq!(
+        (site.v4_prefix, site.timeout_ms),
+        (32, 30_000),
+        "merged: most granular, shortest"
+    );
+    // The 20 clients and the readiness probe's address.
+    assert_eq!(site.bindings_total, 21);
+    let moved = before
+        .iter()
+        .filter(|h| **h == hosts[gone].to_string())
+        .count() as u64;
+    assert_eq!(
+        site.rebinds, moved,
+        "one rebind per moved client on this TM"
+    );
+    // Every client that came back is off the stopped host (the probe's
+    // address, which did not, keeps its binding until it expires).
+    assert!(site
+        .bindings
+        .iter()
+        .filter(|b| b.client != ip("127.0.0.99"))
+        .all(|b| b.server != hosts[gone].to_string()));
     for t in tms {
         stop(t);
     }

@@ -814,7 +814,10 @@ pub fn persistence(c: &Cluster, tm: Option<&str>) -> Result<Vec<TmPersistence>> 
                 Ok(v) => TmPersistence {
                     tm: e.name.clone(),
                     view: None,
-                    error: Some(format!("answers as TM {}, the cluster file says {}", v.tm_id, t.id)),
+                    error: Some(format!(
+                        "answers as TM {}, the cluster file says {}",
+                        v.tm_id, t.id
+                    )),
                 },
                 Err(err) => TmPersistence {
                     tm: e.name.clone(),

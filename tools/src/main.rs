@@ -133,7 +133,9 @@ fn run(cmd: Command, out: &Out) -> Result<()> {
         Command::Persistence(a) => {
             let c = cluster::Cluster::load(&a.cluster.cluster)?;
             let all = cluster::persistence(&c, a.tm.as_deref())?;
-            out.emit(serde_json::to_value(&all)?, || cluster::persistence_text(&all));
+            out.emit(serde_json::to_value(&all)?, || {
+                cluster::persistence_text(&all)
+            });
             if let Some(bad) = all.iter().find(|t| t.error.is_some()) {
                 bail!("{}: {}", bad.tm, bad.error.as_deref().unwrap_or(""));
             }

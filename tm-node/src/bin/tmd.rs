@@ -113,7 +113,13 @@ fn run(path: &Path) -> Result<()> {
             .iter()
             .find(|d| d.members.contains(&l.from))
             .cloned()
-            .ok_or_else(|| anyhow!("buddy_link {} → {}: the leader has no persistence", l.from, l.to))?;
+            .ok_or_else(|| {
+                anyhow!(
+                    "buddy_link {} → {}: the leader has no persistence",
+                    l.from,
+                    l.to
+                )
+            })?;
         Ok(Some(tm_node::proxy::Follow {
             leader_name: l.from.clone(),
             leader_pool,
