@@ -291,7 +291,9 @@ fn addr_bytes(addr: IpAddr) -> ([u8; 16], usize) {
     (out, len)
 }
 
-fn write_addr(out: &mut [u8], addr: IpAddr) -> usize {
+/// Writes the canonical bytes of `addr` (IPv4-mapped IPv6 as IPv4) to the
+/// front of `out` (at least 16 bytes) and returns how many: 4 or 16.
+pub fn write_addr(out: &mut [u8], addr: IpAddr) -> usize {
     match canonical(addr) {
         IpAddr::V4(a) => {
             out[..4].copy_from_slice(&a.octets());

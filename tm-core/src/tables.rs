@@ -173,19 +173,19 @@ impl Tables {
     /// That is what lets a source-affinity group (`hash = "address"`)
     /// accept new connections in moved buckets.
     pub fn dnat_reply_home(&self, request: &Flow, reply: &Flow) -> bool {
-        if self.steers_home(reply) {
-            return true;
+        let (current, next) = (self.current(), self.next());
+        let tables = || std::iter::once(&*current).chain(next.as_deref());
+        let me = |t: &AllocationTable| t.tm_index_by_id(self.tm_id);
+        if tables().all(|t| me(t).is_some_and(|m| t.steer(reply).tm == m)) {
+            return true; // steers_home
         }
-        let current = self.current();
-        let next = self.next();
-        let tables = std::iter::once(&*current).chain(next.as_deref());
         let mut here = false;
-        for t in tables {
+        for t in tables() {
             let (a, b) = (t.steer(request), t.steer(reply));
             if a.group != b.group || a.by != b.by {
                 return false;
             }
-            here |= t.tm_index_by_id(self.tm_id).is_some_and(|me| a.tm == me);
+            here |= me(t).is_some_and(|m| a.tm == m);
         }
         here
     }

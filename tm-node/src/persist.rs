@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use allocation::hash::{canonical, hash_bytes, mask_addr, HashKey};
+use allocation::hash::{canonical, hash_bytes, mask_addr, write_addr, HashKey};
 use serde::Deserialize;
 
 /// Most bindings kept per domain; beyond it, expired ones are swept and,
@@ -78,27 +78,13 @@ pub fn cluster_key(table_key: &HashKey) -> HashKey {
     HashKey::from_bytes(out)
 }
 
-/// Bytes of an address (IPv4-mapped IPv6 as IPv4) into `buf`; the length.
-fn put_addr(buf: &mut [u8], a: IpAddr) -> usize {
-    match canonical(a) {
-        IpAddr::V4(a) => {
-            buf[..4].copy_from_slice(&a.octets());
-            4
-        }
-        IpAddr::V6(a) => {
-            buf[..16].copy_from_slice(&a.octets());
-            16
-        }
-    }
-}
-
 /// The rendezvous score of server identity `server` for client key
 /// `client` in domain `domain`: `H(key, client ‖ server address ‖ server
 /// port ‖ domain)`, the port 0 for a buddy group (hosts by address).
 pub fn score(key: &HashKey, domain: &[u8], client: IpAddr, server: SocketAddr) -> u64 {
     let mut msg = [0u8; 34 + 64];
-    let mut n = put_addr(&mut msg, client);
-    n += put_addr(&mut msg[n..], server.ip());
+    let mut n = write_addr(&mut msg, client);
+    n += write_addr(&mut msg[n..], server.ip());
     msg[n..n + 2].copy_from_slice(&server.port().to_be_bytes());
     n += 2;
     let d = &domain[..domain.len().min(64)];
@@ -201,6 +187,25 @@ impl Domain {
             .map(|(i, _)| i)
     }
 
+    /// True while a binding lives: a connection open, or its timeout not over.
+    fn live(&self, e: &Entry, now: Instant) -> bool {
+        e.open > 0 || now.duration_since(e.last_end) < Duration::from_millis(self.cfg.timeout_ms)
+    }
+
+    /// The index of the usable server of `servers` whose identity is `id`.
+    fn usable_index(
+        &self,
+        id: SocketAddr,
+        servers: &[SocketAddr],
+        usable: &[bool],
+    ) -> Option<usize> {
+        servers
+            .iter()
+            .enumerate()
+            .find(|(i, s)| usable.get(*i).copied().unwrap_or(false) && self.identity(**s) == id)
+            .map(|(i, _)| i)
+    }
+
     /// Where `client` would go now among `servers` (an index): its live
     /// binding's server if usable there, else the rendezvous winner — with
     /// nothing counted or bound (a buddy link asks its leader this).
@@ -211,23 +216,13 @@ impl Domain {
         usable: &[bool],
         now: Instant,
     ) -> Option<usize> {
-        let timeout = Duration::from_millis(self.cfg.timeout_ms);
         let bound = {
             let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-            map.get(&self.client_key(client)).and_then(|e| {
-                (e.open > 0 || now.duration_since(e.last_end) < timeout).then_some(e.server)
-            })
+            map.get(&self.client_key(client))
+                .and_then(|e| self.live(e, now).then_some(e.server))
         };
         bound
-            .and_then(|id| {
-                servers
-                    .iter()
-                    .enumerate()
-                    .find(|(i, s)| {
-                        usable.get(*i).copied().unwrap_or(false) && self.identity(**s) == id
-                    })
-                    .map(|(i, _)| i)
-            })
+            .and_then(|id| self.usable_index(id, servers, usable))
             .or_else(|| self.winner(client, servers, usable))
     }
 
@@ -242,24 +237,17 @@ impl Domain {
         usable: &[bool],
         now: Instant,
     ) -> Option<usize> {
-        let timeout = Duration::from_millis(self.cfg.timeout_ms);
         let key = self.client_key(client);
         let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let bound = map.get(&key).and_then(|e| {
-            let alive = e.open > 0 || now.duration_since(e.last_end) < timeout;
-            alive.then_some(e.server)
-        });
-        if let Some(id) = bound {
-            let here = servers.iter().enumerate().find(|(i, s)| {
-                usable.get(*i).copied().unwrap_or(false) && self.identity(**s) == id
-            });
-            if let Some((i, _)) = here {
-                if let Some(e) = map.get_mut(&key) {
-                    e.open += 1;
-                }
-                self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                return Some(i);
+        let bound = map
+            .get(&key)
+            .and_then(|e| self.live(e, now).then_some(e.server));
+        if let Some(i) = bound.and_then(|id| self.usable_index(id, servers, usable)) {
+            if let Some(e) = map.get_mut(&key) {
+                e.open += 1;
             }
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Some(i);
         }
         let i = self.winner(client, servers, usable)?;
         let id = self.identity(servers[i]);
@@ -270,7 +258,7 @@ impl Domain {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         if !map.contains_key(&key) && map.len() >= MAX_ENTRIES {
-            map.retain(|_, e| e.open > 0 || now.duration_since(e.last_end) < timeout);
+            map.retain(|_, e| self.live(e, now));
             if map.len() >= MAX_ENTRIES {
                 return Some(i);
             }
@@ -301,11 +289,8 @@ impl Domain {
 
     /// Live bindings (at most [`MAX_LISTED`]) and how many there are in all.
     pub fn bindings(&self, now: Instant) -> (Vec<Binding>, usize) {
-        let timeout = Duration::from_millis(self.cfg.timeout_ms);
         let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let live = map
-            .iter()
-            .filter(|(_, e)| e.open > 0 || now.duration_since(e.last_end) < timeout);
+        let live = map.iter().filter(|(_, e)| self.live(e, now));
         let total = live.clone().count();
         let list = live
             .take(MAX_LISTED)
