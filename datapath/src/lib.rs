@@ -9,6 +9,8 @@
 //!   [`verdict::Action`]s, frame by frame or a [`batch::Batch`] at a time;
 //! * [`transit`] — the transition memory: flows started in moved buckets
 //!   while a new table is switched in (DESIGN §4);
+//! * [`pins`] — flows kept on their old owner past a table change
+//!   (UDP sessions, long connections), immutable, in the plan;
 //! * [`table`] — the fixed-size open-addressing maps the worker state uses;
 //! * [`build`] — frame builders for tests, simulations and benchmarks.
 //!
@@ -22,6 +24,7 @@ pub mod batch;
 pub mod bridge;
 pub mod build;
 pub mod frag;
+pub mod pins;
 pub mod steer;
 pub mod table;
 pub mod transit;

@@ -18,10 +18,12 @@
 //! worker (`worker.rs`).
 
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
 
 use allocation::{AllocationTable, Flow, MacAddr, SteerBy, TmIndex};
 use thiserror::Error;
 
+use crate::pins::{Pin, PinSet};
 use crate::verdict::{Branch, Drop, PortId};
 use crate::wire::{self, ethertype, icmp, proto, ArpPacket, EthernetFrame, IpHeader};
 
@@ -82,6 +84,26 @@ struct Previous {
 pub struct MovedSet([u64; allocation::TABLE_SIZE / 64]);
 
 impl MovedSet {
+    /// The set of these bits (bucket `b` is bit `b % 64` of word `b / 64`).
+    pub fn from_words(words: [u64; allocation::TABLE_SIZE / 64]) -> Self {
+        MovedSet(words)
+    }
+
+    /// Adds bucket `b`.
+    pub fn insert(&mut self, b: usize) {
+        let n = self.0.len();
+        self.0[(b / 64) % n] |= 1 << (b % 64);
+    }
+
+    /// The buckets of either set.
+    pub fn union(&self, other: &MovedSet) -> MovedSet {
+        let mut out = self.clone();
+        for (w, o) in out.0.iter_mut().zip(other.0.iter()) {
+            *w |= o;
+        }
+        out
+    }
+
     /// True if bucket `b` moved.
     #[inline(always)]
     pub fn contains(&self, b: usize) -> bool {
@@ -113,6 +135,11 @@ pub struct Moved {
     /// The packet is an ICMP error about the flow (it may come through
     /// another distributor than the flow's own packets).
     pub icmp: bool,
+    /// A flow with ports but without a handshake (UDP, SCTP, …): any
+    /// packet may start it, so the worker remembers where each one went.
+    pub session: bool,
+    /// The transition is open: new flows start on their new owner.
+    pub open: bool,
 }
 
 /// A flow named the same in both directions: protocol and the two
@@ -160,6 +187,14 @@ pub struct Plan {
     /// Where each TM id is reached, as configured (to route a previous table's TMs).
     tm_ports: Vec<(u32, PortId)>,
     previous: Option<Previous>,
+    /// Flows kept on their old owner past a commit (see [`crate::pins`]),
+    /// as reported, and as resolved for this plan's routes.
+    pin_list: Arc<[Pin]>,
+    pin_capacity: usize,
+    pins: Option<Arc<PinSet>>,
+    /// Buckets the fast paths leave to the general one (moved or pinned),
+    /// for a single endpoint-hashed group.
+    slow: Option<Box<MovedSet>>,
 }
 
 impl Plan {
@@ -206,6 +241,10 @@ impl Plan {
             tm_id,
             tm_ports: tm_ports.to_vec(),
             previous: None,
+            pin_list: Arc::from(Vec::new()),
+            pin_capacity: 0,
+            pins: None,
+            slow: None,
         })
     }
 
@@ -270,7 +309,54 @@ impl Plan {
             moved,
             open: false,
         });
+        self.rebuild_pins();
         Ok(self)
+    }
+
+    /// This plan with `pins` (DESIGN §4: flows their old owner still
+    /// serves), at most `capacity` of them; they replace any earlier pins.
+    /// Outside a transition a pin the table already steers to its TM is
+    /// left out.
+    pub fn with_pins(mut self, pins: Arc<[Pin]>, capacity: usize) -> Self {
+        self.pin_list = pins;
+        self.pin_capacity = capacity;
+        self.rebuild_pins();
+        self
+    }
+
+    /// The pins as given to [`Plan::with_pins`] (to carry them into the next plan).
+    pub fn pin_list(&self) -> (&Arc<[Pin]>, usize) {
+        (&self.pin_list, self.pin_capacity)
+    }
+
+    /// The pins in force.
+    pub fn pins(&self) -> Option<&PinSet> {
+        self.pins.as_deref()
+    }
+
+    /// Resolves the pins against this plan's table and routes, and the
+    /// fast paths' slow buckets with them.
+    fn rebuild_pins(&mut self) {
+        self.pins = (!self.pin_list.is_empty()).then(|| {
+            Arc::new(PinSet::build(
+                &self.pin_list,
+                &self.table,
+                self.pin_capacity,
+                *self.table.key(),
+                |id| self.route_of(id),
+                self.previous.is_none(),
+            ))
+        });
+        let moved = self.previous.as_ref().and_then(|p| p.moved.as_deref());
+        let pinned = self.pins.as_deref().and_then(|p| match p.is_empty() {
+            true => None,
+            false => p.buckets(0),
+        });
+        self.slow = match (moved, pinned) {
+            (None, None) => None,
+            (Some(m), None) | (None, Some(m)) => Some(Box::new(m.clone())),
+            (Some(m), Some(p)) => Some(Box::new(m.union(p))),
+        };
     }
 
     /// The switched plan, opened: flows starting from outside in moved
@@ -291,6 +377,7 @@ impl Plan {
     pub fn without_previous(mut self) -> Self {
         self.drop_previous_routes();
         self.previous = None;
+        self.rebuild_pins();
         self
     }
 
@@ -358,7 +445,16 @@ impl Plan {
             old,
             start: start && prev.open,
             icmp: false,
+            session: flow.protocol != wire::proto::TCP && flow.ports.is_some(),
+            open: prev.open,
         })
+    }
+
+    /// The route of `flow`'s pin, `s` its steering by the table.
+    #[inline(always)]
+    fn pinned(&self, flow: &Flow, s: &allocation::Steering) -> Option<TmIndex> {
+        let pins = self.pins.as_deref()?;
+        pins.lookup(s.group, s.by.bucket()?, flow)
     }
 
     /// The allocation table.
@@ -396,9 +492,9 @@ impl Plan {
 
     /// The hash key and buckets when the table has a single group that
     /// hashes endpoints (the common case): what the batch fast path needs.
-    /// During a transition also the moved buckets, which the fast path
-    /// leaves to the general one; `None` when a transition runs between
-    /// tables that cannot be compared bucket by bucket.
+    /// Also the buckets the fast path leaves to the general one: moved by
+    /// a transition, or holding pinned flows; `None` when a transition runs
+    /// between tables that cannot be compared bucket by bucket.
     #[inline]
     #[allow(clippy::type_complexity)]
     pub fn single_endpoint_group(
@@ -408,13 +504,12 @@ impl Plan {
         &allocation::Buckets,
         Option<&MovedSet>,
     )> {
-        let moved = match &self.previous {
-            None => None,
-            Some(p) => Some(p.moved.as_deref()?),
-        };
+        if self.previous.as_ref().is_some_and(|p| p.moved.is_none()) {
+            return None;
+        }
         match self.table.groups() {
             [g] if g.hash == allocation::HashMode::Endpoint => {
-                Some((self.table.key(), &g.buckets, moved))
+                Some((self.table.key(), &g.buckets, self.slow.as_deref()))
             }
             _ => None,
         }
@@ -752,6 +847,14 @@ fn steer_ip(packet: &[u8], ip: &IpHeader, plan: &Plan) -> Verdict {
             Flow::without_ports(inner_ip.proto, inner_ip.src, inner_ip.dst)
         };
         let s = plan.table.steer(&flow);
+        if let Some(tm) = plan.pinned(&flow, &s) {
+            return Verdict::ToTm {
+                tm,
+                branch: Branch::Pinned,
+                remember: None,
+                moved: None,
+            };
+        }
         return Verdict::ToTm {
             tm: s.tm,
             branch: Branch::IcmpError,
@@ -770,6 +873,14 @@ fn steer_ip(packet: &[u8], ip: &IpHeader, plan: &Plan) -> Verdict {
         Flow::without_ports(ip.proto, ip.src, ip.dst)
     };
     let s = plan.table.steer(&flow);
+    if let Some(tm) = plan.pinned(&flow, &s) {
+        return Verdict::ToTm {
+            tm,
+            branch: Branch::Pinned,
+            remember: None,
+            moved: None,
+        };
+    }
     let branch = match s.by {
         SteerBy::EqualPorts => Branch::EqualPorts,
         SteerBy::Endpoint { .. } => Branch::Endpoint,

@@ -112,11 +112,14 @@ pub enum Branch {
     /// distributor did not see start (it may have taken another
     /// distributor) goes to both the old and the new owner.
     TransitionIcmpBoth,
+    /// A pinned flow (a UDP session or a connection its old owner still
+    /// serves after a table change) goes to that owner.
+    Pinned,
 }
 
 impl Branch {
     /// Every branch, for metrics.
-    pub const ALL: [Branch; 16] = [
+    pub const ALL: [Branch; 17] = [
         Branch::Bridge,
         Branch::ArpReply,
         Branch::NdReply,
@@ -133,6 +136,7 @@ impl Branch {
         Branch::TransitionRemembered,
         Branch::TransitionOld,
         Branch::TransitionIcmpBoth,
+        Branch::Pinned,
     ];
 
     /// Metric label.
@@ -154,6 +158,7 @@ impl Branch {
             Branch::TransitionRemembered => "transition_remembered",
             Branch::TransitionOld => "transition_old",
             Branch::TransitionIcmpBoth => "transition_icmp_both",
+            Branch::Pinned => "pinned",
         }
     }
 

@@ -145,10 +145,12 @@ impl Worker {
     }
 
     /// The transition rule for a flow in a moved bucket (DESIGN §4 step 2):
-    /// remembered flows go where they started; a flow starting now starts
-    /// on the new owner `new` and is remembered (or, with no room left,
-    /// starts on the old owner: counted, and it still works there);
-    /// everything else goes to the old owner.
+    /// remembered flows go where they started; a TCP connection starting
+    /// now starts on the new owner `new` and is remembered (or, with no
+    /// room left, starts on the old owner: counted, and it still works
+    /// there); a session without handshake (UDP) not pinned to its old
+    /// owner starts where the phase says and is remembered; everything
+    /// else goes to the old owner.
     ///
     /// An ICMP error about a flow not remembered here may concern a flow
     /// that started through another distributor (routers spray the error
@@ -175,6 +177,22 @@ impl Worker {
                     return Some((new, Branch::TransitionNew));
                 }
             }
+        }
+        if m.session {
+            // No handshake tells a new session from an old one: the TMs'
+            // pins (in the plan, consulted before) name the old ones; any
+            // other starts here — on the old owner until the window opens,
+            // then on the new one — and is remembered, so it stays there
+            // until the commit, when its owner's pin takes over. With no
+            // room left it still goes there (counted), unremembered.
+            let (to, branch) = match m.open {
+                true => (new, Branch::TransitionNew),
+                false => (m.old, Branch::TransitionOld),
+            };
+            if let Some(id) = plan.tm_id(to) {
+                self.transit.remember(m.key, id, version, now);
+            }
+            return Some((to, branch));
         }
         Some((m.old, Branch::TransitionOld))
     }

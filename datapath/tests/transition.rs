@@ -7,7 +7,8 @@ use allocation::{AllocationTable, Flow, GroupSpec, HashKey, MacAddr, Profile, Tm
 use datapath::build::{self, tcp_flags, L2};
 use datapath::transit::TransitConfig;
 use datapath::Batch;
-use datapath::{Action, Branch, Plan, PlanError, PortKind, Worker, WorkerConfig};
+use datapath::pins::Pin;
+use datapath::{Action, Branch, FlowKey, Plan, PlanError, PortKind, Worker, WorkerConfig};
 use proptest::prelude::*;
 
 const GROUP: MacAddr = MacAddr([0x02, 0x57, 0x44, 0, 0, 1]);
@@ -234,19 +235,139 @@ fn before_open_new_flows_start_on_the_old_owner_but_tm_starts_are_remembered() {
 }
 
 #[test]
-fn udp_and_server_replies_in_moved_buckets_stay_with_the_old_owner() {
-    let p = switched();
-    let (old, _) = (v1(), v2());
-    let mut w = worker(64);
+fn udp_sessions_in_moved_buckets_keep_their_owner_through_the_commit() {
+    let (old, new) = (v1(), v2());
     let l2 = L2::new(GROUP, CLIENT_MAC);
-    for c in client_flows(true, 10) {
-        // UDP has no SYN: the old owner until commit.
-        let frame = build::udp_frame(&l2, c.0, c.1, ip("198.51.100.10"), 53, b"q");
-        let f = Flow::with_ports(proto::UDP, c.0, c.1, ip("198.51.100.10"), 53);
-        let (a, b) = run(&mut w, &p, &frame, 0);
-        assert_eq!(route_id(&p, a), Some(owner_id(&old, &f)));
+    let vip = ip("198.51.100.10");
+    let udp = |c: (IpAddr, u16)| build::udp_frame(&l2, c.0, c.1, vip, 53, b"q");
+    let flow = |c: (IpAddr, u16)| Flow::with_ports(proto::UDP, c.0, c.1, vip, 53);
+    let flows = client_flows(true, 30);
+    let (idle, active, late) = (&flows[..10], &flows[10..20], &flows[20..]);
+    // The old owners report their sessions (pins) once every distributor
+    // switched; `idle` ones send nothing until after the commit.
+    let pins: Vec<Pin> = idle
+        .iter()
+        .chain(active)
+        .map(|&c| Pin {
+            key: FlowKey::of(&flow(c)),
+            tm: owner_id(&old, &flow(c)),
+        })
+        .collect();
+    let pins: std::sync::Arc<[Pin]> = pins.into();
+    let closed = plan(v2())
+        .with_previous(v1())
+        .expect("switch")
+        .with_pins(pins.clone(), 1024);
+    assert_eq!(closed.pins().map(|p| p.len()), Some(20));
+    let mut w = worker(64);
+    // Switched: a session not pinned starts on the old owner, remembered.
+    for &c in late {
+        let (a, b) = run(&mut w, &closed, &udp(c), 0);
+        assert_eq!(route_id(&closed, a), Some(owner_id(&old, &flow(c))));
         assert_eq!(b, Some(Branch::TransitionOld));
     }
+    let open = closed.opened();
+    for &c in active {
+        let (a, b) = run(&mut w, &open, &udp(c), 0);
+        assert_eq!(route_id(&open, a), Some(owner_id(&old, &flow(c))), "pinned");
+        assert_eq!(b, Some(Branch::Pinned));
+    }
+    for &c in late {
+        let (a, b) = run(&mut w, &open, &udp(c), 0);
+        assert_eq!(route_id(&open, a), Some(owner_id(&old, &flow(c))), "remembered");
+        assert_eq!(b, Some(Branch::TransitionRemembered));
+    }
+    // Open: a new session in a moved bucket starts on the new owner.
+    let fresh = client_flows(true, 40)[30..].to_vec();
+    for &c in &fresh {
+        let (a, b) = run(&mut w, &open, &udp(c), 0);
+        assert_eq!(route_id(&open, a), Some(owner_id(&new, &flow(c))));
+        assert_eq!(b, Some(Branch::TransitionNew));
+    }
+    // Commit: the pins (reported again, now with the late sessions too)
+    // keep every old session on its old owner; the rest follows the table.
+    let mut again: Vec<Pin> = pins.to_vec();
+    again.extend(late.iter().map(|&c| Pin {
+        key: FlowKey::of(&flow(c)),
+        tm: owner_id(&old, &flow(c)),
+    }));
+    let committed = open.clone().without_previous().with_pins(again.into(), 1024);
+    let mut w = worker(64);
+    for &c in idle.iter().chain(active).chain(late) {
+        let (a, b) = run(&mut w, &committed, &udp(c), 0);
+        assert_eq!(route_id(&committed, a), Some(owner_id(&old, &flow(c))));
+        assert_eq!(b, Some(Branch::Pinned));
+        // The server's answer comes back the same way (either direction, one key).
+        let back = build::udp_frame(&l2, vip, 53, c.0, c.1, b"a");
+        let (a, _) = run(&mut w, &committed, &back, 0);
+        assert_eq!(route_id(&committed, a), Some(owner_id(&old, &flow(c))));
+    }
+    for &c in &fresh {
+        let (a, b) = run(&mut w, &committed, &udp(c), 0);
+        assert_eq!(route_id(&committed, a), Some(owner_id(&new, &flow(c))));
+        assert_eq!(b, Some(Branch::Endpoint));
+    }
+    // Without pins the commit would have moved them: the test can fail.
+    let bare = open.without_previous().with_pins(Vec::new().into(), 1024);
+    let (a, _) = run(&mut w, &bare, &udp(idle[0]), 0);
+    assert_eq!(route_id(&bare, a), Some(owner_id(&new, &flow(idle[0]))));
+}
+
+#[test]
+fn pins_are_bounded_and_the_fast_path_leaves_their_buckets_alone() {
+    let (old, new) = (v1(), v2());
+    let vip = ip("198.51.100.10");
+    let flow = |c: (IpAddr, u16)| Flow::with_ports(proto::UDP, c.0, c.1, vip, 53);
+    let flows = client_flows(true, 50);
+    let pins: Vec<Pin> = flows
+        .iter()
+        .map(|&c| Pin {
+            key: FlowKey::of(&flow(c)),
+            tm: owner_id(&old, &flow(c)),
+        })
+        .collect();
+    let p = plan(v2()).with_pins(pins.into(), 20);
+    let set = p.pins().expect("pins");
+    assert_eq!(set.len(), 20);
+    assert_eq!(set.refused().full, 30, "the overflow is counted, nothing evicted");
+    // Pins the table already steers right are not kept.
+    let home: Vec<Pin> = client_flows(false, 5)
+        .iter()
+        .map(|&c| Pin {
+            key: FlowKey::of(&flow(c)),
+            tm: owner_id(&new, &flow(c)),
+        })
+        .collect();
+    assert!(plan(v2()).with_pins(home.into(), 20).pins().is_some_and(|s| s.is_empty()));
+    // The batch fast path sends pinned buckets to the general path, which pins them.
+    let (_, _, slow) = p.single_endpoint_group().expect("one group");
+    let slow = slow.expect("pinned buckets are slow");
+    let l2 = L2::new(GROUP, CLIENT_MAC);
+    let mut w = worker(64);
+    let mut batch = Batch::new(64);
+    let kept: Vec<(IpAddr, u16)> = flows
+        .iter()
+        .copied()
+        .filter(|&c| set.lookup(0, new.steer(&flow(c)).by.bucket().expect("bucket"), &flow(c)).is_some())
+        .collect();
+    assert_eq!(kept.len(), 20);
+    for &c in &kept {
+        let b = new.steer(&flow(c)).by.bucket().expect("bucket");
+        assert!(slow.contains(usize::from(b)));
+        batch.push(0, 1_000, &build::udp_frame(&l2, c.0, c.1, vip, 53, b"q"));
+    }
+    w.process_batch(&mut batch, &p, 1_000);
+    for (i, &c) in kept.iter().enumerate() {
+        assert_eq!(route_id(&p, batch.action(i)), Some(owner_id(&old, &flow(c))), "{c:?}");
+    }
+}
+
+#[test]
+fn server_replies_in_moved_buckets_stay_with_the_old_owner() {
+    let p = switched();
+    let old = v1();
+    let mut w = worker(64);
+    let l2 = L2::new(GROUP, CLIENT_MAC);
     // A server's reply to a SNAT port in a moved bucket (back distributor):
     // the port was handed out by the old owner before the transition.
     let snat = ip("10.1.0.1");
