@@ -6,7 +6,7 @@
 //! their phase. Unknown fields are accepted (a newer node may add some).
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use allocation::{file, AllocationTable};
 use serde::{Deserialize, Serialize};
@@ -85,6 +85,12 @@ pub struct DistributorTransition {
     pub remembered_flows: u64,
     /// Flows the transition memory had no room for.
     pub overflows: u64,
+    /// Flows pinned to their old owner (see [`TmPins`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned_flows: Option<u64>,
+    /// Pins refused: no room, or toward a TM no table in force has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pins_refused: Option<u64>,
 }
 
 impl DistributorTransition {
@@ -107,7 +113,16 @@ impl DistributorTransition {
             moved_buckets,
             remembered_flows,
             overflows,
+            pinned_flows: None,
+            pins_refused: None,
         }
+    }
+
+    /// This state with the pins in force: kept, and refused.
+    pub fn with_pins(mut self, kept: u64, refused: u64) -> Self {
+        self.pinned_flows = Some(kept);
+        self.pins_refused = Some(refused);
+        self
     }
 
     /// The running table.
@@ -242,6 +257,76 @@ pub struct PrepareRequest {
     pub held: Option<Vec<HeldPort>>,
 }
 
+/// A flow a TM serves, both directions alike: `[protocol, "addr:port",
+/// "addr:port"]` on the wire (the endpoints in either order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PinnedFlow(pub u8, pub SocketAddr, pub SocketAddr);
+
+/// A TM's `GET /transition/pins`: the flows it serves that some table in
+/// force (the running one, and the prepared one during a transition) does
+/// not steer to it — UDP sessions and connections, each by both its sides —
+/// and the self-source ports those flows hold in buckets it does not own
+/// under that table. The distributors pin the flows to it past the commit
+/// (DESIGN §4); the other TMs keep the ports free.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TmPins {
+    /// The TM's id in the tables.
+    pub tm: u32,
+    /// The table the answer is against (the prepared one, or the running one).
+    pub table: TableId,
+    /// The flows.
+    pub flows: Vec<PinnedFlow>,
+    /// Its self-source ports among them.
+    pub ports: Vec<HeldPort>,
+}
+
+/// The body of a distributor's `POST /transition/open` and
+/// `/transition/commit`, and of a TM's `/transition/commit`: the table the
+/// step is for, and what it carries. Every field may be left out (an empty
+/// body): the step applies to the running transition, and leaves the pins
+/// and held ports as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepRequest {
+    /// The table's version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// The table's checksum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+    /// Distributor: the flows to pin, every TM's (they replace the pins in force).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pins: Option<Vec<TmPins>>,
+    /// TM: self-source ports the other TMs' pinned flows hold, which it
+    /// must not hand out (they replace the ones held before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<Vec<HeldPort>>,
+}
+
+impl StepRequest {
+    /// A step for `table`.
+    pub fn for_table(table: &TableId) -> Self {
+        StepRequest {
+            version: Some(table.version),
+            checksum: Some(table.checksum.clone()),
+            ..StepRequest::default()
+        }
+    }
+
+    /// The table named, if any; a version without checksum (or the
+    /// reverse) is an error.
+    pub fn table(&self) -> Result<Option<TableId>, String> {
+        match (&self.version, &self.checksum) {
+            (Some(v), Some(c)) => Ok(Some(TableId {
+                version: *v,
+                checksum: c.clone(),
+            })),
+            (None, None) => Ok(None),
+            _ => Err("a table is named by both its version and its checksum".into()),
+        }
+    }
+}
+
 /// The answer to `POST /transition/commit`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitAnswer {
@@ -251,6 +336,9 @@ pub struct CommitAnswer {
     /// it at start (a restart would then come back on an older table).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persist_error: Option<String>,
+    /// A distributor: pins it refused (no room, no route to their TM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pins_refused: Option<u64>,
 }
 
 /// The answer to `POST /transition/abort`.

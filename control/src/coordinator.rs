@@ -27,7 +27,7 @@ use allocation::{file, AllocationTable};
 
 use crate::api::{
     AbortAnswer, CommitAnswer, DistributorPhase, DistributorTransition, HeldPort, PrepareRequest,
-    TableId, TmPhase, TmTransition,
+    StepRequest, TableId, TmPhase, TmPins, TmTransition,
 };
 
 /// A node of the cluster, by its place in [`PushSpec`]'s lists.
@@ -48,14 +48,18 @@ pub enum Call {
     HeldPorts,
     /// TM: its transition state ([`Answer::Tm`]).
     TmState,
+    /// TM: the flows it serves that the tables in force do not steer to it ([`Answer::Pins`]).
+    Pins,
     /// Distributor: steer by this table (file text), keeping the running one as previous ([`Answer::Distributor`]).
     Switch(String),
-    /// Distributor: new flows in moved buckets start on their new owner ([`Answer::Distributor`]).
-    Open(TableId),
+    /// Distributor: new flows in moved buckets start on their new owner,
+    /// the TMs' pinned flows stay with them ([`Answer::Distributor`]).
+    Open(StepRequest),
     /// Distributor: its transition state ([`Answer::Distributor`]).
     DistributorState,
-    /// Either: drop the previous table, keep this one ([`Answer::Committed`]).
-    Commit(TableId),
+    /// Either: drop the previous table, keep this one ([`Answer::Committed`]);
+    /// a distributor takes the pins, a TM the ports others' pins hold.
+    Commit(StepRequest),
     /// Either: go back from this table (any, when `None`) to the previous one ([`Answer::Aborted`]).
     Abort(Option<TableId>),
 }
@@ -69,6 +73,8 @@ pub enum Answer {
     Distributor(DistributorTransition),
     /// Ports a TM holds in moving buckets.
     Held(Vec<HeldPort>),
+    /// A TM's pinned flows.
+    Pins(TmPins),
     /// A commit's result.
     Committed(CommitAnswer),
     /// An abort's result.
@@ -128,6 +134,8 @@ pub struct Summary {
     pub drain: Duration,
     /// Connections TMs still reported in moved buckets at the commit.
     pub moving_at_commit: u64,
+    /// Flows the TMs reported at the commit that stay pinned to them.
+    pub pinned_at_commit: u64,
     /// TMs whose state was unknown at a forced commit.
     pub unknown_at_commit: Vec<String>,
     /// Things the operator should know (a node that could not persist the table, …).
@@ -183,6 +191,11 @@ enum Phase {
     Open {
         i: usize,
     },
+    /// Each prepared TM's pinned flows, before the open or the commit.
+    Pins {
+        i: usize,
+        commit: bool,
+    },
     Drain {
         i: usize,
         total: u64,
@@ -229,6 +242,8 @@ pub struct Push {
     /// TMs that took the prepare.
     prepared: Vec<usize>,
     held: Vec<HeldPort>,
+    /// The prepared TMs' pinned flows, from the last round of questions.
+    pins: Vec<TmPins>,
     skipped: Vec<String>,
     opened_at: Option<Duration>,
     last_total: Option<u64>,
@@ -331,6 +346,7 @@ impl Push {
             changed: Vec::new(),
             prepared: Vec::new(),
             held: Vec::new(),
+            pins: Vec::new(),
             skipped: Vec::new(),
             opened_at: None,
             last_total: None,
@@ -418,7 +434,10 @@ impl Push {
             }
             Phase::Switch { i } => {
                 if i == self.spec.distributors.len() {
-                    self.phase = Phase::Open { i: 0 };
+                    self.phase = Phase::Pins {
+                        i: 0,
+                        commit: false,
+                    };
                     return self.step(now);
                 }
                 self.changed.push(NodeId::Distributor(i));
@@ -435,8 +454,25 @@ impl Push {
                     };
                     return self.step(now);
                 }
-                self.call(NodeId::Distributor(i), Call::Open(self.to.clone()))
+                let open = self.open_request();
+                self.call(NodeId::Distributor(i), Call::Open(open))
             }
+            Phase::Pins { i, commit } => match self.prepared.get(i) {
+                Some(&t) => {
+                    if i == 0 {
+                        self.pins.clear();
+                    }
+                    self.call(NodeId::Tm(t), Call::Pins)
+                }
+                None if commit => {
+                    self.start_commit();
+                    self.step(now)
+                }
+                None => {
+                    self.phase = Phase::Open { i: 0 };
+                    self.step(now)
+                }
+            },
             Phase::Drain {
                 i,
                 total,
@@ -457,21 +493,27 @@ impl Push {
             }
             Phase::Verify { i } => {
                 if i == self.spec.distributors.len() {
-                    self.start_commit();
+                    self.phase = Phase::Pins {
+                        i: 0,
+                        commit: true,
+                    };
                     return self.step(now);
                 }
                 self.call(NodeId::Distributor(i), Call::DistributorState)
             }
             Phase::Reswitch { i } => {
                 let call = if self.reopen_only {
-                    Call::Open(self.to.clone())
+                    Call::Open(self.open_request())
                 } else {
                     Call::Switch(self.body.clone())
                 };
                 self.call(NodeId::Distributor(i), call)
             }
             Phase::Commit { i, .. } => match self.commit_list.get(i) {
-                Some(&(node, _)) => self.call(node, Call::Commit(self.to.clone())),
+                Some(&(node, _)) => {
+                    let req = self.commit_request(node);
+                    self.call(node, Call::Commit(req))
+                }
                 None => {
                     self.phase = Phase::Finished;
                     Step::Done(Outcome::Committed(Summary {
@@ -483,6 +525,7 @@ impl Push {
                             .opened_at
                             .map_or(Duration::ZERO, |t| now.saturating_sub(t)),
                         moving_at_commit: self.moving_at_commit,
+                        pinned_at_commit: self.pins.iter().map(|p| p.flows.len() as u64).sum(),
                         unknown_at_commit: self.unknown_at_commit.clone(),
                         warnings: self.warnings.clone(),
                     }))
@@ -681,6 +724,45 @@ impl Push {
                     }
                 }
             }
+            Phase::Pins { i, commit } => {
+                let t = self.prepared[i];
+                let id = self.spec.tms[t].0;
+                let why = match result {
+                    Ok(Answer::Pins(p)) if p.tm == id && p.table == self.to => {
+                        self.say(format!(
+                            "pins     {name:<12} {} flows kept on it, {} ports",
+                            p.flows.len(),
+                            p.ports.len()
+                        ));
+                        self.pins.push(p);
+                        None
+                    }
+                    Ok(Answer::Pins(p)) => Some(format!(
+                        "it answered for TM {} on {}, not TM {id} on this push's {}",
+                        p.tm, p.table, self.to
+                    )),
+                    other => Some(describe(&other)),
+                };
+                match why {
+                    None => self.phase = Phase::Pins { i: i + 1, commit },
+                    Some(why) if !commit => {
+                        self.start_rollback(format!("{name}: its pinned flows: {why}"))
+                    }
+                    Some(why) if self.spec.force => {
+                        self.warnings.push(format!(
+                            "{name}: its pinned flows before the commit: {why}: committed regardless (--force): its UDP sessions and connections in moved buckets may be cut"
+                        ));
+                        self.phase = Phase::Pins { i: i + 1, commit };
+                    }
+                    Some(why) => {
+                        self.phase = Phase::Finished;
+                        self.stopped = Some(format!(
+                            "{name}: its pinned flows before the commit: {why}: nothing committed, the cluster stays switched to {}; push again to resume, with --force to commit regardless, or abort",
+                            self.to
+                        ));
+                    }
+                }
+            }
             Phase::Drain {
                 i,
                 mut total,
@@ -783,6 +865,11 @@ impl Push {
                 let (_, must) = self.commit_list[i];
                 match result {
                     Ok(Answer::Committed(c)) if c.table == self.to => {
+                        if let Some(n) = c.pins_refused.filter(|&n| n > 0) {
+                            self.warnings.push(format!(
+                                "{name}: {n} pinned flows refused (no room, or toward a TM no table has): they follow the table, and may be cut"
+                            ));
+                        }
                         if let Some(e) = c.persist_error {
                             self.warnings.push(format!(
                                 "{name}: the committed table was not saved where it starts from ({e}): a restart would run an older table"
@@ -868,6 +955,34 @@ impl Push {
 }
 
 impl Push {
+    /// The open step: this push's table, and every TM's pinned flows.
+    fn open_request(&self) -> StepRequest {
+        StepRequest {
+            pins: Some(self.pins.clone()),
+            ..StepRequest::for_table(&self.to)
+        }
+    }
+
+    /// The commit step for `node`: a distributor takes the pins, a TM the
+    /// self-source ports the other TMs' pinned flows hold.
+    fn commit_request(&self, node: NodeId) -> StepRequest {
+        let mut req = StepRequest::for_table(&self.to);
+        match node {
+            NodeId::Distributor(_) => req.pins = Some(self.pins.clone()),
+            NodeId::Tm(t) => {
+                let me = self.spec.tms[t].0;
+                let held: Vec<HeldPort> = self
+                    .pins
+                    .iter()
+                    .filter(|p| p.tm != me)
+                    .flat_map(|p| p.ports.iter().copied())
+                    .collect();
+                req.held = Some(held);
+            }
+        }
+        req
+    }
+
     /// A node that refused a change (a client error) did not change.
     fn forget_if_refused(&mut self, node: NodeId, e: &CallError) {
         if matches!(e, CallError::Status(code, _) if *code < 500) {

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use allocation::{AllocationTable, GroupSpec, HashKey, MacAddr, Profile, Tm};
 use control::api::{
-    AbortAnswer, CommitAnswer, DistributorPhase, DistributorTransition, HeldPort, TableId, TmPhase,
-    TmTransition,
+    AbortAnswer, CommitAnswer, DistributorPhase, DistributorTransition, HeldPort, PinnedFlow,
+    TableId, TmPhase, TmPins, TmTransition,
 };
 use control::coordinator::{Answer, Call, CallError, NodeId, Outcome, Push, PushSpec, Step};
 use proptest::prelude::*;
@@ -60,6 +60,9 @@ struct Node {
     disk: TableId,
     moving: Vec<u64>,
     polls: usize,
+    /// The pins a distributor was last given, the held ports a TM was.
+    pins: Option<Vec<TmPins>>,
+    held: Option<Vec<HeldPort>>,
 }
 
 struct Fake {
@@ -82,6 +85,8 @@ impl Fake {
             disk: from.clone(),
             moving,
             polls: 0,
+            pins: None,
+            held: None,
         };
         Fake {
             dists: vec![node.clone(), node.clone()],
@@ -113,6 +118,8 @@ impl Fake {
             moved_buckets: n.other.as_ref().map(|_| 1),
             remembered_flows: 0,
             overflows: 0,
+            pinned_flows: None,
+            pins_refused: None,
         }
     }
 
@@ -157,6 +164,16 @@ impl Fake {
                 4242,
             )])),
             (NodeId::Tm(_), Call::TmState) => Ok(Answer::Tm(Self::tm_state(n))),
+            (NodeId::Tm(i), Call::Pins) => Ok(Answer::Pins(TmPins {
+                tm: i as u32,
+                table: n.other.clone().unwrap_or_else(|| n.table.clone()),
+                flows: vec![PinnedFlow(
+                    17,
+                    format!("192.0.2.{}:40000", i + 1).parse().expect("addr"),
+                    "198.51.100.1:53".parse().expect("addr"),
+                )],
+                ports: vec![HeldPort("10.20.0.100".parse().expect("ip"), 5000 + i as u16)],
+            })),
             (NodeId::Distributor(_), Call::Switch(_)) => match &n.other {
                 Some(_) if n.table == *to => Ok(Answer::Distributor(Self::dist_state(n))),
                 Some(_) => conflict("already switched"),
@@ -167,7 +184,9 @@ impl Fake {
                     Ok(Answer::Distributor(Self::dist_state(n)))
                 }
             },
-            (NodeId::Distributor(_), Call::Open(t)) => {
+            (NodeId::Distributor(_), Call::Open(req)) => {
+                n.pins = req.pins.clone();
+                let t = &req.table().expect("named").expect("a table");
                 if n.table != *t {
                     return conflict("not switched to this table");
                 }
@@ -179,7 +198,9 @@ impl Fake {
             (NodeId::Distributor(_), Call::DistributorState) => {
                 Ok(Answer::Distributor(Self::dist_state(n)))
             }
-            (NodeId::Distributor(_), Call::Commit(t)) => {
+            (NodeId::Distributor(_), Call::Commit(req)) => {
+                n.pins = req.pins.clone();
+                let t = &req.table().expect("named").expect("a table");
                 if n.table != *t {
                     return conflict("not switched to this table");
                 }
@@ -189,9 +210,13 @@ impl Fake {
                 Ok(Answer::Committed(CommitAnswer {
                     table: t.clone(),
                     persist_error: None,
+                    pins_refused: None,
                 }))
             }
-            (NodeId::Tm(_), Call::Commit(t)) => match &n.other {
+            (NodeId::Tm(_), Call::Commit(req)) => {
+                n.held = req.held.clone();
+                let t = &req.table().expect("named").expect("a table");
+                match &n.other {
                 Some(x) if x == t => {
                     n.table = t.clone();
                     n.disk = t.clone();
@@ -199,14 +224,17 @@ impl Fake {
                     Ok(Answer::Committed(CommitAnswer {
                         table: t.clone(),
                         persist_error: None,
+                        pins_refused: None,
                     }))
                 }
                 None if n.table == *t => Ok(Answer::Committed(CommitAnswer {
                     table: t.clone(),
                     persist_error: None,
+                    pins_refused: None,
                 })),
                 _ => conflict("not prepared for this table"),
-            },
+                }
+            }
             (NodeId::Distributor(_), Call::Abort(t)) => match &n.other {
                 Some(_) if t.as_ref().is_none_or(|t| *t == n.table) => {
                     n.table = n.other.take().expect("previous");
@@ -462,7 +490,7 @@ fn a_tm_of_unknown_state_is_never_drained() {
 fn a_tm_restarted_during_the_drain_is_prepared_again_not_counted_as_drained() {
     let (from, to) = tables();
     let mut fake = Fake::new(&TableId::of(&from), vec![3, 3, 0]);
-    fake.faults.push((NodeId::Tm(2), 2, Fault::Restart));
+    fake.faults.push((NodeId::Tm(2), 3, Fault::Restart));
     let mut push = Push::new(spec(false), &from, &to).expect("push");
     let out = fake.run(&mut push);
     assert!(matches!(out, Outcome::Committed(_)), "{out:?}");
@@ -480,7 +508,7 @@ fn a_tm_restarted_during_the_drain_is_prepared_again_not_counted_as_drained() {
         version: 3,
         checksum: "fnv1a64:0".into(),
     };
-    fake.faults.push((NodeId::Tm(2), 2, Fault::Restart));
+    fake.faults.push((NodeId::Tm(2), 3, Fault::Restart));
     let mut push = Push::new(spec(false), &from, &to).expect("push");
     let out = fake.run(&mut push);
     let Outcome::Stopped { cause } = &out else {
@@ -621,4 +649,67 @@ proptest! {
         let out = fake.run(&mut push);
         check_ending(&fake, &out, &TableId::of(&from), &TableId::of(&to));
     }
+}
+
+#[test]
+fn every_tms_pinned_flows_reach_every_distributor_and_their_ports_the_other_tms() {
+    let (from, to) = tables();
+    let mut fake = Fake::new(&TableId::of(&from), vec![2, 0]);
+    let mut push = Push::new(spec(false), &from, &to).expect("push");
+    let out = fake.run(&mut push);
+    let Outcome::Committed(s) = &out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(s.pinned_at_commit, 3, "one flow from each TM");
+    for d in &fake.dists {
+        let pins = d.pins.as_ref().expect("the commit carries pins");
+        let mut tms: Vec<u32> = pins.iter().map(|p| p.tm).collect();
+        tms.sort_unstable();
+        assert_eq!(tms, vec![0, 1, 2]);
+    }
+    for (i, t) in fake.tms.iter().enumerate() {
+        let held = t.held.as_ref().expect("the commit carries held ports");
+        let mut ports: Vec<u16> = held.iter().map(|h| h.1).collect();
+        ports.sort_unstable();
+        let others: Vec<u16> = (0..3).filter(|&j| j != i).map(|j| 5000 + j as u16).collect();
+        assert_eq!(ports, others, "tm{i} holds the others' ports, not its own");
+    }
+    // Asked once before the open, once before the commit.
+    let asked = fake.said.iter().filter(|l| l.starts_with("pins ")).count();
+    assert_eq!(asked, 6, "{:?}", fake.said);
+}
+
+#[test]
+fn a_tm_whose_pins_cannot_be_read_stops_the_push_before_open_or_commit() {
+    // Before the open (TM call 2): rolled back, nothing opened.
+    let (from, to) = tables();
+    let mut fake = Fake::new(&TableId::of(&from), vec![0]);
+    fake.faults.push((NodeId::Tm(1), 2, Fault::Silent));
+    let mut push = Push::new(spec(false), &from, &to).expect("push");
+    let out = fake.run(&mut push);
+    let Outcome::RolledBack { cause, .. } = &out else {
+        panic!("{out:?}")
+    };
+    assert!(cause.contains("tm1") && cause.contains("pinned flows"), "{cause}");
+    assert!(fake.dists.iter().all(|d| !d.open));
+    check_ending(&fake, &out, &TableId::of(&from), &TableId::of(&to));
+    // Before the commit (TM call 4: prepare, pins, drain, pins): stopped
+    // switched, nothing committed — its sessions would be cut otherwise.
+    let mut fake = Fake::new(&TableId::of(&from), vec![0]);
+    fake.faults.push((NodeId::Tm(1), 4, Fault::Garbage));
+    let mut push = Push::new(spec(false), &from, &to).expect("push");
+    let out = fake.run(&mut push);
+    let Outcome::Stopped { cause } = &out else {
+        panic!("{out:?}")
+    };
+    assert!(cause.contains("tm1") && cause.contains("nothing committed"), "{cause}");
+    assert!(fake.dists.iter().all(|d| d.other.is_some()), "still switched");
+    // With --force it commits, and says so.
+    let mut fake = Fake::new(&TableId::of(&from), vec![0]);
+    fake.faults.push((NodeId::Tm(1), 4, Fault::Garbage));
+    let mut push = Push::new(spec(true), &from, &to).expect("push");
+    let Outcome::Committed(s) = fake.run(&mut push) else {
+        panic!("forced")
+    };
+    assert!(s.warnings.iter().any(|w| w.contains("tm1") && w.contains("--force")), "{:?}", s.warnings);
 }
