@@ -3,7 +3,9 @@
 use std::io::Read;
 use std::time::Duration;
 
-use control::api::{AbortAnswer, CommitAnswer, DistributorTransition, HeldPort, TmTransition};
+use control::api::{
+    AbortAnswer, CommitAnswer, DistributorTransition, HeldPort, TmPins, TmTransition,
+};
 use control::coordinator::{Answer, Call, CallError};
 use serde::de::DeserializeOwned;
 
@@ -111,6 +113,9 @@ impl Client {
             Call::TmState => self
                 .ok_json::<TmTransition>(node, "GET", "/transition", None)
                 .map(Answer::Tm),
+            Call::Pins => self
+                .ok_json::<TmPins>(node, "GET", "/transition/pins", None)
+                .map(Answer::Pins),
             Call::Switch(table) => self
                 .ok_json::<DistributorTransition>(node, "POST", "/transition/switch", Some(table))
                 .map(Answer::Distributor),

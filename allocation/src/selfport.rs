@@ -526,6 +526,20 @@ impl SnatAllocator {
         next: Option<(&AllocationTable, TmIndex)>,
         range: PortRange,
     ) -> Result<(), PortError> {
+        self.retable_holding(table, tm, next, range, &[])
+    }
+
+    /// [`SnatAllocator::retable`], none of `held` handed out: the
+    /// (address, port) pairs other TMs' pinned flows still hold in buckets
+    /// this table gives to this TM (DESIGN §4).
+    pub fn retable_holding(
+        &mut self,
+        table: &AllocationTable,
+        tm: TmIndex,
+        next: Option<(&AllocationTable, TmIndex)>,
+        range: PortRange,
+        held: &[(IpAddr, u16)],
+    ) -> Result<(), PortError> {
         for pool in self.pools.iter_mut() {
             let mut ports = SelfPorts::build(table, pool.addr, tm, range)?;
             if let Some((n, tm_next)) = next {
@@ -534,6 +548,8 @@ impl SnatAllocator {
                     ports = ports.intersect(&after)?;
                 }
             }
+            let addr = pool.addr;
+            let ports = ports.without(held.iter().filter(|(a, _)| *a == addr).map(|&(_, p)| p));
             pool.set_ports(&ports);
         }
         self.tm = tm;

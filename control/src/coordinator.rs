@@ -493,10 +493,7 @@ impl Push {
             }
             Phase::Verify { i } => {
                 if i == self.spec.distributors.len() {
-                    self.phase = Phase::Pins {
-                        i: 0,
-                        commit: true,
-                    };
+                    self.phase = Phase::Pins { i: 0, commit: true };
                     return self.step(now);
                 }
                 self.call(NodeId::Distributor(i), Call::DistributorState)

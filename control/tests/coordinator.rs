@@ -172,7 +172,10 @@ impl Fake {
                     format!("192.0.2.{}:40000", i + 1).parse().expect("addr"),
                     "198.51.100.1:53".parse().expect("addr"),
                 )],
-                ports: vec![HeldPort("10.20.0.100".parse().expect("ip"), 5000 + i as u16)],
+                ports: vec![HeldPort(
+                    "10.20.0.100".parse().expect("ip"),
+                    5000 + i as u16,
+                )],
             })),
             (NodeId::Distributor(_), Call::Switch(_)) => match &n.other {
                 Some(_) if n.table == *to => Ok(Answer::Distributor(Self::dist_state(n))),
@@ -217,22 +220,22 @@ impl Fake {
                 n.held = req.held.clone();
                 let t = &req.table().expect("named").expect("a table");
                 match &n.other {
-                Some(x) if x == t => {
-                    n.table = t.clone();
-                    n.disk = t.clone();
-                    n.other = None;
-                    Ok(Answer::Committed(CommitAnswer {
+                    Some(x) if x == t => {
+                        n.table = t.clone();
+                        n.disk = t.clone();
+                        n.other = None;
+                        Ok(Answer::Committed(CommitAnswer {
+                            table: t.clone(),
+                            persist_error: None,
+                            pins_refused: None,
+                        }))
+                    }
+                    None if n.table == *t => Ok(Answer::Committed(CommitAnswer {
                         table: t.clone(),
                         persist_error: None,
                         pins_refused: None,
-                    }))
-                }
-                None if n.table == *t => Ok(Answer::Committed(CommitAnswer {
-                    table: t.clone(),
-                    persist_error: None,
-                    pins_refused: None,
-                })),
-                _ => conflict("not prepared for this table"),
+                    })),
+                    _ => conflict("not prepared for this table"),
                 }
             }
             (NodeId::Distributor(_), Call::Abort(t)) => match &n.other {
@@ -671,7 +674,10 @@ fn every_tms_pinned_flows_reach_every_distributor_and_their_ports_the_other_tms(
         let held = t.held.as_ref().expect("the commit carries held ports");
         let mut ports: Vec<u16> = held.iter().map(|h| h.1).collect();
         ports.sort_unstable();
-        let others: Vec<u16> = (0..3).filter(|&j| j != i).map(|j| 5000 + j as u16).collect();
+        let others: Vec<u16> = (0..3)
+            .filter(|&j| j != i)
+            .map(|j| 5000 + j as u16)
+            .collect();
         assert_eq!(ports, others, "tm{i} holds the others' ports, not its own");
     }
     // Asked once before the open, once before the commit.
@@ -690,7 +696,10 @@ fn a_tm_whose_pins_cannot_be_read_stops_the_push_before_open_or_commit() {
     let Outcome::RolledBack { cause, .. } = &out else {
         panic!("{out:?}")
     };
-    assert!(cause.contains("tm1") && cause.contains("pinned flows"), "{cause}");
+    assert!(
+        cause.contains("tm1") && cause.contains("pinned flows"),
+        "{cause}"
+    );
     assert!(fake.dists.iter().all(|d| !d.open));
     check_ending(&fake, &out, &TableId::of(&from), &TableId::of(&to));
     // Before the commit (TM call 4: prepare, pins, drain, pins): stopped
@@ -702,8 +711,14 @@ fn a_tm_whose_pins_cannot_be_read_stops_the_push_before_open_or_commit() {
     let Outcome::Stopped { cause } = &out else {
         panic!("{out:?}")
     };
-    assert!(cause.contains("tm1") && cause.contains("nothing committed"), "{cause}");
-    assert!(fake.dists.iter().all(|d| d.other.is_some()), "still switched");
+    assert!(
+        cause.contains("tm1") && cause.contains("nothing committed"),
+        "{cause}"
+    );
+    assert!(
+        fake.dists.iter().all(|d| d.other.is_some()),
+        "still switched"
+    );
     // With --force it commits, and says so.
     let mut fake = Fake::new(&TableId::of(&from), vec![0]);
     fake.faults.push((NodeId::Tm(1), 4, Fault::Garbage));
@@ -711,5 +726,11 @@ fn a_tm_whose_pins_cannot_be_read_stops_the_push_before_open_or_commit() {
     let Outcome::Committed(s) = fake.run(&mut push) else {
         panic!("forced")
     };
-    assert!(s.warnings.iter().any(|w| w.contains("tm1") && w.contains("--force")), "{:?}", s.warnings);
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w.contains("tm1") && w.contains("--force")),
+        "{:?}",
+        s.warnings
+    );
 }

@@ -84,8 +84,7 @@ impl PinSet {
             };
             let flow = p.flow();
             let s = table.steer(&flow);
-            if redundant_dropped && table.tms().get(usize::from(s.tm)).map(|t| t.id) == Some(p.tm)
-            {
+            if redundant_dropped && table.tms().get(usize::from(s.tm)).map(|t| t.id) == Some(p.tm) {
                 continue;
             }
             let Some(b) = s.by.bucket() else {

@@ -5,9 +5,9 @@ use std::net::IpAddr;
 use allocation::rules::proto;
 use allocation::{AllocationTable, Flow, GroupSpec, HashKey, MacAddr, Profile, Tm};
 use datapath::build::{self, tcp_flags, L2};
+use datapath::pins::Pin;
 use datapath::transit::TransitConfig;
 use datapath::Batch;
-use datapath::pins::Pin;
 use datapath::{Action, Branch, FlowKey, Plan, PlanError, PortKind, Worker, WorkerConfig};
 use proptest::prelude::*;
 
@@ -274,7 +274,11 @@ fn udp_sessions_in_moved_buckets_keep_their_owner_through_the_commit() {
     }
     for &c in late {
         let (a, b) = run(&mut w, &open, &udp(c), 0);
-        assert_eq!(route_id(&open, a), Some(owner_id(&old, &flow(c))), "remembered");
+        assert_eq!(
+            route_id(&open, a),
+            Some(owner_id(&old, &flow(c))),
+            "remembered"
+        );
         assert_eq!(b, Some(Branch::TransitionRemembered));
     }
     // Open: a new session in a moved bucket starts on the new owner.
@@ -291,7 +295,10 @@ fn udp_sessions_in_moved_buckets_keep_their_owner_through_the_commit() {
         key: FlowKey::of(&flow(c)),
         tm: owner_id(&old, &flow(c)),
     }));
-    let committed = open.clone().without_previous().with_pins(again.into(), 1024);
+    let committed = open
+        .clone()
+        .without_previous()
+        .with_pins(again.into(), 1024);
     let mut w = worker(64);
     for &c in idle.iter().chain(active).chain(late) {
         let (a, b) = run(&mut w, &committed, &udp(c), 0);
@@ -329,7 +336,11 @@ fn pins_are_bounded_and_the_fast_path_leaves_their_buckets_alone() {
     let p = plan(v2()).with_pins(pins.into(), 20);
     let set = p.pins().expect("pins");
     assert_eq!(set.len(), 20);
-    assert_eq!(set.refused().full, 30, "the overflow is counted, nothing evicted");
+    assert_eq!(
+        set.refused().full,
+        30,
+        "the overflow is counted, nothing evicted"
+    );
     // Pins the table already steers right are not kept.
     let home: Vec<Pin> = client_flows(false, 5)
         .iter()
@@ -338,7 +349,10 @@ fn pins_are_bounded_and_the_fast_path_leaves_their_buckets_alone() {
             tm: owner_id(&new, &flow(c)),
         })
         .collect();
-    assert!(plan(v2()).with_pins(home.into(), 20).pins().is_some_and(|s| s.is_empty()));
+    assert!(plan(v2())
+        .with_pins(home.into(), 20)
+        .pins()
+        .is_some_and(|s| s.is_empty()));
     // The batch fast path sends pinned buckets to the general path, which pins them.
     let (_, _, slow) = p.single_endpoint_group().expect("one group");
     let slow = slow.expect("pinned buckets are slow");
@@ -348,7 +362,14 @@ fn pins_are_bounded_and_the_fast_path_leaves_their_buckets_alone() {
     let kept: Vec<(IpAddr, u16)> = flows
         .iter()
         .copied()
-        .filter(|&c| set.lookup(0, new.steer(&flow(c)).by.bucket().expect("bucket"), &flow(c)).is_some())
+        .filter(|&c| {
+            set.lookup(
+                0,
+                new.steer(&flow(c)).by.bucket().expect("bucket"),
+                &flow(c),
+            )
+            .is_some()
+        })
         .collect();
     assert_eq!(kept.len(), 20);
     for &c in &kept {
@@ -358,7 +379,11 @@ fn pins_are_bounded_and_the_fast_path_leaves_their_buckets_alone() {
     }
     w.process_batch(&mut batch, &p, 1_000);
     for (i, &c) in kept.iter().enumerate() {
-        assert_eq!(route_id(&p, batch.action(i)), Some(owner_id(&old, &flow(c))), "{c:?}");
+        assert_eq!(
+            route_id(&p, batch.action(i)),
+            Some(owner_id(&old, &flow(c))),
+            "{c:?}"
+        );
     }
 }
 

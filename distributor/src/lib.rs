@@ -23,7 +23,9 @@ pub mod replay;
 pub mod sys;
 pub mod xdp_steer;
 
-pub use datapath::{batch, bridge, build, frag, steer, table, transit, verdict, wire, worker};
+pub use datapath::{
+    batch, bridge, build, frag, pins, steer, table, transit, verdict, wire, worker,
+};
 pub use datapath::{
     decide, Action, Branch, Counters, Drop, FlowKey, FragKey, Moved, Plan, PlanError, PortId,
     PortKind, Verdict, Worker, WorkerConfig,

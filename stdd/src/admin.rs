@@ -15,7 +15,11 @@ use std::sync::{Arc, Mutex};
 
 use admin_http::{Reply, Request};
 use allocation::{AllocationTable, SharedTable};
-use control::api::{AbortAnswer, CommitAnswer, DistributorPhase, DistributorTransition, TableId};
+use control::api::{
+    AbortAnswer, CommitAnswer, DistributorPhase, DistributorTransition, StepRequest, TableId,
+};
+use distributor::pins::Pin;
+use distributor::steer::FlowKey;
 use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -151,10 +155,77 @@ fn read_table(req: &Request, what: &str) -> Result<AllocationTable, Reply> {
 /// The table identity a step names in its body; none for an empty body
 /// (the step applies to the running transition, whatever it is).
 fn named_table(req: &Request) -> Result<Option<TableId>, Reply> {
+    step_request(req).map(|(t, _)| t)
+}
+
+/// The body of open and commit: the table named, and the pins it carries
+/// (`None`: the pins in force stay).
+fn step_request(req: &Request) -> Result<(Option<TableId>, Option<Arc<[Pin]>>), Reply> {
     if req.body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
+        return Ok((None, None));
     }
-    req.json::<TableId>().map(Some)
+    let step = req.json::<StepRequest>()?;
+    if step.held.is_some() {
+        return Err(Reply::text(
+            400,
+            "held ports are a TM's: a distributor's step takes pins",
+        ));
+    }
+    let named = step.table().map_err(|e| Reply::text(400, e))?;
+    let pins = match step.pins {
+        None => None,
+        Some(list) => {
+            let mut out = Vec::with_capacity(list.iter().map(|t| t.flows.len()).sum());
+            for t in &list {
+                for (i, f) in t.flows.iter().enumerate() {
+                    if f.0 != allocation::rules::proto::TCP && f.0 != allocation::rules::proto::UDP
+                    {
+                        return Err(Reply::text(
+                            400,
+                            format!(
+                                "pins of TM {}: flow {i} has protocol {}, not TCP or UDP",
+                                t.tm, f.0
+                            ),
+                        ));
+                    }
+                    let flow = allocation::Flow::with_ports(
+                        f.0,
+                        f.1.ip(),
+                        f.1.port(),
+                        f.2.ip(),
+                        f.2.port(),
+                    );
+                    out.push(Pin {
+                        key: FlowKey::of(&flow),
+                        tm: t.tm,
+                    });
+                }
+            }
+            Some(Arc::from(out))
+        }
+    };
+    Ok((named, pins))
+}
+
+/// `plan` with `pins` when given, logging what was refused.
+fn pinned(plan: Plan, pins: Option<Arc<[Pin]>>, capacity: usize) -> Plan {
+    let Some(pins) = pins else {
+        return plan;
+    };
+    let n = pins.len();
+    let plan = plan.with_pins(pins, capacity);
+    if let Some(set) = plan.pins() {
+        let r = set.refused();
+        if r.full > 0 || r.unroutable > 0 {
+            log::warn!(
+                "transition: {} of {n} pinned flows refused ({} over transition.pins = {capacity}, {} toward a TM no table has or without a bucket): they follow the table",
+                r.full + r.unroutable,
+                r.full,
+                r.unroutable
+            );
+        }
+    }
+    plan
 }
 
 /// Refuses a table with the running version and other contents.
@@ -187,7 +258,7 @@ fn put_table(req: &Request, state: &AdminState) -> Reply {
         return r;
     }
     let plan = match config.plan(table) {
-        Ok(p) => p,
+        Ok(p) => config.carry_pins(p, &current, &[]),
         Err(e) => return Reply::text(400, format!("table rejected: {e}")),
     };
     let installed = plan.table().clone();
@@ -220,6 +291,9 @@ pub fn transition_state(state: &AdminState) -> DistributorTransition {
         (true, false) => DistributorPhase::Switched,
         (true, true) => DistributorPhase::Open,
     };
+    let (kept, refused) = plan.pins().map_or((0, 0), |p| {
+        (p.len() as u64, p.refused().full + p.refused().unroutable)
+    });
     DistributorTransition::new(
         phase,
         plan.table(),
@@ -228,6 +302,16 @@ pub fn transition_state(state: &AdminState) -> DistributorTransition {
         remembered,
         overflows,
     )
+    .with_pins(kept, refused)
+}
+
+/// Pins of the running plan refused, for any reason.
+fn pins_refused(state: &AdminState) -> u64 {
+    state
+        .plan
+        .load()
+        .pins()
+        .map_or(0, |p| p.refused().full + p.refused().unroutable)
 }
 
 fn transit_totals(state: &AdminState) -> (u64, u64) {
@@ -275,7 +359,7 @@ fn switch(req: &Request, state: &AdminState) -> Reply {
         p.with_previous(current.table().clone())
             .map_err(|e| e.to_string())
     }) {
-        Ok(p) => p,
+        Ok(p) => config.carry_pins(p, &current, &[]),
         Err(e) => return Reply::text(400, format!("switch refused: {e}")),
     };
     let moved = plan.moved().map(|m| m.len());
@@ -324,11 +408,11 @@ fn check_named(what: &str, named: Option<&TableId>, running: &TableId) -> Result
 /// POST /transition/open: new flows in moved buckets start on their new
 /// owner (once every distributor has switched).
 fn open(req: &Request, state: &AdminState) -> Reply {
-    let named = match named_table(req) {
+    let (named, pins) = match step_request(req) {
         Ok(n) => n,
         Err(r) => return r,
     };
-    let (_config, current) = match locked(state) {
+    let (config, current) = match locked(state) {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -343,12 +427,16 @@ fn open(req: &Request, state: &AdminState) -> Reply {
         }
         return Reply::text(409, "open refused: no transition is switched");
     }
-    if !current.is_open() {
-        state.change_plan(|| state.plan.replace((*current).clone().opened()));
-        log::info!(
-            "transition: table version {} open to new flows",
-            running.version
-        );
+    if !current.is_open() || pins.is_some() {
+        let was_open = current.is_open();
+        let plan = pinned((*current).clone().opened(), pins, config.transition.pins);
+        state.change_plan(|| state.plan.replace(plan));
+        if !was_open {
+            log::info!(
+                "transition: table version {} open to new flows",
+                running.version
+            );
+        }
     }
     Reply::json(200, &transition_state(state))
 }
@@ -356,7 +444,7 @@ fn open(req: &Request, state: &AdminState) -> Reply {
 /// POST /transition/commit: the previous table is dropped (DESIGN §4 step
 /// 3) and the table saved where stdd starts from.
 fn commit(req: &Request, state: &AdminState) -> Reply {
-    let named = match named_table(req) {
+    let (named, pins) = match step_request(req) {
         Ok(n) => n,
         Err(r) => return r,
     };
@@ -370,18 +458,29 @@ fn commit(req: &Request, state: &AdminState) -> Reply {
     }
     let Some(prev) = current.previous() else {
         if named.is_some() {
+            // Committed already (a resumed push): the pins still apply.
+            if pins.is_some() {
+                let plan = pinned((*current).clone(), pins, config.transition.pins);
+                state.change_plan(|| state.plan.replace(plan));
+            }
             return Reply::json(
                 200,
                 &CommitAnswer {
                     table: running,
                     persist_error: None,
+                    pins_refused: Some(pins_refused(state)),
                 },
             );
         }
         return Reply::text(409, "commit refused: no transition is switched");
     };
     let prev = prev.version();
-    state.change_plan(|| state.plan.replace((*current).clone().without_previous()));
+    let plan = pinned(
+        (*current).clone().without_previous(),
+        pins,
+        config.transition.pins,
+    );
+    state.change_plan(|| state.plan.replace(plan));
     log::info!(
         "transition: committed table version {} (version {prev} dropped)",
         running.version
@@ -392,6 +491,7 @@ fn commit(req: &Request, state: &AdminState) -> Reply {
         &CommitAnswer {
             table: running,
             persist_error,
+            pins_refused: Some(pins_refused(state)),
         },
     )
 }
@@ -430,6 +530,7 @@ fn abort(req: &Request, state: &AdminState) -> Reply {
     let v = prev.version();
     match config.plan(prev.clone()) {
         Ok(p) => {
+            let p = config.carry_pins(p, &current, &[]);
             state.failover.installed(prev);
             state.change_plan(|| state.plan.replace(p));
             state.swaps.fetch_add(1, Ordering::Relaxed);
@@ -546,6 +647,28 @@ fn metrics(state: &AdminState) -> Result<String, prometheus::Error> {
         "Buckets whose owner changed in the running transition",
     )?;
     moved.set(plan.moved().map_or(0, |m| m.len()) as i64);
+    let pinned = IntGauge::new(
+        "std_pinned_flows",
+        "Flows pinned to their old owner past a table change (UDP sessions, long connections)",
+    )?;
+    let pins_refused = IntGaugeVec::new(
+        Opts::new(
+            "std_pins_refused",
+            "Pinned flows the running pin set refused, by reason (they follow the table)",
+        ),
+        &["reason"],
+    )?;
+    if let Some(p) = plan.pins() {
+        pinned.set(p.len() as i64);
+        pins_refused
+            .with_label_values(&["full"])
+            .set(p.refused().full as i64);
+        pins_refused
+            .with_label_values(&["unroutable"])
+            .set(p.refused().unroutable as i64);
+    }
+    r.register(Box::new(pinned))?;
+    r.register(Box::new(pins_refused))?;
     let overflows = IntCounterVec::new(
         Opts::new(
             "std_transition_overflows_total",

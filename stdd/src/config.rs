@@ -208,7 +208,13 @@ pub struct TransitionSection {
     pub memory: usize,
     /// A remembered flow is forgotten after this long without a packet, seconds.
     pub idle_s: u64,
+    /// Flows pinned to their old owner past a commit (UDP sessions and
+    /// connections the TMs report; DESIGN §4) this distributor keeps.
+    pub pins: usize,
 }
+
+/// The default of `transition.pins`.
+pub const DEFAULT_PINS: usize = 131_072;
 
 impl Default for TransitionSection {
     fn default() -> Self {
@@ -216,6 +222,7 @@ impl Default for TransitionSection {
         TransitionSection {
             memory: t.capacity,
             idle_s: t.idle_ns / 1_000_000_000,
+            pins: DEFAULT_PINS,
         }
     }
 }
@@ -412,6 +419,9 @@ impl DistributorConfig {
         if self.transition.memory == 0 || self.transition.memory > 1 << 24 {
             return Err(invalid("transition.memory", "must be 1 to 16777216"));
         }
+        if self.transition.pins > 1 << 22 {
+            return Err(invalid("transition.pins", "must be at most 4194304"));
+        }
         if self.transition.idle_s == 0 {
             return Err(invalid("transition.idle_s", "must be at least 1"));
         }
@@ -452,6 +462,24 @@ impl DistributorConfig {
                 idle_ns: self.transition.idle_s.saturating_mul(1_000_000_000),
             },
         }
+    }
+
+    /// `plan` with the pinned flows of `from` (the plan it replaces),
+    /// except those of the TMs in `dropped` (failed: their flows are gone).
+    pub fn carry_pins(&self, plan: Plan, from: &Plan, dropped: &[u32]) -> Plan {
+        let (list, _) = from.pin_list();
+        if list.is_empty() {
+            return plan;
+        }
+        let list: std::sync::Arc<[distributor::pins::Pin]> = if dropped.is_empty() {
+            std::sync::Arc::clone(list)
+        } else {
+            list.iter()
+                .filter(|p| !dropped.contains(&p.tm))
+                .copied()
+                .collect()
+        };
+        plan.with_pins(list, self.transition.pins)
     }
 
     /// The steering plan for `table` under this configuration. Every TM of

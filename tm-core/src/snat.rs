@@ -68,6 +68,9 @@ pub struct Snat {
     /// The table the ports are for, and during a transition the next one:
     /// what classifies a connection's replies into a group (its rules).
     tables: Mutex<Arc<Tables>>,
+    /// Ports other TMs' pinned flows hold (DESIGN §4): never handed out,
+    /// until a commit gives another list.
+    held: Mutex<Vec<(IpAddr, u16)>>,
 }
 
 /// The tables a node's ports must be valid under, with this node's index
@@ -224,6 +227,7 @@ impl Snat {
             v4: build(&v4)?,
             v6: build(&v6)?,
             tables: Mutex::new(Arc::new(Tables::new(tm_id, table, None))),
+            held: Mutex::new(Vec::new()),
         })
     }
 
@@ -326,14 +330,26 @@ impl Snat {
             )),
             None => None,
         };
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for alloc in [&self.v4, &self.v6].into_iter().flatten() {
             alloc
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .retable(table, tm, next, self.range)?;
+                .retable_holding(table, tm, next, self.range, &held)?;
         }
         self.set_tables(table, next.map(|(n, _)| n));
         Ok(())
+    }
+
+    /// The ports other TMs' pinned flows hold, which this node must not
+    /// hand out from the next [`Snat::retable`] on (a commit's `held`).
+    pub fn set_held(&self, held: Vec<(IpAddr, u16)>) {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = held;
+    }
+
+    /// The ports held for other TMs' pinned flows.
+    pub fn held(&self) -> usize {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// A transition's prepare for a node *joining* it: one that owns no
@@ -352,11 +368,13 @@ impl Snat {
         let tm = next
             .tm_index_by_id(self.tm_id)
             .ok_or(PortError::NotInTable(self.tm_id))?;
+        let mut all = self.held.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        all.extend_from_slice(held);
         for alloc in [&self.v4, &self.v6].into_iter().flatten() {
             alloc
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .prepare_joining(next, tm, held, self.range)?;
+                .prepare_joining(next, tm, &all, self.range)?;
         }
         // It owns nothing of the running table: its replies are the next one's.
         self.set_tables(next, None);

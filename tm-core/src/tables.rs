@@ -17,6 +17,15 @@ struct Open {
     server: Option<Flow>,
 }
 
+/// What [`Tables::pinned`] reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pinned {
+    /// Flows some table in force steers elsewhere.
+    pub flows: Vec<Flow>,
+    /// Their local endpoints toward the servers.
+    pub ports: Vec<(IpAddr, u16)>,
+}
+
 /// This node's tables.
 #[derive(Debug)]
 pub struct Tables {
@@ -41,13 +50,8 @@ impl OpenGuard<'_> {
     /// Records the server side: `server` is the server, `from` the local
     /// endpoint the connection to it uses.
     pub fn connected(&self, server: SocketAddr, from: SocketAddr) {
-        let reply = Flow::with_ports(
-            proto::TCP,
-            server.ip(),
-            server.port(),
-            from.ip(),
-            from.port(),
-        );
+        let protocol = self.tables.protocol(self.id).unwrap_or(proto::TCP);
+        let reply = Flow::with_ports(protocol, server.ip(), server.port(), from.ip(), from.port());
         self.tables.register_server(self.id, reply);
     }
 }
@@ -78,7 +82,12 @@ impl Tables {
     /// virtual server) until the guard drops. One lock per connection, not
     /// per packet.
     pub fn open(&self, peer: SocketAddr, local: SocketAddr) -> OpenGuard<'_> {
-        let client = Flow::with_ports(proto::TCP, peer.ip(), peer.port(), local.ip(), local.port());
+        self.open_proto(proto::TCP, peer, local)
+    }
+
+    /// [`Tables::open`] for `protocol` (a UDP session: one lock per session).
+    pub fn open_proto(&self, protocol: u8, peer: SocketAddr, local: SocketAddr) -> OpenGuard<'_> {
+        let client = Flow::with_ports(protocol, peer.ip(), peer.port(), local.ip(), local.port());
         OpenGuard {
             tables: self,
             id: self.register(client),
@@ -108,6 +117,10 @@ impl Tables {
         }
     }
 
+    fn protocol(&self, id: u64) -> Option<u8> {
+        self.open_map().get(&id).map(|o| o.client.protocol)
+    }
+
     /// Forgets connection `id` (it ended).
     pub fn unregister(&self, id: u64) {
         self.open_map().remove(&id);
@@ -119,17 +132,51 @@ impl Tables {
     }
 
     /// Open TCP connections that live, on either side, in a bucket `next`
-    /// does not steer to this node: the ones a transition's commit must
-    /// wait for (DESIGN §4).
+    /// does not steer to this node: the ones a transition's drain waits
+    /// for (DESIGN §4) — those still open at the commit are pinned. UDP
+    /// sessions are not waited for: they are pinned (see [`Tables::pinned`]).
     pub fn moving(&self, next: &AllocationTable) -> usize {
-        let Some(me) = next.tm_index_by_id(self.tm_id) else {
-            return self.open_connections();
-        };
-        let away = |f: &Flow| next.steer(f).tm != me;
+        let me = next.tm_index_by_id(self.tm_id);
+        let away = |f: &Flow| me.is_none_or(|me| next.steer(f).tm != me);
         self.open_map()
             .values()
+            .filter(|o| o.client.protocol == proto::TCP)
             .filter(|o| away(&o.client) || o.server.as_ref().is_some_and(away))
             .count()
+    }
+
+    /// The flows of this node's open connections and sessions (TCP and
+    /// UDP, each by its client side and its server side) that some table
+    /// in force — the running one, and the next during a transition —
+    /// does not steer to this node, and the local endpoints of those
+    /// server sides (its self-source ports there). The distributors pin
+    /// these flows to this node past a commit (DESIGN §4); the other nodes
+    /// keep those ports free while they live.
+    pub fn pinned(&self) -> Pinned {
+        let (current, next) = (self.current(), self.next());
+        let tables: Vec<(&AllocationTable, Option<allocation::TmIndex>)> =
+            std::iter::once(&*current)
+                .chain(next.as_deref())
+                .map(|t| (t, t.tm_index_by_id(self.tm_id)))
+                .collect();
+        let away = |f: &Flow| {
+            tables
+                .iter()
+                .any(|(t, me)| me.is_none_or(|me| t.steer(f).tm != me))
+        };
+        let mut out = Pinned::default();
+        for o in self.open_map().values() {
+            if away(&o.client) {
+                out.flows.push(o.client);
+            }
+            if let Some(s) = o.server.filter(|s| away(s)) {
+                out.flows.push(s);
+                if let Some((_, port)) = s.ports {
+                    out.ports.push((s.dst, port));
+                }
+            }
+        }
+        out
     }
 
     /// The SNAT endpoints of open connections (for a joining node's prepare: see `Snat::prepare_joining`).

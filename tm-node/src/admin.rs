@@ -1,4 +1,4 @@
-//! tmd's admin endpoint: /metrics (Prometheus text), /healthz, GET and PUT /table, /transition (prepare, ports, commit, abort) in the typed messages of `control::api`; served by the bounded server of the `admin-http` crate.
+//! tmd's admin endpoint: /metrics (Prometheus text), /healthz, GET and PUT /table, /transition (prepare, ports, pins, commit, abort) in the typed messages of `control::api`; served by the bounded server of the `admin-http` crate.
 //!
 //! A table PUT recomputes the self-source port tables for the new table;
 //! ports held by open connections stay reserved until those connections
@@ -14,7 +14,8 @@ use std::sync::Arc;
 use admin_http::{Reply, Request};
 use allocation::AllocationTable;
 use control::api::{
-    AbortAnswer, CommitAnswer, HeldPort, PrepareRequest, TableId, TmPhase, TmTransition,
+    AbortAnswer, CommitAnswer, HeldPort, PinnedFlow, PrepareRequest, StepRequest, TableId, TmPhase,
+    TmPins, TmTransition,
 };
 use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
@@ -89,18 +90,19 @@ pub fn handle(req: &Request, state: &AdminState) -> Reply {
         ("GET", "/transition") => Reply::json(200, &transition_state(state)),
         ("GET", "/persistence") => Reply::json(200, &persistence(state)),
         ("GET", "/transition/ports") => moving_ports(state),
+        ("GET", "/transition/pins") => pins(state),
         ("POST", "/transition/prepare") => prepare(req, state),
         ("POST", "/transition/commit") => finish(req, state, true),
         ("POST", "/transition/abort") => finish(req, state, false),
         (
             _,
-            "/metrics" | "/healthz" | "/table" | "/transition" | "/transition/ports"
-            | "/transition/prepare" | "/transition/commit" | "/transition/abort"
+"/metrics" | "/healthz" | "/table" | "/transition" | "/transition/ports"
+            | "/transition/pins" | "/transition/prepare" | "/transition/commit" | "/transition/abort"
             | "/persistence",
         ) => Reply::text(405, "method not allowed"),
         _ => Reply::text(
             404,
-            "not found: /metrics, /healthz, /table, /transition, /transition/{ports,prepare,commit,abort}, /persistence",
+            "not found: /metrics, /healthz, /table, /transition, /transition/{ports,pins,prepare,commit,abort}, /persistence",
         ),
     }
 }
@@ -269,6 +271,33 @@ pub fn transition_state(state: &AdminState) -> TmTransition {
 /// GET /transition/ports: the self-source ports this node holds in buckets
 /// the prepared transition moves away, as `[["addr", port], …]` — what a
 /// joining node must not take (see `Snat::prepare_joining`).
+/// GET /transition/pins: the flows this TM serves that a table in force
+/// does not steer to it (DESIGN §4), for the distributors to pin.
+fn pins(state: &AdminState) -> Reply {
+    let table = state
+        .tables
+        .next()
+        .unwrap_or_else(|| state.tables.current());
+    let p = state.tables.pinned();
+    let flow = |f: &allocation::Flow| {
+        let (sp, dp) = f.ports.unwrap_or((0, 0));
+        PinnedFlow(
+            f.protocol,
+            std::net::SocketAddr::new(f.src, sp),
+            std::net::SocketAddr::new(f.dst, dp),
+        )
+    };
+    Reply::json(
+        200,
+        &TmPins {
+            tm: state.tables.tm_id,
+            table: TableId::of(&table),
+            flows: p.flows.iter().map(flow).collect(),
+            ports: p.ports.iter().map(|&(a, port)| HeldPort(a, port)).collect(),
+        },
+    )
+}
+
 fn moving_ports(state: &AdminState) -> Reply {
     let Some(next) = state.tables.next() else {
         return Reply::text(409, "no transition is prepared");
@@ -378,14 +407,24 @@ fn prepare(req: &Request, state: &AdminState) -> Reply {
 /// table (a `TableId`); a step naming another table is refused. Idempotent:
 /// committing the running table, or aborting with nothing prepared, is 200.
 fn finish(req: &Request, state: &AdminState, commit: bool) -> Reply {
-    let named: Option<TableId> = if req.body.iter().all(u8::is_ascii_whitespace) {
-        None
+    let step: StepRequest = if req.body.iter().all(u8::is_ascii_whitespace) {
+        StepRequest::default()
     } else {
         match req.json() {
-            Ok(t) => Some(t),
+            Ok(t) => t,
             Err(r) => return r,
         }
     };
+    let named = match step.table() {
+        Ok(t) => t,
+        Err(e) => return Reply::text(400, e),
+    };
+    if step.pins.is_some() {
+        return Reply::text(
+            400,
+            "pins are a distributor's: a TM's commit takes held ports",
+        );
+    }
     let what = if commit { "commit" } else { "abort" };
     let mut next = state.tables.next.lock().unwrap_or_else(|p| p.into_inner());
     let mut running = state
@@ -396,13 +435,25 @@ fn finish(req: &Request, state: &AdminState, commit: bool) -> Reply {
     let running_id = TableId::of(&running);
     let Some(n) = next.take() else {
         return match (commit, named) {
-            (true, Some(t)) if t == running_id => Reply::json(
-                200,
-                &CommitAnswer {
-                    table: running_id,
-                    persist_error: None,
-                },
-            ),
+            (true, Some(t)) if t == running_id => {
+                // Committed already (a resumed push): the held ports still apply.
+                if let Some(held) = &step.held {
+                    state
+                        .snat
+                        .set_held(held.iter().map(|h| (h.0, h.1)).collect());
+                    if let Err(e) = state.snat.retable(&running, None) {
+                        return Reply::text(500, format!("transition: {e}"));
+                    }
+                }
+                Reply::json(
+                    200,
+                    &CommitAnswer {
+                        table: running_id,
+                        persist_error: None,
+                        pins_refused: None,
+                    },
+                )
+            }
             (true, _) => Reply::text(409, "commit refused: no transition is prepared"),
             (false, Some(t)) if t == running_id => Reply::text(
                 409,
@@ -435,6 +486,11 @@ fn finish(req: &Request, state: &AdminState, commit: bool) -> Reply {
     } else {
         Arc::clone(&running)
     };
+    if let (true, Some(held)) = (commit, &step.held) {
+        state
+            .snat
+            .set_held(held.iter().map(|h| (h.0, h.1)).collect());
+    }
     if let Err(e) = state.snat.retable(&target, None) {
         *next = Some(n);
         return Reply::text(500, format!("transition: {e}"));
@@ -456,6 +512,7 @@ fn finish(req: &Request, state: &AdminState, commit: bool) -> Reply {
             &CommitAnswer {
                 table,
                 persist_error: saved,
+                pins_refused: None,
             },
         )
     } else {

@@ -492,6 +492,14 @@ impl NodeConfig {
                     "names must be unique, and listen addresses per protocol",
                 ));
             }
+            if v.protocol == Protocol::Udp && v.listen.ip().is_unspecified() {
+                // A wildcard socket cannot tell which VIP a datagram came
+                // to, so the session could not be reported (pinned) by it.
+                return Err(invalid(
+                    format!("virtual_server[{i}].listen"),
+                    "a UDP virtual server listens on its VIP, not a wildcard address",
+                ));
+            }
             if v.protocol == Protocol::Udp && v.persistence.is_some() {
                 return Err(invalid(
                     format!("virtual_server[{i}].persistence"),

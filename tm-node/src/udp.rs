@@ -15,6 +15,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use allocation::rules::proto;
+use allocation::Flow;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -26,6 +28,8 @@ use crate::snat::{ConnectError, Lease, MAX_PORT_RETRIES};
 pub const MAX_DATAGRAM: usize = 65_535;
 
 struct Session {
+    /// Its entry in the node's tables (what the TM reports as pinned flows).
+    id: u64,
     upstream: Arc<UdpSocket>,
     server: usize,
     last: Arc<Mutex<Instant>>,
@@ -62,6 +66,16 @@ async fn connect_udp(
 
 /// Serves a UDP virtual server on `socket` until `stop` turns true.
 pub async fn serve(vs: Arc<VirtualServer>, socket: UdpSocket, mut stop: watch::Receiver<bool>) {
+    let local = match socket.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            log::error!(
+                "{}: its socket has no local address ({e}): not served",
+                vs.name
+            );
+            return;
+        }
+    };
     let socket = Arc::new(socket);
     let mut sessions: HashMap<SocketAddr, Session> = HashMap::new();
     let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -82,7 +96,7 @@ pub async fn serve(vs: Arc<VirtualServer>, socket: UdpSocket, mut stop: watch::R
                 };
                 let s = match sessions.entry(client) {
                     Entry::Occupied(o) => o.into_mut(),
-                    Entry::Vacant(v) => match open(&vs, &socket, client).await {
+                    Entry::Vacant(v) => match open(&vs, &socket, client, local).await {
                         Some(s) => v.insert(s),
                         None => continue,
                     },
@@ -122,6 +136,7 @@ async fn open(
     vs: &Arc<VirtualServer>,
     socket: &Arc<UdpSocket>,
     client: SocketAddr,
+    local: SocketAddr,
 ) -> Option<Session> {
     let st = &vs.stats;
     if st.active.load(Ordering::Acquire) >= vs.max_connections {
@@ -155,6 +170,24 @@ async fn open(
     };
     st.active.fetch_add(1, Ordering::AcqRel);
     st.total.fetch_add(1, Ordering::Relaxed);
+    // Registered with both its sides, so a table change pins it here.
+    let id = vs.tables.register(Flow::with_ports(
+        proto::UDP,
+        client.ip(),
+        client.port(),
+        local.ip(),
+        local.port(),
+    ));
+    vs.tables.register_server(
+        id,
+        Flow::with_ports(
+            proto::UDP,
+            server.ip(),
+            server.port(),
+            lease.addr,
+            lease.port,
+        ),
+    );
     let upstream = Arc::new(upstream);
     let last = Arc::new(Mutex::new(Instant::now()));
     let reader = {
@@ -190,6 +223,7 @@ async fn open(
         })
     };
     Some(Session {
+        id,
         upstream,
         server: i,
         last,
@@ -217,6 +251,7 @@ fn icmp_reported(e: &std::io::Error) -> bool {
 
 fn close(vs: &VirtualServer, s: Session) {
     s.reader.abort();
+    vs.tables.unregister(s.id);
     vs.pool.release(s.server);
     vs.stats.active.fetch_sub(1, Ordering::AcqRel);
     // The lease is dropped with the session: the port goes back.

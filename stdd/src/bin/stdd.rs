@@ -497,6 +497,7 @@ mod daemon {
                         {
                             log::warn!("SIGHUP: port or backend changes need a restart; steering settings and the table are reloaded");
                         }
+                        let new_plan = new_cfg.carry_pins(new_plan, &plan.load(), &[]);
                         let v = new_plan.table().version();
                         state.failover.installed(new_plan.table());
                         state.change_plan(|| plan.replace(new_plan));
