@@ -257,10 +257,46 @@ pub struct PrepareRequest {
     pub held: Option<Vec<HeldPort>>,
 }
 
-/// A flow a TM serves, both directions alike: `[protocol, "addr:port",
-/// "addr:port"]` on the wire (the endpoints in either order).
+/// A flow a TM serves, both directions alike, and its idle timeout in ms
+/// (0: none): `[protocol, "addr:port", "addr:port", idle_ms]` on the wire
+/// (the endpoints in either order). A distributor's pin of it ends once it
+/// has been idle that long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct PinnedFlow(pub u8, pub SocketAddr, pub SocketAddr);
+pub struct PinnedFlow(pub u8, pub SocketAddr, pub SocketAddr, pub u64);
+
+impl PinnedFlow {
+    /// The pin of `flow` with idle timeout `idle_ms` (a flow without ports
+    /// gets port 0 both sides).
+    pub fn of(flow: &allocation::Flow, idle_ms: u64) -> Self {
+        let (sp, dp) = flow.ports.unwrap_or((0, 0));
+        PinnedFlow(
+            flow.protocol,
+            SocketAddr::new(flow.src, sp),
+            SocketAddr::new(flow.dst, dp),
+            idle_ms,
+        )
+    }
+
+    /// Its idle timeout in nanoseconds (0: none).
+    pub fn idle_ns(&self) -> u64 {
+        self.3.saturating_mul(1_000_000)
+    }
+
+    /// The flow it names; only TCP and UDP flows are pinned.
+    pub fn flow(&self) -> Result<allocation::Flow, String> {
+        use allocation::rules::proto;
+        if self.0 != proto::TCP && self.0 != proto::UDP {
+            return Err(format!("protocol {} is not TCP or UDP", self.0));
+        }
+        Ok(allocation::Flow::with_ports(
+            self.0,
+            self.1.ip(),
+            self.1.port(),
+            self.2.ip(),
+            self.2.port(),
+        ))
+    }
+}
 
 /// A TM's `GET /transition/pins`: the flows it serves that some table in
 /// force (the running one, and the prepared one during a transition) does
@@ -311,6 +347,22 @@ impl StepRequest {
             checksum: Some(table.checksum.clone()),
             ..StepRequest::default()
         }
+    }
+
+    /// Every pinned flow carried, with its TM id and idle timeout (ns); a flow that is not TCP or
+    /// UDP is an error naming it. Empty when the step carries no pins.
+    pub fn pinned_flows(&self) -> Result<Vec<(u32, allocation::Flow, u64)>, String> {
+        let list = self.pins.as_deref().unwrap_or_default();
+        let mut out = Vec::with_capacity(list.iter().map(|t| t.flows.len()).sum());
+        for t in list {
+            for (i, f) in t.flows.iter().enumerate() {
+                let flow = f
+                    .flow()
+                    .map_err(|e| format!("pins of TM {}: flow {i}: {e}", t.tm))?;
+                out.push((t.tm, flow, f.idle_ns()));
+            }
+        }
+        Ok(out)
     }
 
     /// The table named, if any; a version without checksum (or the

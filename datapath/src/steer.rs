@@ -23,7 +23,7 @@ use std::sync::Arc;
 use allocation::{AllocationTable, Flow, MacAddr, SteerBy, TmIndex};
 use thiserror::Error;
 
-use crate::pins::{Pin, PinSet};
+use crate::pins::{Pin, PinHit, PinSet};
 use crate::verdict::{Branch, Drop, PortId};
 use crate::wire::{self, ethertype, icmp, proto, ArpPacket, EthernetFrame, IpHeader};
 
@@ -318,15 +318,21 @@ impl Plan {
     /// Outside a transition a pin the table already steers to its TM is
     /// left out.
     pub fn with_pins(mut self, pins: Arc<[Pin]>, capacity: usize) -> Self {
+        self.pins = None;
         self.pin_list = pins;
         self.pin_capacity = capacity;
         self.rebuild_pins();
         self
     }
 
-    /// The pins as given to [`Plan::with_pins`] (to carry them into the next plan).
-    pub fn pin_list(&self) -> (&Arc<[Pin]>, usize) {
-        (&self.pin_list, self.pin_capacity)
+    /// The pins in force as they stand — each one's last packet, those a
+    /// SYN ended left out — to carry them into the next plan.
+    pub fn pin_list(&self) -> (Arc<[Pin]>, usize) {
+        let list = match self.pins.as_deref() {
+            Some(set) => Arc::from(set.live()),
+            None => Arc::clone(&self.pin_list),
+        };
+        (list, self.pin_capacity)
     }
 
     /// The pins in force.
@@ -337,6 +343,10 @@ impl Plan {
     /// Resolves the pins against this plan's table and routes, and the
     /// fast paths' slow buckets with them.
     fn rebuild_pins(&mut self) {
+        if let Some(set) = self.pins.take() {
+            // What the packets taught the set so far carries on.
+            self.pin_list = Arc::from(set.live());
+        }
         self.pins = (!self.pin_list.is_empty()).then(|| {
             Arc::new(PinSet::build(
                 &self.pin_list,
@@ -450,11 +460,12 @@ impl Plan {
         })
     }
 
-    /// The route of `flow`'s pin, `s` its steering by the table.
+    /// `flow`'s pin, `s` its steering by the table (the worker checks it
+    /// still lives).
     #[inline(always)]
-    fn pinned(&self, flow: &Flow, s: &allocation::Steering) -> Option<TmIndex> {
+    fn pinned(&self, flow: &Flow, s: &allocation::Steering, syn: bool) -> Option<PinHit> {
         let pins = self.pins.as_deref()?;
-        pins.lookup(s.group, s.by.bucket()?, flow)
+        pins.lookup(s.group, s.by.bucket()?, flow, syn)
     }
 
     /// The allocation table.
@@ -558,6 +569,9 @@ pub enum Verdict {
         remember: Option<FragKey>,
         /// A flow in a bucket a transition moved: the worker decides.
         moved: Option<Moved>,
+        /// A pinned flow: if the pin still lives ([`PinSet::alive`]), it
+        /// goes there instead, whatever `tm` and `moved` say.
+        pin: Option<PinHit>,
     },
     /// Bridge (MAC learning decides the port).
     Bridge(Branch),
@@ -809,12 +823,17 @@ fn from_outside(
         }
         return match steer_ip(&frame[l3..], &ip, plan) {
             Verdict::ToTm {
-                tm, branch, moved, ..
+                tm,
+                branch,
+                moved,
+                pin,
+                ..
             } => Verdict::ToTm {
                 tm,
                 branch,
                 remember: Some(key),
                 moved,
+                pin,
             },
             other => other,
         };
@@ -847,14 +866,6 @@ fn steer_ip(packet: &[u8], ip: &IpHeader, plan: &Plan) -> Verdict {
             Flow::without_ports(inner_ip.proto, inner_ip.src, inner_ip.dst)
         };
         let s = plan.table.steer(&flow);
-        if let Some(tm) = plan.pinned(&flow, &s) {
-            return Verdict::ToTm {
-                tm,
-                branch: Branch::Pinned,
-                remember: None,
-                moved: None,
-            };
-        }
         return Verdict::ToTm {
             tm: s.tm,
             branch: Branch::IcmpError,
@@ -862,6 +873,7 @@ fn steer_ip(packet: &[u8], ip: &IpHeader, plan: &Plan) -> Verdict {
             moved: plan
                 .moved_flow(&flow, s.tm, false)
                 .map(|m| Moved { icmp: true, ..m }),
+            pin: plan.pinned(&flow, &s, false),
         };
     }
     let flow = if wire::has_ports(ip.proto) {
@@ -873,14 +885,7 @@ fn steer_ip(packet: &[u8], ip: &IpHeader, plan: &Plan) -> Verdict {
         Flow::without_ports(ip.proto, ip.src, ip.dst)
     };
     let s = plan.table.steer(&flow);
-    if let Some(tm) = plan.pinned(&flow, &s) {
-        return Verdict::ToTm {
-            tm,
-            branch: Branch::Pinned,
-            remember: None,
-            moved: None,
-        };
-    }
+    let syn = ip.frag.is_none() && is_tcp_syn(ip.proto, l4);
     let branch = match s.by {
         SteerBy::EqualPorts => Branch::EqualPorts,
         SteerBy::Endpoint { .. } => Branch::Endpoint,
@@ -889,13 +894,14 @@ fn steer_ip(packet: &[u8], ip: &IpHeader, plan: &Plan) -> Verdict {
     };
     let moved = match plan.previous {
         None => None,
-        Some(_) => plan.moved_flow(&flow, s.tm, ip.frag.is_none() && is_tcp_syn(ip.proto, l4)),
+        Some(_) => plan.moved_flow(&flow, s.tm, syn),
     };
     Verdict::ToTm {
         tm: s.tm,
         branch,
         remember: None,
         moved,
+        pin: plan.pinned(&flow, &s, syn),
     }
 }
 

@@ -81,10 +81,13 @@ impl Worker {
                 branch,
                 remember,
                 moved,
+                pin,
             } => {
-                let (tm, branch) = match moved {
-                    None => (tm, branch),
-                    Some(m) => match self.transition(tm, m, plan, now) {
+                let pinned = pin.filter(|&h| plan.pins().is_some_and(|p| p.alive(h, now)));
+                let (tm, branch) = match (pinned, moved) {
+                    (Some(h), _) => (h.tm, Branch::Pinned),
+                    (None, None) => (tm, branch),
+                    (None, Some(m)) => match self.transition(tm, m, plan, now) {
                         Some(d) => d,
                         None => return self.send_to_both(buf, len, tm, m.old, plan),
                     },

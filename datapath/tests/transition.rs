@@ -105,6 +105,13 @@ fn run(w: &mut Worker, p: &Plan, frame: &[u8], ingress: u16) -> (Action, Option<
     (a, w.last_branch())
 }
 
+/// [`run`] from outside at time `now` (ns).
+fn run_at(w: &mut Worker, p: &Plan, frame: &[u8], now: u64) -> (Action, Option<Branch>) {
+    let mut buf = frame.to_vec();
+    let a = w.process(&mut buf, frame.len(), 0, p, now);
+    (a, w.last_branch())
+}
+
 fn owner_id(t: &AllocationTable, f: &Flow) -> u32 {
     t.tms()[usize::from(t.steer(f).tm)].id
 }
@@ -251,6 +258,8 @@ fn udp_sessions_in_moved_buckets_keep_their_owner_through_the_commit() {
         .map(|&c| Pin {
             key: FlowKey::of(&flow(c)),
             tm: owner_id(&old, &flow(c)),
+            since: 0,
+            idle_ns: 0,
         })
         .collect();
     let pins: std::sync::Arc<[Pin]> = pins.into();
@@ -294,6 +303,8 @@ fn udp_sessions_in_moved_buckets_keep_their_owner_through_the_commit() {
     again.extend(late.iter().map(|&c| Pin {
         key: FlowKey::of(&flow(c)),
         tm: owner_id(&old, &flow(c)),
+        since: 0,
+        idle_ns: 0,
     }));
     let committed = open
         .clone()
@@ -321,6 +332,66 @@ fn udp_sessions_in_moved_buckets_keep_their_owner_through_the_commit() {
 }
 
 #[test]
+fn pins_end_when_their_flow_idles_out_or_a_syn_opens_a_new_connection() {
+    let (old, new) = (v1(), v2());
+    let l2 = L2::new(GROUP, CLIENT_MAC);
+    let vip = ip("198.51.100.10");
+    let moved: Vec<(IpAddr, u16)> = client_flows(true, 2);
+    let (u, t) = (moved[0], moved[1]);
+    let uflow = Flow::with_ports(proto::UDP, u.0, u.1, vip, 53);
+    let tflow = Flow::with_ports(proto::TCP, t.0, t.1, vip, 80);
+    const S: u64 = 1_000_000_000;
+    let pins: Vec<Pin> = vec![
+        Pin {
+            key: FlowKey::of(&uflow),
+            tm: owner_id(&old, &uflow),
+            since: 10 * S,
+            idle_ns: 30 * S,
+        },
+        Pin {
+            key: FlowKey::of(&tflow),
+            tm: owner_id(&old, &tflow),
+            since: 10 * S,
+            idle_ns: 0,
+        },
+    ];
+    let p = plan(v2()).with_pins(pins.into(), 16);
+    let mut w = worker(64);
+    let query = build::udp_frame(&l2, u.0, u.1, vip, 53, b"q");
+    // Each packet within the idle time keeps the pin (and moves its end).
+    for at in [20, 45, 70] {
+        let (a, b) = run_at(&mut w, &p, &query, at * S);
+        assert_eq!(route_id(&p, a), Some(owner_id(&old, &uflow)), "at {at} s");
+        assert_eq!(b, Some(Branch::Pinned));
+    }
+    // The carried list remembers the last packet, so a new plan keeps it.
+    let (carried, cap) = p.pin_list();
+    assert_eq!(carried.iter().map(|p| p.since).min(), Some(10 * S));
+    assert_eq!(carried.iter().map(|p| p.since).max(), Some(70 * S));
+    let p2 = plan(v2()).with_pins(carried, cap);
+    let (a, _) = run_at(&mut w, &p2, &query, 95 * S);
+    assert_eq!(route_id(&p2, a), Some(owner_id(&old, &uflow)));
+    // Idle past its TM's timeout: the session is over there, the table decides.
+    let (a, b) = run_at(&mut w, &p2, &query, 126 * S);
+    assert_eq!(route_id(&p2, a), Some(owner_id(&new, &uflow)));
+    assert_eq!(b, Some(Branch::Endpoint));
+    // The TCP pin has no idle limit: an ACK hours later is still pinned.
+    let ack = build::tcp_frame(&l2, t.0, t.1, vip, 80, tcp_flags::ACK, b"");
+    let (a, b) = run_at(&mut w, &p2, &ack, 10_000 * S);
+    assert_eq!(route_id(&p2, a), Some(owner_id(&old, &tflow)));
+    assert_eq!(b, Some(Branch::Pinned));
+    // A SYN on the same four-tuple is a new connection: the table's, and
+    // the pin is over for the packets after it too.
+    let syn = build::tcp_frame(&l2, t.0, t.1, vip, 80, tcp_flags::SYN, b"");
+    let (a, b) = run_at(&mut w, &p2, &syn, 10_001 * S);
+    assert_eq!(route_id(&p2, a), Some(owner_id(&new, &tflow)));
+    assert_eq!(b, Some(Branch::Endpoint));
+    let (a, _) = run_at(&mut w, &p2, &ack, 10_002 * S);
+    assert_eq!(route_id(&p2, a), Some(owner_id(&new, &tflow)));
+    assert!(p2.pin_list().0.iter().all(|p| p.key != FlowKey::of(&tflow)));
+}
+
+#[test]
 fn pins_are_bounded_and_the_fast_path_leaves_their_buckets_alone() {
     let (old, new) = (v1(), v2());
     let vip = ip("198.51.100.10");
@@ -331,6 +402,8 @@ fn pins_are_bounded_and_the_fast_path_leaves_their_buckets_alone() {
         .map(|&c| Pin {
             key: FlowKey::of(&flow(c)),
             tm: owner_id(&old, &flow(c)),
+            since: 0,
+            idle_ns: 0,
         })
         .collect();
     let p = plan(v2()).with_pins(pins.into(), 20);
@@ -347,6 +420,8 @@ fn pins_are_bounded_and_the_fast_path_leaves_their_buckets_alone() {
         .map(|&c| Pin {
             key: FlowKey::of(&flow(c)),
             tm: owner_id(&new, &flow(c)),
+            since: 0,
+            idle_ns: 0,
         })
         .collect();
     assert!(plan(v2())
@@ -367,6 +442,7 @@ fn pins_are_bounded_and_the_fast_path_leaves_their_buckets_alone() {
                 0,
                 new.steer(&flow(c)).by.bucket().expect("bucket"),
                 &flow(c),
+                false,
             )
             .is_some()
         })

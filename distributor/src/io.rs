@@ -204,6 +204,18 @@ impl WorkerShared {
     }
 }
 
+/// The workers' clock: one epoch for the whole process, so that times a
+/// plan carries (a pin's last packet) mean the same on every worker.
+pub fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Now on the workers' clock, in nanoseconds.
+pub fn clock_ns() -> u64 {
+    Instant::now().saturating_duration_since(epoch()).as_nanos() as u64
+}
+
 /// How often a worker publishes its counters.
 pub const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
@@ -224,7 +236,7 @@ pub fn run_worker<B: Backend>(
     );
     let mut batch = Batch::new(batch_size);
     let mut scratch = vec![0u8; SLOT_BYTES];
-    let start = Instant::now();
+    let start = epoch();
     let mut last_publish = start;
     let publish = |worker: &Worker, at: Instant| {
         let in_transition = plan.load().previous().is_some();

@@ -174,34 +174,21 @@ fn step_request(req: &Request) -> Result<(Option<TableId>, Option<Arc<[Pin]>>), 
     let named = step.table().map_err(|e| Reply::text(400, e))?;
     let pins = match step.pins {
         None => None,
-        Some(list) => {
-            let mut out = Vec::with_capacity(list.iter().map(|t| t.flows.len()).sum());
-            for t in &list {
-                for (i, f) in t.flows.iter().enumerate() {
-                    if f.0 != allocation::rules::proto::TCP && f.0 != allocation::rules::proto::UDP
-                    {
-                        return Err(Reply::text(
-                            400,
-                            format!(
-                                "pins of TM {}: flow {i} has protocol {}, not TCP or UDP",
-                                t.tm, f.0
-                            ),
-                        ));
-                    }
-                    let flow = allocation::Flow::with_ports(
-                        f.0,
-                        f.1.ip(),
-                        f.1.port(),
-                        f.2.ip(),
-                        f.2.port(),
-                    );
-                    out.push(Pin {
-                        key: FlowKey::of(&flow),
-                        tm: t.tm,
-                    });
-                }
-            }
-            Some(Arc::from(out))
+        Some(_) => {
+            let flows = step.pinned_flows().map_err(|e| Reply::text(400, e))?;
+            // Each pin lives its flow's idle timeout from now on the
+            // workers' clock, longer as its packets come.
+            let now = distributor::io::clock_ns();
+            let pins: Vec<Pin> = flows
+                .iter()
+                .map(|&(tm, f, idle_ns)| Pin {
+                    key: FlowKey::of(&f),
+                    tm,
+                    since: now,
+                    idle_ns,
+                })
+                .collect();
+            Some(Arc::from(pins))
         }
     };
     Ok((named, pins))

@@ -472,7 +472,7 @@ impl DistributorConfig {
             return plan;
         }
         let list: std::sync::Arc<[distributor::pins::Pin]> = if dropped.is_empty() {
-            std::sync::Arc::clone(list)
+            list
         } else {
             list.iter()
                 .filter(|p| !dropped.contains(&p.tm))

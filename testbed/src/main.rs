@@ -149,6 +149,9 @@ struct Args {
     /// Flows each distributor worker remembers during a transition.
     #[arg(long, default_value_t = 65_536)]
     transit_memory: usize,
+    /// Flows each distributor can pin past a commit (0: none).
+    #[arg(long, default_value_t = 131_072)]
+    pins: usize,
     /// Seed of every random choice (same seed, same report).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -294,6 +297,7 @@ fn scenario(a: &Args) -> Result<Scenario> {
         drain_window_ns: a.drain_ms.saturating_mul(1_000_000),
         arrival_ns: a.arrival_us.max(1).saturating_mul(1_000),
         transit_memory: a.transit_memory.max(1),
+        pins: a.pins,
         detect_ns: a.detect_ms.saturating_mul(1_000_000),
     })
 }

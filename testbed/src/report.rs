@@ -96,8 +96,7 @@ pub struct FlowTotals {
     /// Flows broken, by cause: `tm_failed` (their TM died), `dead_tm`
     /// (steered to a TM that had died before the distributors knew),
     /// `misrouted` (a packet reached a TM that does not own the flow),
-    /// `udp_moved_at_commit` (a UDP session in a moved bucket, cut when the
-    /// old table was dropped), `fragment_lost`.
+    /// `fragment_lost`.
     pub broken: BTreeMap<String, u64>,
     /// Flows broken by a TM failure (`tm_failed`, `dead_tm`), per TM id.
     pub broken_by_failed_tm: BTreeMap<u32, u64>,

@@ -143,6 +143,8 @@ pub struct Scenario {
     pub arrival_ns: u64,
     /// Flows each distributor worker can remember during a transition.
     pub transit_memory: usize,
+    /// Flows each distributor can pin past a commit (stdd's `transition.pins`; 0: none).
+    pub pins: usize,
     /// Time from a TM's failure until the distributors switch to its failover table, ns.
     pub detect_ns: u64,
     /// A second TM group, if any.
@@ -175,6 +177,7 @@ impl Default for Scenario {
             drain_window_ns: 5_000_000_000,
             arrival_ns: 20_000,
             transit_memory: 65_536,
+            pins: 131_072,
             detect_ns: 900_000_000,
             partition: None,
         }

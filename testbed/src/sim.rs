@@ -28,13 +28,15 @@ use std::time::Duration;
 use allocation::rules::proto;
 use allocation::{AllocationTable, Flow, GroupSpec, HashKey, MacAddr, Tm, TmIndex};
 use control::api::{
-    AbortAnswer, CommitAnswer, DistributorPhase, DistributorTransition, HeldPort, TableId, TmPhase,
-    TmTransition,
+    AbortAnswer, CommitAnswer, DistributorPhase, DistributorTransition, HeldPort, PinnedFlow,
+    StepRequest, TableId, TmPhase, TmPins, TmTransition,
 };
 use control::coordinator::{self, Answer, Call, CallError, NodeId, Outcome, Push, PushSpec};
 use datapath::build::{self, tcp_flags, L2};
 use datapath::transit::TransitConfig;
 use datapath::wire::{self, EthernetFrame};
+use datapath::pins::Pin;
+use datapath::steer::FlowKey;
 use datapath::{Action, Plan, PortKind, Worker, WorkerConfig};
 use fnv::FnvHashMap;
 use tm_core::snat::{ConnectError, Lease, Snat};
@@ -153,6 +155,8 @@ enum Ev {
     Arrive,
     Flow(u64, usize, Step),
     Op(Op),
+    /// A finished UDP session's idle timeout at its TM (by serial).
+    IdleOut(u64),
 }
 
 /// A flow's packets are found again by these.
@@ -187,7 +191,6 @@ struct FlowSt {
     frag: bool,
     icmp: bool,
     phase: Option<usize>,
-    commits_at_start: u64,
     ip_id: u32,
     /// Its registration in its TM's `Tables`: (TM id, connection id).
     conn: Option<(u32, u64)>,
@@ -255,6 +258,8 @@ pub struct Sim {
     committing: bool,
     phase: Option<usize>,
     released: Vec<(u32, Vec<u8>)>,
+    /// Finished UDP sessions their TMs still hold, by serial.
+    lingering: FnvHashMap<u64, FlowSt>,
     /// Results so far.
     report: Report,
     progress: Option<Progress>,
@@ -325,6 +330,36 @@ fn set_tables(t: &Tables, current: &AllocationTable, next: Option<&AllocationTab
     *t.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(current.clone());
     *t.next.lock().unwrap_or_else(|p| p.into_inner()) = next.map(|n| Arc::new(n.clone()));
 }
+
+/// True if a coordinator's open or commit is for the table `id` (a step
+/// that names none is for the running transition, as on stdd).
+fn step_is_for(req: &StepRequest, id: &TableId) -> Result<bool, SimError> {
+    Ok(req.table().map_err(bad)?.is_none_or(|t| t == *id))
+}
+
+/// `plan` with the pins `req` carries, as stdd installs them (the pins in
+/// force stay when it carries none).
+fn with_pins(plan: Plan, req: &StepRequest, now: u64, capacity: usize) -> Result<Plan, SimError> {
+    if req.pins.is_none() {
+        return Ok(plan);
+    }
+    let pins: Vec<Pin> = req
+        .pinned_flows()
+        .map_err(bad)?
+        .iter()
+        .map(|&(tm, f, idle_ns)| Pin {
+            key: FlowKey::of(&f),
+            tm,
+            since: now,
+            idle_ns,
+        })
+        .collect();
+    Ok(plan.with_pins(pins.into(), capacity))
+}
+
+/// The TMs' UDP idle timeout (tmd's `idle_timeout_ms` for the DNS-like service).
+const UDP_IDLE_NS: u64 = 1_000_000_000;
+
 
 /// The TM id that owns the bucket of `flow` under `table`.
 fn owner(table: &AllocationTable, flow: &Flow) -> u32 {
@@ -449,6 +484,7 @@ impl Sim {
             commits: 0,
             push: None,
             committing: false,
+            lingering: FnvHashMap::default(),
             phase: Some(0),
             released: Vec::new(),
             report,
@@ -480,6 +516,7 @@ impl Sim {
                 Ev::Arrive => self.arrive()?,
                 Ev::Flow(serial, slot, step) => self.step(serial, slot, step)?,
                 Ev::Op(op) => self.op(op)?,
+                Ev::IdleOut(serial) => self.idle_out(serial),
             }
         }
         // Events after the last flow (at = 1.0) still happen, with no traffic.
@@ -577,7 +614,6 @@ impl Sim {
             frag: !tcp && self.rng.chance(sc.fragment_share),
             icmp: tcp && self.rng.chance(sc.icmp_share),
             phase: if self.busy { None } else { self.phase },
-            commits_at_start: self.commits,
             ip_id: 0,
             conn: None,
         };
@@ -722,22 +758,7 @@ impl Sim {
             return Ok(());
         };
         if step == Step::Syn {
-            // tmd registers the accepted connection and, once connected,
-            // its server side (what a transition's drain counts).
-            if let Some(node) = self.tms.iter().find(|t| t.id == tm) {
-                let id = node.tables.register(Flow::with_ports(
-                    proto::TCP,
-                    client.0,
-                    client.1,
-                    vip(v6),
-                    vip_port,
-                ));
-                node.tables
-                    .register_server(id, Flow::with_ports(proto::TCP, server.0, server.1, sa, sp));
-                if let Some(Some(f)) = self.flows.get_mut(slot) {
-                    f.conn = Some((tm, id));
-                }
-            }
+            self.register(slot, tm, proto::TCP, (sa, sp));
         }
         let (flags, next) = match step {
             Step::Syn => (tcp_flags::SYN, Step::SynAck),
@@ -892,7 +913,8 @@ impl Sim {
             }
         };
         // The TM relays the request from its session's self-source port.
-        if self.flow(slot).is_some_and(|f| f.lease.is_none()) {
+        let first = self.flow(slot).is_some_and(|f| f.lease.is_none());
+        if first {
             if let Err(why) = self.lease(slot, tm, proto::UDP) {
                 self.end(slot, End::Refused(why));
                 return Ok(());
@@ -901,6 +923,9 @@ impl Sim {
         let Some((sa, sp)) = self.snat_of(slot) else {
             return Ok(());
         };
+        if first {
+            self.register(slot, tm, proto::UDP, (sa, sp));
+        }
         let out = build::udp_frame(
             &L2::new(SERVER_ROUTER, tm_mac(tm)),
             sa,
@@ -915,6 +940,32 @@ impl Sim {
             Ev::Flow(serial, slot, Step::UdpResponse),
         );
         Ok(())
+    }
+
+    /// TM `tm` registers flow `slot` in its tables as tmd does: the client
+    /// side and the server side from `snat` (what a transition's drain
+    /// counts for TCP, and what the TM reports as pins).
+    fn register(&mut self, slot: usize, tm: u32, protocol: u8, snat: (IpAddr, u16)) {
+        let Some(f) = self.flow(slot) else {
+            return;
+        };
+        let (client, server, vip_addr, vip_port) = (f.client, f.server, vip(f.v6), f.vip_port);
+        let Some(node) = self.tms.iter().find(|t| t.id == tm) else {
+            return;
+        };
+        let id = node.tables.register(Flow::with_ports(
+            protocol, client.0, client.1, vip_addr, vip_port,
+        ));
+        node.tables.register_server(
+            id,
+            Flow::with_ports(protocol, server.0, server.1, snat.0, snat.1),
+        );
+        if protocol == proto::UDP {
+            node.tables.set_idle(id, UDP_IDLE_NS / 1_000_000);
+        }
+        if let Some(Some(f)) = self.flows.get_mut(slot) {
+            f.conn = Some((tm, id));
+        }
     }
 
     /// TM `tm` opens TCP flow `slot`'s server side: a DNAT-only TM keeps
@@ -1131,10 +1182,6 @@ impl Sim {
         let Some(Some(f)) = self.flows.get_mut(slot) else {
             return Ok(false);
         };
-        // A commit moves UDP sessions of moved buckets (DESIGN §4): from the
-        // first distributor's commit to the push's end, and for sessions
-        // that started before either.
-        let (tcp, moved_by_commit) = (f.tcp, f.commits_at_start != self.commits || self.committing);
         match f.owner {
             None => {
                 f.owner = Some(tm);
@@ -1155,11 +1202,7 @@ impl Sim {
                 Ok(true)
             }
             Some(_) => {
-                let cause = if !tcp && moved_by_commit {
-                    "udp_moved_at_commit"
-                } else {
-                    "misrouted"
-                };
+                let cause = "misrouted";
                 self.report.flows.split += 1;
                 if self.report.flows.split_examples.len() < 10 {
                     self.report.flows.split_examples.push(format!(
@@ -1227,6 +1270,53 @@ impl Sim {
         let Some(f) = self.flows.get_mut(slot).and_then(Option::take) else {
             return;
         };
+        self.free.push(slot);
+        let (serial, owner) = (f.serial, f.owner);
+        let lingers = !f.tcp && how == End::Done && f.conn.is_some();
+        if lingers {
+            // tmd ends a UDP session only when it idles out (and not
+            // before a distributor's pin of it can be over): until then
+            // its endpoint, port and registration stay.
+            self.lingering.insert(serial, f);
+            self.at(self.now + UDP_IDLE_NS, Ev::IdleOut(serial));
+        } else {
+            self.release(f);
+        }
+        let t = &mut self.report.flows;
+        match how {
+            End::Done => t.completed += 1,
+            End::Refused(why) => *t.refused.entry(why.to_string()).or_default() += 1,
+            End::Broken(why) => {
+                *t.broken.entry(why.to_string()).or_default() += 1;
+                if let (Some(o), "tm_failed" | "dead_tm") = (owner, why) {
+                    *t.broken_by_failed_tm.entry(o).or_default() += 1;
+                }
+            }
+        }
+    }
+
+    /// A lingering UDP session idles out at its TM, unless a pin of it may
+    /// still live (`Tables::kept_until_ms`): then at that time.
+    fn idle_out(&mut self, serial: u64) {
+        let Some(f) = self.lingering.remove(&serial) else {
+            return;
+        };
+        let kept = f.conn.and_then(|(tm, id)| {
+            let node = self.tms.iter().find(|t| t.id == tm)?;
+            node.tables.kept_until_ms(id)
+        });
+        if let Some(k) = kept.map(|ms| ms.saturating_mul(1_000_000)) {
+            if k > self.now {
+                self.lingering.insert(serial, f);
+                self.at(k, Ev::IdleOut(serial));
+                return;
+            }
+        }
+        self.release(f);
+    }
+
+    /// Frees what flow `f` held: its keys, its lease, its registration.
+    fn release(&mut self, f: FlowSt) {
         let p = if f.tcp { proto::TCP } else { proto::UDP };
         self.keys.remove(&Key::Client(p, f.client.0, f.client.1));
         if let Some(l) = &f.lease {
@@ -1245,18 +1335,6 @@ impl Sim {
         if let Some((tm, id)) = f.conn {
             if let Some(node) = self.tms.iter().find(|t| t.id == tm) {
                 node.tables.unregister(id);
-            }
-        }
-        self.free.push(slot);
-        let t = &mut self.report.flows;
-        match how {
-            End::Done => t.completed += 1,
-            End::Refused(why) => *t.refused.entry(why.to_string()).or_default() += 1,
-            End::Broken(why) => {
-                *t.broken.entry(why.to_string()).or_default() += 1;
-                if let (Some(o), "tm_failed" | "dead_tm") = (f.owner, why) {
-                    *t.broken_by_failed_tm.entry(o).or_default() += 1;
-                }
             }
         }
     }
@@ -1568,6 +1646,7 @@ impl Sim {
             ));
         }
         let refused = |why: &str| Ok(Err(CallError::Status(409, why.to_string())));
+        let (now, pin_capacity) = (self.now, self.sc.pins);
         match node {
             NodeId::Distributor(j) => {
                 let (i, front) = (j / 2, j % 2 == 0);
@@ -1581,17 +1660,24 @@ impl Sim {
                 match call {
                     Call::Switch(_) => {
                         if id != *to {
-                            d.plan = plan(next)?.with_previous(running)?;
+                            // The pins of the last commit stay in force
+                            // until the open replaces them (stdd's carry).
+                            let (list, cap) = d.plan.pin_list();
+                            d.plan = plan(next)?
+                                .with_pins(list, cap)
+                                .with_previous(running)?;
                         }
                     }
-                    Call::Open(t) if *t == id => {
+                    Call::Open(req) if step_is_for(req, &id)? => {
                         if d.plan.previous().is_some() {
-                            d.plan = std::mem::replace(&mut d.plan, plan(running)?).opened();
+                            let opened =
+                                std::mem::replace(&mut d.plan, plan(running)?).opened();
+                            d.plan = with_pins(opened, req, now, pin_capacity)?;
                         }
                     }
-                    Call::Commit(t) if *t == id => {
+                    Call::Commit(req) if step_is_for(req, &id)? => {
                         if d.plan.previous().is_some() {
-                            d.plan = plan(next)?;
+                            d.plan = with_pins(plan(next)?, req, now, pin_capacity)?;
                             // The first distributor to drop the previous
                             // table ends the window for the flows.
                             if !self.committing {
@@ -1599,15 +1685,21 @@ impl Sim {
                                 self.commits += 1;
                             }
                         }
+                        let refused = d.plan.pins().map_or(0, |p| {
+                            let r = p.refused();
+                            r.full + r.unroutable
+                        });
                         return Ok(Ok(Answer::Committed(CommitAnswer {
                             table: id,
                             persist_error: None,
+                            pins_refused: Some(refused),
                         })));
                     }
                     Call::Abort(_) => {
                         let aborted = d.plan.previous().is_some();
                         if aborted {
-                            d.plan = plan(running.clone())?;
+                            let (list, cap) = d.plan.pin_list();
+                            d.plan = plan(running.clone())?.with_pins(list, cap);
                         }
                         return Ok(Ok(Answer::Aborted(AbortAnswer {
                             table: TableId::of(&running),
@@ -1623,14 +1715,21 @@ impl Sim {
                     (true, false) => DistributorPhase::Switched,
                     (true, true) => DistributorPhase::Open,
                 };
-                Ok(Ok(Answer::Distributor(DistributorTransition::new(
-                    phase,
-                    p.table(),
-                    p.previous(),
-                    p.moved().map(|m| m.len()),
-                    0,
-                    0,
-                ))))
+                let (kept, refused) = p.pins().map_or((0, 0), |s| {
+                    let r = s.refused();
+                    (s.len() as u64, r.full + r.unroutable)
+                });
+                Ok(Ok(Answer::Distributor(
+                    DistributorTransition::new(
+                        phase,
+                        p.table(),
+                        p.previous(),
+                        p.moved().map(|m| m.len()),
+                        0,
+                        0,
+                    )
+                    .with_pins(kept, refused),
+                )))
             }
             NodeId::Tm(k) => {
                 let Some(t) = self.tms.get(k) else {
@@ -1671,7 +1770,26 @@ impl Sim {
                         )))
                     }
                     Call::TmState => {}
-                    Call::Commit(_) => {
+                    Call::Pins => {
+                        let p = t.tables.pinned_at(now / 1_000_000);
+                        let against = if t.prepared || t.committed {
+                            to.clone()
+                        } else {
+                            TableId::of(&self.table)
+                        };
+                        return Ok(Ok(Answer::Pins(TmPins {
+                            tm: id,
+                            table: against,
+                            flows: p.flows.iter().map(|(f, idle)| PinnedFlow::of(f, *idle)).collect(),
+                            ports: p.ports.iter().map(|&(a, port)| HeldPort(a, port)).collect(),
+                        })));
+                    }
+                    Call::Commit(req) => {
+                        if let Some(h) = &req.held {
+                            // What tmd does: the other TMs' pinned ports
+                            // stay out of its hands past the commit.
+                            snat.set_held(h.iter().map(|p| (p.0, p.1)).collect());
+                        }
                         if t.prepared {
                             snat.retable(&next, None)?;
                             self.tms[k].prepared = false;
@@ -1681,6 +1799,7 @@ impl Sim {
                         return Ok(Ok(Answer::Committed(CommitAnswer {
                             table: to.clone(),
                             persist_error: None,
+                            pins_refused: None,
                         })));
                     }
                     Call::Abort(_) => {
@@ -1710,7 +1829,10 @@ impl Sim {
                     next: prepared.then(|| next.version()),
                     next_checksum: prepared.then(|| to.checksum.clone()),
                     connections_in_moved_buckets: moving,
-                    ports_in_moved_buckets: prepared.then(|| snat.in_use_moving(&next) as u64),
+                    ports_in_moved_buckets: prepared.then(|| {
+                        let ports = snat.moving_ports(&next);
+                        self.tms[k].tables.moving_ports_to_drain(&ports) as u64
+                    }),
                 })))
             }
         }

@@ -15,13 +15,24 @@ struct Open {
     client: Flow,
     /// Server → (SNAT address, port) or the client's own endpoint (DNAT-only): the reply direction.
     server: Option<Flow>,
+    /// Its idle timeout, ms (0: none): how long a distributor's pin of it
+    /// outlives its last packet.
+    idle_ms: u64,
+    /// When it was last reported as pinned ([`Tables::pinned_at`]), ms.
+    reported_ms: Option<u64>,
 }
+
+/// How long after a report a distributor may still install its pins, ms:
+/// a session reported is kept at least its idle timeout plus this after
+/// the report, so no pin outlives it (see [`Tables::kept_until_ms`]).
+pub const PIN_GRACE_MS: u64 = 30_000;
 
 /// What [`Tables::pinned`] reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Pinned {
-    /// Flows some table in force steers elsewhere.
-    pub flows: Vec<Flow>,
+    /// Flows some table in force steers elsewhere, each with its idle
+    /// timeout in ms (0: none).
+    pub flows: Vec<(Flow, u64)>,
     /// Their local endpoints toward the servers.
     pub ports: Vec<(IpAddr, u16)>,
 }
@@ -37,6 +48,7 @@ pub struct Tables {
     pub next: Mutex<Option<Arc<AllocationTable>>>,
     open: Mutex<HashMap<u64, Open>>,
     ids: AtomicU64,
+    epoch: std::time::Instant,
 }
 
 /// Keeps a connection registered while it lives (see [`Tables::open`]).
@@ -47,6 +59,12 @@ pub struct OpenGuard<'a> {
 }
 
 impl OpenGuard<'_> {
+    /// Sets the connection's idle timeout (see [`Tables::set_idle`]).
+    pub fn idle(&self, timeout: std::time::Duration) {
+        self.tables
+            .set_idle(self.id, timeout.as_millis().min(u128::from(u64::MAX)) as u64);
+    }
+
     /// Records the server side: `server` is the server, `from` the local
     /// endpoint the connection to it uses.
     pub fn connected(&self, server: SocketAddr, from: SocketAddr) {
@@ -71,6 +89,7 @@ impl Tables {
             next: Mutex::new(None),
             open: Mutex::new(HashMap::new()),
             ids: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
         }
     }
 
@@ -104,6 +123,8 @@ impl Tables {
             Open {
                 client,
                 server: None,
+                idle_ms: 0,
+                reported_ms: None,
             },
         );
         id
@@ -115,6 +136,30 @@ impl Tables {
         if let Some(o) = self.open_map().get_mut(&id) {
             o.server = Some(reply);
         }
+    }
+
+    /// Sets connection `id`'s idle timeout (ms; 0: none), which its pins
+    /// carry.
+    pub fn set_idle(&self, id: u64, idle_ms: u64) {
+        if let Some(o) = self.open_map().get_mut(&id) {
+            o.idle_ms = idle_ms;
+        }
+    }
+
+    /// This node's clock for [`Tables::pinned_at`] and
+    /// [`Tables::kept_until_ms`], ms.
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Until when (ms, [`Tables::now_ms`]'s clock) connection `id` must
+    /// stay open whatever its idle time: a distributor may hold a pin of
+    /// it until then. `None` if it was never reported.
+    pub fn kept_until_ms(&self, id: u64) -> Option<u64> {
+        let map = self.open_map();
+        let o = map.get(&id)?;
+        o.reported_ms
+            .map(|r| r.saturating_add(o.idle_ms).saturating_add(PIN_GRACE_MS))
     }
 
     fn protocol(&self, id: u64) -> Option<u8> {
@@ -145,6 +190,20 @@ impl Tables {
             .count()
     }
 
+    /// How many of `ports` (self-source ports in moved buckets, from
+    /// `Snat::moving_ports`) are not held by a registered UDP session: what
+    /// a drain waits for — TCP connections, registered or still
+    /// connecting. UDP sessions are pinned at the commit instead.
+    pub fn moving_ports_to_drain(&self, ports: &[(IpAddr, u16)]) -> usize {
+        let udp: std::collections::HashSet<(IpAddr, u16)> = self
+            .open_map()
+            .values()
+            .filter(|o| o.client.protocol == proto::UDP)
+            .filter_map(|o| o.server.and_then(|s| s.ports.map(|(_, p)| (s.dst, p))))
+            .collect();
+        ports.iter().filter(|p| !udp.contains(p)).count()
+    }
+
     /// The flows of this node's open connections and sessions (TCP and
     /// UDP, each by its client side and its server side) that some table
     /// in force — the running one, and the next during a transition —
@@ -153,6 +212,12 @@ impl Tables {
     /// these flows to this node past a commit (DESIGN §4); the other nodes
     /// keep those ports free while they live.
     pub fn pinned(&self) -> Pinned {
+        self.pinned_at(self.now_ms())
+    }
+
+    /// [`Tables::pinned`] at `now_ms`: each flow reported is kept open at
+    /// least until [`Tables::kept_until_ms`].
+    pub fn pinned_at(&self, now_ms: u64) -> Pinned {
         let (current, next) = (self.current(), self.next());
         let tables: Vec<(&AllocationTable, Option<allocation::TmIndex>)> =
             std::iter::once(&*current)
@@ -165,15 +230,21 @@ impl Tables {
                 .any(|(t, me)| me.is_none_or(|me| t.steer(f).tm != me))
         };
         let mut out = Pinned::default();
-        for o in self.open_map().values() {
+        for o in self.open_map().values_mut() {
+            let mut reported = false;
             if away(&o.client) {
-                out.flows.push(o.client);
+                out.flows.push((o.client, o.idle_ms));
+                reported = true;
             }
             if let Some(s) = o.server.filter(|s| away(s)) {
-                out.flows.push(s);
+                out.flows.push((s, o.idle_ms));
+                reported = true;
                 if let Some((_, port)) = s.ports {
                     out.ports.push((s.dst, port));
                 }
+            }
+            if reported {
+                o.reported_ms = Some(now_ms);
             }
         }
         out

@@ -264,7 +264,10 @@ pub fn transition_state(state: &AdminState) -> TmTransition {
         next: next.as_ref().map(|n| n.version()),
         next_checksum: next.as_ref().map(|n| allocation::file::checksum(n)),
         connections_in_moved_buckets: next.as_ref().map(|n| state.tables.moving(n) as u64),
-        ports_in_moved_buckets: next.as_ref().map(|n| state.snat.in_use_moving(n) as u64),
+        ports_in_moved_buckets: next.as_ref().map(|n| {
+            let ports = state.snat.moving_ports(n);
+            state.tables.moving_ports_to_drain(&ports) as u64
+        }),
     }
 }
 
@@ -279,20 +282,12 @@ fn pins(state: &AdminState) -> Reply {
         .next()
         .unwrap_or_else(|| state.tables.current());
     let p = state.tables.pinned();
-    let flow = |f: &allocation::Flow| {
-        let (sp, dp) = f.ports.unwrap_or((0, 0));
-        PinnedFlow(
-            f.protocol,
-            std::net::SocketAddr::new(f.src, sp),
-            std::net::SocketAddr::new(f.dst, dp),
-        )
-    };
     Reply::json(
         200,
         &TmPins {
             tm: state.tables.tm_id,
             table: TableId::of(&table),
-            flows: p.flows.iter().map(flow).collect(),
+            flows: p.flows.iter().map(|(f, idle)| PinnedFlow::of(f, *idle)).collect(),
             ports: p.ports.iter().map(|&(a, port)| HeldPort(a, port)).collect(),
         },
     )

@@ -301,6 +301,7 @@ async fn handle(vs: Arc<VirtualServer>, client: TcpStream, peer: SocketAddr) {
     };
     let local = client.local_addr().unwrap_or(peer);
     let open = vs.tables.open(peer, local);
+    open.idle(vs.idle_timeout);
     let now = std::time::Instant::now();
     // Persistence: the client's binding if alive and its server usable,
     // else the rendezvous winner every TM computes alike. Twice at most: a

@@ -112,9 +112,13 @@ pub async fn serve(vs: Arc<VirtualServer>, socket: UdpSocket, mut stop: watch::R
             _ = sweep.tick() => {
                 let now = Instant::now();
                 let idle = vs.idle_timeout;
+                // A session a distributor may still pin stays (DESIGN §4):
+                // its client would otherwise come back to a stranger.
+                let now_ms = vs.tables.now_ms();
                 let expired: Vec<SocketAddr> = sessions
                     .iter()
                     .filter(|(_, s)| now.duration_since(*s.last.lock().unwrap_or_else(|p| p.into_inner())) >= idle)
+                    .filter(|(_, s)| vs.tables.kept_until_ms(s.id).is_none_or(|k| k <= now_ms))
                     .map(|(c, _)| *c)
                     .collect();
                 for c in expired {
@@ -178,6 +182,8 @@ async fn open(
         local.ip(),
         local.port(),
     ));
+    vs.tables
+        .set_idle(id, vs.idle_timeout.as_millis().min(u128::from(u64::MAX)) as u64);
     vs.tables.register_server(
         id,
         Flow::with_ports(
