@@ -1435,6 +1435,18 @@ impl Sim {
                 for s in owned {
                     self.end(s, End::Broken("tm_failed"));
                 }
+                // And the finished sessions it still held.
+                let held: Vec<u64> = self
+                    .lingering
+                    .iter()
+                    .filter(|(_, f)| f.lease_tm == id)
+                    .map(|(&k, _)| k)
+                    .collect();
+                for k in held {
+                    if let Some(f) = self.lingering.remove(&k) {
+                        self.release(f);
+                    }
+                }
                 self.report
                     .events
                     .push(EventReport::new(&what, at_flow, 0, 0));

@@ -213,6 +213,9 @@ pub struct Pushed {
     pub drain_s: f64,
     /// Connections still in moved buckets at the commit (the window ended).
     pub moving_at_commit: u64,
+    /// Flows (each side of a connection or UDP session) the distributors
+    /// were given to keep on their old owners past the commit.
+    pub pinned_at_commit: u64,
     /// TMs of unknown state at a forced commit.
     pub unknown_at_commit: Vec<String>,
     /// Warnings (a node that could not save the table, …).
@@ -324,6 +327,7 @@ pub fn push(c: &Cluster, next: &AllocationTable, json: bool, force: bool) -> Res
                 skipped: s.skipped,
                 drain_s: s.drain.as_secs_f64(),
                 moving_at_commit: s.moving_at_commit,
+                pinned_at_commit: s.pinned_at_commit,
                 unknown_at_commit: s.unknown_at_commit,
                 warnings: s.warnings,
                 total_s: started.elapsed().as_secs_f64(),

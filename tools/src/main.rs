@@ -437,6 +437,12 @@ fn pushed_text(v: &cluster::Pushed) -> String {
             v.moving_at_commit
         );
     }
+    if v.pinned_at_commit > 0 {
+        s += &format!(
+            ", {} flows pinned to their old owners",
+            v.pinned_at_commit
+        );
+    }
     if !v.unknown_at_commit.is_empty() {
         s += &format!(
             "; committed with --force while the state of {} was unknown",
