@@ -33,10 +33,10 @@ use control::api::{
 };
 use control::coordinator::{self, Answer, Call, CallError, NodeId, Outcome, Push, PushSpec};
 use datapath::build::{self, tcp_flags, L2};
-use datapath::transit::TransitConfig;
-use datapath::wire::{self, EthernetFrame};
 use datapath::pins::Pin;
 use datapath::steer::FlowKey;
+use datapath::transit::TransitConfig;
+use datapath::wire::{self, EthernetFrame};
 use datapath::{Action, Plan, PortKind, Worker, WorkerConfig};
 use fnv::FnvHashMap;
 use tm_core::snat::{ConnectError, Lease, Snat};
@@ -359,7 +359,6 @@ fn with_pins(plan: Plan, req: &StepRequest, now: u64, capacity: usize) -> Result
 
 /// The TMs' UDP idle timeout (tmd's `idle_timeout_ms` for the DNS-like service).
 const UDP_IDLE_NS: u64 = 1_000_000_000;
-
 
 /// The TM id that owns the bucket of `flow` under `table`.
 fn owner(table: &AllocationTable, flow: &Flow) -> u32 {
@@ -1675,15 +1674,12 @@ impl Sim {
                             // The pins of the last commit stay in force
                             // until the open replaces them (stdd's carry).
                             let (list, cap) = d.plan.pin_list();
-                            d.plan = plan(next)?
-                                .with_pins(list, cap)
-                                .with_previous(running)?;
+                            d.plan = plan(next)?.with_pins(list, cap).with_previous(running)?;
                         }
                     }
                     Call::Open(req) if step_is_for(req, &id)? => {
                         if d.plan.previous().is_some() {
-                            let opened =
-                                std::mem::replace(&mut d.plan, plan(running)?).opened();
+                            let opened = std::mem::replace(&mut d.plan, plan(running)?).opened();
                             d.plan = with_pins(opened, req, now, pin_capacity)?;
                         }
                     }
@@ -1792,7 +1788,11 @@ impl Sim {
                         return Ok(Ok(Answer::Pins(TmPins {
                             tm: id,
                             table: against,
-                            flows: p.flows.iter().map(|(f, idle)| PinnedFlow::of(f, *idle)).collect(),
+                            flows: p
+                                .flows
+                                .iter()
+                                .map(|(f, idle)| PinnedFlow::of(f, *idle))
+                                .collect(),
                             ports: p.ports.iter().map(|&(a, port)| HeldPort(a, port)).collect(),
                         })));
                     }

@@ -61,8 +61,10 @@ pub struct OpenGuard<'a> {
 impl OpenGuard<'_> {
     /// Sets the connection's idle timeout (see [`Tables::set_idle`]).
     pub fn idle(&self, timeout: std::time::Duration) {
-        self.tables
-            .set_idle(self.id, timeout.as_millis().min(u128::from(u64::MAX)) as u64);
+        self.tables.set_idle(
+            self.id,
+            timeout.as_millis().min(u128::from(u64::MAX)) as u64,
+        );
     }
 
     /// Records the server side: `server` is the server, `from` the local
@@ -388,6 +390,90 @@ mod test {
             0,
             "closed connections are forgotten"
         );
+        assert_eq!(tables.moving(&next), 0);
+    }
+
+    #[test]
+    fn sessions_a_table_steers_elsewhere_are_pinned_and_kept_past_the_report() {
+        let t = table();
+        let next = t
+            .rebalance(
+                0,
+                &Profile::Gaussian {
+                    mean: None,
+                    sigma: None,
+                },
+            )
+            .expect("rebalance")
+            .table;
+        let tables = Tables::new(0, t.clone());
+        *tables.next.lock().expect("lock") = Some(Arc::new(next.clone()));
+        let vip: SocketAddr = "198.51.100.10:53".parse().expect("vip");
+        let server: SocketAddr = "10.2.0.5:53".parse().expect("server");
+        let snat: IpAddr = "10.20.0.100".parse().expect("addr");
+        let me_now = t.tm_index_by_id(0).expect("tm");
+        let me_next = next.tm_index_by_id(0).expect("tm");
+        let udp =
+            |c: SocketAddr| Flow::with_ports(proto::UDP, c.ip(), c.port(), vip.ip(), vip.port());
+        // Clients this TM owns now: some stay, some move under `next`.
+        let clients: Vec<SocketAddr> = (20_000u16..)
+            .map(|p| SocketAddr::new("203.0.113.9".parse().expect("addr"), p))
+            .filter(|&c| t.steer(&udp(c)).tm == me_now)
+            .take(100)
+            .collect();
+        // Server-side ports it owns under both tables: they never pin.
+        let ports: Vec<u16> = (1024u16..)
+            .filter(|&p| {
+                let f = Flow::with_ports(proto::UDP, server.ip(), server.port(), snat, p);
+                t.steer(&f).tm == me_now && next.steer(&f).tm == me_next
+            })
+            .take(100)
+            .collect();
+        let ids: Vec<u64> = clients
+            .iter()
+            .zip(&ports)
+            .map(|(&c, &p)| {
+                let id = tables.register(udp(c));
+                tables.register_server(
+                    id,
+                    Flow::with_ports(proto::UDP, server.ip(), server.port(), snat, p),
+                );
+                tables.set_idle(id, 60_000);
+                id
+            })
+            .collect();
+        let moving: Vec<(SocketAddr, u64)> = clients
+            .iter()
+            .zip(&ids)
+            .filter(|(&c, _)| next.steer(&udp(c)).tm != me_next)
+            .map(|(&c, &id)| (c, id))
+            .collect();
+        assert!(!moving.is_empty() && moving.len() < 100);
+        let p = tables.pinned_at(1_000);
+        let mut want: Vec<(Flow, u64)> = moving.iter().map(|&(c, _)| (udp(c), 60_000)).collect();
+        let mut got = p.flows.clone();
+        want.sort_by_key(|(f, _)| f.ports);
+        got.sort_by_key(|(f, _)| f.ports);
+        assert_eq!(
+            got, want,
+            "exactly the client sides that move, with their idle"
+        );
+        assert!(p.ports.is_empty(), "no server side moves");
+        // What was reported stays open its idle timeout plus the grace
+        // after the report; what was not has no such floor.
+        for &(_, id) in &moving {
+            assert_eq!(
+                tables.kept_until_ms(id),
+                Some(1_000 + 60_000 + PIN_GRACE_MS)
+            );
+        }
+        let still = ids.iter().find(|id| !moving.iter().any(|m| m.1 == **id));
+        assert_eq!(still.and_then(|&id| tables.kept_until_ms(id)), None);
+        // UDP sessions' ports are not what a drain waits for; others are.
+        let held: Vec<(IpAddr, u16)> = ports.iter().map(|&p| (snat, p)).collect();
+        assert_eq!(tables.moving_ports_to_drain(&held), 0);
+        assert_eq!(tables.moving_ports_to_drain(&[(snat, 1)]), 1);
+        // Nor does a drain count them as connections.
         assert_eq!(tables.moving(&next), 0);
     }
 

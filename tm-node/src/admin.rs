@@ -287,7 +287,11 @@ fn pins(state: &AdminState) -> Reply {
         &TmPins {
             tm: state.tables.tm_id,
             table: TableId::of(&table),
-            flows: p.flows.iter().map(|(f, idle)| PinnedFlow::of(f, *idle)).collect(),
+            flows: p
+                .flows
+                .iter()
+                .map(|(f, idle)| PinnedFlow::of(f, *idle))
+                .collect(),
             ports: p.ports.iter().map(|&(a, port)| HeldPort(a, port)).collect(),
         },
     )

@@ -182,8 +182,10 @@ async fn open(
         local.ip(),
         local.port(),
     ));
-    vs.tables
-        .set_idle(id, vs.idle_timeout.as_millis().min(u128::from(u64::MAX)) as u64);
+    vs.tables.set_idle(
+        id,
+        vs.idle_timeout.as_millis().min(u128::from(u64::MAX)) as u64,
+    );
     vs.tables.register_server(
         id,
         Flow::with_ports(

@@ -1302,3 +1302,107 @@ fn two_tms_send_each_client_to_one_host_across_a_buddy_group() {
         stop(t);
     }
 }
+
+#[test]
+fn a_udp_session_in_a_moved_bucket_is_reported_as_pins_and_kept_past_its_idle_timeout() {
+    let t = table();
+    let server_sock = std::net::UdpSocket::bind((ip("127.0.0.34"), 0)).expect("udp server");
+    let server = server_sock.local_addr().expect("addr");
+    let seen: Arc<Mutex<Vec<SocketAddr>>> = Arc::new(Mutex::new(Vec::new()));
+    {
+        let seen = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = server_sock.recv_from(&mut buf) {
+                seen.lock().expect("lock").push(from);
+                let _ = server_sock.send_to(&buf[..n], from);
+            }
+        });
+    }
+    let vip = std::net::UdpSocket::bind((ip("127.0.0.21"), 0))
+        .and_then(|s| s.local_addr())
+        .expect("free udp port");
+    let dir = tmd_dir("udp-pins");
+    let admin = free_vip("127.0.0.1").port();
+    std::fs::write(
+        dir.join("tmd.toml"),
+        format!(
+            "tm_id = {TM_ID}\ntable = \"table.toml\"\nsnat_addresses = [\"127.0.0.30\"]\ndrain_timeout_ms = 2000\n\n\
+             [[pool]]\nname = \"dns\"\nservers = [{{ address = \"{server}\" }}]\n\n\
+             [[virtual_server]]\nname = \"dns\"\nprotocol = \"udp\"\nlisten = \"{vip}\"\npool = \"dns\"\nidle_timeout_ms = 300\n\n\
+             [admin]\nlisten = \"127.0.0.1:{admin}\"\n"
+        ),
+    )
+    .expect("config");
+    let tmd = spawn_tmd(dir, admin, "warn");
+    let ask = |c: &std::net::UdpSocket, msg: &[u8]| -> bool {
+        let _ = c.send_to(msg, vip);
+        let mut buf = [0u8; 2048];
+        matches!(c.recv_from(&mut buf), Ok((n, from)) if &buf[..n] == msg && from == vip)
+    };
+    let client = std::net::UdpSocket::bind((ip("127.0.0.1"), 0)).expect("client");
+    client
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ask(&client, b"ready?") {
+        assert!(Instant::now() < deadline, "tmd did not answer");
+    }
+    let session = *seen.lock().expect("lock").last().expect("seen");
+    // No transition: the running table steers the session here, nothing pinned.
+    let pins = |body: &str| -> control::api::TmPins {
+        serde_json::from_str(body.trim()).expect("a TM's pins")
+    };
+    let (code, body) = http(admin, "GET", "/transition/pins", "");
+    assert_eq!(code, 200, "{body}");
+    assert!(pins(&body).flows.is_empty(), "{body}");
+    // Drain this TM: in the next table it owns no bucket, so both sides of
+    // the session live where another TM will steer them.
+    let me = t.tm_index_by_id(TM_ID).expect("tm");
+    let drained = t.failover(&[me]).expect("failover").table.with_version(2);
+    let (code, body) = http(
+        admin,
+        "POST",
+        "/transition/prepare",
+        &allocation::file::render(&drained),
+    );
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = http(admin, "GET", "/transition/pins", "");
+    assert_eq!(code, 200, "{body}");
+    let p = pins(&body);
+    assert_eq!(p.tm, TM_ID);
+    assert_eq!(p.table, control::TableId::of(&drained));
+    let local = client.local_addr().expect("client addr");
+    let want = [
+        control::api::PinnedFlow(proto::UDP, local, vip, 300),
+        control::api::PinnedFlow(proto::UDP, server, session, 300),
+    ];
+    for w in want {
+        assert!(p.flows.contains(&w), "{w:?} in {body}");
+    }
+    assert_eq!(
+        p.ports,
+        vec![control::api::HeldPort(session.ip(), session.port())]
+    );
+    // A TM's commit takes held ports, never pins.
+    let id = control::TableId::of(&drained);
+    let bad = format!(
+        "{{\"version\":2,\"checksum\":\"{}\",\"pins\":[]}}",
+        id.checksum
+    );
+    assert_eq!(http(admin, "POST", "/transition/commit", &bad).0, 400);
+    let body = format!(
+        "{{\"version\":2,\"checksum\":\"{}\",\"held\":[[\"127.0.0.30\",40000]]}}",
+        id.checksum
+    );
+    let (code, answer) = http(admin, "POST", "/transition/commit", &body);
+    assert_eq!(code, 200, "{answer}");
+    // Idle well past its 300 ms timeout: the session was reported, so a
+    // distributor may still pin it — tmd keeps it, same port (without the
+    // report it would end: see udp_sessions_use_self_source_ports_and_end_when_idle).
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(ask(&client, b"still there?"));
+    let again = *seen.lock().expect("lock").last().expect("seen");
+    assert_eq!(again, session, "the reported session lives on");
+    stop(tmd);
+}

@@ -438,10 +438,7 @@ fn pushed_text(v: &cluster::Pushed) -> String {
         );
     }
     if v.pinned_at_commit > 0 {
-        s += &format!(
-            ", {} flows pinned to their old owners",
-            v.pinned_at_commit
-        );
+        s += &format!(", {} flows pinned to their old owners", v.pinned_at_commit);
     }
     if !v.unknown_at_commit.is_empty() {
         s += &format!(
