@@ -171,6 +171,7 @@ impl Fake {
                     17,
                     format!("192.0.2.{}:40000", i + 1).parse().expect("addr"),
                     "198.51.100.1:53".parse().expect("addr"),
+                    30_000,
                 )],
                 ports: vec![HeldPort(
                     "10.20.0.100".parse().expect("ip"),

@@ -160,7 +160,10 @@ fn named_table(req: &Request) -> Result<Option<TableId>, Reply> {
 
 /// The body of open and commit: the table named, and the pins it carries
 /// (`None`: the pins in force stay).
-fn step_request(req: &Request) -> Result<(Option<TableId>, Option<Arc<[Pin]>>), Reply> {
+/// What an open or commit body names: the table, and the pins.
+type Step = (Option<TableId>, Option<Arc<[Pin]>>);
+
+fn step_request(req: &Request) -> Result<Step, Reply> {
     if req.body.iter().all(u8::is_ascii_whitespace) {
         return Ok((None, None));
     }

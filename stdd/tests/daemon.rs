@@ -232,8 +232,59 @@ fn stdd_runs_serves_admin_swaps_tables_and_stops_on_sigterm() {
     assert_eq!(metric(&m, "std_transition_switched"), 0);
     let (code, body) = http(admin, "POST", "/transition/switch", Some(TOKEN), &v3_text);
     assert_eq!(code, 200, "{body}");
-    let (code, body) = http(admin, "POST", "/transition/commit", Some(TOKEN), "");
+    // The commit carries the TMs' pins: a UDP session its old owner still
+    // serves (kept), one toward a TM no table has (refused, counted); a
+    // pin of another protocol is a bad request.
+    let session = Flow::with_ports(
+        allocation::rules::proto::UDP,
+        "203.0.113.7".parse().expect("addr"),
+        40_000,
+        "198.51.100.10".parse().expect("addr"),
+        53,
+    );
+    let owner = v3.tms()[usize::from(v3.steer(&session).tm)].id;
+    let old_owner = v3
+        .tms()
+        .iter()
+        .map(|t| t.id)
+        .find(|&i| i != owner)
+        .expect("another TM");
+    let id = control::TableId::of(&v3);
+    let step = |pins: &str| {
+        format!(
+            "{{\"version\":3,\"checksum\":\"{}\",\"pins\":[{pins}]}}",
+            id.checksum
+        )
+    };
+    let tm_pins = |tm: u32, proto: u8| {
+        format!(
+            "{{\"tm\":{tm},\"table\":{{\"version\":3,\"checksum\":\"{}\"}},\"flows\":[[{proto},\"203.0.113.7:40000\",\"198.51.100.10:53\",30000]],\"ports\":[]}}",
+            id.checksum
+        )
+    };
+    let (code, body) = http(
+        admin,
+        "POST",
+        "/transition/commit",
+        Some(TOKEN),
+        &step(&tm_pins(old_owner, 1)),
+    );
+    assert_eq!(code, 400, "only TCP and UDP are pinned: {body}");
+    let (code, body) = http(
+        admin,
+        "POST",
+        "/transition/commit",
+        Some(TOKEN),
+        &step(&format!("{},{}", tm_pins(old_owner, 17), tm_pins(99, 17))),
+    );
     assert_eq!(code, 200, "{body}");
+    let answer: control::CommitAnswer = serde_json::from_str(body.trim()).expect("commit answer");
+    assert_eq!(answer.pins_refused, Some(1), "{body}");
+    let m = http(admin, "GET", "/metrics", Some(TOKEN), "").1;
+    assert_eq!(metric(&m, "std_pinned_flows"), 1, "{m}");
+    assert_eq!(metric(&m, "std_pins_refused{reason=\"unroutable\"}"), 1);
+    let (_, body) = http(admin, "GET", "/transition", Some(TOKEN), "");
+    assert!(body.contains("\"pinned_flows\":1"), "{body}");
     let m = http(admin, "GET", "/metrics", Some(TOKEN), "").1;
     assert_eq!(metric(&m, "std_table_version"), 3);
     assert_eq!(metric(&m, "std_transition_switched"), 0);

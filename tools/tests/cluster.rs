@@ -32,6 +32,8 @@ struct State {
     table: Option<AllocationTable>,
     other: Option<AllocationTable>,
     open: bool,
+    /// A TM's id (from its name, `tmN`).
+    tm_id: u32,
 }
 
 fn id(t: &AllocationTable) -> control::TableId {
@@ -60,6 +62,8 @@ fn distributor(st: &mut State, what: &str, body: &str) -> (u16, String) {
             moved_buckets: st.other.as_ref().map(|_| 10),
             remembered_flows: 0,
             overflows: 0,
+            pinned_flows: None,
+            pins_refused: None,
         })
     };
     match what {
@@ -91,6 +95,7 @@ fn distributor(st: &mut State, what: &str, body: &str) -> (u16, String) {
                 json(&control::CommitAnswer {
                     table: id(&cur),
                     persist_error: None,
+                    pins_refused: Some(0),
                 }),
             )
         }
@@ -137,6 +142,35 @@ fn tm(st: &mut State, what: &str, body: &str, moving: u64) -> (u16, String) {
         "GET /table" => (200, file::render(&cur)),
         "GET /transition" => (200, tstate(st, moving)),
         "GET /transition/ports" => (200, "[[\"10.20.0.100\", 4242]]".to_string()),
+        "GET /transition/pins" => {
+            // One UDP session, both sides, on a port of its own.
+            let t = st.other.as_ref().unwrap_or(&cur);
+            (
+                200,
+                json(&control::api::TmPins {
+                    tm: st.tm_id,
+                    table: id(t),
+                    flows: vec![
+                        control::api::PinnedFlow(
+                            17,
+                            "203.0.113.9:40000".parse().expect("addr"),
+                            "198.51.100.10:53".parse().expect("addr"),
+                            30_000,
+                        ),
+                        control::api::PinnedFlow(
+                            17,
+                            "10.2.0.5:53".parse().expect("addr"),
+                            "10.20.0.100:4343".parse().expect("addr"),
+                            30_000,
+                        ),
+                    ],
+                    ports: vec![control::api::HeldPort(
+                        "10.20.0.100".parse().expect("addr"),
+                        4343,
+                    )],
+                }),
+            )
+        }
         "POST /transition/prepare" => {
             let req: control::PrepareRequest = serde_json::from_str(body).expect("prepare body");
             st.other = Some(file::parse(&req.table).expect("a table"));
@@ -152,6 +186,7 @@ fn tm(st: &mut State, what: &str, body: &str, moving: u64) -> (u16, String) {
                 json(&control::CommitAnswer {
                     table: id(t),
                     persist_error: None,
+                    pins_refused: None,
                 }),
             )
         }
@@ -179,6 +214,10 @@ fn fake_node(name: &str, script: Script, log: Log) -> String {
         let mut failed_once: Vec<String> = Vec::new();
         let mut st = State {
             table: Some(file::parse(&script.table).expect("script table")),
+            tm_id: name
+                .strip_prefix("tm")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0),
             ..State::default()
         };
         for mut req in server.incoming_requests() {
@@ -381,6 +420,33 @@ fn push_runs_every_phase_in_order_and_waits_for_the_drain() {
         Some(file::render(&next))
     );
     assert!(out.contains("installed table version 5 (from 4)"), "{out}");
+    // Every TM's pins reach every distributor at the open and the commit;
+    // each TM's commit holds the other TMs' pinned ports.
+    for d in ["front", "back"] {
+        for step in ["open", "commit"] {
+            let body = c
+                .body_of(d, &format!("POST /transition/{step}"))
+                .expect("a body");
+            let req: control::api::StepRequest =
+                serde_json::from_str(&body).expect("a step request");
+            let pins = req.pins.expect("pins");
+            assert_eq!(
+                pins.iter().map(|p| p.tm).collect::<Vec<_>>(),
+                vec![0, 1, 2],
+                "{d} {step}: {body}"
+            );
+            assert!(pins.iter().all(|p| p.flows.len() == 2), "{body}");
+        }
+    }
+    let body = c.body_of("tm1", "POST /transition/commit").expect("a body");
+    let req: control::api::StepRequest = serde_json::from_str(&body).expect("a step request");
+    assert_eq!(req.pins, None, "{body}");
+    assert_eq!(
+        req.held.map(|h| h.len()),
+        Some(2),
+        "tm0's and tm2's port: {body}"
+    );
+    assert!(out.contains("6 flows pinned to their old owners"), "{out}");
     // The drain went 12 → 3 → 0 connections (three TMs: 4, 1, 0 each).
     assert!(
         out.contains("12 connections left")
