@@ -221,6 +221,53 @@ fn steering(c: &mut Criterion) {
                 acc
             })
         });
+        // Committed, with the flows of every moved bucket pinned to their
+        // old owner (what the TMs report when none has ended): pinned
+        // buckets take the per-frame path and one pin lookup; the rest
+        // keep the fast path.
+        let pins: Vec<datapath::pins::Pin> = frames("tcp64", n)
+            .iter()
+            .filter_map(|f| {
+                let src = IpAddr::V4([f[26], f[27], f[28], f[29]].into());
+                let sport = u16::from_be_bytes([f[34], f[35]]);
+                let vip: IpAddr = "198.51.100.10".parse().ok()?;
+                let flow = Flow::with_ports(proto::TCP, src, sport, vip, 443);
+                let old = tp.previous()?;
+                let owner = old.tms()[usize::from(old.steer(&flow).tm)].id;
+                let now = tp.table().tms()[usize::from(tp.table().steer(&flow).tm)].id;
+                (owner != now).then_some(datapath::pins::Pin {
+                    key: datapath::steer::FlowKey::of(&flow),
+                    tm: owner,
+                    since: 0,
+                    idle_ns: 0,
+                })
+            })
+            .collect();
+        let pinned_share = pins.len() as f64 / n as f64;
+        let pp = tp.clone().without_previous().with_pins(pins.into(), 1 << 17);
+        eprintln!(
+            "batch_tcp64_pinned: {} pins ({:.0} % of the frames' flows)",
+            pp.pins().map_or(0, |p| p.len()),
+            pinned_share * 100.0
+        );
+        let mut w = Worker::new(WorkerConfig::default(), HashKey::from_bytes([3; 16]));
+        g.bench_function("batch_tcp64_pinned", |b| {
+            b.iter(|| {
+                now += 1;
+                let mut acc = 0usize;
+                for batch in batches.iter_mut() {
+                    for i in 0..batch.len() {
+                        let (_, _, buf, _) = batch.get_mut(i);
+                        buf[..6].copy_from_slice(&GROUP.0);
+                    }
+                    w.process_batch(black_box(batch), &pp, now);
+                    acc = acc.wrapping_add(
+                        matches!(batch.action(0), datapath::Action::ToTm { .. }) as usize,
+                    );
+                }
+                acc
+            })
+        });
     }
     // Baselines: the table lookup alone on pre-parsed flows, and the L2 work alone.
     let flows: Vec<Flow> = frames("tcp64", n)
