@@ -244,7 +244,10 @@ fn steering(c: &mut Criterion) {
             })
             .collect();
         let pinned_share = pins.len() as f64 / n as f64;
-        let pp = tp.clone().without_previous().with_pins(pins.into(), 1 << 17);
+        let pp = tp
+            .clone()
+            .without_previous()
+            .with_pins(pins.into(), 1 << 17);
         eprintln!(
             "batch_tcp64_pinned: {} pins ({:.0} % of the frames' flows)",
             pp.pins().map_or(0, |p| p.len()),

@@ -80,8 +80,21 @@ pub fn handler(state: Arc<AdminState>) -> Arc<dyn admin_http::server::Handler> {
     Arc::new(move |req: Request| handle(&req, &state))
 }
 
-/// Writes `table` where stdd reads it at start; the error as text.
-fn persist(config: &DistributorConfig, table: &AllocationTable) -> Option<String> {
+/// Writes `table` where stdd reads it at start, and into the history with
+/// `replaced` (the table it took the place of); the error as text (the
+/// history's is logged only).
+fn persist(
+    config: &DistributorConfig,
+    table: &AllocationTable,
+    replaced: Option<&AllocationTable>,
+) -> Option<String> {
+    let kept: Vec<&AllocationTable> = replaced.into_iter().chain([table]).collect();
+    if let Err(e) = crate::history::record(&config.table, &kept) {
+        log::warn!(
+            "table version {}: not kept in the history ({e}): `stdctl rollback` cannot come back to it",
+            table.version()
+        );
+    }
     match allocation::file::save(&config.table, table) {
         Ok(()) => None,
         Err(e) => {
@@ -128,6 +141,11 @@ pub fn handle(req: &Request, state: &AdminState) -> Reply {
             None => Reply::text(404, "no transition is switched: no previous table"),
         },
         ("PUT", "/table") => put_table(req, state),
+        ("GET", "/table/history") => match state.config.lock() {
+            Ok(c) => Reply::json(200, &crate::history::list(&c.table)),
+            Err(_) => Reply::text(500, "configuration lock poisoned"),
+        },
+        ("GET", p) if p.starts_with("/table/history/") => table_from_history(state, p),
         ("GET", "/transition") => Reply::json(200, &transition_state(state)),
         ("POST", "/transition/switch") => switch(req, state),
         ("POST", "/transition/open") => open(req, state),
@@ -135,13 +153,37 @@ pub fn handle(req: &Request, state: &AdminState) -> Reply {
         ("POST", "/transition/abort") => abort(req, state),
         (
             _,
-            "/metrics" | "/healthz" | "/table" | "/table/previous" | "/transition"
+            "/metrics" | "/healthz" | "/table" | "/table/previous" | "/table/history"
+            | "/transition"
             | "/transition/switch" | "/transition/open" | "/transition/commit"
             | "/transition/abort",
         ) => Reply::text(405, "method not allowed"),
         _ => Reply::text(
             404,
-            "not found: /metrics, /healthz, /table[/previous], /transition[/switch|/open|/commit|/abort]",
+            "not found: /metrics, /healthz, /table[/previous|/history[/VERSION]], /transition[/switch|/open|/commit|/abort]",
+        ),
+    }
+}
+
+/// GET /table/history/VERSION: that committed table, as its file.
+fn table_from_history(state: &AdminState, path: &str) -> Reply {
+    let Some(v) = path
+        .strip_prefix("/table/history/")
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return Reply::text(400, "/table/history/VERSION: VERSION is a number");
+    };
+    let Ok(c) = state.config.lock() else {
+        return Reply::text(500, "configuration lock poisoned");
+    };
+    match crate::history::load(&c.table, v) {
+        Some(t) => Reply::text(200, allocation::file::render(&t)),
+        None => Reply::text(
+            404,
+            format!(
+                "version {v} is not in the history (the last {} committed tables)",
+                crate::history::KEPT
+            ),
         ),
     }
 }
@@ -260,7 +302,7 @@ fn put_table(req: &Request, state: &AdminState) -> Reply {
                 "table version {} replaced by version {version} (PUT /table)",
                 old.table().version()
             );
-            match persist(&config, &installed) {
+            match persist(&config, &installed, Some(old.table())) {
                 None => Reply::text(200, format!("installed table version {version}")),
                 Some(e) => Reply::text(
                     200,
@@ -475,7 +517,7 @@ fn commit(req: &Request, state: &AdminState) -> Reply {
         "transition: committed table version {} (version {prev} dropped)",
         running.version
     );
-    let persist_error = persist(&config, current.table());
+    let persist_error = persist(&config, current.table(), current.previous());
     Reply::json(
         200,
         &CommitAnswer {

@@ -1,7 +1,8 @@
-//! stdd, the distributor daemon, on the I/O layer (`distributor`) and the data-path core (`datapath`): its configuration ([`config`]), its admin endpoint ([`admin`]) and TM liveness probes with automatic failover ([`failover`]); the binary (`src/bin/stdd.rs`) joins them to the backends and workers.
+//! stdd, the distributor daemon, on the I/O layer (`distributor`) and the data-path core (`datapath`): its configuration ([`config`]), its admin endpoint ([`admin`]), the history of committed tables ([`history`]) and TM liveness probes with automatic failover ([`failover`]); the binary (`src/bin/stdd.rs`) joins them to the backends and workers.
 #![deny(missing_docs)]
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod admin;
 pub mod config;
 pub mod failover;
+pub mod history;

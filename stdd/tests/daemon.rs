@@ -290,6 +290,30 @@ fn stdd_runs_serves_admin_swaps_tables_and_stops_on_sigterm() {
     assert_eq!(metric(&m, "std_transition_switched"), 0);
     let (code, body) = http(admin, "GET", "/table", Some(TOKEN), "");
     assert_eq!((code, body.trim_end()), (200, v3_text.trim_end()));
+    // The history keeps every table installed, newest first: what
+    // `stdctl rollback` puts back.
+    let (code, body) = http(admin, "GET", "/table/history", Some(TOKEN), "");
+    assert_eq!(code, 200, "{body}");
+    let kept: Vec<control::TableId> = serde_json::from_str(body.trim()).expect("history");
+    assert_eq!(
+        kept.iter().map(|t| t.version).collect::<Vec<_>>(),
+        vec![3, 2, 1],
+        "{body}"
+    );
+    assert_eq!(kept[1], control::TableId::of(&next));
+    let (code, body) = http(admin, "GET", "/table/history/2", Some(TOKEN), "");
+    assert_eq!(
+        (code, body.trim_end()),
+        (200, allocation::file::render(&next).trim_end())
+    );
+    assert_eq!(
+        http(admin, "GET", "/table/history/9", Some(TOKEN), "").0,
+        404
+    );
+    assert_eq!(
+        http(admin, "GET", "/table/history/x", Some(TOKEN), "").0,
+        400
+    );
     // The committed table is where stdd starts from.
     assert_eq!(
         allocation::file::load(dir.join("table.toml")).expect("table file"),

@@ -42,6 +42,10 @@ pub enum Command {
     /// (prepare every TM, switch and open every distributor, drain, commit;
     /// roll back if a node fails before the commit).
     Push(PushArgs),
+    /// Put an earlier committed table's contents back, as a new version,
+    /// with the same transition protocol (the distributors keep the last
+    /// committed tables beside their table file).
+    Rollback(RollbackArgs),
     /// Abort the transition a running cluster is in: every distributor and
     /// TM goes back to its previous table (nodes committed already stay).
     Abort(ClusterArg),
@@ -76,6 +80,20 @@ pub struct PushArgs {
     pub cluster: ClusterArg,
     /// Commit when the drain window ends even if some TM's state is unknown
     /// (by default the push stops there, the cluster left switched).
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArg,
+    /// The committed version to go back to (default: the newest one older
+    /// than the running table).
+    #[arg(long)]
+    pub to: Option<u64>,
+    /// As for push: commit when the drain window ends even if some TM's
+    /// state is unknown.
     #[arg(long)]
     pub force: bool,
 }

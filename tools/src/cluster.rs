@@ -271,6 +271,90 @@ fn starting_point(
     Ok((fetch_table(client, d, "/table")?, false))
 }
 
+/// Puts the contents of an earlier committed table back as a new version
+/// (the running version + 1) through [`push`]: `to`, or the newest version
+/// in the first distributor's history older than the running table. The
+/// table gone back to, and the push's summary.
+pub fn rollback(
+    c: &Cluster,
+    to: Option<u64>,
+    json: bool,
+    force: bool,
+) -> Result<(TableId, Pushed)> {
+    let client = c.client();
+    let (dists, _) = c.endpoints();
+    let d = &dists[0];
+    let state: DistributorTransition = client
+        .ok_json(d, "GET", "/transition", None)
+        .map_err(|e| node_error(d, "GET /transition", e))?;
+    state
+        .check()
+        .map_err(|e| anyhow!("{}: GET /transition: {e}", d.name))?;
+    if state.state != DistributorPhase::Idle {
+        bail!(
+            "{}: a transition to {} is under way: finish it (push that table again) or `stdctl abort` before rolling back",
+            d.name,
+            state.table()
+        );
+    }
+    let running = fetch_table(&client, d, "/table")?;
+    let history: Vec<TableId> = client
+        .ok_json(d, "GET", "/table/history", None)
+        .map_err(|e| node_error(d, "GET /table/history", e))?;
+    let listed = || {
+        history
+            .iter()
+            .map(|t| t.version.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let target = match to {
+        Some(v) if v >= running.version() => bail!(
+            "--to {v}: the cluster runs version {}; roll back to an older one",
+            running.version()
+        ),
+        Some(v) => history.iter().find(|t| t.version == v).cloned().ok_or_else(|| {
+            anyhow!(
+                "{}: version {v} is not in its history (it keeps: {})",
+                d.name,
+                listed()
+            )
+        })?,
+        None => history
+            .iter()
+            .find(|t| t.version < running.version())
+            .cloned()
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}: no committed table older than the running version {} in its history (it keeps: {})",
+                    d.name,
+                    running.version(),
+                    if history.is_empty() { "none".into() } else { listed() }
+                )
+            })?,
+    };
+    let old = fetch_table(&client, d, &format!("/table/history/{}", target.version))?;
+    if TableId::of(&old) != target {
+        bail!(
+            "{}: GET /table/history/{} answered {}, not the {} it listed",
+            d.name,
+            target.version,
+            TableId::of(&old),
+            target
+        );
+    }
+    let next = old.with_version(running.version() + 1);
+    progress(
+        json,
+        &format!(
+            "rolling back: the contents of {} as version {}",
+            target,
+            next.version()
+        ),
+    );
+    Ok((target, push(c, &next, json, force)?))
+}
+
 /// Runs the transition protocol (DESIGN §4) to `next` on every node with
 /// the shared coordinator; rolls every node that may have changed back if
 /// one fails before the commit.

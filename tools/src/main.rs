@@ -122,6 +122,20 @@ fn run(cmd: Command, out: &Out) -> Result<()> {
             out.emit(serde_json::to_value(&summary)?, || pushed_text(&summary));
             Ok(())
         }
+        Command::Rollback(a) => {
+            let c = cluster::Cluster::load(&a.cluster.cluster)?;
+            let (back_to, summary) = cluster::rollback(&c, a.to, out.json, a.force)?;
+            let mut v = serde_json::to_value(&summary)?;
+            v["rolled_back_to"] = serde_json::to_value(&back_to)?;
+            out.emit(v, || {
+                format!(
+                    "rolled back to the contents of version {}: {}",
+                    back_to.version,
+                    pushed_text(&summary)
+                )
+            });
+            Ok(())
+        }
         Command::Abort(a) => {
             let c = cluster::Cluster::load(&a.cluster)?;
             cluster::abort(&c, out.json)?;

@@ -34,6 +34,8 @@ struct State {
     open: bool,
     /// A TM's id (from its name, `tmN`).
     tm_id: u32,
+    /// A distributor's committed tables, oldest first.
+    history: Vec<AllocationTable>,
 }
 
 fn id(t: &AllocationTable) -> control::TableId {
@@ -88,8 +90,24 @@ fn distributor(st: &mut State, what: &str, body: &str) -> (u16, String) {
             st.open = st.other.is_some();
             (200, dstate(st))
         }
+        "GET /table/history" => {
+            let mut ids: Vec<control::TableId> = st.history.iter().map(id).collect();
+            ids.reverse();
+            (200, json(&ids))
+        }
+        w if w.starts_with("GET /table/history/") => {
+            let v: u64 = w["GET /table/history/".len()..].parse().unwrap_or(0);
+            match st.history.iter().find(|t| t.version() == v) {
+                Some(t) => (200, file::render(t)),
+                None => (404, "not in the history".into()),
+            }
+        }
         "POST /transition/commit" => {
-            st.other = None;
+            if let Some(prev) = st.other.take() {
+                st.history.retain(|t| t.version() != prev.version());
+                st.history.push(prev);
+                st.history.push(cur.clone());
+            }
             (
                 200,
                 json(&control::CommitAnswer {
@@ -363,6 +381,15 @@ impl Cluster {
             .filter(|(_, w, _)| w.starts_with("POST"))
             .map(|(n, w, _)| (n.clone(), w.clone()))
             .collect()
+    }
+    fn last_body_of(&self, node: &str, what: &str) -> Option<String> {
+        self.log
+            .lock()
+            .expect("log")
+            .iter()
+            .rev()
+            .find(|(n, w, _)| n == node && w == what)
+            .map(|(_, _, b)| b.clone())
     }
     fn body_of(&self, node: &str, what: &str) -> Option<String> {
         self.log
@@ -991,4 +1018,58 @@ fn the_cluster_file_takes_stdctl_environment_overrides_and_names_a_bad_one() {
         v["moving_at_commit"].as_u64() > Some(0),
         "no drain wait: {v}"
     );
+}
+
+#[test]
+fn rollback_puts_the_previous_committed_contents_back_as_a_new_version() {
+    let c = cluster("rollback", normal);
+    // Nothing committed yet: no history to go back to.
+    let o = stdctl(&["rollback", "--cluster", &c.file()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("front: no committed table older than the running version 4"),
+        "{err}"
+    );
+    let v4 = table();
+    let v5 = v4
+        .rebalance(
+            0,
+            &Profile::Gaussian {
+                mean: None,
+                sigma: None,
+            },
+        )
+        .expect("rebalance")
+        .table;
+    let path = c.dir.join("v5.toml");
+    file::save(&path, &v5).expect("save");
+    let o = stdctl(&["push", &path.display().to_string(), "--cluster", &c.file()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = stdctl(&["rollback", "--cluster", &c.file(), "--to", "5"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--to 5: the cluster runs version 5"));
+    let o = stdctl(&["rollback", "--cluster", &c.file()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains(
+            "rolled back to the contents of version 4: installed table version 6 (from 5)"
+        ),
+        "{out}"
+    );
+    // Through the whole protocol, with version 4's buckets as version 6.
+    let v6 = v4.clone().with_version(6);
+    assert_eq!(
+        c.last_body_of("back", "POST /transition/switch"),
+        Some(file::render(&v6))
+    );
+    let last: Vec<(String, String)> = c.posts().into_iter().skip(12).collect();
+    assert_eq!(last.len(), 12, "{last:?}");
+    assert_eq!(last[0], p("tm0", "prepare"));
+    assert_eq!(last[11], p("tm2", "commit"));
 }
