@@ -46,6 +46,10 @@ pub enum Command {
     /// with the same transition protocol (the distributors keep the last
     /// committed tables beside their table file).
     Rollback(RollbackArgs),
+    /// A transition an earlier push left half done (its coordinator died,
+    /// or stopped): finish it, or take every node out of it.
+    #[command(subcommand)]
+    Transition(TransitionCmd),
     /// Abort the transition a running cluster is in: every distributor and
     /// TM goes back to its previous table (nodes committed already stay).
     Abort(ClusterArg),
@@ -82,6 +86,23 @@ pub struct PushArgs {
     /// (by default the push stops there, the cluster left switched).
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TransitionCmd {
+    /// Push again the table the first distributor is switched to (or that a
+    /// TM is still prepared for after an unfinished commit): the push
+    /// resumes where the nodes are.
+    Resume {
+        #[command(flatten)]
+        cluster: ClusterArg,
+        /// As for push: commit when the drain window ends even if some
+        /// TM's state is unknown.
+        #[arg(long)]
+        force: bool,
+    },
+    /// The same as `stdctl abort`.
+    Abort(ClusterArg),
 }
 
 #[derive(Debug, Args)]

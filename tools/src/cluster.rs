@@ -271,6 +271,38 @@ fn starting_point(
     Ok((fetch_table(client, d, "/table")?, false))
 }
 
+/// The table of the transition the cluster is in: the one the first
+/// distributor is switched to, or — its commit done — the one a TM is still
+/// prepared for. An error when no node is in a transition.
+pub fn unfinished(c: &Cluster) -> Result<AllocationTable> {
+    let client = c.client();
+    let (dists, tms) = c.endpoints();
+    let d = &dists[0];
+    let state: DistributorTransition = client
+        .ok_json(d, "GET", "/transition", None)
+        .map_err(|e| node_error(d, "GET /transition", e))?;
+    state
+        .check()
+        .map_err(|e| anyhow!("{}: GET /transition: {e}", d.name))?;
+    if state.state != DistributorPhase::Idle {
+        return fetch_table(&client, d, "/table");
+    }
+    let running = state.table();
+    for t in &tms {
+        let Ok(s) = client.ok_json::<TmTransition>(t, "GET", "/transition", None) else {
+            continue;
+        };
+        if s.check().is_ok() && s.next().as_ref() == Some(&running) {
+            return fetch_table(&client, d, "/table");
+        }
+    }
+    bail!(
+        "no transition to resume: {} runs {} alone and no TM is prepared for it",
+        d.name,
+        running
+    )
+}
+
 /// Puts the contents of an earlier committed table back as a new version
 /// (the running version + 1) through [`push`]: `to`, or the newest version
 /// in the first distributor's history older than the running table. The

@@ -136,7 +136,14 @@ fn run(cmd: Command, out: &Out) -> Result<()> {
             });
             Ok(())
         }
-        Command::Abort(a) => {
+        Command::Transition(cli::TransitionCmd::Resume { cluster: a, force }) => {
+            let c = cluster::Cluster::load(&a.cluster)?;
+            let next = cluster::unfinished(&c)?;
+            let summary = cluster::push(&c, &next, out.json, force)?;
+            out.emit(serde_json::to_value(&summary)?, || pushed_text(&summary));
+            Ok(())
+        }
+        Command::Transition(cli::TransitionCmd::Abort(a)) | Command::Abort(a) => {
             let c = cluster::Cluster::load(&a.cluster)?;
             cluster::abort(&c, out.json)?;
             out.emit(json!({"aborted": true}), || {
