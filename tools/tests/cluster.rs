@@ -844,7 +844,14 @@ fn push_force_commits_past_an_unknown_node_and_a_second_push_resumes() {
     let o = stdctl(&["status", "--cluster", &c.file()]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("open") && out.contains("prepared"), "{out}");
-    let o = stdctl(&["transition", "resume", "--cluster", &c.file(), "--force", "--json"]);
+    let o = stdctl(&[
+        "transition",
+        "resume",
+        "--cluster",
+        &c.file(),
+        "--force",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!(v["resumed"], true, "{v}");
@@ -854,7 +861,10 @@ fn push_force_commits_past_an_unknown_node_and_a_second_push_resumes() {
     let o = stdctl(&["transition", "resume", "--cluster", &c.file()]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("no transition to resume: front runs version 5"), "{err}");
+    assert!(
+        err.contains("no transition to resume: front runs version 5"),
+        "{err}"
+    );
 }
 
 #[test]
