@@ -1046,8 +1046,9 @@ fn from_tm(
 }
 
 /// During a transition, a TCP SYN a TM sends (e.g. a DNAT-only connection
-/// toward a server) in a moved bucket: the flow and the TM that sent it, to
-/// be remembered so that the server's answers reach that TM.
+/// toward a server), or any datagram of a UDP-like session, in a moved
+/// bucket: the flow and the TM that sent it, to be remembered so that the
+/// server's answers reach that TM.
 fn started_by_tm(
     frame: &[u8],
     l3: usize,
@@ -1056,7 +1057,12 @@ fn started_by_tm(
     plan: &Plan,
 ) -> Option<(FlowKey, TmIndex)> {
     let l4 = frame.get(l3 + ip.l4..l3 + ip.end)?;
-    if !is_tcp_syn(ip.proto, l4) {
+    // A TCP connection starts with its SYN; a UDP (or other handshake-free)
+    // session with any datagram the TM sends: a new owner's first query to
+    // a server must be remembered on a distributor still switched, or the
+    // answer would go to the old owner.
+    let session = ip.proto != proto::TCP && wire::has_ports(ip.proto);
+    if !session && !is_tcp_syn(ip.proto, l4) {
         return None;
     }
     let (s, d) = wire::ports(l4)?;

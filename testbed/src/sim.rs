@@ -1495,8 +1495,17 @@ impl Sim {
 
     /// Installs `next` everywhere at once (a plain swap, or a failover).
     fn install(&mut self, next: AllocationTable) -> Result<(), SimError> {
+        // As stdd's PUT /table and failover do: the pins in force carry
+        // on, but those of a TM that died (its flows are gone).
+        let dead: Vec<u32> = self.tms.iter().filter(|t| !t.alive).map(|t| t.id).collect();
         for d in self.front.iter_mut().chain(self.back.iter_mut()) {
-            d.plan = plan(next.clone())?;
+            let (list, cap) = d.plan.pin_list();
+            let list: Arc<[Pin]> = list
+                .iter()
+                .filter(|p| !dead.contains(&p.tm))
+                .copied()
+                .collect();
+            d.plan = plan(next.clone())?.with_pins(list, cap);
         }
         for t in self.tms.iter().filter(|t| t.alive) {
             t.snat.retable(&next, None)?;

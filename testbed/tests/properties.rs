@@ -447,3 +447,80 @@ fn a_source_affinity_group_keeps_client_addresses_through_a_rebalance() {
         assert!(p.tms.iter().all(|t| t.flows > 0), "after {}", p.after);
     }
 }
+
+/// The base of scenarios the property test found (no fragments, ICMP
+/// errors or high ports; a 5 s drain window), to be filled in as found.
+fn found(flows: u64) -> Scenario {
+    Scenario {
+        fragment_share: 0.0,
+        icmp_share: 0.0,
+        high_port_share: 0.0,
+        drain_window_ns: 5_000_000_000,
+        ..small(flows)
+    }
+}
+
+#[test]
+fn a_table_swap_after_a_rebalance_keeps_the_pins_in_force() {
+    // A table installed outright (stdd's PUT /table) while UDP sessions
+    // are pinned must carry their pins.
+    let sc = Scenario {
+        seed: 14_625_375_088_603_001_923,
+        tms: 4,
+        profile: Profile::Uniform,
+        distributors: 1,
+        family: Family::V4,
+        ports: PortPattern::Strided(58),
+        udp_share: 0.245_070_759_126_761_7,
+        events: vec![
+            Timed {
+                at: 0.333_545_387_424_081_3,
+                what: Event::Rebalance(Profile::Rayleigh { sigma: None }),
+            },
+            Timed {
+                at: 0.357_181_427_484_608_24,
+                what: Event::Swap,
+            },
+        ],
+        partition: None,
+        ..found(2000)
+    };
+    check(&simulate(sc).expect("simulate")).expect("properties");
+}
+
+#[test]
+fn a_new_owners_udp_query_is_remembered_by_a_distributor_not_yet_open() {
+    // Three distributors a side, opened one after the other: a UDP session
+    // a joining TM starts through an open front distributor must have its
+    // server's answer reach it through a back distributor still switched.
+    let sc = Scenario {
+        seed: 699_039_297_808_758_048,
+        tms: 6,
+        profile: Profile::Rayleigh { sigma: None },
+        distributors: 3,
+        family: Family::V6,
+        ports: PortPattern::Sequential,
+        udp_share: 0.129_637_778_954_914_46,
+        events: vec![
+            Timed {
+                at: 0.1,
+                what: Event::FailTm(0),
+            },
+            Timed {
+                at: 0.877_028_566_804_239_9,
+                what: Event::ReturnTm(0),
+            },
+        ],
+        partition: Some(Partition {
+            rules: vec![allocation::Rule {
+                protocol: None,
+                ports: Some("8443".parse().expect("ports")),
+                prefix: None,
+            }],
+            tms: vec![1, 3, 5],
+            source_affinity: None,
+        }),
+        ..found(1883)
+    };
+    check(&simulate(sc).expect("simulate")).expect("properties");
+}
