@@ -47,6 +47,21 @@ impl Pin {
     }
 }
 
+/// The pins of `flows` — each (TM id, flow, idle timeout in ns), as a
+/// TM reports them — installed at `now` on the workers' clock: each lives
+/// its idle timeout from then, longer as its packets come.
+pub fn installed_at(flows: &[(u32, Flow, u64)], now: u64) -> Vec<Pin> {
+    flows
+        .iter()
+        .map(|&(tm, f, idle_ns)| Pin {
+            key: FlowKey::of(&f),
+            tm,
+            since: now,
+            idle_ns,
+        })
+        .collect()
+}
+
 /// Pins beyond [`PinSet::build`]'s capacity, or toward a TM the plan cannot reach.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PinRefusals {

@@ -19,7 +19,6 @@ use control::api::{
     AbortAnswer, CommitAnswer, DistributorPhase, DistributorTransition, StepRequest, TableId,
 };
 use distributor::pins::Pin;
-use distributor::steer::FlowKey;
 use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -221,18 +220,7 @@ fn step_request(req: &Request) -> Result<Step, Reply> {
         None => None,
         Some(_) => {
             let flows = step.pinned_flows().map_err(|e| Reply::text(400, e))?;
-            // Each pin lives its flow's idle timeout from now on the
-            // workers' clock, longer as its packets come.
-            let now = distributor::io::clock_ns();
-            let pins: Vec<Pin> = flows
-                .iter()
-                .map(|&(tm, f, idle_ns)| Pin {
-                    key: FlowKey::of(&f),
-                    tm,
-                    since: now,
-                    idle_ns,
-                })
-                .collect();
+            let pins = distributor::pins::installed_at(&flows, distributor::io::clock_ns());
             Some(Arc::from(pins))
         }
     };

@@ -34,7 +34,6 @@ use control::api::{
 use control::coordinator::{self, Answer, Call, CallError, NodeId, Outcome, Push, PushSpec};
 use datapath::build::{self, tcp_flags, L2};
 use datapath::pins::Pin;
-use datapath::steer::FlowKey;
 use datapath::transit::TransitConfig;
 use datapath::wire::{self, EthernetFrame};
 use datapath::{Action, Plan, PortKind, Worker, WorkerConfig};
@@ -343,17 +342,7 @@ fn with_pins(plan: Plan, req: &StepRequest, now: u64, capacity: usize) -> Result
     if req.pins.is_none() {
         return Ok(plan);
     }
-    let pins: Vec<Pin> = req
-        .pinned_flows()
-        .map_err(bad)?
-        .iter()
-        .map(|&(tm, f, idle_ns)| Pin {
-            key: FlowKey::of(&f),
-            tm,
-            since: now,
-            idle_ns,
-        })
-        .collect();
+    let pins = datapath::pins::installed_at(&req.pinned_flows().map_err(bad)?, now);
     Ok(plan.with_pins(pins.into(), capacity))
 }
 

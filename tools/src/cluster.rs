@@ -226,6 +226,17 @@ pub struct Pushed {
     pub resumed: bool,
 }
 
+/// Distributor `d`'s transition state, checked.
+fn distributor_state(client: &Client, d: &Endpoint) -> Result<DistributorTransition> {
+    let state: DistributorTransition = client
+        .ok_json(d, "GET", "/transition", None)
+        .map_err(|e| node_error(d, "GET /transition", e))?;
+    state
+        .check()
+        .map_err(|e| anyhow!("{}: GET /transition: {e}", d.name))?;
+    Ok(state)
+}
+
 /// The table a push starts from: the running one, or — when the first
 /// distributor is switched to `next` already (an earlier push stopped) —
 /// the previous one, to resume.
@@ -236,12 +247,7 @@ fn starting_point(
     next: &AllocationTable,
 ) -> Result<(AllocationTable, bool)> {
     let d = &dists[0];
-    let state: DistributorTransition = client
-        .ok_json(d, "GET", "/transition", None)
-        .map_err(|e| node_error(d, "GET /transition", e))?;
-    state
-        .check()
-        .map_err(|e| anyhow!("{}: GET /transition: {e}", d.name))?;
+    let state = distributor_state(client, d)?;
     let wanted = TableId::of(next);
     if state.state == DistributorPhase::Idle && state.table() == wanted {
         // Committed on the distributors already: an earlier push stopped
@@ -278,12 +284,7 @@ pub fn unfinished(c: &Cluster) -> Result<AllocationTable> {
     let client = c.client();
     let (dists, tms) = c.endpoints();
     let d = &dists[0];
-    let state: DistributorTransition = client
-        .ok_json(d, "GET", "/transition", None)
-        .map_err(|e| node_error(d, "GET /transition", e))?;
-    state
-        .check()
-        .map_err(|e| anyhow!("{}: GET /transition: {e}", d.name))?;
+    let state = distributor_state(&client, d)?;
     if state.state != DistributorPhase::Idle {
         return fetch_table(&client, d, "/table");
     }
@@ -316,12 +317,7 @@ pub fn rollback(
     let client = c.client();
     let (dists, _) = c.endpoints();
     let d = &dists[0];
-    let state: DistributorTransition = client
-        .ok_json(d, "GET", "/transition", None)
-        .map_err(|e| node_error(d, "GET /transition", e))?;
-    state
-        .check()
-        .map_err(|e| anyhow!("{}: GET /transition: {e}", d.name))?;
+    let state = distributor_state(&client, d)?;
     if state.state != DistributorPhase::Idle {
         bail!(
             "{}: a transition to {} is under way: finish it (push that table again) or `stdctl abort` before rolling back",
