@@ -195,6 +195,9 @@ enum Phase {
     Pins {
         i: usize,
         commit: bool,
+        /// The i-th TM answered idle on the old table (restarted): prepare
+        /// it again, then ask again.
+        again: bool,
     },
     Drain {
         i: usize,
@@ -437,6 +440,7 @@ impl Push {
                     self.phase = Phase::Pins {
                         i: 0,
                         commit: false,
+                        again: false,
                     };
                     return self.step(now);
                 }
@@ -457,7 +461,14 @@ impl Push {
                 let open = self.open_request();
                 self.call(NodeId::Distributor(i), Call::Open(open))
             }
-            Phase::Pins { i, commit } => match self.prepared.get(i) {
+            Phase::Pins { i, commit, again } => match self.prepared.get(i) {
+                Some(&t) if again => {
+                    let req = PrepareRequest {
+                        table: self.body.clone(),
+                        held: self.joining[t].then(|| self.held.clone()),
+                    };
+                    self.call(NodeId::Tm(t), Call::Prepare(req))
+                }
                 Some(&t) => {
                     if i == 0 {
                         self.pins.clear();
@@ -493,7 +504,11 @@ impl Push {
             }
             Phase::Verify { i } => {
                 if i == self.spec.distributors.len() {
-                    self.phase = Phase::Pins { i: 0, commit: true };
+                    self.phase = Phase::Pins {
+                        i: 0,
+                        commit: true,
+                        again: false,
+                    };
                     return self.step(now);
                 }
                 self.call(NodeId::Distributor(i), Call::DistributorState)
@@ -721,35 +736,66 @@ impl Push {
                     }
                 }
             }
-            Phase::Pins { i, commit } => {
+            Phase::Pins { i, commit, again } => {
                 let t = self.prepared[i];
                 let id = self.spec.tms[t].0;
-                let why = match result {
-                    Ok(Answer::Pins(p)) if p.tm == id && p.table == self.to => {
-                        self.say(format!(
-                            "pins     {name:<12} {} flows kept on it, {} ports",
-                            p.flows.len(),
-                            p.ports.len()
-                        ));
-                        self.pins.push(p);
-                        None
+                let next = |i| Phase::Pins {
+                    i,
+                    commit,
+                    again: false,
+                };
+                let why = if again {
+                    // Its answer to the prepare again; then its pins again.
+                    match self.prepared_answer(result) {
+                        Ok(_) => {
+                            self.say(format!(
+                                "pins     {name:<12} prepared again (it had restarted on {})",
+                                self.from
+                            ));
+                            self.phase = next(i);
+                            return;
+                        }
+                        Err(e) => Some(format!("restarted, and prepare again: {e}")),
                     }
-                    Ok(Answer::Pins(p)) => Some(format!(
-                        "it answered for TM {} on {}, not TM {id} on this push's {}",
-                        p.tm, p.table, self.to
-                    )),
-                    other => Some(describe(&other)),
+                } else {
+                    match result {
+                        Ok(Answer::Pins(p)) if p.tm == id && p.table == self.to => {
+                            self.say(format!(
+                                "pins     {name:<12} {} flows kept on it, {} ports",
+                                p.flows.len(),
+                                p.ports.len()
+                            ));
+                            self.pins.push(p);
+                            None
+                        }
+                        Ok(Answer::Pins(p)) if p.tm == id && p.table == self.from => {
+                            // Restarted on the old table: its NAT must
+                            // follow this push's table before anything opens
+                            // or commits, whatever --force says.
+                            self.phase = Phase::Pins {
+                                i,
+                                commit,
+                                again: true,
+                            };
+                            return;
+                        }
+                        Ok(Answer::Pins(p)) => Some(format!(
+                            "it answered for TM {} on {}, not TM {id} on this push's {}",
+                            p.tm, p.table, self.to
+                        )),
+                        other => Some(describe(&other)),
+                    }
                 };
                 match why {
-                    None => self.phase = Phase::Pins { i: i + 1, commit },
+                    None => self.phase = next(i + 1),
                     Some(why) if !commit => {
                         self.start_rollback(format!("{name}: its pinned flows: {why}"))
                     }
-                    Some(why) if self.spec.force => {
+                    Some(why) if self.spec.force && !again => {
                         self.warnings.push(format!(
                             "{name}: its pinned flows before the commit: {why}: committed regardless (--force): its UDP sessions and connections in moved buckets may be cut"
                         ));
-                        self.phase = Phase::Pins { i: i + 1, commit };
+                        self.phase = next(i + 1);
                     }
                     Some(why) => {
                         self.phase = Phase::Finished;

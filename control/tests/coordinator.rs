@@ -656,6 +656,29 @@ proptest! {
 }
 
 #[test]
+fn a_tm_restarted_before_its_pins_are_read_is_prepared_again_even_with_force() {
+    // Found by never_split: tm0 restarts (back idle on the old table) just
+    // before its pins are read for the commit; the front's commit answer is
+    // lost. --force must not commit past a TM whose NAT follows the old table.
+    for force in [false, true] {
+        let (from, to) = tables();
+        let mut fake = Fake::new(&TableId::of(&from), vec![3, 1, 0]);
+        fake.faults = vec![
+            (NodeId::Distributor(0), 4, Fault::Garbage),
+            (NodeId::Tm(0), 5, Fault::Restart),
+        ];
+        let mut push = Push::new(spec(force), &from, &to).expect("push");
+        let out = fake.run(&mut push);
+        check_ending(&fake, &out, &TableId::of(&from), &TableId::of(&to));
+        assert!(
+            fake.said.iter().any(|l| l.contains("prepared again")),
+            "{:?}",
+            fake.said
+        );
+    }
+}
+
+#[test]
 fn every_tms_pinned_flows_reach_every_distributor_and_their_ports_the_other_tms() {
     let (from, to) = tables();
     let mut fake = Fake::new(&TableId::of(&from), vec![2, 0]);
