@@ -91,6 +91,11 @@ pub struct DistributorTransition {
     /// Pins refused: no room, or toward a TM no table in force has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pins_refused: Option<u64>,
+    /// Restarted while switched to this table: the flows it and the
+    /// running table steer to different TMs are dropped until a switch
+    /// and an open with pins, a commit or an abort.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovering: Option<TableId>,
 }
 
 impl DistributorTransition {
@@ -115,7 +120,14 @@ impl DistributorTransition {
             overflows,
             pinned_flows: None,
             pins_refused: None,
+            recovering: None,
         }
+    }
+
+    /// This state recovering from a restart while switched to `switched`.
+    pub fn recovering(mut self, switched: Option<&AllocationTable>) -> Self {
+        self.recovering = switched.map(TableId::of);
+        self
     }
 
     /// This state with the pins in force: kept, and refused.

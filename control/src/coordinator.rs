@@ -842,7 +842,16 @@ impl Push {
             }
             Phase::Verify { i } => match result {
                 Ok(Answer::Distributor(d)) if d.check().is_ok() && d.table() == self.to => {
-                    if d.state == DistributorPhase::Switched {
+                    if d.state == DistributorPhase::Switched && d.recovering.is_some() {
+                        // Restarted and switched again: it drops what it
+                        // cannot place until the commit hands it pins read
+                        // after now (an open with this push's older pins
+                        // would place too few).
+                        self.say(format!(
+                            "verify   {name:<12} switched, recovering from a restart: the commit's pins place its flows"
+                        ));
+                        self.phase = Phase::Verify { i: i + 1 };
+                    } else if d.state == DistributorPhase::Switched {
                         // Switched but not open: open it.
                         self.phase = Phase::Reswitch { i };
                         self.reopen_only = true;
@@ -884,7 +893,16 @@ impl Push {
             },
             Phase::Reswitch { i } => {
                 let opening = self.reopen_only;
+                let recovering =
+                    matches!(&result, Ok(Answer::Distributor(d)) if d.recovering.is_some());
                 match self.switched_answer(result, opening) {
+                    Ok(()) if !opening && recovering => {
+                        // As in the verify: the commit's pins end its recovery.
+                        self.say(format!(
+                            "switch   {name:<12} ok (again; recovering until the commit's pins)"
+                        ));
+                        self.phase = Phase::Verify { i: i + 1 };
+                    }
                     Ok(()) if opening => {
                         self.reopen_only = false;
                         self.say(format!("open     {name:<12} ok (again)"));

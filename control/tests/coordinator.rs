@@ -63,6 +63,10 @@ struct Node {
     /// The pins a distributor was last given, the held ports a TM was.
     pins: Option<Vec<TmPins>>,
     held: Option<Vec<HeldPort>>,
+    /// A distributor restarted while switched to this table (stdd's
+    /// transition marker): it drops what it cannot place until pins come
+    /// with an open, or a commit or an abort.
+    recovering: Option<TableId>,
 }
 
 struct Fake {
@@ -87,6 +91,7 @@ impl Fake {
             polls: 0,
             pins: None,
             held: None,
+            recovering: None,
         };
         Fake {
             dists: vec![node.clone(), node.clone()],
@@ -120,6 +125,7 @@ impl Fake {
             overflows: 0,
             pinned_flows: None,
             pins_refused: None,
+            recovering: n.recovering.clone(),
         }
     }
 
@@ -196,6 +202,9 @@ impl Fake {
                 }
                 if n.other.is_some() {
                     n.open = true;
+                    if req.pins.is_some() {
+                        n.recovering = None;
+                    }
                 }
                 Ok(Answer::Distributor(Self::dist_state(n)))
             }
@@ -211,6 +220,7 @@ impl Fake {
                 n.other = None;
                 n.open = false;
                 n.disk = t.clone();
+                n.recovering = None;
                 Ok(Answer::Committed(CommitAnswer {
                     table: t.clone(),
                     persist_error: None,
@@ -239,10 +249,20 @@ impl Fake {
                     _ => conflict("not prepared for this table"),
                 }
             }
+            (NodeId::Distributor(_), Call::Abort(_))
+                if n.other.is_none() && n.recovering.is_some() =>
+            {
+                n.recovering = None;
+                Ok(Answer::Aborted(AbortAnswer {
+                    table: n.table.clone(),
+                    aborted: true,
+                }))
+            }
             (NodeId::Distributor(_), Call::Abort(t)) => match &n.other {
                 Some(_) if t.as_ref().is_none_or(|t| *t == n.table) => {
                     n.table = n.other.take().expect("previous");
                     n.open = false;
+                    n.recovering = None;
                     Ok(Answer::Aborted(AbortAnswer {
                         table: n.table.clone(),
                         aborted: true,
@@ -311,7 +331,11 @@ impl Fake {
             }
             Some(Fault::Restart) => {
                 let n = self.node(id);
-                // Comes back on the table it last committed.
+                // Comes back on the table it last committed; a distributor
+                // switched to another one recovers (its marker names it).
+                if matches!(id, NodeId::Distributor(_)) && n.table != n.disk {
+                    n.recovering = Some(n.table.clone());
+                }
                 n.table = n.disk.clone();
                 n.other = None;
                 n.open = false;
@@ -395,6 +419,7 @@ fn check_ending(fake: &Fake, outcome: &Outcome, from: &TableId, to: &TableId) {
                 }
                 assert_eq!(&n.table, to, "{name} committed");
                 assert!(n.other.is_none(), "{name} alone on the new table");
+                assert!(n.recovering.is_none(), "{name} recovered");
             }
         }
         Outcome::RolledBack {
@@ -412,6 +437,7 @@ fn check_ending(fake: &Fake, outcome: &Outcome, from: &TableId, to: &TableId) {
                 }
                 assert_eq!(&n.table, from, "{name} rolled back ({cause})");
                 assert!(n.other.is_none(), "{name} left in a transition ({cause})");
+                assert!(n.recovering.is_none(), "{name} recovered ({cause})");
             }
         }
         Outcome::Stopped { cause } => {
@@ -598,6 +624,62 @@ fn a_distributor_restarted_on_the_old_table_is_switched_again_before_the_commit(
     assert!(matches!(out, Outcome::Committed(_)), "{out:?}");
     check_ending(&fake, &out, &TableId::of(&from), &TableId::of(&to));
     assert!(fake.said.iter().any(|l| l.contains("switching it again")));
+    // It came back recovering: not opened with the pins read before its
+    // restart, but left to the commit's, read after.
+    let after: Vec<&String> = fake
+        .said
+        .iter()
+        .skip_while(|l| !l.contains("switching it again"))
+        .collect();
+    assert!(
+        after
+            .iter()
+            .any(|l| l.contains("recovering until the commit's pins")),
+        "{after:?}"
+    );
+    assert!(
+        !after.iter().any(|l| l.starts_with("open ")),
+        "reopened with stale pins: {after:?}"
+    );
+    let pins_after = after.iter().filter(|l| l.starts_with("pins ")).count();
+    assert_eq!(pins_after, 3, "the commit's pins read after: {after:?}");
+}
+
+#[test]
+fn a_distributor_restarted_while_switched_and_left_is_recovered_by_a_resume_or_an_abort() {
+    for abort in [false, true] {
+        let (from, to) = tables();
+        let mut fake = Fake::new(&TableId::of(&from), vec![0]);
+        // The push stops at the drain (tm0 unknown); then front restarts.
+        fake.state_faults.push((NodeId::Tm(0), Fault::Silent));
+        let mut push = Push::new(spec(false), &from, &to).expect("push");
+        let out = fake.run(&mut push);
+        assert!(matches!(out, Outcome::Stopped { .. }), "{out:?}");
+        fake.state_faults.clear();
+        let front = &mut fake.dists[0];
+        front.recovering = Some(front.table.clone());
+        front.table = front.disk.clone();
+        front.other = None;
+        front.open = false;
+        if abort {
+            // stdctl abort: every node, the recovering one included.
+            let nodes = [0, 1].map(NodeId::Distributor).into_iter();
+            for n in nodes.chain([0, 1, 2].map(NodeId::Tm)) {
+                let a = fake.apply(n, &Call::Abort(None), &TableId::of(&to));
+                assert!(matches!(a, Ok(Answer::Aborted(_))), "{n:?}: {a:?}");
+            }
+            for (name, n) in fake.all() {
+                assert_eq!(n.table, TableId::of(&from), "{name}");
+                assert!(n.other.is_none() && n.recovering.is_none(), "{name}");
+            }
+        } else {
+            let mut again = Push::new(spec(false), &from, &to).expect("push");
+            let out = fake.run(&mut again);
+            assert!(matches!(out, Outcome::Committed(_)), "{out:?}");
+            check_ending(&fake, &out, &TableId::of(&from), &TableId::of(&to));
+        }
+        assert!(fake.dists[0].recovering.is_none());
+    }
 }
 
 #[test]

@@ -79,6 +79,28 @@ struct Previous {
     open: bool,
 }
 
+/// After a restart in the middle of a transition (DESIGN §4): the table the
+/// distributor had committed and the one it was switched to. Where they
+/// disagree its memory of who started what is gone, so those flows are
+/// dropped ([`Drop::Recovering`], counted) — never guessed — until the
+/// coordinator switches it again and hands it the TMs' pins.
+#[derive(Debug)]
+struct Recovery {
+    committed: AllocationTable,
+    switched: AllocationTable,
+    /// The buckets they disagree on, when comparable bucket by bucket.
+    buckets: Option<MovedSet>,
+}
+
+impl Recovery {
+    /// True if the two tables steer `flow` to different TMs.
+    #[inline]
+    fn disagrees(&self, flow: &Flow) -> bool {
+        let id = |t: &AllocationTable| t.tms().get(usize::from(t.steer(flow).tm)).map(|t| t.id);
+        id(&self.committed) != id(&self.switched)
+    }
+}
+
 /// One bit per bucket: set where the owner changed between two tables.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MovedSet([u64; allocation::TABLE_SIZE / 64]);
@@ -192,9 +214,11 @@ pub struct Plan {
     pin_list: Arc<[Pin]>,
     pin_capacity: usize,
     pins: Option<Arc<PinSet>>,
-    /// Buckets the fast paths leave to the general one (moved or pinned),
-    /// for a single endpoint-hashed group.
+    /// Buckets the fast paths leave to the general one (moved, pinned or
+    /// recovering), for a single endpoint-hashed group.
     slow: Option<Box<MovedSet>>,
+    /// Restarted mid-transition: the flows it cannot place are dropped.
+    recovery: Option<Arc<Recovery>>,
 }
 
 impl Plan {
@@ -245,6 +269,7 @@ impl Plan {
             pin_capacity: 0,
             pins: None,
             slow: None,
+            recovery: None,
         })
     }
 
@@ -362,11 +387,77 @@ impl Plan {
             true => None,
             false => p.buckets(0),
         });
-        self.slow = match (moved, pinned) {
-            (None, None) => None,
-            (Some(m), None) | (None, Some(m)) => Some(Box::new(m.clone())),
-            (Some(m), Some(p)) => Some(Box::new(m.union(p))),
+        let recovering = self.recovery.as_deref().and_then(|r| r.buckets.as_ref());
+        self.slow = [moved, pinned, recovering]
+            .into_iter()
+            .flatten()
+            .fold(None, |acc: Option<MovedSet>, m| {
+                Some(acc.map_or_else(|| m.clone(), |a| a.union(m)))
+            })
+            .map(Box::new);
+    }
+
+    /// This plan after a restart in the middle of a transition from
+    /// `committed` (the table file) to `switched` (the transition marker):
+    /// every flow the two tables steer to different TMs is dropped as
+    /// [`Drop::Recovering`] until [`Plan::recovered`]. The state is carried
+    /// by [`Plan::carry_recovery`] into every later plan.
+    pub fn recovering(mut self, committed: AllocationTable, switched: AllocationTable) -> Self {
+        let buckets = match (committed.groups(), switched.groups()) {
+            ([a], [b])
+                if a.hash == allocation::HashMode::Endpoint
+                    && b.hash == allocation::HashMode::Endpoint
+                    && committed.key() == switched.key() =>
+            {
+                let mut set = MovedSet([0; allocation::TABLE_SIZE / 64]);
+                let id =
+                    |t: &AllocationTable, i: TmIndex| t.tms().get(usize::from(i)).map(|t| t.id);
+                for bk in 0..allocation::TABLE_SIZE {
+                    if id(&committed, a.buckets.get(bk)) != id(&switched, b.buckets.get(bk)) {
+                        set.insert(bk);
+                    }
+                }
+                Some(set)
+            }
+            _ => None,
         };
+        self.recovery = Some(Arc::new(Recovery {
+            committed,
+            switched,
+            buckets,
+        }));
+        self.rebuild_pins();
+        self
+    }
+
+    /// This plan with `from`'s recovery state, if any.
+    pub fn carry_recovery(mut self, from: &Plan) -> Self {
+        if from.recovery.is_some() {
+            self.recovery = from.recovery.clone();
+            self.rebuild_pins();
+        }
+        self
+    }
+
+    /// This plan no longer recovering: the pins it was given place every
+    /// flow of the transition again.
+    pub fn recovered(mut self) -> Self {
+        if self.recovery.take().is_some() {
+            self.rebuild_pins();
+        }
+        self
+    }
+
+    /// While recovering: the committed and the switched table, and how
+    /// many buckets they disagree on (when comparable).
+    pub fn recovery(&self) -> Option<(&AllocationTable, &AllocationTable, Option<usize>)> {
+        self.recovery.as_deref().map(|r| {
+            (
+                &r.committed,
+                &r.switched,
+                r.buckets.as_ref().map(MovedSet::len),
+            )
+        })
     }
 
     /// The switched plan, opened: flows starting from outside in moved
@@ -515,7 +606,9 @@ impl Plan {
         &allocation::Buckets,
         Option<&MovedSet>,
     )> {
-        if self.previous.as_ref().is_some_and(|p| p.moved.is_none()) {
+        if self.previous.as_ref().is_some_and(|p| p.moved.is_none())
+            || self.recovery.as_ref().is_some_and(|r| r.buckets.is_none())
+        {
             return None;
         }
         match self.table.groups() {
@@ -865,6 +958,9 @@ fn steer_ip(packet: &[u8], ip: &IpHeader, plan: &Plan) -> Verdict {
         } else {
             Flow::without_ports(inner_ip.proto, inner_ip.src, inner_ip.dst)
         };
+        if plan.recovery.as_ref().is_some_and(|r| r.disagrees(&flow)) {
+            return Verdict::Drop(Drop::Recovering);
+        }
         let s = plan.table.steer(&flow);
         return Verdict::ToTm {
             tm: s.tm,
@@ -884,6 +980,9 @@ fn steer_ip(packet: &[u8], ip: &IpHeader, plan: &Plan) -> Verdict {
     } else {
         Flow::without_ports(ip.proto, ip.src, ip.dst)
     };
+    if plan.recovery.as_ref().is_some_and(|r| r.disagrees(&flow)) {
+        return Verdict::Drop(Drop::Recovering);
+    }
     let s = plan.table.steer(&flow);
     let syn = ip.frag.is_none() && is_tcp_syn(ip.proto, l4);
     let branch = match s.by {

@@ -32,11 +32,16 @@ pub enum Drop {
     /// A reply (an ND advertisement, longer than the solicitation it
     /// answers) does not fit the buffer the backend gave the frame.
     NoRoomForReply,
+    /// A flow in a bucket a transition was moving when this distributor
+    /// restarted: its memory of that transition is gone, so it cannot tell
+    /// the old owner's flows from the new owner's until the coordinator
+    /// hands it the TMs' pins (see [`crate::steer::Plan::recovering`]).
+    Recovering,
 }
 
 impl Drop {
     /// Every reason, for metrics.
-    pub const ALL: [Drop; 11] = [
+    pub const ALL: [Drop; 12] = [
         Drop::Truncated,
         Drop::Malformed,
         Drop::TooManyTags,
@@ -48,6 +53,7 @@ impl Drop {
         Drop::FragmentTooLarge,
         Drop::Hairpin,
         Drop::NoRoomForReply,
+        Drop::Recovering,
     ];
 
     /// Metric label.
@@ -64,6 +70,7 @@ impl Drop {
             Drop::FragmentTooLarge => "fragment_too_large",
             Drop::Hairpin => "hairpin",
             Drop::NoRoomForReply => "no_room_for_reply",
+            Drop::Recovering => "recovering",
         }
     }
 

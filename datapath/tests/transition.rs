@@ -672,3 +672,59 @@ proptest! {
         prop_assert_eq!(&one.counters, &many.counters);
     }
 }
+
+#[test]
+fn a_recovering_plan_drops_exactly_the_flows_its_two_tables_disagree_on() {
+    let (old, new) = (v1(), v2());
+    let moved = client_flows(true, 20);
+    let kept = client_flows(false, 20);
+    // Restarted on v1 while switched to v2; then switched again (v2 with
+    // previous v1): the same flows are dropped, whichever table runs.
+    for p in [
+        plan(v1()).recovering(old.clone(), new.clone()),
+        plan(v2())
+            .with_previous(v1())
+            .expect("switch")
+            .carry_recovery(&plan(v1()).recovering(old.clone(), new.clone())),
+    ] {
+        let (_, _, n) = p.recovery().expect("recovering");
+        let mut w = worker(64);
+        for &c in &moved {
+            let (a, _) = run(&mut w, &p, &to_vip(c, tcp_flags::SYN), 0);
+            assert_eq!(a, Action::Drop(datapath::Drop::Recovering), "{c:?}");
+            let (a, _) = run(&mut w, &p, &to_vip(c, tcp_flags::ACK), 0);
+            assert_eq!(a, Action::Drop(datapath::Drop::Recovering), "{c:?}");
+        }
+        for &c in &kept {
+            let f = Flow::with_ports(proto::TCP, c.0, c.1, ip("198.51.100.10"), 80);
+            let (a, _) = run(&mut w, &p, &to_vip(c, tcp_flags::ACK), 0);
+            assert_eq!(route_id(&p, a), Some(owner_id(&old, &f)), "{c:?}");
+        }
+        assert_eq!(w.counters.of_drop(datapath::Drop::Recovering), 40);
+        // The batch fast path leaves those buckets to the general path.
+        let (_, _, slow) = p.single_endpoint_group().expect("one group");
+        let slow = slow.expect("recovering buckets are slow");
+        assert!(slow.len() >= n.expect("comparable"));
+        let l2 = L2::new(GROUP, CLIENT_MAC);
+        let mut batch = Batch::new(64);
+        for &c in moved.iter().chain(&kept) {
+            batch.push(
+                0,
+                1_000,
+                &build::tcp_frame(&l2, c.0, c.1, ip("198.51.100.10"), 80, tcp_flags::ACK, b"x"),
+            );
+        }
+        w.process_batch(&mut batch, &p, 1_000);
+        for i in 0..moved.len() {
+            assert_eq!(batch.action(i), Action::Drop(datapath::Drop::Recovering));
+        }
+        for i in moved.len()..moved.len() + kept.len() {
+            assert!(matches!(batch.action(i), Action::ToTm { .. }), "{i}");
+        }
+        // Recovered: steered again.
+        let p = p.recovered();
+        assert!(p.recovery().is_none());
+        let (a, _) = run(&mut w, &p, &to_vip(moved[0], tcp_flags::SYN), 0);
+        assert!(matches!(a, Action::ToTm { .. }), "{a:?}");
+    }
+}

@@ -139,6 +139,10 @@ pub fn handle(req: &Request, state: &AdminState) -> Reply {
             Some(p) => Reply::text(200, allocation::file::render(p)),
             None => Reply::text(404, "no transition is switched: no previous table"),
         },
+        ("GET", "/table/recovering") => match state.plan.load().recovery() {
+            Some((_, switched, _)) => Reply::text(200, allocation::file::render(switched)),
+            None => Reply::text(404, "not recovering: no table a restart interrupted"),
+        },
         ("PUT", "/table") => put_table(req, state),
         ("GET", "/table/history") => match state.config.lock() {
             Ok(c) => Reply::json(200, &crate::history::list(&c.table)),
@@ -152,14 +156,15 @@ pub fn handle(req: &Request, state: &AdminState) -> Reply {
         ("POST", "/transition/abort") => abort(req, state),
         (
             _,
-            "/metrics" | "/healthz" | "/table" | "/table/previous" | "/table/history"
+            "/metrics" | "/healthz" | "/table" | "/table/previous" | "/table/recovering"
+            | "/table/history"
             | "/transition"
             | "/transition/switch" | "/transition/open" | "/transition/commit"
             | "/transition/abort",
         ) => Reply::text(405, "method not allowed"),
         _ => Reply::text(
             404,
-            "not found: /metrics, /healthz, /table[/previous|/history[/VERSION]], /transition[/switch|/open|/commit|/abort]",
+            "not found: /metrics, /healthz, /table[/previous|/recovering|/history[/VERSION]], /transition[/switch|/open|/commit|/abort]",
         ),
     }
 }
@@ -278,7 +283,8 @@ fn put_table(req: &Request, state: &AdminState) -> Reply {
         return r;
     }
     let plan = match config.plan(table) {
-        Ok(p) => config.carry_pins(p, &current, &[]),
+        // Installed outright, the table alone steers: no recovery left.
+        Ok(p) => config.carry_state(p, &current, &[]).recovered(),
         Err(e) => return Reply::text(400, format!("table rejected: {e}")),
     };
     let installed = plan.table().clone();
@@ -290,7 +296,9 @@ fn put_table(req: &Request, state: &AdminState) -> Reply {
                 "table version {} replaced by version {version} (PUT /table)",
                 old.table().version()
             );
-            match persist(&config, &installed, Some(old.table())) {
+            let saved = persist(&config, &installed, Some(old.table()));
+            crate::recovery::clear_logged(&config.table, "PUT /table");
+            match saved {
                 None => Reply::text(200, format!("installed table version {version}")),
                 Some(e) => Reply::text(
                     200,
@@ -323,6 +331,7 @@ pub fn transition_state(state: &AdminState) -> DistributorTransition {
         overflows,
     )
     .with_pins(kept, refused)
+    .recovering(plan.recovery().map(|(_, switched, _)| switched))
 }
 
 /// Pins of the running plan refused, for any reason.
@@ -379,11 +388,18 @@ fn switch(req: &Request, state: &AdminState) -> Reply {
         p.with_previous(current.table().clone())
             .map_err(|e| e.to_string())
     }) {
-        Ok(p) => config.carry_pins(p, &current, &[]),
+        Ok(p) => config.carry_state(p, &current, &[]),
         Err(e) => return Reply::text(400, format!("switch refused: {e}")),
     };
     let moved = plan.moved().map(|m| m.len());
     let installed = plan.table().clone();
+    // Before anything steers by it: a restart must know it was switched.
+    if let Err(e) = crate::recovery::write(&config.table, &installed) {
+        return Reply::text(
+            500,
+            format!("switch refused: the transition marker cannot be written ({e}): a restart would not know which buckets were moving"),
+        );
+    }
     match state.change_plan(|| state.plan.swap(plan)) {
         Ok(old) => {
             state.swaps.fetch_add(1, Ordering::Relaxed);
@@ -397,7 +413,10 @@ fn switch(req: &Request, state: &AdminState) -> Reply {
             );
             Reply::json(200, &transition_state(state))
         }
-        Err(e) => Reply::text(409, format!("switch refused: {e}")),
+        Err(e) => {
+            crate::recovery::clear_logged(&config.table, "switch refused");
+            Reply::text(409, format!("switch refused: {e}"))
+        }
     }
 }
 
@@ -449,8 +468,19 @@ fn open(req: &Request, state: &AdminState) -> Reply {
     }
     if !current.is_open() || pins.is_some() {
         let was_open = current.is_open();
-        let plan = pinned((*current).clone().opened(), pins, config.transition.pins);
+        let recovered = pins.is_some() && current.recovery().is_some();
+        let mut plan = pinned((*current).clone().opened(), pins, config.transition.pins);
+        if recovered {
+            // The pins were read after this switch: every flow of the
+            // transition is placed again.
+            plan = plan.recovered();
+        }
         state.change_plan(|| state.plan.replace(plan));
+        if recovered {
+            log::info!(
+                "transition: recovered (switched again and given the TMs' pins): moved buckets steered again"
+            );
+        }
         if !was_open {
             log::info!(
                 "transition: table version {} open to new flows",
@@ -496,7 +526,7 @@ fn commit(req: &Request, state: &AdminState) -> Reply {
     };
     let prev = prev.version();
     let plan = pinned(
-        (*current).clone().without_previous(),
+        (*current).clone().without_previous().recovered(),
         pins,
         config.transition.pins,
     );
@@ -506,6 +536,10 @@ fn commit(req: &Request, state: &AdminState) -> Reply {
         running.version
     );
     let persist_error = persist(&config, current.table(), current.previous());
+    if persist_error.is_none() {
+        // Only once the table file names the committed table.
+        crate::recovery::clear_logged(&config.table, "commit");
+    }
     Reply::json(
         200,
         &CommitAnswer {
@@ -530,6 +564,25 @@ fn abort(req: &Request, state: &AdminState) -> Reply {
     };
     let running = TableId::of(current.table());
     let Some(prev) = current.previous() else {
+        if let Some((_, switched, _)) = current.recovery() {
+            // Restarted while switched, never switched again: the running
+            // table alone steers from now on.
+            let switched = TableId::of(switched);
+            let plan = (*current).clone().recovered();
+            state.change_plan(|| state.plan.replace(plan));
+            crate::recovery::clear_logged(&config.table, "abort");
+            log::warn!(
+                "transition: aborted while recovering (restarted while switched to {switched}): table version {} alone steers again",
+                running.version
+            );
+            return Reply::json(
+                200,
+                &AbortAnswer {
+                    table: running,
+                    aborted: true,
+                },
+            );
+        }
         if named.as_ref() == Some(&running) {
             return Reply::text(
                 409,
@@ -550,9 +603,10 @@ fn abort(req: &Request, state: &AdminState) -> Reply {
     let v = prev.version();
     match config.plan(prev.clone()) {
         Ok(p) => {
-            let p = config.carry_pins(p, &current, &[]);
+            let p = config.carry_state(p, &current, &[]).recovered();
             state.failover.installed(prev);
             state.change_plan(|| state.plan.replace(p));
+            crate::recovery::clear_logged(&config.table, "abort");
             state.swaps.fetch_add(1, Ordering::Relaxed);
             log::warn!(
                 "transition: aborted, back to table version {v} from {}",

@@ -464,9 +464,11 @@ impl DistributorConfig {
         }
     }
 
-    /// `plan` with the pinned flows of `from` (the plan it replaces),
-    /// except those of the TMs in `dropped` (failed: their flows are gone).
-    pub fn carry_pins(&self, plan: Plan, from: &Plan, dropped: &[u32]) -> Plan {
+    /// `plan` with the live state of `from` (the plan it replaces): its
+    /// pinned flows, except those of the TMs in `dropped` (failed: their
+    /// flows are gone), and its recovery from a restart mid-transition.
+    pub fn carry_state(&self, plan: Plan, from: &Plan, dropped: &[u32]) -> Plan {
+        let plan = plan.carry_recovery(from);
         let (list, _) = from.pin_list();
         if list.is_empty() {
             return plan;

@@ -200,7 +200,7 @@ pub fn fail_over(state: &AdminState, id: u32) {
     match config.plan(table) {
         Ok(plan) => {
             let failed: Vec<u32> = set.to_vec();
-            let plan = config.carry_pins(plan, &state.plan.load(), &failed);
+            let plan = config.carry_state(plan, &state.plan.load(), &failed);
             let had_transition = state.plan.load().previous().is_some();
             state.change_plan(|| state.plan.replace(plan));
             state.swaps.fetch_add(1, Ordering::Relaxed);

@@ -1,4 +1,4 @@
-//! stdd, the distributor daemon, on the I/O layer (`distributor`) and the data-path core (`datapath`): its configuration ([`config`]), its admin endpoint ([`admin`]), the history of committed tables ([`history`]) and TM liveness probes with automatic failover ([`failover`]); the binary (`src/bin/stdd.rs`) joins them to the backends and workers.
+//! stdd, the distributor daemon, on the I/O layer (`distributor`) and the data-path core (`datapath`): its configuration ([`config`]), its admin endpoint ([`admin`]), the history of committed tables ([`history`]), the transition marker a restart recovers from ([`recovery`]) and TM liveness probes with automatic failover ([`failover`]); the binary (`src/bin/stdd.rs`) joins them to the backends and workers.
 #![deny(missing_docs)]
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
@@ -6,3 +6,4 @@ pub mod admin;
 pub mod config;
 pub mod failover;
 pub mod history;
+pub mod recovery;

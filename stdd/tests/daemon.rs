@@ -577,3 +577,156 @@ fn a_tm_outside_the_default_group_is_failed_over_too() {
 fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
     testkit::http(("127.0.0.1", port), method, path, token, body)
 }
+
+/// The flows of the frames `start_with_table` feeds stdd.
+fn fed_flows() -> Vec<Flow> {
+    (0..400u16)
+        .map(|i| {
+            Flow::with_ports(
+                proto::TCP,
+                IpAddr::V4([203, 0, 113, (i % 200) as u8 + 1].into()),
+                30000 + i,
+                "198.51.100.10".parse().expect("addr"),
+                443,
+            )
+        })
+        .collect()
+}
+
+fn owner(t: &AllocationTable, f: &Flow) -> u32 {
+    t.tms()[usize::from(t.steer(f).tm)].id
+}
+
+fn kill(d: Daemon) {
+    // Killed, not stopped: nothing is saved on the way out; the directory stays.
+    let mut d = std::mem::ManuallyDrop::new(d);
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+}
+
+#[test]
+fn a_distributor_restarted_mid_transition_drops_what_it_cannot_place_until_pins_or_abort() {
+    let dir = std::env::temp_dir().join(format!("stdd-recover-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let from = table();
+    let to = from
+        .rebalance(
+            0,
+            &Profile::Custom {
+                weights: vec![3.0, 1.0, 1.0, 1.0],
+            },
+        )
+        .expect("rebalance")
+        .table;
+    let to_text = allocation::file::render(&to);
+    let moving = fed_flows()
+        .iter()
+        .filter(|f| owner(&from, f) != owner(&to, f))
+        .count() as u64;
+    assert!(moving > 0 && moving < 400, "{moving}");
+    let marker = dir.join("table.toml.transition");
+    let up = |admin: u16| {
+        wait_for("healthz", || {
+            TcpStream::connect(("127.0.0.1", admin)).is_ok()
+                && http(admin, "GET", "/healthz", Some(TOKEN), "").0 == 200
+        });
+    };
+    let steered = |admin: u16| {
+        wait_for("every frame steered or dropped", || {
+            let m = http(admin, "GET", "/metrics", Some(TOKEN), "").1;
+            metric(&m, "std_tm_packets_total") + metric(&m, "std_drops_total") == 400
+        });
+        http(admin, "GET", "/metrics", Some(TOKEN), "").1
+    };
+    let switch = |admin: u16| {
+        let (code, body) = http(admin, "POST", "/transition/switch", Some(TOKEN), &to_text);
+        assert_eq!(code, 200, "{body}");
+        body
+    };
+
+    // Switched, then killed: the marker names the table it was switched to.
+    let admin = free_port();
+    let d = start_with_table(&dir, admin, "", &from);
+    up(admin);
+    switch(admin);
+    assert_eq!(
+        allocation::file::load(&marker).expect("marker"),
+        to,
+        "the switch wrote its marker"
+    );
+    kill(d);
+
+    // Back on the table file, the flows the two tables disagree on are
+    // dropped and counted, the others steered; the state says so.
+    let admin = free_port();
+    let d = start_with_table(&dir, admin, "", &from);
+    up(admin);
+    let m = steered(admin);
+    assert_eq!(
+        metric(&m, "std_drops_total{reason=\"recovering\"}"),
+        moving,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "std_tm_packets_total"), 400 - moving);
+    let (_, body) = http(admin, "GET", "/transition", Some(TOKEN), "");
+    assert!(body.contains("\"state\":\"idle\""), "{body}");
+    assert!(body.contains("\"recovering\":{\"version\":2"), "{body}");
+    // An abort ends it: the table file's table alone steers, no marker.
+    let (code, body) = http(admin, "POST", "/transition/abort", Some(TOKEN), "");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"aborted\":true"), "{body}");
+    let (_, body) = http(admin, "GET", "/transition", Some(TOKEN), "");
+    assert!(!body.contains("recovering"), "{body}");
+    assert!(!marker.exists(), "abort removes the marker");
+    // Switched again and killed again.
+    switch(admin);
+    kill(d);
+
+    let admin = free_port();
+    let d = start_with_table(&dir, admin, "", &from);
+    up(admin);
+    let m = steered(admin);
+    assert_eq!(metric(&m, "std_drops_total{reason=\"recovering\"}"), moving);
+    // Switched again, still recovering (no pins yet); an open without pins
+    // does not end it, one with the TMs' pins does.
+    let body = switch(admin);
+    assert!(body.contains("\"state\":\"switched\""), "{body}");
+    assert!(body.contains("\"recovering\""), "{body}");
+    let id = control::TableId::of(&to);
+    let named = format!("{{\"version\":2,\"checksum\":\"{}\"}}", id.checksum);
+    let (code, body) = http(admin, "POST", "/transition/open", Some(TOKEN), &named);
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("\"recovering\""),
+        "no pins, no recovery: {body}"
+    );
+    let with_pins = format!(
+        "{{\"version\":2,\"checksum\":\"{}\",\"pins\":[]}}",
+        id.checksum
+    );
+    let (code, body) = http(admin, "POST", "/transition/open", Some(TOKEN), &with_pins);
+    assert_eq!(code, 200, "{body}");
+    assert!(!body.contains("recovering"), "{body}");
+    assert!(marker.exists(), "the marker stays until the commit");
+    let (code, body) = http(admin, "POST", "/transition/commit", Some(TOKEN), &with_pins);
+    assert_eq!(code, 200, "{body}");
+    assert!(!marker.exists(), "the commit removes the marker");
+    assert_eq!(
+        allocation::file::load(dir.join("table.toml")).expect("table file"),
+        to
+    );
+    drop(d);
+
+    // A marker that cannot be read: stdd does not start, one line says why.
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(&marker, "version = 2\nnot a table").expect("marker");
+    let mut d = start_with_table(&dir, free_port(), "", &from);
+    let status = d.child.wait().expect("exits");
+    let mut err = String::new();
+    if let Some(mut e) = d.child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("table.toml.transition"), "{err}");
+}

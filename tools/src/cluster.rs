@@ -283,11 +283,21 @@ fn starting_point(
 pub fn unfinished(c: &Cluster) -> Result<AllocationTable> {
     let client = c.client();
     let (dists, tms) = c.endpoints();
+    // A distributor switched, or restarted while switched (recovering):
+    // the table it was switched to.
+    for d in &dists {
+        let Ok(state) = distributor_state(&client, d) else {
+            continue;
+        };
+        if state.state != DistributorPhase::Idle {
+            return fetch_table(&client, d, "/table");
+        }
+        if state.recovering.is_some() {
+            return fetch_table(&client, d, "/table/recovering");
+        }
+    }
     let d = &dists[0];
     let state = distributor_state(&client, d)?;
-    if state.state != DistributorPhase::Idle {
-        return fetch_table(&client, d, "/table");
-    }
     let running = state.table();
     for t in &tms {
         let Ok(s) = client.ok_json::<TmTransition>(t, "GET", "/transition", None) else {
@@ -625,7 +635,19 @@ pub fn status(c: &Cluster) -> Status {
             }
         }
         let (table, transition) = match &state {
-            Ok(s) => (Some(s.table()), phase_text(s.state)),
+            Ok(s) => {
+                if let Some(r) = &s.recovering {
+                    problems.push(format!(
+                        "restarted while switched to {r}: drops the flows it cannot place until `stdctl transition resume` (or abort)"
+                    ));
+                }
+                let phase = phase_text(s.state);
+                let phase = match s.recovering {
+                    Some(_) => format!("{phase}, recovering"),
+                    None => phase,
+                };
+                (Some(s.table()), phase)
+            }
             Err(e) => {
                 problems.push(format!("GET /transition: {e}"));
                 (None, "?".to_string())

@@ -66,6 +66,7 @@ fn distributor(st: &mut State, what: &str, body: &str) -> (u16, String) {
             overflows: 0,
             pinned_flows: None,
             pins_refused: None,
+            recovering: None,
         })
     };
     match what {

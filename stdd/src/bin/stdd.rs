@@ -236,9 +236,31 @@ mod daemon {
         Ok((cfg, plan))
     }
 
+    /// At start: `plan` recovering, if stdd stopped mid-transition.
+    fn recover(cfg: &DistributorConfig, plan: distributor::Plan) -> Result<distributor::Plan> {
+        let table = plan.table().clone();
+        let Some(switched) =
+            stdd::recovery::at_start(&cfg.table, &table).map_err(|e| anyhow!(e))?
+        else {
+            return Ok(plan);
+        };
+        let (from, to) = (table.version(), switched.version());
+        let plan = plan.recovering(table, switched);
+        let buckets = plan.recovery().and_then(|(_, _, n)| n).map_or_else(
+            || "every flow the two tables steer differently is".to_string(),
+            |n| format!("the {n} buckets they disagree on are"),
+        );
+        log::warn!(
+            "restarted mid-transition (switched from table version {from} to {to}, {}): {buckets} dropped as `recovering` until the coordinator switches and opens this distributor again with the TMs' pins (stdctl transition resume), commits or aborts",
+            stdd::recovery::path(&cfg.table).display()
+        );
+        Ok(plan)
+    }
+
     pub fn run(path: &Path) -> Result<()> {
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
         let (cfg, plan) = load(path)?;
+        let plan = recover(&cfg, plan)?;
         log::info!(
             "stdd {:?}: {} ports, table version {} ({} TMs), backend {:?}",
             cfg.role,
@@ -497,7 +519,7 @@ mod daemon {
                         {
                             log::warn!("SIGHUP: port or backend changes need a restart; steering settings and the table are reloaded");
                         }
-                        let new_plan = new_cfg.carry_pins(new_plan, &plan.load(), &[]);
+                        let new_plan = new_cfg.carry_state(new_plan, &plan.load(), &[]);
                         let v = new_plan.table().version();
                         state.failover.installed(new_plan.table());
                         state.change_plan(|| plan.replace(new_plan));
