@@ -96,6 +96,25 @@ pub struct DistributorTransition {
     /// and an open with pins, a commit or an abort.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovering: Option<TableId>,
+    /// Steering by a failover table it derived on its own from the
+    /// operator's: which, and for which failed TMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_over: Option<FailedOver>,
+}
+
+/// The failover a distributor applies on its own (its TM probes) over the
+/// tables an operator installed: `version`/`checksum` of its state are the
+/// derived table's; these name what it was derived from. A transition
+/// under way carries on over the failover tables of both.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedOver {
+    /// The operator's table the running one is the failover of.
+    pub table: TableId,
+    /// While switched: the operator's previous table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<TableId>,
+    /// The failed TMs' ids.
+    pub tms: Vec<u32>,
 }
 
 impl DistributorTransition {
@@ -121,7 +140,32 @@ impl DistributorTransition {
             pinned_flows: None,
             pins_refused: None,
             recovering: None,
+            failed_over: None,
         }
+    }
+
+    /// This state failed over from the operator's `table` (and `previous`
+    /// while switched) for the TMs `tms`.
+    pub fn failed_over(
+        mut self,
+        derived: Option<(&AllocationTable, Option<&AllocationTable>, &[u32])>,
+    ) -> Self {
+        self.failed_over = derived.map(|(t, p, tms)| FailedOver {
+            table: TableId::of(t),
+            previous: p.map(TableId::of),
+            tms: tms.to_vec(),
+        });
+        self
+    }
+
+    /// True if it steers by `id`, or by a failover table derived from it.
+    pub fn runs(&self, id: &TableId) -> bool {
+        self.table() == *id || self.failed_over.as_ref().is_some_and(|f| f.table == *id)
+    }
+
+    /// The TMs it fails over (none when it runs an operator's table).
+    pub fn failed_tms(&self) -> &[u32] {
+        self.failed_over.as_ref().map_or(&[], |f| &f.tms)
     }
 
     /// This state recovering from a restart while switched to `switched`.

@@ -266,6 +266,16 @@ pub struct Push {
     reopen_only: bool,
     /// Why the push stopped with the cluster switched.
     stopped: Option<String>,
+    /// TMs (indexes) whose drain state was unknown in the last round.
+    unknown_tms: Vec<usize>,
+    /// The window closed with them unknown: decided after the verify, by
+    /// whether every distributor has failed them over.
+    census: Option<(u64, Vec<String>, Vec<usize>)>,
+    /// TM ids every distributor verified so far fails over (`None`: none
+    /// verified yet).
+    failed_everywhere: Option<Vec<u32>>,
+    /// TMs left out of the commit: failed over by every distributor.
+    left_out: Vec<usize>,
 }
 
 /// Whether a failed call is worth trying again: no answer, or a server error.
@@ -364,6 +374,10 @@ impl Push {
             held_done: false,
             reopen_only: false,
             stopped: None,
+            unknown_tms: Vec::new(),
+            census: None,
+            failed_everywhere: None,
+            left_out: Vec::new(),
             spec,
         })
     }
@@ -504,6 +518,9 @@ impl Push {
             }
             Phase::Verify { i } => {
                 if i == self.spec.distributors.len() {
+                    if let Some(stop) = self.settle_census() {
+                        return stop;
+                    }
                     self.phase = Phase::Pins {
                         i: 0,
                         commit: true,
@@ -585,30 +602,19 @@ impl Push {
             self.last_unknown.clone_from(&unknown);
         }
         if total == 0 && unknown.is_empty() || over {
-            if over && !unknown.is_empty() && !self.spec.force {
-                self.phase = Phase::Finished;
-                let names: Vec<&str> = unknown
-                    .iter()
-                    .map(|u| u.split(':').next().unwrap_or(u))
-                    .collect();
-                return Step::Done(Outcome::Stopped {
-                    cause: format!(
-                        "drain window of {} s over and the state of {} is unknown: nothing committed, every distributor stays switched to {}; push again to resume, with --force to commit regardless, or abort",
-                        self.spec.drain_window.as_secs(),
-                        names.join(", "),
-                        self.to
-                    ),
-                });
+            self.failed_everywhere = None;
+            if over && !unknown.is_empty() {
+                // Decided after the verify: a TM every distributor has
+                // failed over is out of the cluster, not undrained.
+                let tms = std::mem::take(&mut self.unknown_tms);
+                self.census = Some((total, unknown, tms));
+                self.phase = Phase::Verify { i: 0 };
+                return self.step(now);
             }
-            if over && (total > 0 || !unknown.is_empty()) {
+            if over && total > 0 {
                 self.say(format!(
-                    "drain    window of {} s over with {total} connections still in moved buckets{}: committing",
+                    "drain    window of {} s over with {total} connections still in moved buckets: committing",
                     self.spec.drain_window.as_secs(),
-                    if unknown.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" and {} node(s) of unknown state (--force)", unknown.len())
-                    }
                 ));
             }
             self.moving_at_commit = total;
@@ -616,6 +622,7 @@ impl Push {
             self.phase = Phase::Verify { i: 0 };
             return self.step(now);
         }
+        self.unknown_tms.clear();
         self.phase = Phase::Drain {
             i: 0,
             total: 0,
@@ -626,6 +633,72 @@ impl Push {
         Step::WaitUntil(now + self.spec.poll)
     }
 
+    /// After the verify of a window that closed with TMs of unknown state:
+    /// those every distributor fails over are left out of the commit (their
+    /// connections went down with them; the distributors steer around
+    /// them); any other stops the push — or, with `--force`, is committed
+    /// regardless. The stop, if it stops.
+    fn settle_census(&mut self) -> Option<Step> {
+        let (total, unknown, tms) = self.census.take()?;
+        let everywhere = self.failed_everywhere.take().unwrap_or_default();
+        let mut left = Vec::new();
+        for (u, &t) in unknown.iter().zip(&tms) {
+            let (id, name) = (self.spec.tms[t].0, self.spec.tms[t].1.clone());
+            if everywhere.contains(&id) {
+                if !self.left_out.contains(&t) {
+                    self.left_out.push(t);
+                    self.prepared.retain(|&p| p != t);
+                    self.say(format!(
+                        "drain    {name:<12} failed over by every distributor: left out of the commit"
+                    ));
+                    self.warnings.push(format!(
+                        "{name}: failed over by every distributor during the transition: left out of the commit (its connections went down with it); `stdctl tm readmit` brings it back"
+                    ));
+                }
+            } else {
+                left.push(u.clone());
+            }
+        }
+        if !left.is_empty() && !self.spec.force {
+            self.phase = Phase::Finished;
+            let names: Vec<&str> = left
+                .iter()
+                .map(|u| u.split(':').next().unwrap_or(u))
+                .collect();
+            let cause = format!(
+                "drain window of {} s over and the state of {} is unknown: nothing committed, every distributor stays switched to {}; push again to resume, with --force to commit regardless, or abort",
+                self.spec.drain_window.as_secs(),
+                names.join(", "),
+                self.to
+            );
+            self.stopped = Some(cause.clone());
+            return Some(Step::Done(Outcome::Stopped { cause }));
+        }
+        if total > 0 || !left.is_empty() {
+            self.say(format!(
+                "drain    window of {} s over with {total} connections still in moved buckets{}: committing",
+                self.spec.drain_window.as_secs(),
+                if left.is_empty() {
+                    String::new()
+                } else {
+                    format!(" and {} node(s) of unknown state (--force)", left.len())
+                }
+            ));
+        }
+        self.moving_at_commit = total;
+        self.unknown_at_commit = left;
+        None
+    }
+
+    /// A verified distributor's failed TMs narrow those failed everywhere.
+    fn census(&mut self, d: &DistributorTransition) {
+        let mine = d.failed_tms();
+        self.failed_everywhere = Some(match self.failed_everywhere.take() {
+            None => mine.to_vec(),
+            Some(so_far) => so_far.into_iter().filter(|id| mine.contains(id)).collect(),
+        });
+    }
+
     fn start_commit(&mut self) {
         let mut list: Vec<(NodeId, bool)> = (0..self.spec.distributors.len())
             .map(|i| (NodeId::Distributor(i), true))
@@ -634,7 +707,7 @@ impl Push {
         // TMs skipped after a prepare without answer may have prepared.
         for n in &self.changed {
             if let NodeId::Tm(t) = *n {
-                if !self.prepared.contains(&t) {
+                if !self.prepared.contains(&t) && !self.left_out.contains(&t) {
                     list.push((NodeId::Tm(t), false));
                 }
             }
@@ -823,14 +896,18 @@ impl Push {
                             total += n;
                         }
                         Err(e) => {
-                            unknown.push(format!("{name}: restarted, and prepare again: {e}"))
+                            unknown.push(format!("{name}: restarted, and prepare again: {e}"));
+                            self.unknown_tms.push(self.prepared[i]);
                         }
                     }
                 } else {
                     match self.drain_answer(result) {
                         Ok(n) => total += n,
                         Err(DrainState::Restarted) => ask_again = true,
-                        Err(DrainState::Unknown(why)) => unknown.push(format!("{name}: {why}")),
+                        Err(DrainState::Unknown(why)) => {
+                            unknown.push(format!("{name}: {why}"));
+                            self.unknown_tms.push(self.prepared[i]);
+                        }
                     }
                 }
                 self.phase = Phase::Drain {
@@ -841,7 +918,8 @@ impl Push {
                 };
             }
             Phase::Verify { i } => match result {
-                Ok(Answer::Distributor(d)) if d.check().is_ok() && d.table() == self.to => {
+                Ok(Answer::Distributor(d)) if d.check().is_ok() && d.runs(&self.to) => {
+                    self.census(&d);
                     if d.state == DistributorPhase::Switched && d.recovering.is_some() {
                         // Restarted and switched again: it drops what it
                         // cannot place until the commit hands it pins read
@@ -862,8 +940,9 @@ impl Push {
                 Ok(Answer::Distributor(d))
                     if d.check().is_ok()
                         && d.state == DistributorPhase::Idle
-                        && d.table() == self.from =>
+                        && d.runs(&self.from) =>
                 {
+                    self.census(&d);
                     self.say(format!(
                         "verify   {name:<12} runs {} alone (restarted?): switching it again",
                         self.from
@@ -1084,7 +1163,7 @@ impl Push {
         match result? {
             Answer::Distributor(d) => {
                 d.check().map_err(CallError::Garbage)?;
-                let ok = d.table() == self.to
+                let ok = d.runs(&self.to)
                     && match d.state {
                         DistributorPhase::Open => true,
                         DistributorPhase::Switched => !opening,

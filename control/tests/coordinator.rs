@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use allocation::{AllocationTable, GroupSpec, HashKey, MacAddr, Profile, Tm};
 use control::api::{
-    AbortAnswer, CommitAnswer, DistributorPhase, DistributorTransition, HeldPort, PinnedFlow,
-    TableId, TmPhase, TmPins, TmTransition,
+    AbortAnswer, CommitAnswer, DistributorPhase, DistributorTransition, FailedOver, HeldPort,
+    PinnedFlow, TableId, TmPhase, TmPins, TmTransition,
 };
 use control::coordinator::{Answer, Call, CallError, NodeId, Outcome, Push, PushSpec, Step};
 use proptest::prelude::*;
@@ -67,6 +67,8 @@ struct Node {
     /// transition marker): it drops what it cannot place until pins come
     /// with an open, or a commit or an abort.
     recovering: Option<TableId>,
+    /// A distributor's failover: the TMs its probes found dead.
+    failed: Vec<u32>,
 }
 
 struct Fake {
@@ -92,6 +94,7 @@ impl Fake {
             pins: None,
             held: None,
             recovering: None,
+            failed: Vec::new(),
         };
         Fake {
             dists: vec![node.clone(), node.clone()],
@@ -110,22 +113,38 @@ impl Fake {
     }
 
     fn dist_state(n: &Node) -> DistributorTransition {
+        // Failed over: it steers by a table derived from the operator's
+        // (another checksum), and names what it derives from.
+        let derived = |t: &TableId| match n.failed.is_empty() {
+            true => t.clone(),
+            false => TableId {
+                version: t.version,
+                checksum: format!("{}-without-{:?}", t.checksum, n.failed),
+            },
+        };
+        let failed_over = (!n.failed.is_empty()).then(|| FailedOver {
+            table: n.table.clone(),
+            previous: n.other.clone(),
+            tms: n.failed.clone(),
+        });
+        let (table, other) = (derived(&n.table), n.other.as_ref().map(derived));
         DistributorTransition {
             state: match (&n.other, n.open) {
                 (None, _) => DistributorPhase::Idle,
                 (Some(_), false) => DistributorPhase::Switched,
                 (Some(_), true) => DistributorPhase::Open,
             },
-            version: n.table.version,
-            checksum: n.table.checksum.clone(),
-            previous_version: n.other.as_ref().map(|p| p.version),
-            previous_checksum: n.other.as_ref().map(|p| p.checksum.clone()),
+            version: table.version,
+            checksum: table.checksum,
+            previous_version: other.as_ref().map(|p| p.version),
+            previous_checksum: other.map(|p| p.checksum),
             moved_buckets: n.other.as_ref().map(|_| 1),
             remembered_flows: 0,
             overflows: 0,
             pinned_flows: None,
             pins_refused: None,
             recovering: n.recovering.clone(),
+            failed_over,
         }
     }
 
@@ -313,6 +332,14 @@ impl Fake {
             });
         if fault == Some(Fault::Die) {
             self.node(id).dead = true;
+            if let NodeId::Tm(t) = id {
+                // The distributors' probes find it dead and fail it over.
+                for d in &mut self.dists {
+                    if !d.failed.contains(&(t as u32)) {
+                        d.failed.push(t as u32);
+                    }
+                }
+            }
         }
         if self.node(id).dead {
             return Err(CallError::NoAnswer("connection refused".into()));
@@ -336,6 +363,8 @@ impl Fake {
                 if matches!(id, NodeId::Distributor(_)) && n.table != n.disk {
                     n.recovering = Some(n.table.clone());
                 }
+                // Its probes start over: no TM failed yet.
+                n.failed.clear();
                 n.table = n.disk.clone();
                 n.other = None;
                 n.open = false;
@@ -679,6 +708,48 @@ fn a_distributor_restarted_while_switched_and_left_is_recovered_by_a_resume_or_a
             check_ending(&fake, &out, &TableId::of(&from), &TableId::of(&to));
         }
         assert!(fake.dists[0].recovering.is_none());
+    }
+}
+
+#[test]
+fn a_tm_that_fails_during_the_drain_is_left_out_once_every_distributor_failed_it_over() {
+    for everywhere in [true, false] {
+        let (from, to) = tables();
+        let mut fake = Fake::new(&TableId::of(&from), vec![3, 1, 0]);
+        // tm1: prepare (1), pins (2), then dead at its first drain question.
+        fake.faults.push((NodeId::Tm(1), 3, Fault::Die));
+        if !everywhere {
+            // The back distributor's probes have not found it yet.
+            fake.faults
+                .push((NodeId::Distributor(1), 3, Fault::Restart));
+        }
+        let mut push = Push::new(spec(false), &from, &to).expect("push");
+        let out = fake.run(&mut push);
+        check_ending(&fake, &out, &TableId::of(&from), &TableId::of(&to));
+        if everywhere {
+            let Outcome::Committed(s) = &out else {
+                panic!("{out:?}")
+            };
+            assert!(
+                s.warnings
+                    .iter()
+                    .any(|w| w.starts_with("tm1: failed over by every distributor")),
+                "{:?}",
+                s.warnings
+            );
+            assert!(s.unknown_at_commit.is_empty(), "{:?}", s.unknown_at_commit);
+            // Steering by their failover tables, the distributors were
+            // still recognised as switched to, then committed on, the push's table.
+            for d in &fake.dists {
+                assert_eq!(d.table, TableId::of(&to));
+                assert_eq!(d.failed, vec![1]);
+            }
+        } else {
+            let Outcome::Stopped { cause } = &out else {
+                panic!("{out:?}")
+            };
+            assert!(cause.contains("state of tm1 is unknown"), "{cause}");
+        }
     }
 }
 

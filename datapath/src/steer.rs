@@ -101,6 +101,15 @@ impl Recovery {
     }
 }
 
+/// A failover a distributor derived on its own: the operator's tables the
+/// plan's tables are the failover of, and the failed TMs.
+#[derive(Debug)]
+struct Derived {
+    table: AllocationTable,
+    previous: Option<AllocationTable>,
+    failed: Vec<u32>,
+}
+
 /// One bit per bucket: set where the owner changed between two tables.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MovedSet([u64; allocation::TABLE_SIZE / 64]);
@@ -219,6 +228,8 @@ pub struct Plan {
     slow: Option<Box<MovedSet>>,
     /// Restarted mid-transition: the flows it cannot place are dropped.
     recovery: Option<Arc<Recovery>>,
+    /// A failover plan: what it was derived from.
+    derived: Option<Arc<Derived>>,
 }
 
 impl Plan {
@@ -270,6 +281,7 @@ impl Plan {
             pins: None,
             slow: None,
             recovery: None,
+            derived: None,
         })
     }
 
@@ -474,8 +486,57 @@ impl Plan {
         self.previous.as_ref().is_some_and(|p| p.open)
     }
 
+    /// This plan, a failover of the operator's `table` (and `previous`, the
+    /// operator's previous table, while switched) for the TMs `failed`:
+    /// control-plane bookkeeping, the steering is the plan's own tables.
+    pub fn derived_from(
+        mut self,
+        table: AllocationTable,
+        previous: Option<AllocationTable>,
+        failed: Vec<u32>,
+    ) -> Self {
+        self.derived = Some(Arc::new(Derived {
+            table,
+            previous,
+            failed,
+        }));
+        self
+    }
+
+    /// A failover plan's operator table, operator previous table (while
+    /// switched) and failed TMs.
+    pub fn derivation(&self) -> Option<(&AllocationTable, Option<&AllocationTable>, &[u32])> {
+        self.derived
+            .as_deref()
+            .map(|d| (&d.table, d.previous.as_ref(), d.failed.as_slice()))
+    }
+
+    /// The operator's table this plan steers by (itself, or the one its
+    /// failover table derives from).
+    pub fn operator_table(&self) -> &AllocationTable {
+        self.derived.as_deref().map_or(&self.table, |d| &d.table)
+    }
+
+    /// While switched: the operator's previous table.
+    pub fn operator_previous(&self) -> Option<&AllocationTable> {
+        let previous = self.previous()?;
+        Some(
+            self.derived
+                .as_deref()
+                .and_then(|d| d.previous.as_ref())
+                .unwrap_or(previous),
+        )
+    }
+
     /// This plan without its transition (DESIGN §4 step 3, commit).
     pub fn without_previous(mut self) -> Self {
+        if let Some(d) = self.derived.take() {
+            self.derived = Some(Arc::new(Derived {
+                table: d.table.clone(),
+                previous: None,
+                failed: d.failed.clone(),
+            }));
+        }
         self.drop_previous_routes();
         self.previous = None;
         self.rebuild_pins();

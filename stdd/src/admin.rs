@@ -139,6 +139,10 @@ pub fn handle(req: &Request, state: &AdminState) -> Reply {
             Some(p) => Reply::text(200, allocation::file::render(p)),
             None => Reply::text(404, "no transition is switched: no previous table"),
         },
+        ("GET", "/table/operator") => match state.plan.load().derivation() {
+            Some((t, _, _)) => Reply::text(200, allocation::file::render(t)),
+            None => Reply::text(404, "not failed over: GET /table is the operator's table"),
+        },
         ("GET", "/table/recovering") => match state.plan.load().recovery() {
             Some((_, switched, _)) => Reply::text(200, allocation::file::render(switched)),
             None => Reply::text(404, "not recovering: no table a restart interrupted"),
@@ -157,6 +161,7 @@ pub fn handle(req: &Request, state: &AdminState) -> Reply {
         (
             _,
             "/metrics" | "/healthz" | "/table" | "/table/previous" | "/table/recovering"
+            | "/table/operator"
             | "/table/history"
             | "/transition"
             | "/transition/switch" | "/transition/open" | "/transition/commit"
@@ -164,7 +169,7 @@ pub fn handle(req: &Request, state: &AdminState) -> Reply {
         ) => Reply::text(405, "method not allowed"),
         _ => Reply::text(
             404,
-            "not found: /metrics, /healthz, /table[/previous|/recovering|/history[/VERSION]], /transition[/switch|/open|/commit|/abort]",
+            "not found: /metrics, /healthz, /table[/previous|/recovering|/operator|/history[/VERSION]], /transition[/switch|/open|/commit|/abort]",
         ),
     }
 }
@@ -332,6 +337,7 @@ pub fn transition_state(state: &AdminState) -> DistributorTransition {
     )
     .with_pins(kept, refused)
     .recovering(plan.recovery().map(|(_, switched, _)| switched))
+    .failed_over(plan.derivation())
 }
 
 /// Pins of the running plan refused, for any reason.
@@ -367,20 +373,20 @@ fn switch(req: &Request, state: &AdminState) -> Reply {
     };
     let current = state.plan.snapshot();
     let wanted = TableId::of(&table);
-    if TableId::of(current.table()) == wanted {
+    if TableId::of(current.table()) == wanted || TableId::of(current.operator_table()) == wanted {
         return Reply::json(200, &transition_state(state));
     }
-    if let Some(prev) = current.previous() {
+    if let Some(prev) = current.operator_previous() {
         return Reply::text(
             409,
             format!(
                 "switch refused: already switched from {} to {}",
                 TableId::of(prev),
-                TableId::of(current.table())
+                TableId::of(current.operator_table())
             ),
         );
     }
-    if let Some(r) = same_version_other_table(current.table(), &table) {
+    if let Some(r) = same_version_other_table(current.operator_table(), &table) {
         return r;
     }
     let version = table.version();
@@ -433,14 +439,19 @@ fn locked(
     Ok((config, state.plan.snapshot()))
 }
 
-/// Refuses a step naming another table than the running one.
-fn check_named(what: &str, named: Option<&TableId>, running: &TableId) -> Result<(), Reply> {
+/// Refuses a step naming another table than the running one — or than
+/// the operator's table its failover table derives from (a failover during
+/// a transition carries the transition on). The table to answer with.
+fn check_named(what: &str, named: Option<&TableId>, plan: &Plan) -> Result<TableId, Reply> {
+    let running = TableId::of(plan.table());
+    let operator = TableId::of(plan.operator_table());
     match named {
-        Some(n) if n != running => Err(Reply::text(
+        Some(n) if *n == running || *n == operator => Ok(n.clone()),
+        Some(n) => Err(Reply::text(
             409,
             format!("{what} refused: it names {n}, but this node runs {running}"),
         )),
-        _ => Ok(()),
+        None => Ok(running),
     }
 }
 
@@ -455,10 +466,10 @@ fn open(req: &Request, state: &AdminState) -> Reply {
         Ok(s) => s,
         Err(r) => return r,
     };
-    let running = TableId::of(current.table());
-    if let Err(r) = check_named("open", named.as_ref(), &running) {
-        return r;
-    }
+    let running = match check_named("open", named.as_ref(), &current) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
     if current.previous().is_none() {
         if named.is_some() {
             // Committed already: nothing left to open.
@@ -502,10 +513,10 @@ fn commit(req: &Request, state: &AdminState) -> Reply {
         Ok(s) => s,
         Err(r) => return r,
     };
-    let running = TableId::of(current.table());
-    if let Err(r) = check_named("commit", named.as_ref(), &running) {
-        return r;
-    }
+    let running = match check_named("commit", named.as_ref(), &current) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
     let Some(prev) = current.previous() else {
         if named.is_some() {
             // Committed already (a resumed push): the pins still apply.
@@ -535,7 +546,12 @@ fn commit(req: &Request, state: &AdminState) -> Reply {
         "transition: committed table version {} (version {prev} dropped)",
         running.version
     );
-    let persist_error = persist(&config, current.table(), current.previous());
+    // The operator's tables, never a failover derived from them.
+    let persist_error = persist(
+        &config,
+        current.operator_table(),
+        current.operator_previous(),
+    );
     if persist_error.is_none() {
         // Only once the table file names the committed table.
         crate::recovery::clear_logged(&config.table, "commit");
@@ -563,6 +579,7 @@ fn abort(req: &Request, state: &AdminState) -> Reply {
         Err(r) => return r,
     };
     let running = TableId::of(current.table());
+    let operator = TableId::of(current.operator_table());
     let Some(prev) = current.previous() else {
         if let Some((_, switched, _)) = current.recovery() {
             // Restarted while switched, never switched again: the running
@@ -583,7 +600,7 @@ fn abort(req: &Request, state: &AdminState) -> Reply {
                 },
             );
         }
-        if named.as_ref() == Some(&running) {
+        if named.as_ref() == Some(&running) || named.as_ref() == Some(&operator) {
             return Reply::text(
                 409,
                 format!("abort refused: {running} is committed here; roll back with a new version"),
@@ -597,14 +614,25 @@ fn abort(req: &Request, state: &AdminState) -> Reply {
             },
         );
     };
-    if let Err(r) = check_named("abort", named.as_ref(), &running) {
+    if let Err(r) = check_named("abort", named.as_ref(), &current) {
         return r;
     }
     let v = prev.version();
     match config.plan(prev.clone()) {
         Ok(p) => {
             let p = config.carry_state(p, &current, &[]).recovered();
-            state.failover.installed(prev);
+            // Failed over meanwhile: back on the failover of the previous
+            // operator table, the failures kept.
+            let p = match current.derivation() {
+                Some((_, Some(op_prev), failed)) => {
+                    state.failover.rebase(op_prev);
+                    p.derived_from(op_prev.clone(), None, failed.to_vec())
+                }
+                _ => {
+                    state.failover.installed(prev);
+                    p
+                }
+            };
             state.change_plan(|| state.plan.replace(p));
             crate::recovery::clear_logged(&config.table, "abort");
             state.swaps.fetch_add(1, Ordering::Relaxed);
@@ -615,7 +643,7 @@ fn abort(req: &Request, state: &AdminState) -> Reply {
             Reply::json(
                 200,
                 &AbortAnswer {
-                    table: TableId::of(prev),
+                    table: TableId::of(current.operator_previous().unwrap_or(prev)),
                     aborted: true,
                 },
             )

@@ -91,6 +91,12 @@ impl FailoverState {
         *self.base.lock().unwrap_or_else(|p| p.into_inner()) = Some(table.clone());
     }
 
+    /// The base goes back to `table` (an abort while failed over): the
+    /// failures stay.
+    pub fn rebase(&self, table: &AllocationTable) {
+        *self.base.lock().unwrap_or_else(|p| p.into_inner()) = Some(table.clone());
+    }
+
     /// TMs declared failed.
     pub fn failed(&self) -> Vec<u32> {
         self.failed
@@ -188,30 +194,71 @@ pub fn fail_over(state: &AdminState, id: u32) {
         }
         f.iter().copied().collect()
     };
-    let indexes: Vec<allocation::TmIndex> =
-        set.iter().filter_map(|&i| base.tm_index_by_id(i)).collect();
-    let table = match base.failover(&indexes) {
-        Ok(c) => c.table,
+    let failover = |t: &AllocationTable| {
+        let indexes: Vec<allocation::TmIndex> =
+            set.iter().filter_map(|&i| t.tm_index_by_id(i)).collect();
+        t.failover(&indexes).map(|c| c.table)
+    };
+    let table = match failover(&base) {
+        Ok(t) => t,
         Err(e) => {
             log::error!("failover for TMs {set:?} impossible: {e}; the running table stays");
             return;
         }
     };
-    match config.plan(table) {
+    let current = state.plan.load();
+    // Switched: the transition carries on over the failover tables of both
+    // operator tables (the same on every distributor: the failover depends
+    // on (table, set) alone), open if it was, its pins and memory kept.
+    let previous = match current.operator_previous() {
+        None => None,
+        Some(p) => match failover(p) {
+            Ok(t) => Some((p.clone(), t)),
+            Err(e) => {
+                log::error!(
+                    "failover for TMs {set:?} during the transition from version {}: {e}; the running table stays",
+                    p.version()
+                );
+                return;
+            }
+        },
+    };
+    let plan = config
+        .plan(table)
+        .map_err(|e| e.to_string())
+        .and_then(|plan| {
+            let Some((_, prev)) = &previous else {
+                return Ok(plan);
+            };
+            let plan = plan
+                .with_previous(prev.clone())
+                .map_err(|e| e.to_string())?;
+            Ok(if current.is_open() {
+                plan.opened()
+            } else {
+                plan
+            })
+        });
+    match plan {
         Ok(plan) => {
             let failed: Vec<u32> = set.to_vec();
-            let plan = config.carry_state(plan, &state.plan.load(), &failed);
-            let had_transition = state.plan.load().previous().is_some();
+            let plan = config.carry_state(plan, &current, &failed).derived_from(
+                base.clone(),
+                previous.as_ref().map(|(p, _)| p.clone()),
+                failed,
+            );
             state.change_plan(|| state.plan.replace(plan));
             state.swaps.fetch_add(1, Ordering::Relaxed);
             fo.failovers.fetch_add(1, Ordering::Relaxed);
             log::warn!(
                 "failover: TMs {set:?} failed; their buckets now go to the others (table version {}){}",
                 base.version(),
-                if had_transition {
-                    "; the transition in progress was dropped"
-                } else {
-                    ""
+                match &previous {
+                    Some((p, _)) => format!(
+                        "; the transition from version {} carries on over both tables' failover",
+                        p.version()
+                    ),
+                    None => String::new(),
                 }
             );
         }

@@ -730,3 +730,116 @@ fn a_distributor_restarted_mid_transition_drops_what_it_cannot_place_until_pins_
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("table.toml.transition"), "{err}");
 }
+
+#[test]
+fn a_tm_failing_mid_transition_fails_over_both_tables_and_the_transition_carries_on() {
+    use std::sync::atomic::Ordering;
+    for abort in [false, true] {
+        let dir =
+            std::env::temp_dir().join(format!("stdd-failover-mid-{}-{abort}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (up, extra) = failover_probes(4);
+        let admin = free_port();
+        let _d = start_with(&dir, admin, &extra);
+        wait_for("healthz", || {
+            TcpStream::connect(("127.0.0.1", admin)).is_ok()
+                && http(admin, "GET", "/healthz", Some(TOKEN), "").0 == 200
+        });
+        let m = || http(admin, "GET", "/metrics", Some(TOKEN), "").1;
+        wait_for("probes", || metric(&m(), "std_tm_up") == 4);
+        let from = table();
+        let to = from
+            .rebalance(
+                0,
+                &Profile::Custom {
+                    weights: vec![3.0, 1.0, 1.0, 1.0],
+                },
+            )
+            .expect("rebalance")
+            .table;
+        let (to_id, from_id) = (control::TableId::of(&to), control::TableId::of(&from));
+        let (code, body) = http(
+            admin,
+            "POST",
+            "/transition/switch",
+            Some(TOKEN),
+            &allocation::file::render(&to),
+        );
+        assert_eq!(code, 200, "{body}");
+        let named = format!(
+            "{{\"version\":2,\"checksum\":\"{}\",\"pins\":[]}}",
+            to_id.checksum
+        );
+        assert_eq!(
+            http(admin, "POST", "/transition/open", Some(TOKEN), &named).0,
+            200
+        );
+
+        // TM 2 dies while open: both tables fail over, the transition stays open.
+        up[2].store(false, Ordering::Relaxed);
+        wait_for("failover", || metric(&m(), "std_failed_tms") == 1);
+        let (_, body) = http(admin, "GET", "/transition", Some(TOKEN), "");
+        let st: control::DistributorTransition = serde_json::from_str(&body).expect("state");
+        assert_eq!(st.state, control::DistributorPhase::Open, "{body}");
+        let derived = to.failover(&[2]).expect("failover").table;
+        let derived_prev = from.failover(&[2]).expect("failover").table;
+        assert_eq!(st.table(), control::TableId::of(&derived), "{body}");
+        assert_eq!(
+            st.previous(),
+            Some(control::TableId::of(&derived_prev)),
+            "{body}"
+        );
+        let fo = st.failed_over.clone().expect("failed over");
+        assert_eq!(
+            (fo.table, fo.previous, fo.tms),
+            (to_id.clone(), Some(from_id.clone()), vec![2])
+        );
+        assert!(st.runs(&to_id));
+        let (code, body) = http(admin, "GET", "/table", Some(TOKEN), "");
+        assert_eq!(
+            (code, body.trim_end()),
+            (200, allocation::file::render(&derived).trim_end())
+        );
+
+        if abort {
+            // Back on the failover of the previous table; TM 2 stays failed.
+            let by_name = format!("{{\"version\":2,\"checksum\":\"{}\"}}", to_id.checksum);
+            let (code, body) = http(admin, "POST", "/transition/abort", Some(TOKEN), &by_name);
+            assert_eq!(code, 200, "{body}");
+            assert!(body.contains(&from_id.checksum), "{body}");
+            let (_, body) = http(admin, "GET", "/table", Some(TOKEN), "");
+            assert_eq!(
+                body.trim_end(),
+                allocation::file::render(&derived_prev).trim_end()
+            );
+            assert_eq!(metric(&m(), "std_failed_tms"), 1);
+        } else {
+            // The commit names the operator's table; the file gets it, not the failover.
+            let (code, body) = http(admin, "POST", "/transition/commit", Some(TOKEN), &named);
+            assert_eq!(code, 200, "{body}");
+            let c: control::CommitAnswer = serde_json::from_str(&body).expect("commit");
+            assert_eq!(c.table, to_id);
+            assert_eq!(
+                allocation::file::load(dir.join("table.toml")).expect("file"),
+                to
+            );
+            let (_, body) = http(admin, "GET", "/transition", Some(TOKEN), "");
+            let st: control::DistributorTransition = serde_json::from_str(&body).expect("state");
+            assert_eq!(st.state, control::DistributorPhase::Idle);
+            assert_eq!(st.table(), control::TableId::of(&derived));
+            assert!(st.runs(&to_id), "{body}");
+            assert_eq!(metric(&m(), "std_failed_tms"), 1);
+            // A second push of the same table (a resumed coordinator) is a no-op.
+            let (code, body) = http(
+                admin,
+                "POST",
+                "/transition/switch",
+                Some(TOKEN),
+                &allocation::file::render(&to),
+            );
+            assert_eq!(code, 200, "{body}");
+            assert!(body.contains("\"state\":\"idle\""), "{body}");
+        }
+        up[2].store(true, Ordering::Relaxed);
+    }
+}

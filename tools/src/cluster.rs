@@ -249,7 +249,7 @@ fn starting_point(
     let d = &dists[0];
     let state = distributor_state(client, d)?;
     let wanted = TableId::of(next);
-    if state.state == DistributorPhase::Idle && state.table() == wanted {
+    if state.state == DistributorPhase::Idle && state.runs(&wanted) {
         // Committed on the distributors already: an earlier push stopped
         // during the commit. A TM still prepared for it runs the table to
         // resume from.
@@ -264,7 +264,7 @@ fn starting_point(
         // No TM is prepared for it: nothing to resume (refused below: not newer).
     }
     if state.state != DistributorPhase::Idle {
-        if state.table() == wanted {
+        if state.runs(&wanted) {
             return Ok((fetch_table(client, d, "/table/previous")?, true));
         }
         bail!(
@@ -290,7 +290,12 @@ pub fn unfinished(c: &Cluster) -> Result<AllocationTable> {
             continue;
         };
         if state.state != DistributorPhase::Idle {
-            return fetch_table(&client, d, "/table");
+            // The operator's table, not a failover derived from it.
+            let path = match state.failed_over {
+                Some(_) => "/table/operator",
+                None => "/table",
+            };
+            return fetch_table(&client, d, path);
         }
         if state.recovering.is_some() {
             return fetch_table(&client, d, "/table/recovering");
@@ -298,13 +303,16 @@ pub fn unfinished(c: &Cluster) -> Result<AllocationTable> {
     }
     let d = &dists[0];
     let state = distributor_state(&client, d)?;
-    let running = state.table();
+    let (running, path) = match &state.failed_over {
+        Some(f) => (f.table.clone(), "/table/operator"),
+        None => (state.table(), "/table"),
+    };
     for t in &tms {
         let Ok(s) = client.ok_json::<TmTransition>(t, "GET", "/transition", None) else {
             continue;
         };
         if s.check().is_ok() && s.next().as_ref() == Some(&running) {
-            return fetch_table(&client, d, "/table");
+            return fetch_table(&client, d, path);
         }
     }
     bail!(

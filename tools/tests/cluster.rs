@@ -67,6 +67,7 @@ fn distributor(st: &mut State, what: &str, body: &str) -> (u16, String) {
             pinned_flows: None,
             pins_refused: None,
             recovering: None,
+            failed_over: None,
         })
     };
     match what {
