@@ -143,6 +143,13 @@ pub fn handle(req: &Request, state: &AdminState) -> Reply {
             Some((t, _, _)) => Reply::text(200, allocation::file::render(t)),
             None => Reply::text(404, "not failed over: GET /table is the operator's table"),
         },
+        ("GET", "/table/operator/previous") => match state.plan.load().derivation() {
+            Some((_, Some(p), _)) => Reply::text(200, allocation::file::render(p)),
+            _ => Reply::text(
+                404,
+                "not failed over while switched: GET /table/previous is the operator's previous table",
+            ),
+        },
         ("GET", "/table/recovering") => match state.plan.load().recovery() {
             Some((_, switched, _)) => Reply::text(200, allocation::file::render(switched)),
             None => Reply::text(404, "not recovering: no table a restart interrupted"),
@@ -162,6 +169,7 @@ pub fn handle(req: &Request, state: &AdminState) -> Reply {
             _,
             "/metrics" | "/healthz" | "/table" | "/table/previous" | "/table/recovering"
             | "/table/operator"
+            | "/table/operator/previous"
             | "/table/history"
             | "/transition"
             | "/transition/switch" | "/transition/open" | "/transition/commit"
@@ -169,7 +177,7 @@ pub fn handle(req: &Request, state: &AdminState) -> Reply {
         ) => Reply::text(405, "method not allowed"),
         _ => Reply::text(
             404,
-            "not found: /metrics, /healthz, /table[/previous|/recovering|/operator|/history[/VERSION]], /transition[/switch|/open|/commit|/abort]",
+            "not found: /metrics, /healthz, /table[/previous|/recovering|/operator[/previous]|/history[/VERSION]], /transition[/switch|/open|/commit|/abort]",
         ),
     }
 }

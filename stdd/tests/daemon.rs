@@ -800,6 +800,18 @@ fn a_tm_failing_mid_transition_fails_over_both_tables_and_the_transition_carries
             (code, body.trim_end()),
             (200, allocation::file::render(&derived).trim_end())
         );
+        // What a resumed push starts from: the operator's tables.
+        for (path, want) in [
+            ("/table/operator", &to),
+            ("/table/operator/previous", &from),
+        ] {
+            let (code, body) = http(admin, "GET", path, Some(TOKEN), "");
+            assert_eq!(
+                (code, body.trim_end()),
+                (200, allocation::file::render(want).trim_end()),
+                "{path}"
+            );
+        }
 
         if abort {
             // Back on the failover of the previous table; TM 2 stays failed.

@@ -265,7 +265,12 @@ fn starting_point(
     }
     if state.state != DistributorPhase::Idle {
         if state.runs(&wanted) {
-            return Ok((fetch_table(client, d, "/table/previous")?, true));
+            // The operator's previous table, not a failover derived from it.
+            let path = match state.failed_over {
+                Some(_) => "/table/operator/previous",
+                None => "/table/previous",
+            };
+            return Ok((fetch_table(client, d, path)?, true));
         }
         bail!(
             "{}: a transition to {} is under way (from {}): push that table again to finish it, or `stdctl abort`",
