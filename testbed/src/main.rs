@@ -93,6 +93,14 @@ struct Args {
     /// Swap in a new table version with the same owners at this point.
     #[arg(long)]
     swap_at: Option<String>,
+    /// Roll back (`stdctl rollback`: the table the last commit replaced, as
+    /// a new version) at this point.
+    #[arg(long)]
+    rollback_at: Option<String>,
+    /// Kill the first push's coordinator once it has made this many calls
+    /// to nodes; a second run resumes the push.
+    #[arg(long)]
+    coordinator_dies_after: Option<u32>,
     /// Parallel distributors per side, fed by an ECMP-like spray.
     #[arg(long, default_value_t = 1)]
     distributors: u32,
@@ -243,6 +251,18 @@ fn scenario(a: &Args) -> Result<Scenario> {
         events.push(Timed {
             at: fraction(at, "swap-at")?,
             what: Event::Swap,
+        });
+    }
+    if let Some(at) = &a.rollback_at {
+        events.push(Timed {
+            at: fraction(at, "rollback-at")?,
+            what: Event::Rollback,
+        });
+    }
+    if let Some(n) = a.coordinator_dies_after {
+        events.push(Timed {
+            at: 0.0,
+            what: Event::CoordinatorDies(n),
         });
     }
     Ok(Scenario {

@@ -67,6 +67,9 @@ pub struct EventReport {
     /// would get buckets did not answer, …); the table stayed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rolled_back: Option<String>,
+    /// The push's coordinator was killed (after which call) and resumed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coordinator_killed: Option<String>,
 }
 
 impl EventReport {
@@ -80,6 +83,7 @@ impl EventReport {
             forced_commit: false,
             moving_at_commit: 0,
             rolled_back: None,
+            coordinator_killed: None,
         }
     }
 }
@@ -288,6 +292,12 @@ impl Report {
                         String::new()
                     }
                 );
+                if let Some(k) = &e.coordinator_killed {
+                    let _ = writeln!(s, "{:>22}its coordinator killed after {k}, resumed", "");
+                }
+                if let Some(why) = &e.rolled_back {
+                    let _ = writeln!(s, "{:>22}rolled back: {why}", "");
+                }
             }
         }
         let f = &self.flows;

@@ -48,6 +48,14 @@ pub enum Event {
     /// TM `id` is drained (its share to zero) with the transition protocol:
     /// its open connections finish where they are.
     DrainTm(u32),
+    /// `stdctl rollback`: the table the last commit (or swap) replaced,
+    /// back as a new version with the transition protocol.
+    Rollback,
+    /// The coordinator of the push in progress (or of the next one) is
+    /// killed once it has made this many calls to nodes — after the last
+    /// one acted, before its answer is read — and a second run of the same
+    /// push resumes it.
+    CoordinatorDies(u32),
 }
 
 fn profile_name<S: serde::Serializer>(p: &Profile, s: S) -> Result<S::Ok, S::Error> {
@@ -63,6 +71,8 @@ impl fmt::Display for Event {
             Event::ReturnTm(id) => write!(f, "TM {id} readmitted"),
             Event::AddTm => write!(f, "a TM is added"),
             Event::DrainTm(id) => write!(f, "TM {id} drained"),
+            Event::Rollback => write!(f, "rollback"),
+            Event::CoordinatorDies(n) => write!(f, "the coordinator dies after {n} calls"),
         }
     }
 }

@@ -64,6 +64,10 @@ const SERVER_DELAY: u64 = 100_000;
 const CALL_NS: u64 = 200_000;
 /// How often the coordinator asks the TMs whether old owners have drained, ns.
 const CHECK_NS: u64 = 10_000_000;
+/// A killed coordinator's push is run again this long after, ns.
+const RESUME_NS: u64 = 50_000_000;
+/// Committed tables a distributor keeps for `stdctl rollback` (stdd's history).
+const HISTORY: usize = 8;
 /// Ports 1.. of every distributor face TM ids 0..; room for TMs added later.
 const MAX_TM_IDS: u32 = 250;
 
@@ -146,6 +150,8 @@ enum Step {
 enum Op {
     /// The transition coordinator's next step.
     Coordinate,
+    /// A second coordinator runs the push a killed one left.
+    Resume,
     Failover(u32),
 }
 
@@ -255,6 +261,10 @@ pub struct Sim {
     push: Option<(Push, u64)>,
     /// A distributor of the push in progress has committed.
     committing: bool,
+    /// The tables commits and swaps replaced, oldest first (at most [`HISTORY`]).
+    history: Vec<AllocationTable>,
+    /// The coordinator dies after this many more calls.
+    kill_after: Option<u32>,
     phase: Option<usize>,
     released: Vec<(u32, Vec<u8>)>,
     /// Finished UDP sessions their TMs still hold, by serial.
@@ -472,6 +482,8 @@ impl Sim {
             commits: 0,
             push: None,
             committing: false,
+            history: Vec::new(),
+            kill_after: None,
             lingering: FnvHashMap::default(),
             phase: Some(0),
             released: Vec::new(),
@@ -1337,7 +1349,11 @@ impl Sim {
             if due > i {
                 break;
             }
-            self.pending.push(e.what.clone());
+            match e.what {
+                // Not a change of its own: it arms the kill of a push.
+                Event::CoordinatorDies(n) => self.kill_after = Some(n),
+                _ => self.pending.push(e.what.clone()),
+            }
             self.next_event += 1;
         }
         self.start_pending()
@@ -1357,9 +1373,35 @@ impl Sim {
                 self.report
                     .events
                     .push(EventReport::new(&what, at_flow, 0, 0));
+                self.remember(self.table.clone());
                 self.install(next)?;
                 self.busy = false;
                 self.open_phase(&what.to_string());
+            }
+            Event::Rollback => {
+                // stdctl rollback: the newest table older than the running
+                // one, its contents as the next version.
+                let version = self.table.version();
+                match self.history.iter().rev().find(|t| t.version() < version) {
+                    Some(old) => {
+                        let next = old.clone().with_version(version + 1);
+                        // The operator's own table: what differs is the minimum.
+                        let moved = self.table.moved_buckets(&next);
+                        self.begin_transition(&what, next, moved)?;
+                    }
+                    None => {
+                        let mut e = EventReport::new(&what, at_flow, 0, 0);
+                        e.rolled_back =
+                            Some("no committed table older than the running one".into());
+                        self.report.events.push(e);
+                        self.busy = false;
+                        return self.start_pending();
+                    }
+                }
+            }
+            Event::CoordinatorDies(_) => {
+                self.busy = false;
+                return self.start_pending();
             }
             Event::Rebalance(p) => {
                 // Every group to the profile, in one new table; failed TMs
@@ -1517,7 +1559,16 @@ impl Sim {
         self.report
             .events
             .push(EventReport::new(what, self.arrived, moved, optimum));
-        let spec = PushSpec {
+        let push = Push::new(self.push_spec(), &self.table, &next).map_err(bad)?;
+        self.next = Some(next);
+        self.push = Some((push, self.now));
+        self.at(self.now, Ev::Op(Op::Coordinate));
+        Ok(())
+    }
+
+    /// The cluster as `stdctl push` is told it: every distributor, every TM.
+    fn push_spec(&self) -> PushSpec {
+        PushSpec {
             distributors: (0..self.front.len())
                 .flat_map(|i| [format!("front{i}"), format!("back{i}")])
                 .collect(),
@@ -1530,12 +1581,27 @@ impl Sim {
             poll: Duration::from_nanos(CHECK_NS),
             attempts: 3,
             force: false,
+        }
+    }
+
+    /// A killed coordinator's push, run again (`stdctl push` of the same
+    /// table: every step is idempotent for it, so it carries on from where
+    /// the nodes are).
+    fn resume(&mut self) -> Result<(), SimError> {
+        let Some(next) = self.next.clone() else {
+            return Err(bad("a resume with no push to resume"));
         };
-        let push = Push::new(spec, &self.table, &next).map_err(bad)?;
-        self.next = Some(next);
+        let push = Push::new(self.push_spec(), &self.table, &next).map_err(bad)?;
         self.push = Some((push, self.now));
-        self.at(self.now, Ev::Op(Op::Coordinate));
-        Ok(())
+        self.coordinate()
+    }
+
+    /// A table a commit or swap replaced, for rollback.
+    fn remember(&mut self, replaced: AllocationTable) {
+        if self.history.len() == HISTORY {
+            self.history.remove(0);
+        }
+        self.history.push(replaced);
     }
 
     /// Runs the coordinator until it calls a node (answered at once; the
@@ -1551,7 +1617,21 @@ impl Sim {
                 coordinator::Step::Say(_) => {}
                 coordinator::Step::Call(node, call) => {
                     let target = push.target().clone();
+                    let name = push.name(node).to_string();
                     let answer = self.carry(node, &call, &target)?;
+                    if self.kill_after == Some(0) {
+                        // Killed: the node acted, the answer is lost.
+                        self.kill_after = None;
+                        self.push = None;
+                        if let Some(e) = self.report.events.last_mut() {
+                            e.coordinator_killed = Some(format!("{} {name}", call_name(&call)));
+                        }
+                        self.at(self.now + RESUME_NS, Ev::Op(Op::Resume));
+                        return Ok(());
+                    }
+                    if let Some(k) = self.kill_after.as_mut() {
+                        *k -= 1;
+                    }
                     if let Some((push, _)) = self.push.as_mut() {
                         push.answer(answer, elapsed + Duration::from_nanos(CALL_NS));
                     }
@@ -1617,7 +1697,8 @@ impl Sim {
             e.forced_commit = summary.moving_at_commit > 0;
             e.moving_at_commit = summary.moving_at_commit as usize;
         }
-        self.table = next;
+        let replaced = std::mem::replace(&mut self.table, next);
+        self.remember(replaced);
         for t in &mut self.tms {
             t.prepared = false;
             t.committed = false;
@@ -1754,7 +1835,8 @@ impl Sim {
                 }
                 match call {
                     Call::Prepare(req) => {
-                        if !t.prepared {
+                        // Committed already (a resumed push): idle on it.
+                        if !t.prepared && !t.committed {
                             match &req.held {
                                 None => snat.retable(&self.table, Some(&next))?,
                                 Some(h) => {
@@ -1820,13 +1902,22 @@ impl Sim {
                             set_tables(&self.tms[k].tables, &self.table, None);
                         }
                         return Ok(Ok(Answer::Aborted(AbortAnswer {
-                            table: TableId::of(&self.table),
+                            table: TableId::of(if self.tms[k].committed {
+                                &next
+                            } else {
+                                &self.table
+                            }),
                             aborted,
                         })));
                     }
                     _ => return refused("not a TM call"),
                 }
                 let prepared = self.tms[k].prepared;
+                let current = if self.tms[k].committed {
+                    &next
+                } else {
+                    &self.table
+                };
                 let moving = prepared.then(|| self.tms[k].tables.moving(&next) as u64);
                 Ok(Ok(Answer::Tm(TmTransition {
                     phase: if prepared {
@@ -1834,8 +1925,8 @@ impl Sim {
                     } else {
                         TmPhase::Idle
                     },
-                    current: self.table.version(),
-                    current_checksum: allocation::file::checksum(&self.table),
+                    current: current.version(),
+                    current_checksum: allocation::file::checksum(current),
                     next: prepared.then(|| next.version()),
                     next_checksum: prepared.then(|| to.checksum.clone()),
                     connections_in_moved_buckets: moving,
@@ -1851,6 +1942,7 @@ impl Sim {
     fn op(&mut self, op: Op) -> Result<(), SimError> {
         match op {
             Op::Coordinate => self.coordinate()?,
+            Op::Resume => self.resume()?,
             Op::Failover(id) => {
                 let idx = index_of(&self.table, id)?;
                 // Every failed TM, in any order: the same table everywhere.
@@ -1896,6 +1988,21 @@ impl Sim {
             p_value: 1.0,
         });
         self.phase = Some(self.report.phases.len() - 1);
+    }
+}
+
+/// A call's name, for reports.
+fn call_name(call: &Call) -> &'static str {
+    match call {
+        Call::Prepare(_) => "prepare",
+        Call::HeldPorts => "held-ports",
+        Call::TmState => "tm-state",
+        Call::Pins => "pins",
+        Call::Switch(_) => "switch",
+        Call::Open(_) => "open",
+        Call::DistributorState => "distributor-state",
+        Call::Commit(_) => "commit",
+        Call::Abort(_) => "abort",
     }
 }
 

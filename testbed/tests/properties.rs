@@ -52,6 +52,8 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             proptest::option::of(0.1f64..0.9),
             proptest::option::of(0.1f64..0.9),
             proptest::option::of((any::<u32>(), 0.1f64..0.9)),
+            proptest::option::of(0.1f64..0.95),
+            proptest::option::of((0u32..160, 0.0f64..0.9)),
         ),
         proptest::option::of((
             0usize..PARTITION_RULES.len(),
@@ -66,7 +68,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             |(
                 (seed, tms, flows, profile, distributors),
                 (family, ports, udp, frag, icmp, high),
-                (rebalance, fail, add, swap, drain),
+                (rebalance, fail, add, swap, drain, rollback, kill),
                 partition,
             )| {
                 // A second group (four TMs or more): the odd ids, under one
@@ -135,6 +137,19 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                             what: Event::DrainTm(id),
                         });
                     }
+                }
+                if let Some(at) = rollback {
+                    events.push(Timed {
+                        at,
+                        what: Event::Rollback,
+                    });
+                }
+                // The coordinator of the next push killed at a random call.
+                if let Some((calls, at)) = kill {
+                    events.push(Timed {
+                        at,
+                        what: Event::CoordinatorDies(calls),
+                    });
                 }
                 Scenario {
                     seed,
@@ -523,4 +538,111 @@ fn a_new_owners_udp_query_is_remembered_by_a_distributor_not_yet_open() {
         ..found(1883)
     };
     check(&simulate(sc).expect("simulate")).expect("properties");
+}
+
+/// A rebalance, then `stdctl rollback` under the same traffic (UDP included).
+fn rebalance_then_rollback(flows: u64) -> Scenario {
+    Scenario {
+        seed: 11,
+        tms: 4,
+        udp_share: 0.4,
+        events: vec![
+            Timed {
+                at: 0.2,
+                what: Event::Rebalance(Profile::Gaussian {
+                    mean: None,
+                    sigma: None,
+                }),
+            },
+            Timed {
+                at: 0.6,
+                what: Event::Rollback,
+            },
+        ],
+        ..small(flows)
+    }
+}
+
+#[test]
+fn a_rollback_puts_the_previous_tables_buckets_back_and_breaks_no_flow() {
+    let r = simulate(rebalance_then_rollback(4000)).expect("simulate");
+    check(&r).expect("properties");
+    assert_eq!(r.events.len(), 2, "{:?}", r.events);
+    let back = &r.events[1];
+    assert_eq!(back.rolled_back, None, "{back:?}");
+    assert!(back.moved_buckets > 0 && back.window_ms > 0.0, "{back:?}");
+    // The running table after it: version 3, the buckets of version 1.
+    let (first, last) = (&r.phases[0], &r.phases[r.phases.len() - 1]);
+    assert_eq!(last.version, 3);
+    let targets =
+        |p: &testbed::report::PhaseReport| -> Vec<f64> { p.tms.iter().map(|t| t.target).collect() };
+    assert_eq!(targets(first), targets(last));
+    assert_ne!(
+        targets(first),
+        targets(&r.phases[1]),
+        "the rebalance moved nothing"
+    );
+    // UDP sessions lived through both changes.
+    assert!(r.flows.started > 3000 && r.broken() == 0, "{:?}", r.flows);
+}
+
+#[test]
+fn a_rollback_with_nothing_committed_before_is_refused_and_changes_nothing() {
+    let sc = Scenario {
+        events: vec![Timed {
+            at: 0.5,
+            what: Event::Rollback,
+        }],
+        ..small(500)
+    };
+    let r = simulate(sc).expect("simulate");
+    check(&r).expect("properties");
+    assert!(r.events[0].rolled_back.is_some(), "{:?}", r.events);
+    assert_eq!(r.phases.last().map(|p| p.version), Some(1));
+}
+
+#[test]
+fn a_coordinator_killed_after_any_call_is_resumed_and_breaks_no_flow() {
+    // Every call of the push in turn: prepare, switch, pins, open, drain,
+    // verify, commit; the second run of the push finishes it.
+    let mut phases = std::collections::BTreeSet::new();
+    let (mut calls, mut runs) = (0, 0);
+    while runs < 400 {
+        runs += 1;
+        let mut sc = rebalance_then_rollback(500);
+        sc.tms = 3;
+        sc.events.push(Timed {
+            at: 0.0,
+            what: Event::CoordinatorDies(calls),
+        });
+        let r = simulate(sc).expect("simulate");
+        check(&r).unwrap_or_else(|e| panic!("killed after {calls} calls: {e}"));
+        let push = &r.events[0];
+        assert_eq!(push.rolled_back, None, "killed after {calls} calls");
+        // Committed: the rebalance's table ran, then the rollback's.
+        assert_eq!(r.phases.last().map(|p| p.version), Some(3), "{calls}");
+        match &push.coordinator_killed {
+            Some(k) => {
+                let call = k.split(' ').next().unwrap_or_default().to_string();
+                // Each call before the drain; the drain's polls (one per TM
+                // each round) by strides.
+                calls += if call == "tm-state" { 5 } else { 1 };
+                phases.insert(call);
+            }
+            // Past the push's last call: it was the rollback's to die.
+            None => break,
+        }
+    }
+    eprintln!("{runs} runs, up to {calls} calls");
+    for p in [
+        "prepare",
+        "switch",
+        "pins",
+        "open",
+        "tm-state",
+        "distributor-state",
+        "commit",
+    ] {
+        assert!(phases.contains(p), "never killed after a {p}: {phases:?}");
+    }
 }
