@@ -155,7 +155,7 @@ pub fn run(cfg: FailoverConfig, state: &AdminState, stop: &AtomicBool) {
             if !seen[i] && started.elapsed() < grace {
                 continue; // not up yet: starting with us
             }
-            misses[i] += 1;
+            misses[i] = misses[i].saturating_add(1);
             if misses[i] == cfg.misses {
                 log::warn!(
                     "TM {}: {} probes in a row unanswered ({})",
@@ -163,6 +163,12 @@ pub fn run(cfg: FailoverConfig, state: &AdminState, stop: &AtomicBool) {
                     cfg.misses,
                     tm.health
                 );
+            }
+            // Every probe while it stays down: a table installed meanwhile
+            // that gives it buckets (a push built before it failed) counts
+            // it in service again; it is failed over again at once, never
+            // steered to while dead.
+            if misses[i] >= cfg.misses && !fo.failed().contains(&tm.id) {
                 fail_over(state, tm.id);
             }
         }

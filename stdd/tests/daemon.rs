@@ -532,6 +532,29 @@ fn a_tm_that_stops_answering_is_failed_over_and_only_a_new_table_readmits_it() {
         0,
         "a table giving them buckets readmits them"
     );
+
+    // A table giving a TM buckets while it is still down (a push built
+    // before it failed) does not readmit it: the next probe fails it over
+    // again.
+    up[1].store(false, Ordering::Relaxed);
+    wait_for("third failover", || metric(&m(), "std_failed_tms") == 1);
+    assert_eq!(metric(&m(), "std_failovers_total"), 3);
+    let stale = readmit.clone().with_version(readmit.version() + 1);
+    let (code, body) = http(
+        admin,
+        "PUT",
+        "/table",
+        Some(TOKEN),
+        &allocation::file::render(&stale),
+    );
+    assert_eq!(code, 200, "{body}");
+    wait_for("failed over again", || {
+        metric(&m(), "std_failovers_total") == 4 && metric(&m(), "std_failed_tms") == 1
+    });
+    assert_eq!(
+        http(admin, "GET", "/table", Some(TOKEN), "").1.trim_end(),
+        allocation::file::render(&stale.failover(&[1]).expect("failover").table).trim_end()
+    );
 }
 
 /// TMs 0, 1 in the default group, 2, 3 in group "tls" (TCP 443): a TM of
