@@ -220,6 +220,19 @@ enum Phase {
         i: usize,
         attempt: u32,
     },
+    /// TM `t` failed its prepare or its first pins: before rolling back,
+    /// ask every distributor whether an earlier push left it open on (or
+    /// switched to, or committed) this table — a resume, where going back
+    /// would cut flows or abort the TMs alone — and whether it fails `t` over.
+    Survey {
+        i: usize,
+        t: usize,
+        cause: String,
+        resumed: bool,
+        everywhere: bool,
+        /// Where the push goes on if `t` is left out.
+        then: Box<Phase>,
+    },
     Finished,
 }
 
@@ -530,6 +543,42 @@ impl Push {
                 }
                 self.call(NodeId::Distributor(i), Call::DistributorState)
             }
+            Phase::Survey {
+                i,
+                t,
+                cause,
+                resumed,
+                everywhere,
+                then,
+            } => {
+                if i < self.spec.distributors.len() {
+                    return self.call(NodeId::Distributor(i), Call::DistributorState);
+                }
+                let name = self.spec.tms[t].1.clone();
+                if !resumed {
+                    // Nothing switched to this table: going back is safe.
+                    self.start_rollback(cause);
+                } else if everywhere {
+                    // Dead, and its buckets moved on every distributor.
+                    let line = format!(
+                        "{name}: failed over by every distributor ({cause}): left out of the transition; `stdctl tm readmit` brings it back"
+                    );
+                    self.say(format!("warning: {line}"));
+                    self.warnings.push(line);
+                    self.prepared.retain(|&p| p != t);
+                    if !self.left_out.contains(&t) {
+                        self.left_out.push(t);
+                    }
+                    self.phase = *then;
+                } else {
+                    self.phase = Phase::Finished;
+                    self.stopped = Some(format!(
+                        "{cause}: nothing rolled back: the distributors are switched to {} from an earlier push, and going back now would abort the TMs alone; push again once {name} answers or every distributor has failed it over, or abort",
+                        self.to
+                    ));
+                }
+                self.step(now)
+            }
             Phase::Reswitch { i } => {
                 let call = if self.reopen_only {
                     Call::Open(self.open_request())
@@ -767,7 +816,14 @@ impl Push {
                     }
                     Err(e) => {
                         self.forget_if_refused(node, &e);
-                        self.start_rollback(format!("{name}: prepare: {e}"))
+                        self.phase = Phase::Survey {
+                            i: 0,
+                            t,
+                            cause: format!("{name}: prepare: {e}"),
+                            resumed: false,
+                            everywhere: true,
+                            then: Box::new(Phase::Prepare { pos: pos + 1 }),
+                        };
                     }
                 }
             }
@@ -862,7 +918,15 @@ impl Push {
                 match why {
                     None => self.phase = next(i + 1),
                     Some(why) if !commit => {
-                        self.start_rollback(format!("{name}: its pinned flows: {why}"))
+                        self.phase = Phase::Survey {
+                            i: 0,
+                            t,
+                            cause: format!("{name}: its pinned flows: {why}"),
+                            resumed: false,
+                            everywhere: true,
+                            // (t leaves `prepared`: the next one takes its place)
+                            then: Box::new(next(i)),
+                        };
                     }
                     Some(why) if self.spec.force && !again => {
                         self.warnings.push(format!(
@@ -1088,6 +1152,42 @@ impl Push {
                         };
                     }
                 }
+            }
+            Phase::Survey {
+                i,
+                t,
+                cause,
+                mut resumed,
+                mut everywhere,
+                then,
+            } => {
+                let id = self.spec.tms[t].0;
+                match result {
+                    Ok(Answer::Distributor(d)) if d.check().is_ok() => {
+                        // Open on this table (going back would move the
+                        // flows its window started), committed it already,
+                        // or switched by an earlier push (a rollback would
+                        // not reach it).
+                        resumed |= d.runs(&self.to)
+                            && match d.state {
+                                DistributorPhase::Open | DistributorPhase::Idle => true,
+                                DistributorPhase::Switched => {
+                                    !self.changed.contains(&NodeId::Distributor(i))
+                                }
+                            };
+                        everywhere &= d.failed_tms().contains(&id);
+                    }
+                    // Unreadable: it may be switched, and may steer to the TM.
+                    _ => everywhere = false,
+                }
+                self.phase = Phase::Survey {
+                    i: i + 1,
+                    t,
+                    cause,
+                    resumed,
+                    everywhere,
+                    then,
+                };
             }
             Phase::Finished => {}
         }

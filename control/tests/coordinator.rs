@@ -769,6 +769,63 @@ fn a_second_push_of_the_same_table_resumes() {
 }
 
 #[test]
+fn a_resumed_push_never_rolls_the_tms_back_alone_for_a_dead_one() {
+    for everywhere in [true, false] {
+        let (from, to) = tables();
+        // A first push stops open (tm0's drain state unknown) ...
+        let mut fake = Fake::new(&TableId::of(&from), vec![0]);
+        fake.state_faults.push((NodeId::Tm(0), Fault::Silent));
+        let mut push = Push::new(spec(false), &from, &to).expect("push");
+        let out = fake.run(&mut push);
+        assert!(matches!(out, Outcome::Stopped { .. }), "{out:?}");
+        assert!(fake.dists.iter().all(|d| d.open));
+        fake.state_faults.clear();
+        // ... and tm1 dies before the second run: its prepare gets no answer.
+        fake.tms[1].dead = true;
+        if everywhere {
+            for d in &mut fake.dists {
+                d.failed = vec![1];
+            }
+        }
+        let mut again = Push::new(spec(false), &from, &to).expect("push");
+        let out = fake.run(&mut again);
+        if everywhere {
+            // Left out: the push finishes over the failover.
+            let Outcome::Committed(s) = &out else {
+                panic!("{out:?}")
+            };
+            assert!(
+                s.warnings
+                    .iter()
+                    .any(|w| w.starts_with("tm1: failed over by every distributor")),
+                "{:?}",
+                s.warnings
+            );
+            for d in &fake.dists {
+                assert_eq!((&d.table, &d.other), (&TableId::of(&to), &None));
+            }
+            for k in [0, 2] {
+                assert_eq!(fake.tms[k].table, TableId::of(&to), "tm{k}");
+            }
+        } else {
+            // Stopped as it is: the distributors stay open, the other TMs
+            // prepared — a rollback would have aborted the TMs alone.
+            let Outcome::Stopped { cause } = &out else {
+                panic!("{out:?}")
+            };
+            assert!(
+                cause.contains("tm1: prepare") && cause.contains("nothing rolled back"),
+                "{cause}"
+            );
+            assert!(fake.dists.iter().all(|d| d.open && d.other.is_some()));
+            for k in [0, 2] {
+                assert_eq!(fake.tms[k].other, Some(TableId::of(&to)), "tm{k}");
+            }
+        }
+    }
+}
+
+#[test]
 fn an_older_table_and_a_drain_with_a_join_are_refused_before_anything() {
     let (from, to) = tables();
     assert!(Push::new(spec(false), &to, &from)

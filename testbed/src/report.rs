@@ -70,6 +70,13 @@ pub struct EventReport {
     /// The push's coordinator was killed (after which call) and resumed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coordinator_killed: Option<String>,
+    /// TMs that failed while this push was under way (its drain then
+    /// waits out the window: a dead TM never reports drained).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tms_failed_during: Vec<u32>,
+    /// Each time the push stopped (and the operator pushed it again): why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stopped: Vec<String>,
 }
 
 impl EventReport {
@@ -84,6 +91,8 @@ impl EventReport {
             moving_at_commit: 0,
             rolled_back: None,
             coordinator_killed: None,
+            tms_failed_during: Vec::new(),
+            stopped: Vec::new(),
         }
     }
 }
@@ -294,6 +303,9 @@ impl Report {
                 );
                 if let Some(k) = &e.coordinator_killed {
                     let _ = writeln!(s, "{:>22}its coordinator killed after {k}, resumed", "");
+                }
+                for why in &e.stopped {
+                    let _ = writeln!(s, "{:>22}stopped, pushed again: {why}", "");
                 }
                 if let Some(why) = &e.rolled_back {
                     let _ = writeln!(s, "{:>22}rolled back: {why}", "");

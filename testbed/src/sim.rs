@@ -68,6 +68,12 @@ const CHECK_NS: u64 = 10_000_000;
 const RESUME_NS: u64 = 50_000_000;
 /// Committed tables a distributor keeps for `stdctl rollback` (stdd's history).
 const HISTORY: usize = 8;
+/// A distributor's health probe interval: a TM still down when a table
+/// gives it buckets again is failed over again this long after, ns.
+const PROBE_NS: u64 = 20_000_000;
+/// How often the operator pushes again a push that stopped (the dead TM's
+/// state unknown before every distributor failed it over).
+const PUSH_AGAIN: u32 = 3;
 /// Ports 1.. of every distributor face TM ids 0..; room for TMs added later.
 const MAX_TM_IDS: u32 = 250;
 
@@ -152,7 +158,9 @@ enum Op {
     Coordinate,
     /// A second coordinator runs the push a killed one left.
     Resume,
-    Failover(u32),
+    /// Detection of TM `id`'s failure (its event's index; whether the
+    /// failure waited for the cluster to be idle and holds `busy`).
+    Failover(u32, usize, bool),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -265,6 +273,12 @@ pub struct Sim {
     history: Vec<AllocationTable>,
     /// The coordinator dies after this many more calls.
     kill_after: Option<u32>,
+    /// The push in progress: its event's index in the report.
+    push_event: Option<usize>,
+    /// Times the push in progress stopped and was pushed again.
+    pushed_again: u32,
+    /// Failed TMs the distributors have detected (until they return).
+    detected: Vec<u32>,
     phase: Option<usize>,
     released: Vec<(u32, Vec<u8>)>,
     /// Finished UDP sessions their TMs still hold, by serial.
@@ -484,6 +498,9 @@ impl Sim {
             committing: false,
             history: Vec::new(),
             kill_after: None,
+            push_event: None,
+            pushed_again: 0,
+            detected: Vec::new(),
             lingering: FnvHashMap::default(),
             phase: Some(0),
             released: Vec::new(),
@@ -1349,12 +1366,15 @@ impl Sim {
             if due > i {
                 break;
             }
-            match e.what {
+            let what = e.what.clone();
+            self.next_event += 1;
+            match what {
                 // Not a change of its own: it arms the kill of a push.
                 Event::CoordinatorDies(n) => self.kill_after = Some(n),
-                _ => self.pending.push(e.what.clone()),
+                // A TM dies when it dies, a push in progress or not.
+                Event::FailTm(id) if self.next.is_some() => self.kill_tm(&what, id, false)?,
+                _ => self.pending.push(what),
             }
-            self.next_event += 1;
         }
         self.start_pending()
     }
@@ -1387,7 +1407,19 @@ impl Sim {
                         let next = old.clone().with_version(version + 1);
                         // The operator's own table: what differs is the minimum.
                         let moved = self.table.moved_buckets(&next);
-                        self.begin_transition(&what, next, moved)?;
+                        match Push::new(self.push_spec(), &self.table, &next) {
+                            Ok(_) => self.begin_transition(&what, next, moved)?,
+                            // Refused before anything changes (stdctl's
+                            // error: e.g. it would drain a TM added since
+                            // and readmit a failed one at once).
+                            Err(why) => {
+                                let mut e = EventReport::new(&what, at_flow, 0, 0);
+                                e.rolled_back = Some(why);
+                                self.report.events.push(e);
+                                self.busy = false;
+                                return self.start_pending();
+                            }
+                        }
                     }
                     None => {
                         let mut e = EventReport::new(&what, at_flow, 0, 0);
@@ -1453,35 +1485,7 @@ impl Sim {
                 });
                 self.begin_transition(&what, change.table, change.optimum)?;
             }
-            Event::FailTm(id) => {
-                let Some(t) = self.tms.iter_mut().find(|t| t.id == id && t.alive) else {
-                    return Err(bad(format!("TM {id} cannot fail: it is not running")));
-                };
-                t.alive = false;
-                // Every open connection of the dead TM is lost with it.
-                let owned: Vec<usize> = (0..self.flows.len())
-                    .filter(|&s| self.flow(s).is_some_and(|f| f.owner == Some(id)))
-                    .collect();
-                for s in owned {
-                    self.end(s, End::Broken("tm_failed"));
-                }
-                // And the finished sessions it still held.
-                let held: Vec<u64> = self
-                    .lingering
-                    .iter()
-                    .filter(|(_, f)| f.lease_tm == id)
-                    .map(|(&k, _)| k)
-                    .collect();
-                for k in held {
-                    if let Some(f) = self.lingering.remove(&k) {
-                        self.release(f);
-                    }
-                }
-                self.report
-                    .events
-                    .push(EventReport::new(&what, at_flow, 0, 0));
-                self.at(self.now + self.sc.detect_ns, Ev::Op(Op::Failover(id)));
-            }
+            Event::FailTm(id) => self.kill_tm(&what, id, true)?,
             Event::ReturnTm(id) => {
                 if self.tms.iter().any(|t| t.id == id && t.alive) {
                     return Err(bad(format!("TM {id} cannot return: it did not fail")));
@@ -1505,12 +1509,112 @@ impl Sim {
                 )?);
                 if let Some(t) = self.tms.iter_mut().find(|t| t.id == id) {
                     t.alive = true;
+                    self.detected.retain(|&d| d != id);
                     t.snat = snat;
                     // A restarted tmd: no connections, the table it is given.
                     t.tables = Tables::new(id, change.table.clone());
                 }
                 self.begin_transition(&what, change.table, change.optimum)?;
             }
+        }
+        Ok(())
+    }
+
+    /// TM `id` dies: its connections and sessions are lost; the
+    /// distributors detect it `detect_ns` later. `queued`: it waited for
+    /// the cluster to be idle, which stays busy until the failover.
+    fn kill_tm(&mut self, what: &Event, id: u32, queued: bool) -> Result<(), SimError> {
+        let Some(t) = self.tms.iter_mut().find(|t| t.id == id && t.alive) else {
+            return Err(bad(format!("TM {id} cannot fail: it is not running")));
+        };
+        t.alive = false;
+        // Every open connection of the dead TM is lost with it.
+        let owned: Vec<usize> = (0..self.flows.len())
+            .filter(|&s| self.flow(s).is_some_and(|f| f.owner == Some(id)))
+            .collect();
+        for s in owned {
+            self.end(s, End::Broken("tm_failed"));
+        }
+        // And the finished sessions it still held.
+        let held: Vec<u64> = self
+            .lingering
+            .iter()
+            .filter(|(_, f)| f.lease_tm == id)
+            .map(|(&k, _)| k)
+            .collect();
+        for k in held {
+            if let Some(f) = self.lingering.remove(&k) {
+                self.release(f);
+            }
+        }
+        let mut e = EventReport::new(what, self.arrived, 0, 0);
+        if !queued {
+            e.what = format!("{what} during a transition");
+            if let Some(p) = self.push_event.and_then(|i| self.report.events.get_mut(i)) {
+                p.tms_failed_during.push(id);
+            }
+        }
+        self.report.events.push(e);
+        let ev = self.report.events.len() - 1;
+        self.at(
+            self.now + self.sc.detect_ns,
+            Ev::Op(Op::Failover(id, ev, queued)),
+        );
+        Ok(())
+    }
+
+    /// Dead TMs the distributors fail over, as indexes of `t`.
+    fn detected_in(&self, t: &AllocationTable) -> Vec<TmIndex> {
+        self.detected
+            .iter()
+            .filter(|&&id| self.tms.iter().any(|m| m.id == id && !m.alive))
+            .filter_map(|&id| t.tm_index_by_id(id))
+            .collect()
+    }
+
+    /// `t` failed over for every detected dead TM (itself when none has buckets in it).
+    fn failed_over(&self, t: &AllocationTable) -> Result<AllocationTable, SimError> {
+        let dead = self.detected_in(t);
+        if dead.iter().all(|&k| t.buckets_of(k) == 0) {
+            return Ok(t.clone());
+        }
+        Ok(t.failover(&dead)?.table)
+    }
+
+    /// What stdd's failover does while a push is under way, on every
+    /// distributor: the failover of its operator table — and, switched, of
+    /// the previous one too, open if it was — its pins minus the dead TMs'.
+    fn fail_over_in_push(&mut self) -> Result<(), SimError> {
+        let dead: Vec<u32> = self
+            .detected
+            .iter()
+            .copied()
+            .filter(|&id| self.tms.iter().any(|m| m.id == id && !m.alive))
+            .collect();
+        let mut plans = Vec::new();
+        for d in self.front.iter().chain(self.back.iter()) {
+            let op = d.plan.operator_table().clone();
+            let op_prev = d.plan.operator_previous().cloned();
+            let mut p = plan(self.failed_over(&op)?)?;
+            if let Some(pp) = &op_prev {
+                p = p.with_previous(self.failed_over(pp)?)?;
+                if d.plan.is_open() {
+                    p = p.opened();
+                }
+            }
+            let (list, cap) = d.plan.pin_list();
+            let list: Arc<[Pin]> = list
+                .iter()
+                .filter(|p| !dead.contains(&p.tm))
+                .copied()
+                .collect();
+            plans.push(
+                p.with_pins(list, cap)
+                    .derived_from(op, op_prev, dead.clone()),
+            );
+        }
+        for (d, p) in self.front.iter_mut().chain(self.back.iter_mut()).zip(plans) {
+            d.plan = p;
         }
         Ok(())
     }
@@ -1559,6 +1663,7 @@ impl Sim {
         self.report
             .events
             .push(EventReport::new(what, self.arrived, moved, optimum));
+        self.push_event = Some(self.report.events.len() - 1);
         let push = Push::new(self.push_spec(), &self.table, &next).map_err(bad)?;
         self.next = Some(next);
         self.push = Some((push, self.now));
@@ -1623,7 +1728,8 @@ impl Sim {
                         // Killed: the node acted, the answer is lost.
                         self.kill_after = None;
                         self.push = None;
-                        if let Some(e) = self.report.events.last_mut() {
+                        if let Some(e) = self.push_event.and_then(|i| self.report.events.get_mut(i))
+                        {
                             e.coordinator_killed = Some(format!("{} {name}", call_name(&call)));
                         }
                         self.at(self.now + RESUME_NS, Ev::Op(Op::Resume));
@@ -1669,13 +1775,17 @@ impl Sim {
                 // is dead): the table stays, and so do the flows.
                 self.next = None;
                 self.committing = false;
+                self.pushed_again = 0;
+                // The distributors run the failover of the table they went
+                // back to when a TM died meanwhile.
+                self.table = self.failed_over(&self.table)?;
                 let table = self.table.clone();
                 self.tms.retain(|t| table.tm_index_by_id(t.id).is_some());
                 for t in &mut self.tms {
                     t.prepared = false;
                     t.committed = false;
                 }
-                if let Some(e) = self.report.events.last_mut() {
+                if let Some(e) = self.push_event.and_then(|i| self.report.events.get_mut(i)) {
                     e.rolled_back = Some(cause.clone());
                 }
                 self.busy = false;
@@ -1687,12 +1797,26 @@ impl Sim {
                     "the push was rolled back incompletely: {cause}"
                 )))
             }
+            // A TM died during the push and some distributor had not failed
+            // it over when the drain window ended: the operator pushes the
+            // same table again, as the message says.
+            Outcome::Stopped { cause } if self.pushed_again < PUSH_AGAIN => {
+                self.pushed_again += 1;
+                if let Some(e) = self.push_event.and_then(|i| self.report.events.get_mut(i)) {
+                    e.stopped.push(cause);
+                }
+                self.at(self.now + RESUME_NS, Ev::Op(Op::Resume));
+                return Ok(());
+            }
             Outcome::Stopped { cause } => return Err(bad(format!("the push stopped: {cause}"))),
         };
         let Some(next) = self.next.take() else {
             return Err(bad("a push ended with no next table"));
         };
-        if let Some(e) = self.report.events.last_mut() {
+        self.pushed_again = 0;
+        // Failed over meanwhile: the distributors run its failover table.
+        let next = self.failed_over(&next)?;
+        if let Some(e) = self.push_event.and_then(|i| self.report.events.get_mut(i)) {
             e.window_ms = summary.drain.as_secs_f64() * 1e3;
             e.forced_commit = summary.moving_at_commit > 0;
             e.moving_at_commit = summary.moving_at_commit as usize;
@@ -1709,9 +1833,8 @@ impl Sim {
         self.commits += 1;
         self.busy = false;
         let label = self
-            .report
-            .events
-            .last()
+            .push_event
+            .and_then(|i| self.report.events.get(i))
             .map(|e| e.what.clone())
             .unwrap_or_default();
         self.open_phase(&label);
@@ -1741,30 +1864,61 @@ impl Sim {
             NodeId::Distributor(j) => {
                 let (i, front) = (j / 2, j % 2 == 0);
                 let running = self.table.clone();
+                let mut reprobe = Vec::new();
                 let d = if front {
                     &mut self.front[i]
                 } else {
                     &mut self.back[i]
                 };
                 let id = TableId::of(d.plan.table());
+                // Failed over: the operator's table it derives from.
+                let op = TableId::of(d.plan.operator_table());
+                let named = |req: &StepRequest| -> Result<bool, SimError> {
+                    Ok(step_is_for(req, &id)? || step_is_for(req, &op)?)
+                };
                 match call {
                     Call::Switch(_) => {
-                        if id != *to {
+                        if id != *to && op != *to {
                             // The pins of the last commit stay in force
-                            // until the open replaces them (stdd's carry).
+                            // until the open replaces them (stdd's carry);
+                            // the previous table is the running one (a
+                            // failover's, when failed over).
                             let (list, cap) = d.plan.pin_list();
-                            d.plan = plan(next)?.with_pins(list, cap).with_previous(running)?;
+                            let previous = d.plan.table().clone();
+                            let failed: Vec<u32> = d
+                                .plan
+                                .derivation()
+                                .map(|(_, _, f)| f.to_vec())
+                                .unwrap_or_default();
+                            d.plan = plan(next.clone())?
+                                .with_pins(list, cap)
+                                .with_previous(previous)?;
+                            // stdd counts a TM the new table gives buckets
+                            // in service again; one still down is failed
+                            // over again at its next probe.
+                            for id in failed {
+                                if next
+                                    .tm_index_by_id(id)
+                                    .is_some_and(|k| next.buckets_of(k) > 0)
+                                {
+                                    reprobe.push(id);
+                                }
+                            }
                         }
                     }
-                    Call::Open(req) if step_is_for(req, &id)? => {
+                    Call::Open(req) if named(req)? => {
                         if d.plan.previous().is_some() {
                             let opened = std::mem::replace(&mut d.plan, plan(running)?).opened();
                             d.plan = with_pins(opened, req, now, pin_capacity)?;
                         }
                     }
-                    Call::Commit(req) if step_is_for(req, &id)? => {
+                    Call::Commit(req) if named(req)? => {
                         if d.plan.previous().is_some() {
-                            d.plan = with_pins(plan(next)?, req, now, pin_capacity)?;
+                            // The derivation stays (a failover table of the
+                            // committed one), the previous table goes.
+                            let committed =
+                                std::mem::replace(&mut d.plan, plan(running)?).without_previous();
+                            d.plan = with_pins(committed, req, now, pin_capacity)?;
                             // The first distributor to drop the previous
                             // table ends the window for the flows.
                             if !self.committing {
@@ -1777,20 +1931,33 @@ impl Sim {
                             r.full + r.unroutable
                         });
                         return Ok(Ok(Answer::Committed(CommitAnswer {
-                            table: id,
+                            table: op,
                             persist_error: None,
                             pins_refused: Some(refused),
                         })));
                     }
                     Call::Abort(_) => {
-                        let aborted = d.plan.previous().is_some();
-                        if aborted {
-                            let (list, cap) = d.plan.pin_list();
-                            d.plan = plan(running.clone())?.with_pins(list, cap);
-                        }
+                        let Some(prev) = d.plan.previous().cloned() else {
+                            return Ok(Ok(Answer::Aborted(AbortAnswer {
+                                table: op,
+                                aborted: false,
+                            })));
+                        };
+                        let (list, cap) = d.plan.pin_list();
+                        let back = plan(prev.clone())?.with_pins(list, cap);
+                        // Failed over meanwhile: back on the failover of the
+                        // operator's previous table, the failures kept.
+                        let (back, op_prev) = match d.plan.derivation() {
+                            Some((_, Some(op_prev), failed)) => (
+                                back.derived_from(op_prev.clone(), None, failed.to_vec()),
+                                TableId::of(op_prev),
+                            ),
+                            _ => (back, TableId::of(&prev)),
+                        };
+                        d.plan = back;
                         return Ok(Ok(Answer::Aborted(AbortAnswer {
-                            table: TableId::of(&running),
-                            aborted,
+                            table: op_prev,
+                            aborted: true,
                         })));
                     }
                     Call::DistributorState => {}
@@ -1806,7 +1973,7 @@ impl Sim {
                     let r = s.refused();
                     (s.len() as u64, r.full + r.unroutable)
                 });
-                Ok(Ok(Answer::Distributor(
+                let answer = Answer::Distributor(
                     DistributorTransition::new(
                         phase,
                         p.table(),
@@ -1815,8 +1982,15 @@ impl Sim {
                         0,
                         0,
                     )
-                    .with_pins(kept, refused),
-                )))
+                    .with_pins(kept, refused)
+                    .failed_over(p.derivation()),
+                );
+                for id in reprobe {
+                    self.detected.retain(|&d| d != id);
+                    // (no event of its own in the report)
+                    self.at(now + PROBE_NS, Ev::Op(Op::Failover(id, usize::MAX, false)));
+                }
+                Ok(Ok(answer))
             }
             NodeId::Tm(k) => {
                 let Some(t) = self.tms.get(k) else {
@@ -1943,19 +2117,45 @@ impl Sim {
         match op {
             Op::Coordinate => self.coordinate()?,
             Op::Resume => self.resume()?,
-            Op::Failover(id) => {
-                let idx = index_of(&self.table, id)?;
-                // Every failed TM, in any order: the same table everywhere.
-                let change = self.table.failover(&self.failed_indexes(None))?;
-                if let Some(e) = self.report.events.last_mut() {
-                    e.moved_buckets = change.moves.len();
-                    e.optimum = self.table.buckets_of(idx) as usize;
-                    e.window_ms = self.sc.detect_ns as f64 / 1e6;
+            Op::Failover(id, ev, queued) => {
+                let dead = self.tms.iter().any(|t| t.id == id && !t.alive);
+                if dead && !self.detected.contains(&id) {
+                    self.detected.push(id);
                 }
-                self.install(change.table)?;
-                self.busy = false;
-                self.open_phase(&format!("failover without TM {id}"));
-                self.start_pending()?;
+                if !dead {
+                    // Back (readmitted) before it was detected: nothing to do.
+                } else if let Some(next) = self.next.clone() {
+                    // A push under way: both tables fail over; the push
+                    // carries on (the coordinator leaves the TM out once
+                    // every distributor failed it over).
+                    let failed = self.detected_in(&next);
+                    let change = next.failover(&failed)?;
+                    let optimum = failed.iter().map(|&k| next.buckets_of(k) as usize).sum();
+                    if let Some(e) = self.report.events.get_mut(ev) {
+                        e.moved_buckets = change.moves.len();
+                        e.optimum = optimum;
+                        e.window_ms = self.sc.detect_ns as f64 / 1e6;
+                    }
+                    self.fail_over_in_push()?;
+                } else {
+                    let idx = index_of(&self.table, id)?;
+                    // Every failed TM, in any order: the same table everywhere.
+                    let change = self.table.failover(&self.failed_indexes(None))?;
+                    if let Some(e) = self.report.events.get_mut(ev) {
+                        e.moved_buckets = change.moves.len();
+                        e.optimum = self.table.buckets_of(idx) as usize;
+                        e.window_ms = self.sc.detect_ns as f64 / 1e6;
+                    }
+                    self.install(change.table)?;
+                    if !queued {
+                        self.open_phase(&format!("failover without TM {id}"));
+                    }
+                }
+                if queued {
+                    self.busy = false;
+                    self.open_phase(&format!("failover without TM {id}"));
+                    self.start_pending()?;
+                }
             }
         }
         Ok(())

@@ -245,7 +245,12 @@ fn check(r: &Report) -> Result<(), TestCaseError> {
     // 3. Minimal disruption: every change moved exactly the minimum.
     for e in &r.events {
         prop_assert_eq!(e.moved_buckets, e.optimum, "{}", e.what);
-        prop_assert!(!e.forced_commit, "{}: drain window ran out", e.what);
+        // (a TM that died during a push never drains: the window runs out)
+        prop_assert!(
+            !e.forced_commit || !e.tms_failed_during.is_empty(),
+            "{}: drain window ran out",
+            e.what
+        );
     }
     // Nothing accepted is lost: every started flow ended, one way or another.
     let refused: u64 = f.refused.values().sum();
@@ -645,4 +650,68 @@ fn a_coordinator_killed_after_any_call_is_resumed_and_breaks_no_flow() {
     ] {
         assert!(phases.contains(p), "never killed after a {p}: {phases:?}");
     }
+}
+
+/// A rebalance, and TM `id` dying at `fail_at` while it is under way.
+fn fail_during_rebalance(fail_at: f64) -> Scenario {
+    Scenario {
+        seed: 5,
+        tms: 5,
+        udp_share: 0.3,
+        events: vec![
+            Timed {
+                at: 0.2,
+                what: Event::Rebalance(Profile::Rayleigh { sigma: None }),
+            },
+            Timed {
+                at: fail_at,
+                what: Event::FailTm(3),
+            },
+        ],
+        // The dead TM never drains: the window runs out, then the push
+        // leaves it out and commits.
+        drain_window_ns: 300_000_000,
+        ..small(4000)
+    }
+}
+
+#[test]
+fn a_tm_failing_during_a_push_is_failed_over_in_both_tables_and_the_push_finishes() {
+    let r = simulate(fail_during_rebalance(0.3)).expect("simulate");
+    check(&r).expect("properties");
+    let (push, fail) = (&r.events[0], &r.events[1]);
+    assert!(fail.what.contains("during a transition"), "{fail:?}");
+    assert_eq!(push.tms_failed_during, vec![3]);
+    // Committed, the dead TM left out: the rebalance's table (failed over) runs.
+    assert_eq!(push.rolled_back, None, "{push:?}");
+    let last = &r.phases[r.phases.len() - 1];
+    assert_eq!(last.version, 2, "{:?}", r.phases);
+    assert!(last.tms.iter().any(|t| t.id == 3 && t.target == 0.0));
+    assert!(last.flows > 0 && last.tms.iter().all(|t| t.id == 3 || t.flows > 0));
+    // Only TM 3's flows broke, and some did (it died under load).
+    assert!(r.broken() > 0);
+    assert!(r.flows.broken_by_failed_tm.keys().all(|&k| k == 3));
+}
+
+#[test]
+fn a_tm_failing_as_a_push_prepares_rolls_it_back_onto_its_failover() {
+    // Dead before its prepare: the push is refused and rolled back; the
+    // distributors run the old table's failover.
+    let mut sc = fail_during_rebalance(0.2);
+    sc.events[1].at = 0.20025; // the next arrival: prepares have begun, not tm3's
+    let r = simulate(sc).expect("simulate");
+    check(&r).expect("properties");
+    let push = &r.events[0];
+    assert!(
+        push.rolled_back
+            .as_deref()
+            .is_some_and(|c| c.contains("tm3")),
+        "{push:?}"
+    );
+    let last = &r.phases[r.phases.len() - 1];
+    assert_eq!(last.version, 1);
+    assert!(
+        last.tms.iter().any(|t| t.id == 3 && t.target == 0.0),
+        "{last:?}"
+    );
 }
