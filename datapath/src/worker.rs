@@ -85,6 +85,26 @@ impl Worker {
             } => {
                 let pinned = pin.filter(|&h| plan.pins().is_some_and(|p| p.alive(h, now)));
                 let (tm, branch) = match (pinned, moved) {
+                    // An ICMP error may come through another distributor
+                    // than its flow's packets, where a pin can outlive its
+                    // flow (the flow ended, or a SYN reopened its endpoint,
+                    // where its packets pass). Its flow is on the pin's TM
+                    // or where the tables steer: a copy to each, the TM
+                    // without the flow ignores its own.
+                    (Some(h), m) if branch == Branch::IcmpError => {
+                        let other = match m {
+                            None => tm,
+                            Some(m) => match self.transition(tm, m, plan, now) {
+                                Some((t, _)) => t,
+                                None if h.tm == m.old => tm,
+                                None => m.old,
+                            },
+                        };
+                        if other != h.tm {
+                            return self.send_to_both(buf, len, other, h.tm, plan);
+                        }
+                        (h.tm, Branch::Pinned)
+                    }
                     (Some(h), _) => (h.tm, Branch::Pinned),
                     (None, None) => (tm, branch),
                     (None, Some(m)) => match self.transition(tm, m, plan, now) {

@@ -728,3 +728,44 @@ fn a_recovering_plan_drops_exactly_the_flows_its_two_tables_disagree_on() {
         assert!(matches!(a, Action::ToTm { .. }), "{a:?}");
     }
 }
+
+#[test]
+fn an_icmp_error_about_a_pinned_flow_goes_to_the_pins_tm_and_the_tables() {
+    // A pin can outlive its flow on a distributor its packets do not pass
+    // (a SYN reopened the endpoint elsewhere): an ICMP error, which routers
+    // send through any distributor, goes to both TMs that may have the flow.
+    let (old, new) = (v1(), v2());
+    let l2 = L2::new(GROUP, CLIENT_MAC);
+    let vip = ip("198.51.100.10");
+    let c = client_flows(true, 1)[0];
+    let flow = Flow::with_ports(proto::TCP, c.0, c.1, vip, 80);
+    let pins: Vec<Pin> = vec![Pin {
+        key: FlowKey::of(&flow),
+        tm: owner_id(&old, &flow),
+        since: 0,
+        idle_ns: 0,
+    }];
+    let pinned = plan(v2()).with_pins(pins.into(), 16);
+    let bare = plan(v2());
+    // The server's answer (VIP → client) a router could not forward.
+    let answer = build::tcp_frame(&l2, vip, 80, c.0, c.1, tcp_flags::ACK, &[0; 64]);
+    let error = build::too_big(&l2, ip("203.0.113.254"), vip, 1280, &answer[14..]);
+    let mut w = worker(64);
+    let (a, b) = run(&mut w, &pinned, &error, 0);
+    let Action::ToTmAndCopy { tm, also, .. } = a else {
+        panic!("{a:?} ({b:?})")
+    };
+    assert_eq!(
+        (pinned.tm_id(tm), pinned.tm_id(also)),
+        (Some(owner_id(&new, &flow)), Some(owner_id(&old, &flow)))
+    );
+    // The flow's own packets still follow the pin alone; with no pin, the
+    // error follows the table alone.
+    let (a, b) = run(&mut w, &pinned, &to_vip(c, tcp_flags::ACK), 0);
+    assert_eq!(
+        (route_id(&pinned, a), b),
+        (Some(owner_id(&old, &flow)), Some(Branch::Pinned))
+    );
+    let (a, _) = run(&mut w, &bare, &error, 0);
+    assert_eq!(route_id(&bare, a), Some(owner_id(&new, &flow)));
+}
