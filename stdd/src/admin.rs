@@ -689,6 +689,22 @@ fn metrics(state: &AdminState) -> Result<String, prometheus::Error> {
             .ok()
     });
     let kernel_tms = kernel.as_ref().map_or(&[][..], |c| &c.per_tm[..]);
+    // The share the running table gives each TM, in its group: what
+    // dashboards and alerts compare `std_tm_packets_total` with.
+    let tm_buckets = IntGaugeVec::new(
+        Opts::new(
+            "std_tm_buckets",
+            "Buckets the running table gives each TM, in its group",
+        ),
+        &["tm_id", "tm", "group"],
+    )?;
+    let groups = plan.table().groups();
+    for (i, tm) in plan.table().tms().iter().enumerate() {
+        let group = groups.get(tm.group).map_or("?", |g| g.name.as_str());
+        tm_buckets
+            .with_label_values(&[&tm.id.to_string(), &tm.name, group])
+            .set(i64::from(plan.table().buckets_of(i as allocation::TmIndex)));
+    }
     for (i, tm) in plan.table().tms().iter().enumerate() {
         let id = tm.id.to_string();
         let (kp, kb) = kernel_tms.get(i).copied().unwrap_or((0, 0));
@@ -818,6 +834,7 @@ fn metrics(state: &AdminState) -> Result<String, prometheus::Error> {
     r.register(Box::new(failovers))?;
     let workers = IntGauge::new("std_workers", "Worker threads")?;
     workers.set(state.workers.len() as i64);
+    r.register(Box::new(tm_buckets))?;
     r.register(Box::new(tm_packets))?;
     r.register(Box::new(tm_bytes))?;
     r.register(Box::new(branches))?;

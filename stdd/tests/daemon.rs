@@ -480,6 +480,16 @@ fn a_tm_that_stops_answering_is_failed_over_and_only_a_new_table_readmits_it() {
     let m = || http(admin, "GET", "/metrics", Some(TOKEN), "").1;
     wait_for("probes", || metric(&m(), "std_tm_up") == 4);
     assert_eq!(metric(&m(), "std_failed_tms"), 0);
+    // Each TM's buckets, by group: what dashboards compare shares with.
+    let buckets = |id: u32| -> Vec<String> {
+        m().lines()
+            .filter(|l| l.starts_with("std_tm_buckets{") && l.contains(&format!("tm_id=\"{id}\"")))
+            .map(|l| l.rsplit(' ').next().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(metric(&m(), "std_tm_buckets"), 4096);
+    assert_eq!(buckets(2), vec![table().buckets_of(2).to_string()]);
+    assert!(m().contains("group=\"default\""));
 
     // TM 2 stops answering: after three misses its buckets fail over.
     let t0 = Instant::now();
@@ -496,6 +506,8 @@ fn a_tm_that_stops_answering_is_failed_over_and_only_a_new_table_readmits_it() {
     );
     assert_eq!(metric(&m(), "std_failovers_total"), 1);
     assert_eq!(metric(&m(), "std_tm_up{tm_id=\"2\"}"), 0);
+    assert_eq!(buckets(2), vec!["0".to_string()]);
+    assert_eq!(metric(&m(), "std_tm_buckets"), 4096);
 
     // It answers again: no flapping, it stays out.
     up[2].store(true, Ordering::Relaxed);
