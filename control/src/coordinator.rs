@@ -230,6 +230,8 @@ enum Phase {
         cause: String,
         resumed: bool,
         everywhere: bool,
+        /// Distributors whose state could not be read, and why.
+        unknown: Vec<String>,
         /// Where the push goes on if `t` is left out.
         then: Box<Phase>,
     },
@@ -549,12 +551,17 @@ impl Push {
                 cause,
                 resumed,
                 everywhere,
+                unknown,
                 then,
             } => {
                 if i < self.spec.distributors.len() {
                     return self.call(NodeId::Distributor(i), Call::DistributorState);
                 }
                 let name = self.spec.tms[t].1.clone();
+                let cause = match unknown.is_empty() {
+                    true => cause,
+                    false => format!("{cause} (and {})", unknown.join("; ")),
+                };
                 if !resumed {
                     // Nothing switched to this table: going back is safe.
                     self.start_rollback(cause);
@@ -822,6 +829,7 @@ impl Push {
                             cause: format!("{name}: prepare: {e}"),
                             resumed: false,
                             everywhere: true,
+                            unknown: Vec::new(),
                             then: Box::new(Phase::Prepare { pos: pos + 1 }),
                         };
                     }
@@ -924,6 +932,7 @@ impl Push {
                             cause: format!("{name}: its pinned flows: {why}"),
                             resumed: false,
                             everywhere: true,
+                            unknown: Vec::new(),
                             // (t leaves `prepared`: the next one takes its place)
                             then: Box::new(next(i)),
                         };
@@ -1159,6 +1168,7 @@ impl Push {
                 cause,
                 mut resumed,
                 mut everywhere,
+                mut unknown,
                 then,
             } => {
                 let id = self.spec.tms[t].0;
@@ -1178,7 +1188,14 @@ impl Push {
                         everywhere &= d.failed_tms().contains(&id);
                     }
                     // Unreadable: it may be switched, and may steer to the TM.
-                    _ => everywhere = false,
+                    other => {
+                        everywhere = false;
+                        let why = match &other {
+                            Ok(Answer::Distributor(d)) => d.check().err().unwrap_or_default(),
+                            _ => describe(&other),
+                        };
+                        unknown.push(format!("{name}: state unknown: {why}"));
+                    }
                 }
                 self.phase = Phase::Survey {
                     i: i + 1,
@@ -1186,6 +1203,7 @@ impl Push {
                     cause,
                     resumed,
                     everywhere,
+                    unknown,
                     then,
                 };
             }

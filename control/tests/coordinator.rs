@@ -826,6 +826,26 @@ fn a_resumed_push_never_rolls_the_tms_back_alone_for_a_dead_one() {
 }
 
 #[test]
+fn a_distributor_dead_when_a_failed_prepare_asks_it_is_named_in_the_rollback() {
+    // (found by never_split) tm0's prepare gets no answer; the front
+    // distributor, asked whether an earlier push switched it, is dead.
+    let (from, to) = tables();
+    let mut fake = Fake::new(&TableId::of(&from), vec![0]);
+    fake.faults.push((NodeId::Tm(0), 1, Fault::Silent));
+    fake.faults.push((NodeId::Distributor(0), 1, Fault::Die));
+    let mut push = Push::new(spec(false), &from, &to).expect("push");
+    let out = fake.run(&mut push);
+    let Outcome::RolledBack { cause, .. } = &out else {
+        panic!("{out:?}")
+    };
+    assert!(
+        cause.contains("tm0: prepare") && cause.contains(&format!("{}: state unknown", dname(0))),
+        "{cause}"
+    );
+    check_ending(&fake, &out, &TableId::of(&from), &TableId::of(&to));
+}
+
+#[test]
 fn an_older_table_and_a_drain_with_a_join_are_refused_before_anything() {
     let (from, to) = tables();
     assert!(Push::new(spec(false), &to, &from)
