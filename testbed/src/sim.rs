@@ -1890,9 +1890,13 @@ impl Sim {
                                 .derivation()
                                 .map(|(_, _, f)| f.to_vec())
                                 .unwrap_or_default();
+                            // (pins after the previous table, as stdd's
+                            // switch does: a pin the new table alone makes
+                            // redundant still counts while the previous
+                            // one steers)
                             d.plan = plan(next.clone())?
-                                .with_pins(list, cap)
-                                .with_previous(previous)?;
+                                .with_previous(previous)?
+                                .with_pins(list, cap);
                             // stdd counts a TM the new table gives buckets
                             // in service again; one still down is failed
                             // over again at its next probe.

@@ -715,3 +715,40 @@ fn a_tm_failing_as_a_push_prepares_rolls_it_back_onto_its_failover() {
         "{last:?}"
     );
 }
+
+#[test]
+fn found_a_udp_session_on_a_returning_tms_buckets_stays_whole() {
+    // (found by every_scenario_keeps_flows_whole)
+    let sc = Scenario {
+        seed: 680575927047213519,
+        tms: 4,
+        profile: Profile::Rayleigh { sigma: None },
+        udp_share: 0.06059640310172237,
+        events: vec![
+            Timed {
+                at: 0.1,
+                what: Event::FailTm(0),
+            },
+            Timed {
+                at: 0.6497299448147864,
+                what: Event::ReturnTm(0),
+            },
+            Timed {
+                at: 0.6682733161551639,
+                what: Event::AddTm,
+            },
+        ],
+        partition: Some(Partition {
+            rules: vec![allocation::Rule {
+                protocol: Some(allocation::rules::Protocol(allocation::rules::proto::TCP)),
+                ports: None,
+                prefix: None,
+            }],
+            tms: vec![1, 3],
+            source_affinity: Some([32, 128]),
+        }),
+        ..small(1527)
+    };
+    let r = simulate(sc).expect("simulate");
+    check(&r).expect("properties");
+}
