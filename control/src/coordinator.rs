@@ -238,6 +238,22 @@ enum Phase {
     Finished,
 }
 
+impl Phase {
+    /// The survey of the distributors for TM `t`, which failed (`cause`);
+    /// the push goes on with `then` if `t` is left out.
+    fn survey(t: usize, cause: String, then: Phase) -> Phase {
+        Phase::Survey {
+            i: 0,
+            t,
+            cause,
+            resumed: false,
+            everywhere: true,
+            unknown: Vec::new(),
+            then: Box::new(then),
+        }
+    }
+}
+
 /// One push of a table to a cluster: see the module doc.
 #[derive(Debug)]
 pub struct Push {
@@ -823,15 +839,11 @@ impl Push {
                     }
                     Err(e) => {
                         self.forget_if_refused(node, &e);
-                        self.phase = Phase::Survey {
-                            i: 0,
+                        self.phase = Phase::survey(
                             t,
-                            cause: format!("{name}: prepare: {e}"),
-                            resumed: false,
-                            everywhere: true,
-                            unknown: Vec::new(),
-                            then: Box::new(Phase::Prepare { pos: pos + 1 }),
-                        };
+                            format!("{name}: prepare: {e}"),
+                            Phase::Prepare { pos: pos + 1 },
+                        );
                     }
                 }
             }
@@ -926,16 +938,9 @@ impl Push {
                 match why {
                     None => self.phase = next(i + 1),
                     Some(why) if !commit => {
-                        self.phase = Phase::Survey {
-                            i: 0,
-                            t,
-                            cause: format!("{name}: its pinned flows: {why}"),
-                            resumed: false,
-                            everywhere: true,
-                            unknown: Vec::new(),
-                            // (t leaves `prepared`: the next one takes its place)
-                            then: Box::new(next(i)),
-                        };
+                        // (t leaves `prepared`: the next one takes its place)
+                        self.phase =
+                            Phase::survey(t, format!("{name}: its pinned flows: {why}"), next(i));
                     }
                     Some(why) if self.spec.force && !again => {
                         self.warnings.push(format!(

@@ -1602,12 +1602,7 @@ impl Sim {
                     p = p.opened();
                 }
             }
-            let (list, cap) = d.plan.pin_list();
-            let list: Arc<[Pin]> = list
-                .iter()
-                .filter(|p| !dead.contains(&p.tm))
-                .copied()
-                .collect();
+            let (list, cap) = pins_but(&d.plan, &dead);
             plans.push(
                 p.with_pins(list, cap)
                     .derived_from(op, op_prev, dead.clone()),
@@ -1634,12 +1629,7 @@ impl Sim {
         // on, but those of a TM that died (its flows are gone).
         let dead: Vec<u32> = self.tms.iter().filter(|t| !t.alive).map(|t| t.id).collect();
         for d in self.front.iter_mut().chain(self.back.iter_mut()) {
-            let (list, cap) = d.plan.pin_list();
-            let list: Arc<[Pin]> = list
-                .iter()
-                .filter(|p| !dead.contains(&p.tm))
-                .copied()
-                .collect();
+            let (list, cap) = pins_but(&d.plan, &dead);
             d.plan = plan(next.clone())?.with_pins(list, cap);
         }
         for t in self.tms.iter().filter(|t| t.alive) {
@@ -2193,6 +2183,18 @@ impl Sim {
         });
         self.phase = Some(self.report.phases.len() - 1);
     }
+}
+
+/// The pins in force on `plan` but the dead TMs' (their flows are gone),
+/// and its capacity: what stdd's `carry_state` carries.
+fn pins_but(plan: &Plan, dead: &[u32]) -> (Arc<[Pin]>, usize) {
+    let (list, cap) = plan.pin_list();
+    let list = list
+        .iter()
+        .filter(|p| !dead.contains(&p.tm))
+        .copied()
+        .collect();
+    (list, cap)
 }
 
 /// A call's name, for reports.

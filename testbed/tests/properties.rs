@@ -638,7 +638,6 @@ fn a_coordinator_killed_after_any_call_is_resumed_and_breaks_no_flow() {
             None => break,
         }
     }
-    eprintln!("{runs} runs, up to {calls} calls");
     for p in [
         "prepare",
         "switch",
