@@ -74,6 +74,34 @@ impl Client {
         Ok((code, text))
     }
 
+    /// A GET whose 200 answer is read as it streams (a capture): each read
+    /// waits at most `idle`, the whole answer as long as it lasts. Any
+    /// other status is [`CallError::Status`] with the answer's text.
+    pub fn stream(
+        node: &Endpoint,
+        path: &str,
+        idle: Duration,
+    ) -> Result<Box<dyn Read + Send>, CallError> {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(idle)
+            .timeout_read(idle)
+            .build();
+        let url = format!("{}{}", node.url.trim_end_matches('/'), path);
+        let mut req = agent.get(&url);
+        if let Some(t) = &node.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        match req.call() {
+            Ok(r) => Ok(Box::new(r.into_reader())),
+            Err(ureq::Error::Status(code, r)) => {
+                let mut text = String::new();
+                let _ = r.into_reader().take(64 * 1024).read_to_string(&mut text);
+                Err(CallError::Status(code, text))
+            }
+            Err(e) => Err(CallError::NoAnswer(e.to_string())),
+        }
+    }
+
     /// A 200 answer's body; any other status is [`CallError::Status`].
     pub fn ok_text(
         &self,

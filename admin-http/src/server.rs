@@ -107,6 +107,83 @@ pub struct Reply {
     pub content_type: &'static str,
     /// Body.
     pub body: Vec<u8>,
+    /// A body streamed after `body` (a capture), if any.
+    pub stream: Option<Stream>,
+}
+
+/// A body streamed chunk by chunk as its producer hands them over
+/// ([`StreamSender`]); the connection lives as long as the stream says
+/// (beyond [`Limits::deadline`]), and ends when the producer drops its end.
+#[derive(Debug, Clone)]
+pub struct Stream {
+    rx: Arc<Mutex<Option<tokio::sync::mpsc::Receiver<Vec<u8>>>>>,
+    lasts: Duration,
+}
+
+impl PartialEq for Stream {
+    fn eq(&self, other: &Stream) -> bool {
+        Arc::ptr_eq(&self.rx, &other.rx)
+    }
+}
+impl Eq for Stream {}
+
+/// The producer's end of a [`Stream`].
+#[derive(Debug)]
+pub struct StreamSender {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+}
+
+/// What became of a chunk handed to a [`StreamSender`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Queued for the client.
+    Taken,
+    /// The client is `capacity` chunks behind: this one is not sent.
+    Full,
+    /// The client is gone.
+    Closed,
+}
+
+impl StreamSender {
+    /// Queues `chunk` without waiting.
+    pub fn try_send(&self, chunk: Vec<u8>) -> Sent {
+        match self.tx.try_send(chunk) {
+            Ok(()) => Sent::Taken,
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => Sent::Full,
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Sent::Closed,
+        }
+    }
+}
+
+/// A stream of at most `capacity` chunks in flight that may last `lasts`.
+pub fn stream(capacity: usize, lasts: Duration) -> (StreamSender, Stream) {
+    let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+    (
+        StreamSender { tx },
+        Stream {
+            rx: Arc::new(Mutex::new(Some(rx))),
+            lasts,
+        },
+    )
+}
+
+/// A [`Stream`]'s chunks as an HTTP body.
+struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+}
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|c| c.map(|v| Ok(hyper::body::Frame::data(Bytes::from(v)))))
+    }
 }
 
 impl Reply {
@@ -120,6 +197,17 @@ impl Reply {
             status,
             content_type: "text/plain; charset=utf-8",
             body: body.into_bytes(),
+            stream: None,
+        }
+    }
+
+    /// A streamed body of `content_type` (see [`stream`]).
+    pub fn streamed(content_type: &'static str, stream: Stream) -> Reply {
+        Reply {
+            status: 200,
+            content_type,
+            body: Vec::new(),
+            stream: Some(stream),
         }
     }
 
@@ -130,6 +218,7 @@ impl Reply {
                 status,
                 content_type: "application/json",
                 body,
+                stream: None,
             },
             Err(e) => Reply::text(500, format!("answer not serialisable: {e}")),
         }
@@ -141,6 +230,7 @@ impl Reply {
             status: 200,
             content_type: "text/plain; version=0.0.4",
             body: body.into_bytes(),
+            stream: None,
         }
     }
 }
@@ -200,6 +290,10 @@ pub struct Server {
 }
 
 struct Conn {
+    /// When it was accepted.
+    start: Instant,
+    /// How long it may live, ms from `start` (a streamed answer extends it).
+    deadline_ms: AtomicU64,
     busy: AtomicBool,
     evicted: AtomicBool,
     kill: Notify,
@@ -212,9 +306,11 @@ struct Conns {
 }
 
 impl Conns {
-    fn add(&self) -> (u64, Arc<Conn>) {
+    fn add(&self, deadline: Duration) -> (u64, Arc<Conn>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let c = Arc::new(Conn {
+            start: Instant::now(),
+            deadline_ms: AtomicU64::new(deadline.as_millis() as u64),
             busy: AtomicBool::new(false),
             evicted: AtomicBool::new(false),
             kill: Notify::new(),
@@ -355,7 +451,7 @@ fn accept(shared: &Arc<Shared>, stream: tokio::net::TcpStream, peer: SocketAddr)
             return;
         }
     }
-    let (id, conn) = shared.conns.add();
+    let (id, conn) = shared.conns.add(shared.limits.deadline);
     let shared = Arc::clone(shared);
     tokio::spawn(async move {
         let io = TokioIo::new(stream);
@@ -370,18 +466,36 @@ fn accept(shared: &Arc<Shared>, stream: tokio::net::TcpStream, peer: SocketAddr)
             .max_buf_size(shared.limits.max_header_bytes.max(8192))
             .keep_alive(false);
         let connection = builder.serve_connection(io, svc);
-        tokio::select! {
-            _ = tokio::time::timeout(shared.limits.deadline, connection) => {}
-            _ = conn.kill.notified() => {}
+        tokio::pin!(connection);
+        loop {
+            let limit = Duration::from_millis(conn.deadline_ms.load(Ordering::Relaxed));
+            let until = tokio::time::Instant::from_std(conn.start + limit);
+            tokio::select! {
+                _ = &mut connection => break,
+                _ = tokio::time::sleep_until(until) => {
+                    // A streamed answer may have moved the deadline.
+                    if conn.deadline_ms.load(Ordering::Relaxed) <= limit.as_millis() as u64 {
+                        break;
+                    }
+                }
+                _ = conn.kill.notified() => break,
+            }
         }
         shared.conns.lock().remove(&id);
     });
 }
 
-type Answer = hyper::Response<Full<Bytes>>;
+type Answer = hyper::Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>;
 
 fn answer(reply: Reply) -> Answer {
-    let mut r = hyper::Response::new(Full::new(Bytes::from(reply.body)));
+    let streamed = reply
+        .stream
+        .and_then(|s| s.rx.lock().unwrap_or_else(|p| p.into_inner()).take());
+    let body = match streamed {
+        Some(rx) => ChannelBody { rx }.boxed(),
+        None => Full::new(Bytes::from(reply.body)).boxed(),
+    };
+    let mut r = hyper::Response::new(body);
     *r.status_mut() = hyper::StatusCode::from_u16(reply.status)
         .unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
     r.headers_mut()
@@ -451,5 +565,11 @@ async fn respond(
             log::error!("admin: a handler failed: {e}");
             Reply::text(500, "the handler failed")
         });
+    if let Some(s) = &reply.stream {
+        // The connection lives until the stream's end (and a little more).
+        let until = conn.start.elapsed() + s.lasts + Duration::from_secs(5);
+        conn.deadline_ms
+            .fetch_max(until.as_millis() as u64, Ordering::Relaxed);
+    }
     Ok(answer(reply))
 }

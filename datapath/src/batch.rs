@@ -1,6 +1,6 @@
 //! A batch of received frames in slots allocated once: what a backend fills and the worker decides on, frame by frame or in one pass.
 
-use crate::verdict::{Action, PortId};
+use crate::verdict::{Action, Branch, PortId};
 
 /// Largest frame a batch slot holds (jumbo frames and room for a reply).
 pub const SLOT_BYTES: usize = 9216 + 256;
@@ -13,6 +13,7 @@ pub struct Batch {
     ports: Vec<PortId>,
     stamps: Vec<u64>,
     actions: Vec<Action>,
+    branches: Vec<Option<Branch>>,
     n: usize,
 }
 
@@ -25,6 +26,7 @@ impl Batch {
             ports: vec![0; capacity],
             stamps: vec![0; capacity],
             actions: vec![Action::Held; capacity],
+            branches: vec![None; capacity],
             n: 0,
         }
     }
@@ -72,6 +74,23 @@ impl Batch {
     /// Records the action decided for frame `i`.
     pub fn set_action(&mut self, i: usize, a: Action) {
         self.actions[i] = a;
+    }
+
+    /// The branch that decided frame `i` (`None`: dropped or held), as
+    /// `Worker::process_batch` recorded it: what a capture annotates.
+    pub fn branch(&self, i: usize) -> Option<Branch> {
+        self.branches[i]
+    }
+
+    /// Records the branch that decided frame `i`.
+    pub fn set_branch(&mut self, i: usize, b: Option<Branch>) {
+        self.branches[i] = b;
+    }
+
+    /// Frame `i` read-only: (ingress port, the whole slot, frame length).
+    pub fn get(&self, i: usize) -> (PortId, &[u8], usize) {
+        let at = i * SLOT_BYTES;
+        (self.ports[i], &self.data[at..at + SLOT_BYTES], self.lens[i])
     }
 
     /// Frame `i`: (ingress port, capture time, the whole slot, frame length).

@@ -296,6 +296,7 @@ impl Worker {
                 let (port, _, buf, len) = batch.get_mut(i);
                 let a = self.process(buf, len, port, plan, now);
                 batch.set_action(i, a);
+                batch.set_branch(i, self.last);
             }
             return;
         };
@@ -329,6 +330,7 @@ impl Worker {
                     None => self.process(buf, len, port, plan, now),
                 };
                 batch.set_action(i, a);
+                batch.set_branch(i, self.last);
             }
             start = end;
         }

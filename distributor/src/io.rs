@@ -220,7 +220,8 @@ pub fn clock_ns() -> u64 {
 pub const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
 /// Runs a worker over `backend` until `stop` is set: receive a batch, steer
-/// every frame with one plan snapshot, send, publish. Returns the final
+/// every frame with one plan snapshot, copy it to the capture tap if one is
+/// armed, send, publish. Returns the final
 /// counters.
 pub fn run_worker<B: Backend>(
     backend: &mut B,
@@ -229,6 +230,7 @@ pub fn run_worker<B: Backend>(
     batch_size: usize,
     stop: &AtomicBool,
     shared: &WorkerShared,
+    mut tap: Option<crate::capture::WorkerTap>,
 ) -> Counters {
     let mut worker = Worker::new(
         cfg,
@@ -274,6 +276,9 @@ pub fn run_worker<B: Backend>(
         if n > 0 {
             let snapshot = plan.load();
             worker.process_batch(&mut batch, &snapshot, now);
+            if let Some(t) = tap.as_mut().filter(|t| t.armed()) {
+                t.capture(&batch, &snapshot, now);
+            }
             for i in 0..n {
                 let action = batch.action(i);
                 let (port, _, buf, len) = batch.get_mut(i);
@@ -438,7 +443,15 @@ mod test {
         assert_eq!(&b.sent[4].1[..6], &[2, 0x53, 0x54, 0, 0, 2]);
         // The loop itself stops when asked, and publishes.
         stop.store(true, Ordering::Relaxed);
-        let c = run_worker(&mut b, &shared, WorkerConfig::default(), 8, &stop, &ws);
+        let c = run_worker(
+            &mut b,
+            &shared,
+            WorkerConfig::default(),
+            8,
+            &stop,
+            &ws,
+            None,
+        );
         assert_eq!(c.tx_errors, 0);
         assert!(ws.age_ms() < 5_000);
     }

@@ -7,6 +7,8 @@
 //!   through the real steering, one capture per TM and a summary out;
 //! * [`io`] and [`backend`] — batches, the backend trait and its memory,
 //!   pcap-file and live pcap backends, the worker loop;
+//! * [`capture`] — the live capture tap: frames copied while armed, from
+//!   the workers and the in-kernel steering, annotated, as pcapng;
 //! * [`afpacket`], [`afxdp`] and [`xdp_steer`] — the Linux fast backends,
 //!   and the in-kernel steering of the common case under afxdp;
 #![deny(missing_docs)]
@@ -15,6 +17,7 @@
 pub mod afpacket;
 pub mod afxdp;
 pub mod backend;
+pub mod capture;
 pub mod io;
 #[cfg(feature = "netmap")]
 pub mod netmap;

@@ -474,3 +474,101 @@ fn the_trivial_forwarders_do_what_they_say() {
         "a run while off is not counted (unless another holder switched them on)"
     );
 }
+
+/// The capture tap in the kernel: disarmed, a steered frame leaves no
+/// record; armed, each steered frame leaves one — its length, TM route,
+/// bucket and table version as `decide` and the plan say, and its bytes as
+/// steered (the TM's MAC), cut at SNAP; the TM filter keeps only its TM's;
+/// frames for the workers are never the kernel's to capture.
+#[test]
+fn the_kernel_captures_what_it_steers_when_armed() {
+    use distributor::xdp_steer::{CaptureEntry, ANY_TM, SNAP};
+    if !root() {
+        return;
+    }
+    let p = plan(table(7, &[1, 1, 1, 1], false), true);
+    let s = steer_for(&p);
+    assert!(s.can_capture());
+    let prog = s.test_program().expect("load");
+    let frames: Vec<Vec<u8>> = (0..64u32)
+        .map(|x| {
+            let mut f = frame(0, x.wrapping_mul(2_654_435_761));
+            if x % 2 == 1 {
+                // A long one: held cut at SNAP.
+                f = build::tcp_frame(
+                    &L2::new(GROUP, ROUTER),
+                    IpAddr::V4(Ipv4Addr::new(203, 0, 113, x as u8)),
+                    40000 + x as u16,
+                    "198.51.100.10".parse().expect("addr"),
+                    443,
+                    tcp_flags::ACK,
+                    &[0xab; 900],
+                );
+            }
+            f
+        })
+        .collect();
+    let drain = || {
+        let mut got = Vec::new();
+        s.drain_capture(10_000, |h, b| got.push((h, b.to_vec())));
+        got
+    };
+    for f in &frames {
+        assert!(matches!(prog.run(f).expect("run"), TestVerdict::Steered(_)));
+    }
+    assert!(drain().is_empty(), "disarmed: nothing captured");
+    s.set_capture(Some(CaptureEntry {
+        armed: 1,
+        tm: ANY_TM,
+        sample: 0,
+        reserved: 0,
+    }))
+    .expect("arm");
+    let mut expect = Vec::new();
+    for f in &frames {
+        let TestVerdict::Steered(out) = prog.run(f).expect("run") else {
+            panic!("not steered")
+        };
+        let mut buf = f.clone();
+        let Verdict::ToTm { tm, .. } = decide(&mut buf, f.len(), 0, &p) else {
+            panic!("decide")
+        };
+        let flow = distributor::capture::flow_of(f).expect("flow");
+        let allocation::SteerBy::Endpoint { bucket } = p.table().steer(&flow).by else {
+            panic!("endpoint")
+        };
+        expect.push((tm, bucket, out));
+    }
+    // A frame for the workers (equal ports) is theirs to capture.
+    assert_eq!(prog.run(&frame(4, 9)).expect("run"), TestVerdict::ToWorkers);
+    let got = drain();
+    assert_eq!(got.len(), frames.len());
+    for ((h, bytes), (tm, bucket, out)) in got.iter().zip(&expect) {
+        assert_eq!(h.len as usize, out.len());
+        assert_eq!((h.route, h.bucket, h.version), (*tm, *bucket, 7));
+        assert_eq!(bytes.as_slice(), &out[..out.len().min(SNAP)]);
+        assert!(h.ktime_ns > 0);
+    }
+    // Only TM 2's.
+    s.set_capture(Some(CaptureEntry {
+        armed: 1,
+        tm: 2,
+        sample: 0,
+        reserved: 0,
+    }))
+    .expect("arm");
+    for f in &frames {
+        prog.run(f).expect("run");
+    }
+    let got = drain();
+    let want = expect.iter().filter(|e| e.0 == 2).count();
+    assert!(want > 0);
+    assert_eq!(got.len(), want);
+    assert!(got.iter().all(|(h, _)| h.route == 2));
+    s.set_capture(None).expect("disarm");
+    for f in &frames {
+        prog.run(f).expect("run");
+    }
+    assert!(drain().is_empty());
+    assert_eq!(s.capture_dropped().expect("counter"), 0);
+}

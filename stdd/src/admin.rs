@@ -60,6 +60,8 @@ pub struct AdminState {
     pub kernel: Option<Arc<distributor::xdp_steer::XdpSteer>>,
     /// The admin server's counters, when it runs.
     pub server: Option<Arc<admin_http::server::ServerStats>>,
+    /// The live capture tap (`GET /capture`), when the workers have one.
+    pub capture: Option<distributor::capture::Source>,
 }
 
 impl AdminState {
@@ -165,6 +167,7 @@ pub fn handle(req: &Request, state: &AdminState) -> Reply {
         ("POST", "/transition/open") => open(req, state),
         ("POST", "/transition/commit") => commit(req, state),
         ("POST", "/transition/abort") => abort(req, state),
+        ("GET", "/capture") => capture(req, state),
         (
             _,
             "/metrics" | "/healthz" | "/table" | "/table/previous" | "/table/recovering"
@@ -173,12 +176,105 @@ pub fn handle(req: &Request, state: &AdminState) -> Reply {
             | "/table/history"
             | "/transition"
             | "/transition/switch" | "/transition/open" | "/transition/commit"
-            | "/transition/abort",
+            | "/transition/abort"
+            | "/capture",
         ) => Reply::text(405, "method not allowed"),
         _ => Reply::text(
             404,
-            "not found: /metrics, /healthz, /table[/previous|/recovering|/operator[/previous]|/history[/VERSION]], /transition[/switch|/open|/commit|/abort]",
+            "not found: /metrics, /healthz, /table[/previous|/recovering|/operator[/previous]|/history[/VERSION]], /transition[/switch|/open|/commit|/abort], /capture",
         ),
+    }
+}
+
+/// `%XX` and `+` of a query value decoded; `None` if not UTF-8 or a bad escape.
+fn unescape(v: &str) -> Option<String> {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The request a `GET /capture` query names: `tm` (name or id), `bucket`,
+/// `host`, `port`, `proto`, `filter` (a BPF expression), `sample` (0..1],
+/// `seconds` (default 10), `max_frames`. Unknown or unreadable parameters
+/// are refused, named.
+fn capture_request(query: &str, plan: &Plan) -> Result<distributor::capture::Request, String> {
+    let mut r = distributor::capture::Request {
+        sample: 1.0,
+        seconds: 10.0,
+        ..Default::default()
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = unescape(v).ok_or_else(|| format!("{k}: not a readable value"))?;
+        let bad = |what: &str| format!("{k}={v:?}: {what}");
+        match k {
+            "tm" => {
+                let id = match plan.table().tms().iter().find(|t| t.name == v) {
+                    Some(t) => t.id,
+                    None => v.parse().map_err(|_| bad("no TM of that name or id"))?,
+                };
+                r.tm = Some(id);
+            }
+            "bucket" => {
+                let b: u16 = v.parse().map_err(|_| bad("a bucket is 0..4095"))?;
+                if usize::from(b) >= allocation::TABLE_SIZE {
+                    return Err(bad("a bucket is 0..4095"));
+                }
+                r.bucket = Some(b);
+            }
+            "host" => r.host = Some(v.parse().map_err(|_| bad("not an IP address"))?),
+            "port" => r.port = Some(v.parse().map_err(|_| bad("not a port"))?),
+            "proto" => {
+                r.protocol = Some(distributor::capture::protocol(&v).map_err(|e| e.to_string())?)
+            }
+            "filter" => r.bpf = Some(v),
+            "sample" => r.sample = v.parse().map_err(|_| bad("a share in (0, 1]"))?,
+            "seconds" => r.seconds = v.parse().map_err(|_| bad("seconds, a number"))?,
+            "max_frames" => r.max_frames = v.parse().map_err(|_| bad("a count"))?,
+            _ => {
+                return Err(format!(
+                    "unknown parameter {k:?} (tm, bucket, host, port, proto, filter, sample, seconds, max_frames)"
+                ))
+            }
+        }
+    }
+    Ok(r)
+}
+
+/// GET /capture?…: a live capture, streamed as pcapng while it lasts.
+fn capture(req: &Request, state: &AdminState) -> Reply {
+    let Some(src) = &state.capture else {
+        return Reply::text(404, "this stdd has no capture tap");
+    };
+    let creq = match capture_request(&req.query, &state.plan.load()) {
+        Ok(r) => r,
+        Err(e) => return Reply::text(400, e),
+    };
+    let lasts = std::time::Duration::from_secs_f64(creq.seconds.clamp(0.0, 600.0));
+    let (tx, stream) = admin_http::server::stream(64, lasts);
+    let started = src.start(creq, move |chunk| match tx.try_send(chunk) {
+        admin_http::server::Sent::Taken => distributor::capture::Sent::Taken,
+        admin_http::server::Sent::Full => distributor::capture::Sent::Full,
+        admin_http::server::Sent::Closed => distributor::capture::Sent::Closed,
+    });
+    match started {
+        Ok(()) => Reply::streamed("application/x-pcapng", stream),
+        Err(e @ distributor::capture::CaptureError::Busy) => Reply::text(409, e.to_string()),
+        Err(e @ distributor::capture::CaptureError::Invalid(_)) => Reply::text(400, e.to_string()),
+        Err(e) => Reply::text(500, e.to_string()),
     }
 }
 
@@ -858,6 +954,40 @@ fn metrics(state: &AdminState) -> Result<String, prometheus::Error> {
             xdp.with_label_values(&["to_workers"]).inc_by(c.to_workers);
         }
         r.register(Box::new(xdp))?;
+    }
+    if let Some(src) = &state.capture {
+        let st = &src.tap.stats;
+        let dropped = IntCounterVec::new(
+            Opts::new(
+                "std_capture_dropped_total",
+                "Frames a capture wanted and lost: a full ring in the kernel or a worker, or a reader that did not keep up (never steering slowed)",
+            ),
+            &["where"],
+        )?;
+        let kernel_dropped = state
+            .kernel
+            .as_ref()
+            .and_then(|k| k.capture_dropped().ok())
+            .unwrap_or(0);
+        dropped
+            .with_label_values(&["kernel_ring"])
+            .inc_by(kernel_dropped);
+        dropped
+            .with_label_values(&["worker_ring"])
+            .inc_by(st.dropped_worker_ring.load(Ordering::Relaxed));
+        dropped
+            .with_label_values(&["reader"])
+            .inc_by(st.dropped_reader.load(Ordering::Relaxed));
+        let frames = IntCounter::new("std_capture_frames_total", "Frames written into captures")?;
+        frames.inc_by(st.frames.load(Ordering::Relaxed));
+        let sessions = IntCounter::new("std_capture_sessions_total", "Captures started")?;
+        sessions.inc_by(st.sessions.load(Ordering::Relaxed));
+        let armed = IntGauge::new("std_capture_armed", "1 while a capture is armed")?;
+        armed.set(i64::from(src.tap.armed()));
+        r.register(Box::new(dropped))?;
+        r.register(Box::new(frames))?;
+        r.register(Box::new(sessions))?;
+        r.register(Box::new(armed))?;
     }
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.gather(), &mut out)?;

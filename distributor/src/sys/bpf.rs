@@ -207,6 +207,137 @@ impl Map {
     }
 }
 
+/// A BPF ring buffer map (`BPF_MAP_TYPE_RINGBUF`): programs reserve and
+/// submit records into it; [`RingBuf::drain`] reads them on this side. The
+/// protocol is the kernel's (`kernel/bpf/ringbuf.c`, libbpf's `ringbuf.c`):
+/// a consumer page this side writes (the consumer position), a read-only
+/// producer page (the producer position), then the data area mapped twice
+/// in a row, so a record that wraps reads as one range. Each record is an
+/// 8-byte header — its length, with a busy bit while the program still
+/// writes it and a discard bit — then its bytes, rounded up to 8.
+#[derive(Debug)]
+pub struct RingBuf {
+    map: Map,
+    consumer: super::mmap::Mmap,
+    producer: super::mmap::Mmap,
+    page: usize,
+    mask: u64,
+}
+
+const BPF_MAP_TYPE_RINGBUF: u64 = 27;
+const RINGBUF_BUSY: u32 = 1 << 31;
+const RINGBUF_DISCARD: u32 = 1 << 30;
+const RINGBUF_HEADER: usize = 8;
+
+impl RingBuf {
+    /// A ring buffer of `bytes` of data (a power of two, at least a page).
+    pub fn create(bytes: u32, name: &str) -> io::Result<RingBuf> {
+        let page = page_size();
+        if !bytes.is_power_of_two() || (bytes as usize) < page {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a ring buffer of {bytes} bytes: a power of two of at least {page}"),
+            ));
+        }
+        let mut attr = [0u64; 16];
+        attr[0] = BPF_MAP_TYPE_RINGBUF; // key and value sizes 0
+        attr[1] = u64::from(bytes) << 32; // max_entries: the data bytes
+        put_name(&mut attr, 28, name);
+        // SAFETY: the block carries no pointer.
+        let fd = unsafe { bpf(BPF_MAP_CREATE, &mut attr) }?;
+        let map = Map {
+            // SAFETY: a descriptor BPF_MAP_CREATE just returned.
+            fd: unsafe { own(fd) },
+            key_size: 0,
+            user_value: 0,
+        };
+        use std::os::fd::AsFd;
+        let consumer =
+            super::mmap::Mmap::shared(map.fd.as_fd(), page, 0, super::mmap::Extra::None)?;
+        let producer = super::mmap::Mmap::shared_read_only(
+            map.fd.as_fd(),
+            page + 2 * bytes as usize,
+            page as u64,
+        )?;
+        Ok(RingBuf {
+            map,
+            consumer,
+            producer,
+            page,
+            mask: u64::from(bytes) - 1,
+        })
+    }
+
+    /// The descriptor, for a program's `ld_imm64` of this map.
+    pub fn raw(&self) -> RawFd {
+        self.map.raw()
+    }
+
+    /// Hands every committed record, oldest first, to `f` (at most `max`;
+    /// a record longer than `buf` is cut to it) and frees their room;
+    /// returns how many. Stops at a record still being written.
+    pub fn drain(&mut self, buf: &mut [u8], max: usize, mut f: impl FnMut(&[u8], usize)) -> usize {
+        use std::sync::atomic::Ordering;
+        let (Some(cons), Some(prod)) = (self.consumer.atomic_u64(0), self.producer.atomic_u64(0))
+        else {
+            return 0;
+        };
+        let mut at = cons.load(Ordering::Acquire);
+        let mut n = 0;
+        while n < max {
+            if at >= prod.load(Ordering::Acquire) {
+                break;
+            }
+            let off = self.page + (at & self.mask) as usize;
+            let Some(word) = self.producer.atomic_u32(off) else {
+                break;
+            };
+            let header = word.load(Ordering::Acquire);
+            if header & RINGBUF_BUSY != 0 {
+                break;
+            }
+            let len = (header & !(RINGBUF_BUSY | RINGBUF_DISCARD)) as usize;
+            if header & RINGBUF_DISCARD == 0 {
+                let take = len.min(buf.len());
+                if self
+                    .producer
+                    .copy_out(off + RINGBUF_HEADER, &mut buf[..take])
+                {
+                    f(&buf[..take], len);
+                    n += 1;
+                }
+            }
+            at += (RINGBUF_HEADER + len).div_ceil(8) as u64 * 8;
+            cons.store(at, Ordering::Release);
+        }
+        n
+    }
+}
+
+/// Now on the clock of `bpf_ktime_get_ns` (CLOCK_MONOTONIC), in ns: to
+/// place a ring record's time on the wall clock.
+pub fn ktime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live, writable timespec for the call.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if r != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// The system's page size.
+fn page_size() -> usize {
+    // SAFETY: sysconf reads a constant; no memory is passed.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(p).unwrap_or(4096).max(4096)
+}
+
 /// A loaded XDP program, its descriptor owned.
 #[derive(Debug)]
 pub struct Program {

@@ -14,7 +14,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 /// Plain data: any bit pattern is a valid value, no pointers, no padding
 /// that matters — what may be copied to and from memory the kernel shares.
@@ -80,18 +80,25 @@ impl Mmap {
         fd: libc::c_int,
         offset: libc::off_t,
     ) -> io::Result<Mmap> {
+        Mmap::checked_prot(
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            prot_flags,
+            fd,
+            offset,
+        )
+    }
+
+    fn checked_prot(
+        len: usize,
+        prot: libc::c_int,
+        prot_flags: libc::c_int,
+        fd: libc::c_int,
+        offset: libc::off_t,
+    ) -> io::Result<Mmap> {
         // SAFETY: a new mapping at an address the kernel picks (no
         // MAP_FIXED), so no memory in use is replaced; the result is checked.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                prot_flags,
-                fd,
-                offset,
-            )
-        };
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, prot_flags, fd, offset) };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -118,6 +125,27 @@ impl Mmap {
         let offset = libc::off_t::try_from(offset)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mmap offset too large"))?;
         Mmap::checked(len, flags, fd.as_raw_fd(), offset)
+    }
+
+    /// `len` bytes of `fd` from byte `offset`, shared with the kernel, read
+    /// only (pages the kernel refuses to map writable: a BPF ring buffer's
+    /// producer side). Writing through it would fault: the writers
+    /// ([`Mmap::write`], [`Mmap::copy_in`]) must not be used on it, which
+    /// its owner (in `sys`) guarantees by never calling them.
+    pub(super) fn shared_read_only(
+        fd: BorrowedFd<'_>,
+        len: usize,
+        offset: u64,
+    ) -> io::Result<Mmap> {
+        let offset = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mmap offset too large"))?;
+        Mmap::checked_prot(
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            offset,
+        )
     }
 
     /// `len` bytes of private anonymous memory, zeroed and faulted in.
@@ -162,6 +190,37 @@ impl Mmap {
         }
         // SAFETY: in bounds and 4-byte aligned (checked).
         Some(unsafe { self.atomic_u32_unchecked(off) })
+    }
+
+    /// The 8-byte word at `off` as an atomic; `None` out of bounds or
+    /// misaligned.
+    #[inline(always)]
+    pub fn atomic_u64(&self, off: usize) -> Option<&AtomicU64> {
+        if !self.contains(off, 8) || (self.addr() as usize + off) % 8 != 0 {
+            return None;
+        }
+        // SAFETY: in bounds and 8-byte aligned (checked) of the live
+        // mapping; an AtomicU64 may be changed by others (the kernel) while
+        // borrowed.
+        Some(unsafe { &*self.ptr.as_ptr().add(off).cast::<AtomicU64>() })
+    }
+
+    /// Copies the bytes at `off` into `dst`; false (nothing copied) if
+    /// they do not lie in the mapping. For a range the ring's protocol says
+    /// is quiescent (a record the kernel has committed).
+    #[inline(always)]
+    pub fn copy_out(&self, off: usize, dst: &mut [u8]) -> bool {
+        if !self.contains(off, dst.len()) {
+            return false;
+        }
+        // SAFETY: `dst.len()` bytes at `off` lie in the mapping (checked);
+        // `dst` is a unique borrow, so it cannot overlap memory borrowed
+        // through `&self`; a concurrent kernel write (a protocol breach)
+        // changes bytes, never their validity (u8).
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len());
+        }
+        true
     }
 
     /// The 4-byte word at `off` as an atomic, unchecked.

@@ -198,6 +198,7 @@ mod daemon {
         batch: usize,
         cpu: Option<usize>,
         index: usize,
+        tap: Option<distributor::capture::WorkerTap>,
     }
 
     impl WorkerSpawn {
@@ -214,6 +215,7 @@ mod daemon {
                 batch,
                 cpu,
                 index,
+                tap,
             } = self;
             Ok(std::thread::Builder::new()
                 .name(format!("stdd-worker-{index}"))
@@ -223,7 +225,7 @@ mod daemon {
                             log::warn!("could not pin the worker to CPU {cpu}");
                         }
                     }
-                    run_worker(&mut backend, &plan, wcfg, batch, &stop, &shared)
+                    run_worker(&mut backend, &plan, wcfg, batch, &stop, &shared, tap)
                 })?)
         }
     }
@@ -314,7 +316,27 @@ mod daemon {
             }
             _ => None,
         };
+        // The capture tap: a ring per worker, the kernel's ring if it steers.
+        let (tap, worker_taps) = distributor::capture::Tap::new(nworkers);
+        let capture = distributor::capture::Source {
+            tap,
+            plan: Arc::clone(&plan),
+            kernel: kernel.clone(),
+            ports: cfg
+                .ports
+                .iter()
+                .map(|p| distributor::capture::PortName {
+                    name: p.name.clone(),
+                    ifindex: p
+                        .interface
+                        .as_deref()
+                        .and_then(|i| distributor::afpacket::ifindex(i).ok()),
+                })
+                .collect(),
+        };
+        let mut worker_taps = worker_taps.into_iter();
         let state = Arc::new(AdminState {
+            capture: Some(capture),
             kernel: kernel.clone(),
             config: Mutex::new(cfg.clone()),
             plan: Arc::clone(&plan),
@@ -389,6 +411,7 @@ mod daemon {
                 batch: cfg.workers.batch,
                 cpu: cfg.workers.cpus.get(index).copied(),
                 index,
+                tap: worker_taps.next(),
             };
             worker_threads.push(match cfg.backend {
                 BackendKind::Afpacket => spawn.start(
