@@ -579,3 +579,45 @@ pub struct PersistenceBinding {
     /// Since its last connection ended, ms (0 while one is open).
     pub idle_ms: u64,
 }
+
+/// `GET /snat` on a TM: its server side as it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TmSnat {
+    /// The TM's id.
+    pub tm_id: u32,
+    /// The version of the table it runs.
+    pub table_version: u64,
+    /// The port range self-source ports come from (`lo-hi`).
+    pub range: String,
+    /// Its SNAT addresses.
+    pub addresses: Vec<SnatAddress>,
+    /// The servers it connects to from self-source ports.
+    pub servers: Vec<ServerSide>,
+}
+
+/// A SNAT address of a TM, and its self-source ports in use and free.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnatAddress {
+    /// The address.
+    pub address: std::net::IpAddr,
+    /// Ports in use.
+    pub in_use: usize,
+    /// Ports free.
+    pub free: usize,
+}
+
+/// A server a TM connects to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSide {
+    /// The virtual server.
+    pub vs: String,
+    /// Its pool.
+    pub pool: String,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// The server.
+    pub server: std::net::SocketAddr,
+}

@@ -231,6 +231,11 @@ impl Snat {
         })
     }
 
+    /// The ports self-source ports are chosen from.
+    pub fn range(&self) -> PortRange {
+        self.range
+    }
+
     /// The SNAT addresses, in order (IPv4 first).
     pub fn addrs(&self) -> Vec<IpAddr> {
         [&self.v4, &self.v6]

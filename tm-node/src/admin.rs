@@ -94,16 +94,49 @@ pub fn handle(req: &Request, state: &AdminState) -> Reply {
         ("POST", "/transition/prepare") => prepare(req, state),
         ("POST", "/transition/commit") => finish(req, state, true),
         ("POST", "/transition/abort") => finish(req, state, false),
+        ("GET", "/snat") => Reply::json(200, &snat_state(state)),
         (
             _,
 "/metrics" | "/healthz" | "/table" | "/transition" | "/transition/ports"
             | "/transition/pins" | "/transition/prepare" | "/transition/commit" | "/transition/abort"
-            | "/persistence",
+            | "/persistence" | "/snat",
         ) => Reply::text(405, "method not allowed"),
         _ => Reply::text(
             404,
-            "not found: /metrics, /healthz, /table, /transition, /transition/{ports,pins,prepare,commit,abort}, /persistence",
+            "not found: /metrics, /healthz, /table, /transition, /transition/{ports,pins,prepare,commit,abort}, /persistence, /snat",
         ),
+    }
+}
+
+/// `GET /snat`: this TM's server side as it runs — its SNAT addresses
+/// (ports in use and free), the port range self-source ports come from,
+/// and the servers it connects to (what `stdctl explain` checks replies
+/// against).
+fn snat_state(state: &AdminState) -> control::api::TmSnat {
+    control::api::TmSnat {
+        tm_id: state.tm_id,
+        table_version: state.tables.current().version(),
+        range: state.snat.range().to_string(),
+        addresses: state
+            .snat
+            .usage()
+            .into_iter()
+            .map(|(address, in_use, free)| control::api::SnatAddress {
+                address,
+                in_use,
+                free,
+            })
+            .collect(),
+        servers: state
+            .server_sides
+            .iter()
+            .map(|s| control::api::ServerSide {
+                vs: s.vs.clone(),
+                pool: s.pool.clone(),
+                protocol: s.protocol,
+                server: s.server,
+            })
+            .collect(),
     }
 }
 

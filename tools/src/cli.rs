@@ -53,9 +53,72 @@ pub enum Command {
     /// Abort the transition a running cluster is in: every distributor and
     /// TM goes back to its previous table (nodes committed already stay).
     Abort(ClusterArg),
+    /// A live capture on a running distributor, as pcapng: every frame it
+    /// steers (those its XDP program steers in the kernel included), each
+    /// annotated with its decision (branch, group, bucket, TM, table,
+    /// kernel or worker path) in its comment.
+    Capture(CaptureArgs),
+    /// Where a flow goes on every distributor of a running cluster and why
+    /// (group, hashed endpoint, bucket, TM; under both tables during a
+    /// transition), and the owning TM's self-source ports for it, its
+    /// replies checked against every distributor's table.
+    Explain(ExplainArgs),
     /// The persistence bindings every TM holds (virtual servers with
     /// persistence, buddy groups), with their hit, miss and rebind counts.
     Persistence(PersistenceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CaptureArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArg,
+    /// The distributor (its name in the cluster file).
+    #[arg(long)]
+    pub node: String,
+    /// Where the pcapng goes; `-` for standard output (`| tcpdump -r -`).
+    #[arg(short = 'w', long = "write")]
+    pub write: String,
+    /// Only frames steered to this TM (name or id).
+    #[arg(long)]
+    pub tm: Option<String>,
+    /// Only frames of flows in this bucket (0..4095).
+    #[arg(long)]
+    pub bucket: Option<u16>,
+    /// Only frames from or to this address.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Only frames from or to this port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Only this protocol: tcp, udp, icmp, icmp6 or a number.
+    #[arg(long)]
+    pub proto: Option<String>,
+    /// A BPF filter expression (tcpdump's syntax) over each frame as it
+    /// leaves (the TM's MAC written).
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// The share of frames taken, in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    pub sample: f64,
+    /// How long, seconds (at most 600).
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Stop after this many frames (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub max_frames: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArg,
+    /// Source endpoint: ADDR:PORT, [V6ADDR]:PORT, or a bare address for protocols without ports.
+    pub src: String,
+    /// Destination endpoint, same forms.
+    pub dst: String,
+    /// IP protocol: tcp, udp, icmp, icmpv6 or a number.
+    #[arg(long, default_value = "tcp")]
+    pub protocol: String,
 }
 
 #[derive(Debug, Args)]

@@ -2,6 +2,7 @@
 
 mod cli;
 mod cluster;
+mod observe;
 mod report;
 
 use std::net::{IpAddr, SocketAddr};
@@ -162,6 +163,8 @@ fn run(cmd: Command, out: &Out) -> Result<()> {
             }
             Ok(())
         }
+        Command::Capture(a) => observe::capture(&a, out),
+        Command::Explain(a) => observe::explain(&a, out),
         Command::Group(GroupCmd::Add(a)) => group_add(a, out),
         Command::Tm(TmCmd::Drain(a)) => tm_cluster(a, true, out),
         Command::Tm(TmCmd::Readmit(a)) => tm_cluster(a, false, out),
@@ -414,14 +417,14 @@ fn endpoint(s: &str) -> Result<(IpAddr, Option<u16>)> {
         .map_err(|_| anyhow!("'{s}' is not an endpoint (ADDR:PORT, [V6ADDR]:PORT or ADDR)"))
 }
 
-fn lookup(a: cli::LookupArgs, out: &Out) -> Result<()> {
-    let t = load(&a.table)?;
+/// The flow named by two endpoint arguments and a protocol.
+pub(crate) fn flow_arg(src: &str, dst: &str, protocol: &str) -> Result<Flow> {
     let protocol =
-        proto::parse(&a.protocol).ok_or_else(|| anyhow!("unknown protocol '{}'", a.protocol))?;
-    let (src, sp) = endpoint(&a.src)?;
-    let (dst, dp) = endpoint(&a.dst)?;
+        proto::parse(protocol).ok_or_else(|| anyhow!("unknown protocol '{protocol}'"))?;
+    let (src, sp) = endpoint(src)?;
+    let (dst, dp) = endpoint(dst)?;
     let ported = matches!(protocol, proto::TCP | proto::UDP | 132 /* SCTP */);
-    let flow = match (sp, dp) {
+    Ok(match (sp, dp) {
         (Some(s), Some(d)) if ported => Flow::with_ports(protocol, src, s, dst, d),
         (None, None) if !ported => Flow::without_ports(protocol, src, dst),
         _ if ported => bail!("{} needs ports on both endpoints", proto::name(protocol)),
@@ -429,7 +432,12 @@ fn lookup(a: cli::LookupArgs, out: &Out) -> Result<()> {
             "{} has no ports: give bare addresses",
             proto::name(protocol)
         ),
-    };
+    })
+}
+
+fn lookup(a: cli::LookupArgs, out: &Out) -> Result<()> {
+    let t = load(&a.table)?;
+    let flow = flow_arg(&a.src, &a.dst, &a.protocol)?;
     out.lookup(&t, &flow);
     Ok(())
 }
