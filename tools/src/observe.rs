@@ -53,9 +53,10 @@ impl CaptureSummary {
             if len < 12 || len % 4 != 0 {
                 bail!("the capture stream is not pcapng (a block of {len} bytes)");
             }
-            let Some(body) = buf.get(at + 8..at + len - 4) else {
-                break;
-            };
+            if buf.len() < at + len {
+                break; // the rest of the block is still on its way
+            }
+            let body = &buf[at + 8..at + len - 4];
             match ty {
                 6 => {
                     self.frames += 1;
