@@ -264,6 +264,10 @@ pub struct Source {
     pub kernel: Option<Arc<XdpSteer>>,
     /// The ports, in order.
     pub ports: Vec<PortName>,
+    /// A CPU no worker steers on, for the collector thread (`None`: where
+    /// the scheduler puts it — the workers are not pinned, or they take
+    /// every CPU).
+    pub collector_cpu: Option<usize>,
 }
 
 impl Source {
@@ -346,6 +350,11 @@ impl Source {
 
     /// The collector: drains the rings until the capture ends.
     fn collect(self, req: Request, mut sink: impl FnMut(Vec<u8>) -> Sent) {
+        if let Some(cpu) = self.collector_cpu {
+            if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+                log::warn!("capture: could not pin the collector to CPU {cpu}");
+            }
+        }
         let kernel_dropped0 = self.kernel_dropped();
         let worker_dropped0 = self.tap.stats.dropped_worker_ring.load(Ordering::Relaxed);
         let reader_dropped0 = self.tap.stats.dropped_reader.load(Ordering::Relaxed);
@@ -1110,6 +1119,7 @@ mod test {
             plan: Arc::new(SharedTable::new(plan())),
             kernel: None,
             ports: vec![],
+            collector_cpu: None,
         };
         let ok = Request {
             sample: 1.0,

@@ -890,3 +890,100 @@ fn a_tm_failing_mid_transition_fails_over_both_tables_and_the_transition_carries
         up[2].store(true, Ordering::Relaxed);
     }
 }
+
+/// A raw GET whose reply may be binary and streamed: (status, head, body
+/// bytes as sent, chunk framing included).
+fn get_bytes(port: u16, path: &str, token: &str) -> (u16, String, Vec<u8>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let at = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(out.len(), |p| p + 4);
+    let head = String::from_utf8_lossy(&out[..at]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, head, out[at..].to_vec())
+}
+
+fn holds(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn a_capture_is_armed_on_demand_one_at_a_time_and_bad_requests_are_refused_by_name() {
+    let dir = std::env::temp_dir().join(format!("stdd-capture-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let admin = free_port();
+    let _d = start(&dir, admin);
+    wait_for("healthz", || {
+        http(admin, "GET", "/healthz", Some(TOKEN), "").0 == 200
+    });
+    assert_eq!(http(admin, "GET", "/capture?seconds=0.1", None, "").0, 401);
+    for (query, named) in [
+        ("tm=nosuch", "tm="),
+        ("bucket=4096", "bucket="),
+        ("sample=0", "sample"),
+        ("sample=1.5", "sample"),
+        ("seconds=0", "seconds"),
+        ("seconds=601", "seconds"),
+        ("seconds=soon", "seconds="),
+        ("filter=tcp%20port", "filter"),
+        ("proto=xyz", "xyz"),
+        ("host=10.0.0", "host="),
+        ("port=70000", "port="),
+        ("snaplen=64", "unknown parameter"),
+    ] {
+        let (code, body) = http(admin, "GET", &format!("/capture?{query}"), Some(TOKEN), "");
+        assert_eq!(code, 400, "{query}: {body}");
+        assert!(body.contains(named), "{query}: the cause names it: {body}");
+    }
+    // One capture at a time: a second while the first runs is refused.
+    let first =
+        std::thread::spawn(move || get_bytes(admin, "/capture?seconds=1.5&proto=tcp", TOKEN));
+    wait_for("the first capture armed", || {
+        metric(
+            &http(admin, "GET", "/metrics", Some(TOKEN), "").1,
+            "std_capture_armed",
+        ) == 1
+    });
+    let (code, body) = http(admin, "GET", "/capture?seconds=0.2", Some(TOKEN), "");
+    assert_eq!(code, 409, "{body}");
+    let (code, head, body) = first.join().expect("first capture");
+    assert_eq!(code, 200, "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("application/x-pcapng"),
+        "{head}"
+    );
+    assert!(
+        holds(&body, &[0x0a, 0x0d, 0x0d, 0x0a]),
+        "a section header block"
+    );
+    assert!(
+        holds(&body, &0x1a2b_3c4du32.to_le_bytes()),
+        "little-endian pcapng"
+    );
+    assert!(holds(&body, b"outside"), "an interface per port, named");
+    assert!(
+        holds(&body, b"std capture: frames=0 kernel=0 worker=0"),
+        "the closing statistics block (the input was steered before the capture)"
+    );
+    // Disarmed after it, and a next capture is taken.
+    let m = http(admin, "GET", "/metrics", Some(TOKEN), "").1;
+    assert_eq!(metric(&m, "std_capture_armed"), 0);
+    assert_eq!(metric(&m, "std_capture_sessions_total"), 1);
+    let (code, _, body) = get_bytes(admin, "/capture?seconds=0.2&sample=0.5&tm=tm1", TOKEN);
+    assert_eq!(code, 200);
+    assert!(holds(&body, b"std capture: frames=0"));
+}

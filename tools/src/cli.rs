@@ -63,6 +63,13 @@ pub enum Command {
     /// transition), and the owning TM's self-source ports for it, its
     /// replies checked against every distributor's table.
     Explain(ExplainArgs),
+    /// A live view of a running cluster, refreshed: each TM's share of its
+    /// group's frames against its target, frames/s, connections; each
+    /// distributor's table, transition, drops and failovers.
+    Top(TopArgs),
+    /// Samples a running cluster for a while and writes an SVG of every
+    /// TM's share of its group against its target over that time.
+    Plot(PlotArgs),
     /// The persistence bindings every TM holds (virtual servers with
     /// persistence, buddy groups), with their hit, miss and rebind counts.
     Persistence(PersistenceArgs),
@@ -119,6 +126,33 @@ pub struct ExplainArgs {
     /// IP protocol: tcp, udp, icmp, icmpv6 or a number.
     #[arg(long, default_value = "tcp")]
     pub protocol: String,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArg,
+    /// Seconds between refreshes (0.1 to 3600).
+    #[arg(long, default_value_t = 1.0)]
+    pub interval: f64,
+    /// Stop after this many views (0: until interrupted).
+    #[arg(long, default_value_t = 0)]
+    pub count: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArg,
+    /// How long to sample, seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub seconds: f64,
+    /// Seconds between samples (0.1 to 3600).
+    #[arg(long, default_value_t = 1.0)]
+    pub interval: f64,
+    /// The SVG file to write.
+    #[arg(short = 'o', long)]
+    pub output: std::path::PathBuf,
 }
 
 #[derive(Debug, Args)]

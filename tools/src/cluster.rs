@@ -801,7 +801,7 @@ pub fn status(c: &Cluster) -> Status {
     }
 }
 
-fn phase_text(p: DistributorPhase) -> String {
+pub(crate) fn phase_text(p: DistributorPhase) -> String {
     match p {
         DistributorPhase::Idle => "idle",
         DistributorPhase::Switched => "switched",
@@ -829,7 +829,7 @@ pub fn samples(text: &str, name: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
-fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
+pub(crate) fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
     labels.split(',').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
         (k.trim() == key).then(|| v.trim().trim_matches('"'))

@@ -4,6 +4,7 @@ mod cli;
 mod cluster;
 mod observe;
 mod report;
+mod top;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -165,6 +166,8 @@ fn run(cmd: Command, out: &Out) -> Result<()> {
         }
         Command::Capture(a) => observe::capture(&a, out),
         Command::Explain(a) => observe::explain(&a, out),
+        Command::Top(a) => top::top(&a, out),
+        Command::Plot(a) => top::plot(&a, out),
         Command::Group(GroupCmd::Add(a)) => group_add(a, out),
         Command::Tm(TmCmd::Drain(a)) => tm_cluster(a, true, out),
         Command::Tm(TmCmd::Readmit(a)) => tm_cluster(a, false, out),

@@ -284,8 +284,12 @@ impl RingBuf {
         };
         let mut at = cons.load(Ordering::Acquire);
         let mut n = 0;
+        // The producer's position once, the consumer's written once: each
+        // store would pull the line the kernel's reserve reads away from
+        // the steering core (the ring is big enough to free space late).
+        let end = prod.load(Ordering::Acquire);
         while n < max {
-            if at >= prod.load(Ordering::Acquire) {
+            if at >= end {
                 break;
             }
             let off = self.page + (at & self.mask) as usize;
@@ -308,8 +312,8 @@ impl RingBuf {
                 }
             }
             at += (RINGBUF_HEADER + len).div_ceil(8) as u64 * 8;
-            cons.store(at, Ordering::Release);
         }
+        cons.store(at, Ordering::Release);
         n
     }
 }

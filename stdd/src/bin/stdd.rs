@@ -333,6 +333,16 @@ mod daemon {
                         .and_then(|i| distributor::afpacket::ifindex(i).ok()),
                 })
                 .collect(),
+            // Off the steering cores: the first CPU no worker is pinned to.
+            collector_cpu: (!cfg.workers.cpus.is_empty())
+                .then(|| {
+                    core_affinity::get_core_ids()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|c| c.id)
+                        .find(|c| !cfg.workers.cpus.contains(c))
+                })
+                .flatten(),
         };
         let mut worker_taps = worker_taps.into_iter();
         let state = Arc::new(AdminState {
