@@ -224,7 +224,7 @@ fn view(prev: &Sample, cur: &Sample) -> View {
             table_version: b.version,
             transition: b.transition.clone(),
             frames_per_s: frames as f64 / secs,
-            drops_per_s: reasons.iter().map(|(_, d)| d).sum(),
+            drops_per_s: reasons.iter().fold(0.0, |a, (_, d)| a + d),
             drop_reasons: reasons,
             backend_drops_per_s: delta(a.backend_drops, b.backend_drops) as f64 / secs,
             failovers: b.failovers,
@@ -463,7 +463,7 @@ fn svg(
         g.dedup();
         g
     };
-    let (w, ph, left, right, top, gap) = (900.0, 260.0, 60.0, 170.0, 40.0, 50.0);
+    let (w, ph, left, right, top, gap) = (900.0, 260.0, 60.0, 170.0, 62.0, 56.0);
     let height = top + groups.len() as f64 * (ph + gap) + 10.0;
     let mut s = String::new();
     let _ = writeln!(
@@ -512,11 +512,12 @@ fn svg(
             v += step;
         }
         let ticks = 6;
+        let prec = if span < 12.0 { 1 } else { 0 };
         for i in 0..=ticks {
             let t = span * f64::from(i) / f64::from(ticks);
             let _ = writeln!(
                 s,
-                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{t:.0} s</text>"#,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{t:.prec$} s</text>"#,
                 x(t),
                 y0 + ph + 16.0
             );
@@ -609,6 +610,12 @@ pub fn plot(a: &PlotArgs, out: &Out) -> Result<()> {
             a.seconds
         );
     }
+    // TMs out of service the whole time (no bucket, no frame) stay out.
+    series.retain(|_, (_, points)| {
+        points
+            .iter()
+            .any(|p| p.target > 0.0 || p.share.is_some_and(|v| v > 0.0))
+    });
     let title = format!(
         "TM shares against targets, {} ({} samples every {} s)",
         a.cluster.cluster.display(),
