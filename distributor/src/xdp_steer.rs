@@ -573,7 +573,12 @@ impl XdpSteer {
         let Some(ring) = &self.ring else { return 0 };
         let mut ring = ring.lock().unwrap_or_else(|p| p.into_inner());
         let mut buf = [0u8; RECORD_HEADER + SNAP];
-        ring.drain(&mut buf, max, |rec, _| {
+        // The header, then the bytes the program copied (the frame's
+        // length, at most SNAP), not the whole reservation.
+        let want = |head: &[u8]| {
+            RECORD_HEADER + RecordHeader::parse(head).map_or(0, |h| (h.len as usize).min(SNAP))
+        };
+        ring.drain(&mut buf, max, RECORD_HEADER, want, |rec, _| {
             if let Some(h) = RecordHeader::parse(rec) {
                 let held = rec.len().saturating_sub(RECORD_HEADER).min(h.len as usize);
                 f(h, &rec[RECORD_HEADER..RECORD_HEADER + held]);

@@ -282,7 +282,7 @@ struct AtTm {
     tm_id: u32,
     table_version: Option<u64>,
     range: Option<String>,
-    /// (SNAT address, self-source ports under the first distributor's table, the first few).
+    /// (SNAT address, self-source ports under the TM's own table, the first few).
     selfports: Vec<(String, usize, Vec<u16>)>,
     replies: Vec<ReplyCheck>,
     error: Option<String>,
@@ -355,23 +355,120 @@ pub fn explain(a: &ExplainArgs, out: &Out) -> Result<()> {
     };
     match c.tms.iter().find(|t| t.id == owner.tm_id) {
         None => tm.error = Some(format!("TM id {} is not in the cluster file", owner.tm_id)),
-        Some(node) => match client.ok_json::<TmSnat>(&node.node, "GET", "/snat", None) {
-            Err(e) => tm.error = Some(format!("{}: GET /snat: {e}", node.node.name)),
-            Ok(snat) => tm_side(&mut tm, &snat, &flow, &tables),
-        },
+        Some(node) => {
+            // The self-source ports are the TM's own table's, as it reports
+            // it: not the distributors' (the two may differ; that is what
+            // is being checked).
+            let snat = client.ok_json::<TmSnat>(&node.node, "GET", "/snat", None);
+            match (snat, table(&node.node, "/table")) {
+                (Err(e), _) => tm.error = Some(format!("{}: GET /snat: {e}", node.node.name)),
+                (_, Err(e)) => tm.error = Some(format!("{}: {e}", node.node.name)),
+                (_, Ok(None)) => tm.error = Some(format!("{}: GET /table: 404", node.node.name)),
+                (Ok(snat), Ok(Some(own))) => tm_side(&mut tm, &snat, &flow, &own, &tables),
+            }
+        }
     }
-    let bad = tm.replies.iter().any(|r| !r.ok);
-    let value = json!({"flow": {"src": a.src, "dst": a.dst, "protocol": flow.protocol}, "distributors": dists, "tm": tm});
-    out.emit(value, || explain_text(&dists, &tm));
-    if bad {
-        bail!("a reply of this flow's TM would steer to another TM (see above)");
+    let problems = problems(&dists, &tm, &tables);
+    let value = json!({"flow": {"src": a.src, "dst": a.dst, "protocol": flow.protocol}, "distributors": dists, "tm": tm, "problems": problems});
+    out.emit(value, || {
+        let mut s = explain_text(&dists, &tm);
+        for p in &problems {
+            s += &format!("\nproblem: {p}");
+        }
+        s
+    });
+    match problems.len() {
+        0 => Ok(()),
+        1 => bail!("{}", problems[0]),
+        n => bail!("{n} problems (see above): {}", problems[0]),
     }
-    Ok(())
+}
+
+/// What makes the answer not hold: a distributor not read, distributors
+/// that steer the flow to different TMs, a TM that is not what the table
+/// says or runs another table, a reply that would steer elsewhere.
+fn problems(
+    dists: &[AtDistributor],
+    tm: &AtTm,
+    tables: &[(String, AllocationTable)],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in dists {
+        if let Some(e) = &d.error {
+            out.push(format!("{}: not read: {e}", d.distributor));
+        }
+    }
+    let owners: Vec<String> = dists
+        .iter()
+        .filter_map(|d| {
+            d.running
+                .as_ref()
+                .map(|r| format!("{} → {}", d.distributor, r.tm))
+        })
+        .collect();
+    let mut tms: Vec<&str> = dists
+        .iter()
+        .filter_map(|d| d.running.as_ref().map(|r| r.tm.as_str()))
+        .collect();
+    tms.dedup();
+    if tms.len() > 1 {
+        out.push(format!(
+            "the distributors steer this flow to different TMs ({}): they run different tables (stdctl status)",
+            owners.join(", ")
+        ));
+    }
+    if let Some(e) = &tm.error {
+        out.push(format!("TM {}: {e}", tm.tm));
+    }
+    if let Some(v) = tm.table_version {
+        let known = tables.iter().any(|(_, t)| t.version() == v)
+            || dists
+                .iter()
+                .any(|d| d.previous.as_ref().is_some_and(|p| p.table == v));
+        if !known {
+            out.push(format!(
+                "TM {} runs table {v}, no distributor does ({}): its self-source ports are its table's, the replies the distributors'",
+                tm.tm,
+                tables
+                    .iter()
+                    .map(|(d, t)| format!("{d}: {}", t.version()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    for r in tm.replies.iter().filter(|r| !r.ok) {
+        out.push(format!(
+            "the reply {} would steer to another TM ({}), not {}",
+            r.reply,
+            r.steers_to
+                .iter()
+                .map(|(d, t)| format!("{d} → {t}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            tm.tm
+        ));
+    }
+    out
 }
 
 /// The TM's self-source ports and its replies under every distributor's table.
-fn tm_side(tm: &mut AtTm, snat: &TmSnat, flow: &Flow, tables: &[(String, AllocationTable)]) {
+fn tm_side(
+    tm: &mut AtTm,
+    snat: &TmSnat,
+    flow: &Flow,
+    own: &AllocationTable,
+    tables: &[(String, AllocationTable)],
+) {
     tm.table_version = Some(snat.table_version);
+    if own.version() != snat.table_version {
+        tm.error = Some(format!(
+            "answers GET /snat for table {} and GET /table with table {}",
+            snat.table_version,
+            own.version()
+        ));
+        return;
+    }
     tm.range = Some(snat.range.clone());
     if snat.tm_id != tm.tm_id {
         tm.error = Some(format!(
@@ -384,15 +481,12 @@ fn tm_side(tm: &mut AtTm, snat: &TmSnat, flow: &Flow, tables: &[(String, Allocat
         tm.error = Some(format!("unreadable port range {:?}", snat.range));
         return;
     };
-    let Some((_, first)) = tables.first() else {
-        return;
-    };
-    let Some(k) = first.tm_index_by_id(tm.tm_id) else {
-        tm.error = Some(format!("TM id {} is not in the running table", tm.tm_id));
+    let Some(k) = own.tm_index_by_id(tm.tm_id) else {
+        tm.error = Some(format!("TM id {} is not in its own table", tm.tm_id));
         return;
     };
     for a in &snat.addresses {
-        match SelfPorts::build(first, a.address, k, range) {
+        match SelfPorts::build(own, a.address, k, range) {
             Ok(set) => tm.selfports.push((
                 a.address.to_string(),
                 set.iter().count(),

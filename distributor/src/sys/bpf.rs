@@ -273,10 +273,21 @@ impl RingBuf {
         self.map.raw()
     }
 
-    /// Hands every committed record, oldest first, to `f` (at most `max`;
-    /// a record longer than `buf` is cut to it) and frees their room;
-    /// returns how many. Stops at a record still being written.
-    pub fn drain(&mut self, buf: &mut [u8], max: usize, mut f: impl FnMut(&[u8], usize)) -> usize {
+    /// Hands every committed record, oldest first, to `f` (at most `max`)
+    /// and frees their room; returns how many. Of each record only its
+    /// first `head` bytes are read, then as many as `want` says from them
+    /// (a record reserved larger than what was written into it is not read
+    /// past that: reading bytes the producer did not write would pull
+    /// lines it writes next time round away from its core); never more
+    /// than the record or `buf`. Stops at a record still being written.
+    pub fn drain(
+        &mut self,
+        buf: &mut [u8],
+        max: usize,
+        head: usize,
+        want: impl Fn(&[u8]) -> usize,
+        mut f: impl FnMut(&[u8], usize),
+    ) -> usize {
         use std::sync::atomic::Ordering;
         let (Some(cons), Some(prod)) = (self.consumer.atomic_u64(0), self.producer.atomic_u64(0))
         else {
@@ -302,13 +313,14 @@ impl RingBuf {
             }
             let len = (header & !(RINGBUF_BUSY | RINGBUF_DISCARD)) as usize;
             if header & RINGBUF_DISCARD == 0 {
-                let take = len.min(buf.len());
-                if self
-                    .producer
-                    .copy_out(off + RINGBUF_HEADER, &mut buf[..take])
-                {
-                    f(&buf[..take], len);
-                    n += 1;
+                let first = head.min(len).min(buf.len());
+                let start = off + RINGBUF_HEADER;
+                if self.producer.copy_out(start, &mut buf[..first]) {
+                    let take = want(&buf[..first]).max(first).min(len).min(buf.len());
+                    if self.producer.copy_out(start + first, &mut buf[first..take]) {
+                        f(&buf[..take], len);
+                        n += 1;
+                    }
                 }
             }
             at += (RINGBUF_HEADER + len).div_ceil(8) as u64 * 8;
