@@ -372,6 +372,27 @@ pub struct TmPins {
     pub ports: Vec<HeldPort>,
 }
 
+impl TmPins {
+    /// TM `tm`'s answer against `table`: its flows (each with its idle
+    /// timeout in ms) and the self-source ports they hold.
+    pub fn new(
+        tm: u32,
+        table: TableId,
+        flows: &[(allocation::Flow, u64)],
+        ports: &[(std::net::IpAddr, u16)],
+    ) -> Self {
+        TmPins {
+            tm,
+            table,
+            flows: flows
+                .iter()
+                .map(|(f, idle)| PinnedFlow::of(f, *idle))
+                .collect(),
+            ports: ports.iter().map(|&(a, port)| HeldPort(a, port)).collect(),
+        }
+    }
+}
+
 /// The body of a distributor's `POST /transition/open` and
 /// `/transition/commit`, and of a TM's `/transition/commit`: the table the
 /// step is for, and what it carries. Every field may be left out (an empty

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use allocation::rules::proto;
-use allocation::{AllocationTable, GroupSpec, HashKey, MacAddr, Profile, Tm};
+use allocation::{HashKey, MacAddr, Profile};
 use datapath::build::{self, tcp_flags, L2};
 use datapath::wire::ethertype;
 
@@ -132,22 +132,7 @@ fn main() -> std::io::Result<()> {
     for (name, bytes) in seeds {
         std::fs::write(steer.join(name), bytes)?;
     }
-    let tms = (0..4)
-        .map(|i| Tm {
-            id: i,
-            name: format!("tm{i}"),
-            mac: MacAddr([2, 0x53, 0x54, 0, 0, i as u8 + 1]),
-            weight: 1,
-            group: 0,
-        })
-        .collect();
-    let t = AllocationTable::new(
-        1,
-        HashKey::from_bytes([7; 16]),
-        tms,
-        vec![GroupSpec::default_group(Profile::Uniform)],
-    )
-    .expect("table");
+    let t = testkit::table(1, HashKey::from_bytes([7; 16]), 4, Profile::Uniform);
     std::fs::write(table.join("uniform4.toml"), allocation::file::render(&t))?;
     Ok(())
 }

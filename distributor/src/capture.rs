@@ -935,13 +935,11 @@ mod test {
     const GROUP: MacAddr = MacAddr([2, 0x57, 0x44, 0, 0, 1]);
 
     fn plan() -> Plan {
+        // TM ids 10 and 11: ids are not indices.
         let tms = (0..2)
             .map(|i| Tm {
                 id: 10 + i,
-                name: format!("tm{i}"),
-                mac: MacAddr([2, 0x53, 0x54, 0, 0, i as u8 + 1]),
-                weight: 1,
-                group: 0,
+                ..testkit::tm(i)
             })
             .collect();
         let t = AllocationTable::new(

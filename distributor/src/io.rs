@@ -328,28 +328,13 @@ mod test {
     use super::*;
     use crate::build::{self, L2};
     use crate::steer::PortKind;
-    use allocation::{AllocationTable, GroupSpec, MacAddr, Profile, Tm};
+    use allocation::{MacAddr, Profile};
     use std::net::Ipv4Addr;
 
     const GROUP: MacAddr = MacAddr([2, 0x57, 0x44, 0, 0, 1]);
 
     fn plan() -> Plan {
-        let tms = (0..2)
-            .map(|i| Tm {
-                id: i,
-                name: format!("tm{i}"),
-                mac: MacAddr([2, 0x53, 0x54, 0, 0, i as u8 + 1]),
-                weight: 1,
-                group: 0,
-            })
-            .collect();
-        let t = AllocationTable::new(
-            1,
-            HashKey::from_bytes([1; 16]),
-            tms,
-            vec![GroupSpec::default_group(Profile::Uniform)],
-        )
-        .expect("table");
+        let t = testkit::table(1, HashKey::from_bytes([1; 16]), 2, Profile::Uniform);
         // Port 0 outside, port 1 shared by both TMs, port 2 bridged.
         Plan::new(
             t,

@@ -28,8 +28,8 @@ use std::time::Duration;
 use allocation::rules::proto;
 use allocation::{AllocationTable, Flow, GroupSpec, HashKey, MacAddr, Tm, TmIndex};
 use control::api::{
-    AbortAnswer, CommitAnswer, DistributorPhase, DistributorTransition, HeldPort, PinnedFlow,
-    StepRequest, TableId, TmPhase, TmPins, TmTransition,
+    AbortAnswer, CommitAnswer, DistributorPhase, DistributorTransition, HeldPort, StepRequest,
+    TableId, TmPhase, TmPins, TmTransition,
 };
 use control::coordinator::{self, Answer, Call, CallError, NodeId, Outcome, Push, PushSpec};
 use datapath::build::{self, tcp_flags, L2};
@@ -2033,16 +2033,9 @@ impl Sim {
                         } else {
                             TableId::of(&self.table)
                         };
-                        return Ok(Ok(Answer::Pins(TmPins {
-                            tm: id,
-                            table: against,
-                            flows: p
-                                .flows
-                                .iter()
-                                .map(|(f, idle)| PinnedFlow::of(f, *idle))
-                                .collect(),
-                            ports: p.ports.iter().map(|&(a, port)| HeldPort(a, port)).collect(),
-                        })));
+                        return Ok(Ok(Answer::Pins(TmPins::new(
+                            id, against, &p.flows, &p.ports,
+                        ))));
                     }
                     Call::Commit(req) => {
                         if let Some(h) = &req.held {

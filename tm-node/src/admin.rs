@@ -14,8 +14,8 @@ use std::sync::Arc;
 use admin_http::{Reply, Request};
 use allocation::AllocationTable;
 use control::api::{
-    AbortAnswer, CommitAnswer, HeldPort, PinnedFlow, PrepareRequest, StepRequest, TableId, TmPhase,
-    TmPins, TmTransition,
+    AbortAnswer, CommitAnswer, HeldPort, PrepareRequest, StepRequest, TableId, TmPhase, TmPins,
+    TmTransition,
 };
 use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
@@ -317,16 +317,7 @@ fn pins(state: &AdminState) -> Reply {
     let p = state.tables.pinned();
     Reply::json(
         200,
-        &TmPins {
-            tm: state.tables.tm_id,
-            table: TableId::of(&table),
-            flows: p
-                .flows
-                .iter()
-                .map(|(f, idle)| PinnedFlow::of(f, *idle))
-                .collect(),
-            ports: p.ports.iter().map(|&(a, port)| HeldPort(a, port)).collect(),
-        },
+        &TmPins::new(state.tables.tm_id, TableId::of(&table), &p.flows, &p.ports),
     )
 }
 

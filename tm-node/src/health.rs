@@ -277,23 +277,8 @@ mod test {
 
     #[test]
     fn http_probes_read_the_status() {
-        use allocation::{AllocationTable, GroupSpec, HashKey, MacAddr, PortRange, Profile, Tm};
-        let tms = (0..2)
-            .map(|i| Tm {
-                id: i,
-                name: format!("t{i}"),
-                mac: MacAddr([2, 0, 0, 0, 0, i as u8 + 1]),
-                weight: 1,
-                group: 0,
-            })
-            .collect();
-        let table = AllocationTable::new(
-            1,
-            HashKey::from_bytes([3; 16]),
-            tms,
-            vec![GroupSpec::default_group(Profile::Uniform)],
-        )
-        .expect("table");
+        use allocation::{HashKey, PortRange, Profile};
+        let table = testkit::table(1, HashKey::from_bytes([3; 16]), 2, Profile::Uniform);
         let snat = Arc::new(
             Snat::new(
                 &table,
