@@ -485,6 +485,28 @@ fn accept(shared: &Arc<Shared>, stream: tokio::net::TcpStream, peer: SocketAddr)
     });
 }
 
+/// Whether a request of this method may change a node's state (every
+/// method but GET and HEAD): those are audited.
+fn changes_state(method: &str) -> bool {
+    !matches!(method, "GET" | "HEAD")
+}
+
+/// One audit line (log target `audit`, level info) for a state-changing
+/// request: who (the peer; the token, when one is set, was checked), what
+/// (method and path), the result (status and the first line of the reply,
+/// at most 200 characters). Bodies are never logged: a table carries the
+/// hash key.
+fn audit(peer: SocketAddr, method: &str, path: &str, status: u16, said: &str) {
+    let first: String = said
+        .lines()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(200)
+        .collect();
+    log::info!(target: "audit", "{peer} {method} {path} -> {status} {first}");
+}
+
 type Answer = hyper::Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>;
 
 fn answer(reply: Reply) -> Answer {
@@ -512,6 +534,15 @@ async fn respond(
     conn.busy.store(true, Ordering::Relaxed);
     let auth = req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes);
     if !auth::authorised(shared.token.as_deref(), auth) {
+        if changes_state(req.method().as_str()) {
+            audit(
+                peer,
+                req.method().as_str(),
+                req.uri().path(),
+                401,
+                "missing or wrong bearer token",
+            );
+        }
         return Ok(answer(Reply::text(401, "missing or wrong bearer token")));
     }
     let max = shared.limits.max_body_bytes;
@@ -559,12 +590,18 @@ async fn respond(
         peer,
     };
     let handler = Arc::clone(&shared.handler);
+    let method = request.method.clone();
+    let path = request.path.clone();
     let reply = tokio::task::spawn_blocking(move || handler.handle(request))
         .await
         .unwrap_or_else(|e| {
             log::error!("admin: a handler failed: {e}");
             Reply::text(500, "the handler failed")
         });
+    if changes_state(&method) {
+        let said = String::from_utf8_lossy(&reply.body[..reply.body.len().min(512)]).into_owned();
+        audit(peer, &method, &path, reply.status, &said);
+    }
     if let Some(s) = &reply.stream {
         // The connection lives until the stream's end (and a little more).
         let until = conn.start.elapsed() + s.lasts + Duration::from_secs(5);

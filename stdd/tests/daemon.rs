@@ -41,6 +41,23 @@ fn start_with(dir: &Path, admin: u16, extra: &str) -> Daemon {
 }
 
 fn start_with_table(dir: &Path, admin: u16, extra: &str, t: &AllocationTable) -> Daemon {
+    write_setup(dir, admin, extra, t);
+    let child = Command::new(env!("CARGO_BIN_EXE_stdd"))
+        .args(["run", "--config"])
+        .arg(dir.join("stdd.toml"))
+        .env("RUST_LOG", "warn,audit=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start stdd");
+    Daemon {
+        child,
+        dir: dir.to_path_buf(),
+    }
+}
+
+/// The table, the input capture and `stdd.toml` in `dir`.
+fn write_setup(dir: &Path, admin: u16, extra: &str, t: &AllocationTable) {
     allocation::file::save(dir.join("table.toml"), t).expect("table");
     let group: MacAddr = GROUP.parse().expect("mac");
     let l2 = L2::new(group, MacAddr([2, 0xee, 0, 0, 0, 1]));
@@ -72,18 +89,6 @@ fn start_with_table(dir: &Path, admin: u16, extra: &str, t: &AllocationTable) ->
     cfg += &format!("\n[admin]\nlisten = \"127.0.0.1:{admin}\"\ntoken = \"{TOKEN}\"\n");
     cfg += extra;
     std::fs::write(dir.join("stdd.toml"), cfg).expect("config");
-    let child = Command::new(env!("CARGO_BIN_EXE_stdd"))
-        .args(["run", "--config"])
-        .arg(dir.join("stdd.toml"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start stdd");
-    Daemon {
-        child,
-        dir: dir.to_path_buf(),
-    }
 }
 
 #[test]
@@ -986,4 +991,133 @@ fn a_capture_is_armed_on_demand_one_at_a_time_and_bad_requests_are_refused_by_na
     let (code, _, body) = get_bytes(admin, "/capture?seconds=0.2&sample=0.5&tm=tm1", TOKEN);
     assert_eq!(code, 200);
     assert!(holds(&body, b"std capture: frames=0"));
+}
+
+#[test]
+fn check_config_passes_a_sound_configuration_and_names_every_problem_of_another() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("stdd-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let _cleanup = Dir(dir.clone());
+    let check = || {
+        Command::new(env!("CARGO_BIN_EXE_stdd"))
+            .args(["check-config", "--config"])
+            .arg(dir.join("stdd.toml"))
+            .output()
+            .expect("stdd check-config")
+    };
+    write_setup(&dir, free_port(), "", &table());
+    let key = dir.join("table.toml");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let out = check();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.starts_with("ok: ") && said.contains("table version 1 (4 TMs, 1 groups)"),
+        "{said}"
+    );
+    // Three problems at once: the key readable by all, a missing input
+    // capture, a CPU that does not exist — a line each, exit 1.
+    write_setup(&dir, free_port(), "\n[workers]\ncpus = [4095]\n", &table());
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    std::fs::remove_file(dir.join("in.pcap")).expect("rm");
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("readable by every user (mode 644)")),
+        "{err}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("port outside: input") && l.contains("in.pcap")),
+        "{err}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("workers.cpus: CPU 4095")),
+        "{err}"
+    );
+    assert!(err.contains("3 problems"), "{err}");
+    // A table that does not parse, and a configuration that does not.
+    std::fs::write(&key, "not a table").expect("write");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let err = String::from_utf8_lossy(&check().stderr).to_string();
+    assert!(err.lines().any(|l| l.starts_with("stdd: table ")), "{err}");
+    std::fs::write(dir.join("stdd.toml"), "role = \"front\"\n").expect("write");
+    let out = check();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("missing field `group_mac`"),
+        "the cause names the key"
+    );
+}
+
+struct Dir(PathBuf);
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn state_changing_requests_are_audited_with_who_what_and_the_result() {
+    let dir = std::env::temp_dir().join(format!("stdd-audit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let admin = free_port();
+    let mut d = start_with(&dir, admin, "");
+    wait_for("healthz", || {
+        http(admin, "GET", "/healthz", Some(TOKEN), "").0 == 200
+    });
+    let t = table();
+    assert_eq!(http(admin, "PUT", "/table", Some("wrong"), "x").0, 401);
+    assert_eq!(
+        http(
+            admin,
+            "PUT",
+            "/table",
+            Some(TOKEN),
+            &allocation::file::render(&t)
+        )
+        .0,
+        409
+    );
+    assert_eq!(
+        http(admin, "POST", "/transition/abort", Some(TOKEN), "").0,
+        200
+    );
+    assert_eq!(http(admin, "GET", "/table", Some(TOKEN), "").0, 200);
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    let mut err = String::new();
+    if let Some(mut e) = d.child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let audit: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains(" audit]") || l.contains("audit "))
+        .collect();
+    let has = |what: &str| audit.iter().any(|l| l.contains(what));
+    assert!(
+        has("PUT /table -> 401 missing or wrong bearer token"),
+        "{err}"
+    );
+    assert!(has("PUT /table -> 409"), "{err}");
+    assert!(has("POST /transition/abort -> 200"), "{err}");
+    assert!(
+        audit.iter().all(|l| l.contains("127.0.0.1:")),
+        "who: the peer: {err}"
+    );
+    assert!(!has("GET /table"), "reads are not audited: {err}");
+    assert!(
+        !err.contains("[hash]") && !err.contains("key ="),
+        "no table body in the log: {err}"
+    );
 }

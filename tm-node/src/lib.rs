@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod balance;
+pub mod check;
 pub mod config;
 pub mod health;
 pub mod persist;

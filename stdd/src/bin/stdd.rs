@@ -25,6 +25,15 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Check a configuration without starting: the file, its table and
+    /// transition marker, the ports' interfaces and capture files, the
+    /// worker CPUs, the table file's mode. Exit 0 with a summary, or 1 with
+    /// one line per problem.
+    CheckConfig {
+        /// Configuration file (TOML; STD_* environment variables override keys).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Steer every frame of a pcap capture with a table: one capture per TM
     /// and summary.json (packets per TM, branch and drop reason; split flows).
     Replay {
@@ -61,6 +70,23 @@ fn main() -> ExitCode {
 fn run(cmd: Command) -> Result<()> {
     match cmd {
         Command::Run { config } => daemon::run(&config),
+        Command::CheckConfig { config } => match stdd::check::check(&config) {
+            Ok(summary) => {
+                println!("ok: {summary}");
+                Ok(())
+            }
+            Err(problems) => {
+                for p in &problems {
+                    eprintln!("stdd: {p}");
+                }
+                Err(anyhow::anyhow!(
+                    "{}: {} problem{}",
+                    config.display(),
+                    problems.len(),
+                    if problems.len() == 1 { "" } else { "s" }
+                ))
+            }
+        },
         Command::Replay {
             table,
             config,

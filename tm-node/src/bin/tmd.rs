@@ -28,6 +28,14 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Check a configuration without starting: the file, its table, the TM
+    /// id, the self-source ports, the replies steering home, the table
+    /// file's mode. Exit 0 with a summary, or 1 with one line per problem.
+    CheckConfig {
+        /// Configuration file (TOML; TMD_* environment variables override keys).
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -35,8 +43,27 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let Command::Run { config } = cli.command;
-    cli_common::cli::finish("tmd", run(&config))
+    let result = match cli.command {
+        Command::Run { config } => run(&config),
+        Command::CheckConfig { config } => match tm_node::check::check(&config) {
+            Ok(summary) => {
+                println!("ok: {summary}");
+                Ok(())
+            }
+            Err(problems) => {
+                for p in &problems {
+                    eprintln!("tmd: {p}");
+                }
+                Err(anyhow!(
+                    "{}: {} problem{}",
+                    config.display(),
+                    problems.len(),
+                    if problems.len() == 1 { "" } else { "s" }
+                ))
+            }
+        },
+    };
+    cli_common::cli::finish("tmd", result)
 }
 
 fn run(path: &Path) -> Result<()> {

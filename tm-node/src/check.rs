@@ -1,0 +1,77 @@
+//! `tmd check-config`: every problem a configuration would meet when tmd starts — the file itself, its table, its TM id in the table, the self-source ports of its SNAT addresses, the replies of every server side steering home, the table file's mode — one line each, without binding anything.
+
+use std::path::Path;
+
+use crate::config::{NodeConfig, Settings as _};
+use crate::snat::Snat;
+
+/// What a check found: a summary when fit to run, else every problem.
+pub type Outcome = Result<String, Vec<String>>;
+
+/// The table file's mode: it holds the hash key, so not readable by every user.
+#[cfg(unix)]
+fn key_file_problem(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o004 != 0).then(|| {
+        format!(
+            "table {}: readable by every user (mode {mode:o}) and it holds the hash key: chmod o-r",
+            path.display()
+        )
+    })
+}
+
+/// Checks the configuration at `path`.
+pub fn check(path: &Path) -> Outcome {
+    let cfg = NodeConfig::load(path).map_err(|e| vec![e.to_string()])?;
+    let mut problems = Vec::new();
+    let mut summary = format!(
+        "{}: TM id {}, {} virtual servers, {} pools",
+        path.display(),
+        cfg.tm_id,
+        cfg.virtual_servers.len(),
+        cfg.pools.len()
+    );
+    match allocation::file::load(&cfg.table) {
+        Err(e) => problems.push(format!("table {}: {e}", cfg.table.display())),
+        Ok(table) => match table.tm_index_by_id(cfg.tm_id) {
+            None => problems.push(format!(
+                "tm_id: TM id {} is not in table version {}",
+                cfg.tm_id,
+                table.version()
+            )),
+            Some(tm) => {
+                summary += &format!(", table version {}", table.version());
+                match Snat::new(&table, tm, &cfg.snat_addresses, cfg.snat_ports) {
+                    Err(e) => problems.push(format!("snat: {e}")),
+                    Ok(snat) => {
+                        for (addr, _, free) in snat.usage() {
+                            summary += &format!(", {addr}: {free} self-source ports");
+                            if free == 0 {
+                                problems.push(format!(
+                                    "snat {addr}: no self-source port for TM {} in {}",
+                                    cfg.tm_id, cfg.snat_ports
+                                ));
+                            }
+                        }
+                    }
+                }
+                let server_sides = cfg.server_sides();
+                let sides: Vec<_> = server_sides.iter().map(|s| s.side()).collect();
+                if let Err(e) =
+                    crate::snat::check_replies(&table, None, cfg.tm_id, &cfg.snat_addresses, &sides)
+                {
+                    problems.push(format!("table {}: {e}", cfg.table.display()));
+                }
+            }
+        },
+    }
+    if let Some(p) = key_file_problem(&cfg.table) {
+        problems.push(p);
+    }
+    if problems.is_empty() {
+        Ok(summary)
+    } else {
+        Err(problems)
+    }
+}
