@@ -1,5 +1,6 @@
 //! One command-line error path for every binary: help and version print and exit 0; a usage error is one line naming the program, exit 2; a failed run is one line with its causes, exit 1.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::error::ErrorKind;
@@ -54,6 +55,33 @@ pub fn finish(program: &str, result: anyhow::Result<()>) -> ExitCode {
         Err(e) => {
             eprintln!("{program}: {e:#}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// What a daemon's `check-config` found: a summary when the configuration
+/// is fit to run, else every problem, one line each.
+pub type CheckOutcome = Result<String, Vec<String>>;
+
+/// Prints a `check-config` outcome for `path`: `ok: SUMMARY` on stdout, or
+/// each problem as `program: PROBLEM` on stderr and an error counting them
+/// (for [`finish`]).
+pub fn report_check(program: &str, path: &Path, outcome: CheckOutcome) -> anyhow::Result<()> {
+    match outcome {
+        Ok(summary) => {
+            println!("ok: {summary}");
+            Ok(())
+        }
+        Err(problems) => {
+            for p in &problems {
+                eprintln!("{program}: {p}");
+            }
+            let n = problems.len();
+            anyhow::bail!(
+                "{}: {n} problem{}",
+                path.display(),
+                if n == 1 { "" } else { "s" }
+            )
         }
     }
 }

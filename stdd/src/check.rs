@@ -6,29 +6,8 @@ use cli_common::settings::Settings as _;
 
 use crate::config::{BackendKind, DistributorConfig};
 
-/// What a check found: a summary when fit to run, else every problem.
-pub type Outcome = Result<String, Vec<String>>;
-
-/// Whether a file holding the hash key is readable by every user.
-#[cfg(unix)]
-pub fn world_readable(path: &Path) -> Option<u32> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
-    (mode & 0o004 != 0).then_some(mode)
-}
-
-/// The table file's key must not be readable by every user.
-pub fn key_file_problem(path: &Path) -> Option<String> {
-    world_readable(path).map(|mode| {
-        format!(
-            "table {}: readable by every user (mode {mode:o}) and it holds the hash key: chmod o-r",
-            path.display()
-        )
-    })
-}
-
 /// Checks the configuration at `path`.
-pub fn check(path: &Path) -> Outcome {
+pub fn check(path: &Path) -> cli_common::cli::CheckOutcome {
     let cfg = DistributorConfig::load(path).map_err(|e| vec![e.to_string()])?;
     let mut problems = Vec::new();
     let mut summary = format!(
@@ -62,8 +41,8 @@ pub fn check(path: &Path) -> Outcome {
             }
         }
     }
-    if let Some(p) = key_file_problem(&cfg.table) {
-        problems.push(p);
+    if let Some(p) = cli_common::secret::readable_by_all(&cfg.table, "the hash key") {
+        problems.push(format!("table {p}"));
     }
     let live = matches!(
         cfg.backend,

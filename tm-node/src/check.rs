@@ -5,24 +5,8 @@ use std::path::Path;
 use crate::config::{NodeConfig, Settings as _};
 use crate::snat::Snat;
 
-/// What a check found: a summary when fit to run, else every problem.
-pub type Outcome = Result<String, Vec<String>>;
-
-/// The table file's mode: it holds the hash key, so not readable by every user.
-#[cfg(unix)]
-fn key_file_problem(path: &Path) -> Option<String> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
-    (mode & 0o004 != 0).then(|| {
-        format!(
-            "table {}: readable by every user (mode {mode:o}) and it holds the hash key: chmod o-r",
-            path.display()
-        )
-    })
-}
-
 /// Checks the configuration at `path`.
-pub fn check(path: &Path) -> Outcome {
+pub fn check(path: &Path) -> cli_common::cli::CheckOutcome {
     let cfg = NodeConfig::load(path).map_err(|e| vec![e.to_string()])?;
     let mut problems = Vec::new();
     let mut summary = format!(
@@ -66,8 +50,8 @@ pub fn check(path: &Path) -> Outcome {
             }
         },
     }
-    if let Some(p) = key_file_problem(&cfg.table) {
-        problems.push(p);
+    if let Some(p) = cli_common::secret::readable_by_all(&cfg.table, "the hash key") {
+        problems.push(format!("table {p}"));
     }
     if problems.is_empty() {
         Ok(summary)

@@ -275,6 +275,17 @@ struct ReplyCheck {
     ok: bool,
 }
 
+impl ReplyCheck {
+    /// `distributor → TM, …`.
+    fn where_to(&self) -> String {
+        self.steers_to
+            .iter()
+            .map(|(d, t)| format!("{d} → {t}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// The owning TM's side.
 #[derive(Debug, Serialize)]
 struct AtTm {
@@ -441,11 +452,7 @@ fn problems(
         out.push(format!(
             "the reply {} would steer to another TM ({}), not {}",
             r.reply,
-            r.steers_to
-                .iter()
-                .map(|(d, t)| format!("{d} → {t}"))
-                .collect::<Vec<_>>()
-                .join(", "),
+            r.where_to(),
             tm.tm
         ));
     }
@@ -583,11 +590,7 @@ fn explain_text(dists: &[AtDistributor], tm: &AtTm) -> String {
         s += &format!(
             "  reply {}: {} — {}\n",
             r.reply,
-            r.steers_to
-                .iter()
-                .map(|(d, t)| format!("{d} → {t}"))
-                .collect::<Vec<_>>()
-                .join(", "),
+            r.where_to(),
             if r.ok {
                 "back to this TM"
             } else {

@@ -82,20 +82,14 @@ fn distributor(
     capture_answer: (u16, Vec<u8>),
 ) -> (String, Arc<Mutex<Vec<String>>>) {
     let text = file::render(t);
-    let state = serde_json::to_vec(&control::DistributorTransition {
-        state: control::DistributorPhase::Idle,
-        version: t.version(),
-        checksum: file::checksum(t),
-        previous_version: None,
-        previous_checksum: None,
-        moved_buckets: None,
-        remembered_flows: 0,
-        overflows: 0,
-        pinned_flows: None,
-        pins_refused: None,
-        recovering: None,
-        failed_over: None,
-    })
+    let state = serde_json::to_vec(&control::DistributorTransition::new(
+        control::DistributorPhase::Idle,
+        t,
+        None,
+        None,
+        0,
+        0,
+    ))
     .expect("json");
     node(Box::new(move |url| {
         match url.split('?').next().unwrap_or("") {

@@ -12,6 +12,12 @@ fn distributor(steps: [u64; 3], tm1_down: bool) -> String {
     let server = tiny_http::Server::http("127.0.0.1:0").expect("bind");
     let addr = server.server_addr().to_ip().expect("ip");
     let scrapes = Arc::new(AtomicU64::new(0));
+    let table = testkit::table(
+        7,
+        allocation::HashKey::from_bytes([1; 16]),
+        3,
+        allocation::Profile::Uniform,
+    );
     std::thread::spawn(move || {
         for req in server.incoming_requests() {
             let text = match req.url() {
@@ -37,20 +43,14 @@ fn distributor(steps: [u64; 3], tm1_down: bool) -> String {
                     m += "std_drops_total{reason=\"truncated\"} 3\nstd_table_version 7\nstd_failovers_total 1\nstd_failed_tms 0\nstd_capture_armed 0\n";
                     m
                 }
-                "/transition" => serde_json::to_string(&control::DistributorTransition {
-                    state: control::DistributorPhase::Idle,
-                    version: 7,
-                    checksum: "fnv1a64:0000000000000000".into(),
-                    previous_version: None,
-                    previous_checksum: None,
-                    moved_buckets: None,
-                    remembered_flows: 0,
-                    overflows: 0,
-                    pinned_flows: None,
-                    pins_refused: None,
-                    recovering: None,
-                    failed_over: None,
-                })
+                "/transition" => serde_json::to_string(&control::DistributorTransition::new(
+                    control::DistributorPhase::Idle,
+                    &table,
+                    None,
+                    None,
+                    0,
+                    0,
+                ))
                 .expect("json"),
                 _ => String::new(),
             };

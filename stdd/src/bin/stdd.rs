@@ -70,23 +70,9 @@ fn main() -> ExitCode {
 fn run(cmd: Command) -> Result<()> {
     match cmd {
         Command::Run { config } => daemon::run(&config),
-        Command::CheckConfig { config } => match stdd::check::check(&config) {
-            Ok(summary) => {
-                println!("ok: {summary}");
-                Ok(())
-            }
-            Err(problems) => {
-                for p in &problems {
-                    eprintln!("stdd: {p}");
-                }
-                Err(anyhow::anyhow!(
-                    "{}: {} problem{}",
-                    config.display(),
-                    problems.len(),
-                    if problems.len() == 1 { "" } else { "s" }
-                ))
-            }
-        },
+        Command::CheckConfig { config } => {
+            cli_common::cli::report_check("stdd", &config, stdd::check::check(&config))
+        }
         Command::Replay {
             table,
             config,

@@ -45,23 +45,9 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run { config } => run(&config),
-        Command::CheckConfig { config } => match tm_node::check::check(&config) {
-            Ok(summary) => {
-                println!("ok: {summary}");
-                Ok(())
-            }
-            Err(problems) => {
-                for p in &problems {
-                    eprintln!("tmd: {p}");
-                }
-                Err(anyhow!(
-                    "{}: {} problem{}",
-                    config.display(),
-                    problems.len(),
-                    if problems.len() == 1 { "" } else { "s" }
-                ))
-            }
-        },
+        Command::CheckConfig { config } => {
+            cli_common::cli::report_check("tmd", &config, tm_node::check::check(&config))
+        }
     };
     cli_common::cli::finish("tmd", result)
 }
