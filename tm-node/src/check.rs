@@ -29,9 +29,15 @@ pub fn check(path: &Path) -> cli_common::cli::CheckOutcome {
                 match Snat::new(&table, tm, &cfg.snat_addresses, cfg.snat_ports) {
                     Err(e) => problems.push(format!("snat: {e}")),
                     Ok(snat) => {
+                        // A TM without a bucket (drained, failed over, waiting
+                        // for a group) has no self-source port, rightly.
+                        let serving = table.buckets_of(tm) > 0;
+                        if !serving {
+                            summary += " (no bucket in this table: no self-source port until one gives it some)";
+                        }
                         for (addr, _, free) in snat.usage() {
                             summary += &format!(", {addr}: {free} self-source ports");
-                            if free == 0 {
+                            if free == 0 && serving {
                                 problems.push(format!(
                                     "snat {addr}: no self-source port for TM {} in {}",
                                     cfg.tm_id, cfg.snat_ports

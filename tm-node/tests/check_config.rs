@@ -89,6 +89,23 @@ fn check_config_passes_a_sound_configuration_and_names_each_problem() {
     .map(|s| s.iter().count())
     .unwrap_or(0);
     assert_eq!(out.status.success(), owns > 0, "{said}");
+    // A TM the table gives no bucket (failed over, drained) rightly has no
+    // self-source port: fit to run, and the summary says why it has none.
+    let t = testkit::uniform(4);
+    let out_of_service = t
+        .failover(&[t.tm_index_by_id(2).expect("tm")])
+        .expect("failover")
+        .table;
+    allocation::file::save(&key, &out_of_service).expect("table");
+    write(&dir, 2, "1024-65535");
+    let out = check(&dir);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("no bucket in this table"), "{said}");
     // A table that does not parse.
     std::fs::write(&key, "version = ").expect("write");
     let out = check(&dir);
