@@ -123,19 +123,58 @@ fn probe(agent: &ureq::Agent, tm: &TmHealth) -> bool {
 
 /// Probes until `stop`; fails TMs over as they are declared failed.
 pub fn run(cfg: FailoverConfig, state: &AdminState, stop: &AtomicBool) {
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_millis(cfg.timeout_ms.max(1)))
-        .build();
+    let mut cfg = cfg;
     let fo = &state.failover;
+    let mut agent = agent_for(&cfg);
     let mut misses = vec![0u32; cfg.tms.len()];
     let mut seen = vec![false; cfg.tms.len()];
     let started = Instant::now();
-    let grace = Duration::from_millis(cfg.startup_grace_ms);
+    let mut grace = Duration::from_millis(cfg.startup_grace_ms);
     *fo.up.lock().unwrap_or_else(|p| p.into_inner()) =
         cfg.tms.iter().map(|t| (t.id, true)).collect();
-    let interval = Duration::from_millis(cfg.interval_ms.max(10));
+    let mut interval = Duration::from_millis(cfg.interval_ms.max(10));
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        // A reload (SIGHUP) may have changed the section: probe what it
+        // says from now on; a TM probed before and still listed keeps its
+        // count of misses.
+        let wanted = state
+            .config
+            .lock()
+            .map(|c| c.failover.clone())
+            .unwrap_or_else(|_| cfg.clone());
+        if wanted != cfg {
+            let carried = |id: u32| cfg.tms.iter().position(|t| t.id == id);
+            let (m, sn): (Vec<u32>, Vec<bool>) = wanted
+                .tms
+                .iter()
+                .map(|t| carried(t.id).map_or((0, false), |i| (misses[i], seen[i])))
+                .unzip();
+            let up: Vec<(u32, bool)> = {
+                let old = fo.up.lock().unwrap_or_else(|p| p.into_inner());
+                wanted
+                    .tms
+                    .iter()
+                    .map(|t| {
+                        let was = old.iter().find(|(id, _)| *id == t.id).map(|u| u.1);
+                        (t.id, was.unwrap_or(true))
+                    })
+                    .collect()
+            };
+            *fo.up.lock().unwrap_or_else(|p| p.into_inner()) = up;
+            (misses, seen) = (m, sn);
+            agent = agent_for(&wanted);
+            interval = Duration::from_millis(wanted.interval_ms.max(10));
+            grace = Duration::from_millis(wanted.startup_grace_ms);
+            log::info!(
+                "failover reloaded: probing {} TMs every {} ms; failover after {} misses",
+                wanted.tms.len(),
+                wanted.interval_ms,
+                wanted.misses
+            );
+            cfg = wanted;
+            next = Instant::now();
+        }
         let now = Instant::now();
         if now < next {
             std::thread::sleep((next - now).min(Duration::from_millis(50)));
@@ -173,6 +212,12 @@ pub fn run(cfg: FailoverConfig, state: &AdminState, stop: &AtomicBool) {
             }
         }
     }
+}
+
+fn agent_for(cfg: &FailoverConfig) -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_millis(cfg.timeout_ms.max(1)))
+        .build()
 }
 
 /// Declares TM `id` failed and installs the failover table for every failed TM.

@@ -1121,3 +1121,46 @@ fn state_changing_requests_are_audited_with_who_what_and_the_result() {
         "no table body in the log: {err}"
     );
 }
+
+#[test]
+fn sighup_reloads_the_failover_section_probing_what_it_now_lists() {
+    let dir = std::env::temp_dir().join(format!("stdd-failover-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let admin = free_port();
+    // Started without [failover]: nothing probed.
+    let d = start(&dir, admin);
+    wait_for("healthz", || {
+        http(admin, "GET", "/healthz", Some(TOKEN), "").0 == 200
+    });
+    let m = || http(admin, "GET", "/metrics", Some(TOKEN), "").1;
+    assert!(!m().contains("std_tm_up{"), "no TM probed");
+    let hup = || {
+        assert!(Command::new("kill")
+            .args(["-HUP", &d.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success());
+    };
+    // A reload adds probes of four TMs, all answering.
+    let (up, extra) = failover_probes(4);
+    let cfg = dir.join("stdd.toml");
+    let base = std::fs::read_to_string(&cfg).expect("config");
+    let with = format!(
+        "{base}{}",
+        extra.replace("timeout_ms = 200", "timeout_ms = 200\nstartup_grace_ms = 0")
+    );
+    std::fs::write(&cfg, &with).expect("config");
+    hup();
+    wait_for("the four TMs probed, up", || metric(&m(), "std_tm_up") == 4);
+    // A reload without the section stops the probing.
+    std::fs::write(&cfg, &base).expect("config");
+    hup();
+    wait_for("no TM probed", || !m().contains("std_tm_up{"));
+    // Listed again, TM 1 not answering: the reloaded prober fails it over.
+    up[1].store(false, std::sync::atomic::Ordering::Relaxed);
+    std::fs::write(&cfg, &with).expect("config");
+    hup();
+    wait_for("TM 1 failed over", || metric(&m(), "std_failed_tms") == 1);
+    assert_eq!(metric(&m(), "std_failovers_total"), 1);
+    assert_eq!(metric(&m(), "std_tm_up"), 3);
+}

@@ -368,16 +368,18 @@ mod daemon {
             server: Some(server.stats()),
         });
         state.failover.installed(plan.load().table());
-        let failover_thread = if cfg.failover.tms.is_empty() {
-            None
-        } else {
+        // The prober runs even with no TM to probe: a reload (SIGHUP) may
+        // add some.
+        let failover_thread = {
             let (state, stop, fcfg) = (Arc::clone(&state), Arc::clone(&stop), cfg.failover.clone());
-            log::info!(
-                "probing {} TMs every {} ms; failover after {} misses",
-                fcfg.tms.len(),
-                fcfg.interval_ms,
-                fcfg.misses
-            );
+            if !fcfg.tms.is_empty() {
+                log::info!(
+                    "probing {} TMs every {} ms; failover after {} misses",
+                    fcfg.tms.len(),
+                    fcfg.interval_ms,
+                    fcfg.misses
+                );
+            }
             Some(
                 std::thread::Builder::new()
                     .name("stdd-failover".into())
