@@ -121,53 +121,54 @@ fn probe(agent: &ureq::Agent, tm: &TmHealth) -> bool {
     matches!(req.call(), Ok(r) if r.status() == 200)
 }
 
-/// Probes until `stop`; fails TMs over as they are declared failed.
-pub fn run(cfg: FailoverConfig, state: &AdminState, stop: &AtomicBool) {
-    let mut cfg = cfg;
+/// Probes until `stop` the TMs the running configuration's `[failover]`
+/// lists (a reload takes effect at the next round); fails TMs over as they
+/// are declared failed.
+pub fn run(state: &AdminState, stop: &AtomicBool) {
     let fo = &state.failover;
+    // Nothing probed yet: the first round takes the configuration's section.
+    let mut cfg = FailoverConfig::default();
     let mut agent = agent_for(&cfg);
-    let mut misses = vec![0u32; cfg.tms.len()];
-    let mut seen = vec![false; cfg.tms.len()];
+    let mut misses: Vec<u32> = Vec::new();
+    let mut seen: Vec<bool> = Vec::new();
     let started = Instant::now();
     let mut grace = Duration::from_millis(cfg.startup_grace_ms);
-    *fo.up.lock().unwrap_or_else(|p| p.into_inner()) =
-        cfg.tms.iter().map(|t| (t.id, true)).collect();
     let mut interval = Duration::from_millis(cfg.interval_ms.max(10));
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        // A reload (SIGHUP) may have changed the section: probe what it
-        // says from now on; a TM probed before and still listed keeps its
-        // count of misses.
-        let wanted = state
+        // What the configuration says now (a SIGHUP may have changed it):
+        // a TM probed before and still listed keeps its count of misses
+        // and its last answer; one added starts as up.
+        let changed = state
             .config
             .lock()
-            .map(|c| c.failover.clone())
-            .unwrap_or_else(|_| cfg.clone());
-        if wanted != cfg {
-            let carried = |id: u32| cfg.tms.iter().position(|t| t.id == id);
-            let (m, sn): (Vec<u32>, Vec<bool>) = wanted
+            .ok()
+            .filter(|c| c.failover != cfg)
+            .map(|c| c.failover.clone());
+        if let Some(wanted) = changed {
+            let before = |id: u32| cfg.tms.iter().position(|t| t.id == id);
+            (misses, seen) = wanted
                 .tms
                 .iter()
-                .map(|t| carried(t.id).map_or((0, false), |i| (misses[i], seen[i])))
+                .map(|t| before(t.id).map_or((0, false), |i| (misses[i], seen[i])))
                 .unzip();
-            let up: Vec<(u32, bool)> = {
-                let old = fo.up.lock().unwrap_or_else(|p| p.into_inner());
-                wanted
+            {
+                let mut up = fo.up.lock().unwrap_or_else(|p| p.into_inner());
+                let now: Vec<(u32, bool)> = wanted
                     .tms
                     .iter()
                     .map(|t| {
-                        let was = old.iter().find(|(id, _)| *id == t.id).map(|u| u.1);
+                        let was = up.iter().find(|(id, _)| *id == t.id).map(|u| u.1);
                         (t.id, was.unwrap_or(true))
                     })
-                    .collect()
-            };
-            *fo.up.lock().unwrap_or_else(|p| p.into_inner()) = up;
-            (misses, seen) = (m, sn);
+                    .collect();
+                *up = now;
+            }
             agent = agent_for(&wanted);
             interval = Duration::from_millis(wanted.interval_ms.max(10));
             grace = Duration::from_millis(wanted.startup_grace_ms);
             log::info!(
-                "failover reloaded: probing {} TMs every {} ms; failover after {} misses",
+                "failover: probing {} TMs every {} ms; failover after {} misses",
                 wanted.tms.len(),
                 wanted.interval_ms,
                 wanted.misses

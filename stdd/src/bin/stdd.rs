@@ -371,20 +371,10 @@ mod daemon {
         // The prober runs even with no TM to probe: a reload (SIGHUP) may
         // add some.
         let failover_thread = {
-            let (state, stop, fcfg) = (Arc::clone(&state), Arc::clone(&stop), cfg.failover.clone());
-            if !fcfg.tms.is_empty() {
-                log::info!(
-                    "probing {} TMs every {} ms; failover after {} misses",
-                    fcfg.tms.len(),
-                    fcfg.interval_ms,
-                    fcfg.misses
-                );
-            }
-            Some(
-                std::thread::Builder::new()
-                    .name("stdd-failover".into())
-                    .spawn(move || stdd::failover::run(fcfg, &state, &stop))?,
-            )
+            let (state, stop) = (Arc::clone(&state), Arc::clone(&stop));
+            std::thread::Builder::new()
+                .name("stdd-failover".into())
+                .spawn(move || stdd::failover::run(&state, &stop))?
         };
         let admin_thread = {
             let (state, stop) = (Arc::clone(&state), Arc::clone(&stop));
@@ -588,9 +578,7 @@ mod daemon {
             counters.add(&t.join().map_err(|_| anyhow!("a worker thread panicked"))?);
         }
         let _ = admin_thread.join();
-        if let Some(t) = failover_thread {
-            let _ = t.join();
-        }
+        let _ = failover_thread.join();
         let steered: u64 = counters.tm_packets.iter().sum();
         let dropped: u64 = counters.drops.iter().sum();
         log::info!("stopped: {steered} frames steered to TMs, {dropped} dropped");

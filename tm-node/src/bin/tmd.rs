@@ -10,7 +10,6 @@ use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
 use tm_node::config::{NodeConfig, Settings};
 use tm_node::proxy::{self, Pool, VirtualServer, VsStats};
-use tm_node::snat::Snat;
 
 /// tmd — a traffic manager of a statistical traffic distributor cluster.
 #[derive(Debug, Parser)]
@@ -55,22 +54,10 @@ fn main() -> ExitCode {
 fn run(path: &Path) -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cfg = NodeConfig::load(path)?;
-    let table = allocation::file::load(&cfg.table)
-        .with_context(|| format!("cannot use table {}", cfg.table.display()))?;
-    let tm = table.tm_index_by_id(cfg.tm_id).ok_or_else(|| {
-        anyhow!(
-            "tm_id: TM id {} is not in table version {}",
-            cfg.tm_id,
-            table.version()
-        )
-    })?;
-    let snat = Arc::new(Snat::new(&table, tm, &cfg.snat_addresses, cfg.snat_ports)?);
+    let tm_node::check::Ready { table, tm, snat } =
+        tm_node::check::ready(&cfg).map_err(|problems| anyhow!(problems.join("; ")))?;
+    let snat = Arc::new(snat);
     let server_sides = cfg.server_sides();
-    {
-        let sides: Vec<_> = server_sides.iter().map(|s| s.side()).collect();
-        tm_node::snat::check_replies(&table, None, cfg.tm_id, &cfg.snat_addresses, &sides)
-            .map_err(|e| anyhow!("table {}: {e}", cfg.table.display()))?;
-    }
     for (addr, _, free) in snat.usage() {
         log::info!(
             "SNAT {addr}: {free} self-source ports for TM {} ('{}')",
