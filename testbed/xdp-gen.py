@@ -2,7 +2,8 @@
 """An XDP frame generator for the forwarding benchmark: the kernel itself sends frames out of IFACE as fast as it can (BPF_PROG_TEST_RUN with live frames, XDP_TX), without a socket buffer per frame — several times what an AF_PACKET sender offers on one core.
 
 Usage: xdp-gen.py IFACE DST_MAC SIZE SECONDS
-Prints "frames seconds". Frames: IPv4 TCP ACKs from 203.0.113.7 to
+Prints "frames seconds". SECONDS 0: one frame, to learn whether the kernel
+lets this process send live frames (exit 1 with the reason if not). Frames: IPv4 TCP ACKs from 203.0.113.7 to
 198.51.100.10:443, the source port drawn per frame from 4,096 values (the
 program rewrites it), padded to SIZE bytes. The receiving veth needs a
 NAPI instance (an XDP program, or GRO on). Root only; sends only on IFACE.
@@ -98,6 +99,13 @@ def main():
     run = struct.pack("<IIIIQQIIIIQQIII", fd, 0, len(data), 0, ctypes.addressof(data_buf), 0,
                       BATCH, 0, len(ctx), 0, ctypes.addressof(ctx_buf), 0,
                       BPF_F_TEST_XDP_LIVE_FRAMES, 0, 256)
+    if seconds == 0:  # a probe: can this kernel send live frames here?
+        probe = run[:32] + struct.pack("<I", 1) + run[36:]  # repeat = 1
+        try:
+            bpf(BPF_PROG_TEST_RUN, probe)
+        except OSError as e:
+            sys.exit(f"xdp-gen: BPF_PROG_TEST_RUN with live frames: {e.strerror}")
+        return
     sent, start = 0, time.monotonic()
     while time.monotonic() - start < seconds:
         bpf(BPF_PROG_TEST_RUN, run)

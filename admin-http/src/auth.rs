@@ -1,20 +1,30 @@
-//! Who may use an admin endpoint and where it listens: the `[admin]` settings, a bearer token compared in constant time, and the rule that an endpoint off loopback needs one.
+//! Who may use an admin endpoint and where it listens: the `[admin]` settings, a bearer token compared in constant time, and the rule that an endpoint off loopback needs a token and TLS (or an explicit `insecure_plaintext`).
 
 use std::net::SocketAddr;
 
 use serde::Deserialize;
+
+use crate::tls::ServerTls;
 
 /// An admin endpoint's settings: the `[admin]` section of stdd's and tmd's
 /// configurations, listening on loopback port `PORT` by default.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig<const PORT: u16> {
-    /// Listen address. Anything but loopback requires `token`.
+    /// Listen address. Anything but loopback requires `token`, and `tls`
+    /// unless `insecure_plaintext`.
     #[serde(default = "loopback::<PORT>")]
     pub listen: SocketAddr,
     /// Bearer token (`Authorization: Bearer …`), required off loopback.
     #[serde(default)]
     pub token: Option<String>,
+    /// HTTPS (`[admin.tls]`), with client certificates when it names a CA.
+    #[serde(default)]
+    pub tls: Option<ServerTls>,
+    /// Allows plain HTTP off loopback (the token then crosses the network
+    /// in the clear): an explicit choice, never a default.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
 }
 
 /// `127.0.0.1:PORT`.
@@ -24,24 +34,75 @@ pub fn loopback<const PORT: u16>() -> SocketAddr {
 
 impl<const PORT: u16> Default for AdminConfig<PORT> {
     fn default() -> Self {
-        AdminConfig {
-            listen: loopback::<PORT>(),
-            token: None,
-        }
+        AdminConfig::plain(loopback::<PORT>(), None)
     }
 }
 
 impl<const PORT: u16> AdminConfig<PORT> {
-    /// The loopback rule for these settings (see [`check_listen`]): `Some`
-    /// is why they are refused, to be reported against `admin.token`.
-    pub fn insecure(&self) -> Option<String> {
-        let off_loopback = !self.listen.ip().is_loopback();
-        (off_loopback && self.token.as_deref().is_none_or(str::is_empty)).then(|| {
-            format!(
-                "required when admin.listen ({}) is not a loopback address",
-                self.listen
-            )
-        })
+    /// Plain HTTP on `listen` with `token` (no TLS, no insecure flag).
+    pub fn plain(listen: SocketAddr, token: Option<String>) -> Self {
+        AdminConfig {
+            listen,
+            token,
+            tls: None,
+            insecure_plaintext: false,
+        }
+    }
+
+    /// The loopback rule for these settings: `Some((key, why))` is the
+    /// setting that is missing and why. Off loopback an endpoint needs a
+    /// token, and TLS unless `insecure_plaintext` says plain HTTP is meant.
+    pub fn insecure(&self) -> Option<(&'static str, String)> {
+        if self.listen.ip().is_loopback() {
+            return None;
+        }
+        if self.token.as_deref().is_none_or(str::is_empty) {
+            return Some((
+                "admin.token",
+                format!(
+                    "required when admin.listen ({}) is not a loopback address",
+                    self.listen
+                ),
+            ));
+        }
+        if self.tls.is_none() && !self.insecure_plaintext {
+            return Some((
+                "admin.tls",
+                format!(
+                    "required when admin.listen ({}) is not a loopback address (or set admin.insecure_plaintext = true to send the token in the clear)",
+                    self.listen
+                ),
+            ));
+        }
+        None
+    }
+
+    /// What `stdd`/`tmd check-config` report about these settings beyond
+    /// the loopback rule (which loading the file already applies): TLS
+    /// files that do not load, a TLS key readable by every user.
+    pub fn problems(&self) -> Vec<String> {
+        let Some(tls) = &self.tls else {
+            return Vec::new();
+        };
+        let mut problems = Vec::new();
+        if let Err(e) = tls.load() {
+            problems.push(e.to_string());
+        }
+        if let Some(p) =
+            cli_common::secret::readable_by_all(&tls.key, "the admin endpoint's TLS key")
+        {
+            problems.push(format!("admin.tls.key {p}"));
+        }
+        problems
+    }
+
+    /// `https` with TLS, `http` without.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 }
 
@@ -59,15 +120,10 @@ pub fn authorised(token: Option<&str>, authorization: Option<&[u8]>) -> bool {
         .is_some_and(|t| constant_time_eq(t.trim_ascii(), token.as_bytes()))
 }
 
-/// The loopback rule: an endpoint listening anywhere but loopback must
-/// require a token. `Err` is the one-line reason.
-pub fn check_listen(listen: SocketAddr, token: Option<&str>) -> Result<(), String> {
-    let settings = AdminConfig::<0> {
-        listen,
-        token: token.map(str::to_owned),
-    };
-    match settings.insecure() {
-        Some(why) => Err(format!("admin.token is {why}")),
+/// The loopback rule (see [`AdminConfig::insecure`]). `Err` is the one-line reason.
+pub fn check_listen<const P: u16>(admin: &AdminConfig<P>) -> Result<(), String> {
+    match admin.insecure() {
+        Some((key, why)) => Err(format!("{key} is {why}")),
         None => Ok(()),
     }
 }
@@ -86,9 +142,26 @@ mod test {
         assert!(!authorised(Some("s3"), None));
         let lo: SocketAddr = "127.0.0.1:9".parse().expect("addr");
         let any: SocketAddr = "0.0.0.0:9".parse().expect("addr");
-        assert!(check_listen(lo, None).is_ok());
-        assert!(check_listen(any, Some("t")).is_ok());
-        assert!(check_listen(any, None).is_err());
-        assert!(check_listen(any, Some("")).is_err());
+        let plain =
+            |listen, token: Option<&str>| AdminConfig::<0>::plain(listen, token.map(str::to_owned));
+        assert!(check_listen(&plain(lo, None)).is_ok());
+        assert!(check_listen(&plain(any, None))
+            .is_err_and(|e| e.starts_with("admin.token is required")));
+        assert!(check_listen(&plain(any, Some(""))).is_err());
+        // A token is not enough off loopback: TLS, or plain HTTP said out loud.
+        assert!(check_listen(&plain(any, Some("t"))).is_err_and(|e| e
+            .starts_with("admin.tls is required")
+            && e.contains("insecure_plaintext")));
+        let mut insecure = plain(any, Some("t"));
+        insecure.insecure_plaintext = true;
+        assert!(check_listen(&insecure).is_ok());
+        let mut tls = plain(any, Some("t"));
+        tls.tls = Some(ServerTls {
+            cert: "c.pem".into(),
+            key: "k.pem".into(),
+            client_ca: None,
+        });
+        assert!(check_listen(&tls).is_ok());
+        assert_eq!(tls.scheme(), "https");
     }
 }

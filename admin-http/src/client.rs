@@ -1,6 +1,7 @@
 //! The typed admin client: one node's endpoint, its requests as the coordinator's [`Call`]s, and every answer parsed into its message type — a missing field or an unreadable body is an error naming the node, never a default.
 
 use std::io::Read;
+use std::sync::Arc;
 use std::time::Duration;
 
 use control::api::{
@@ -20,7 +21,7 @@ pub struct Endpoint {
     /// Name for humans (defaulted by the cluster file's reader).
     #[serde(default)]
     pub name: String,
-    /// Base URL, `http://host:port`.
+    /// Base URL, `http://host:port` or `https://host:port`.
     #[serde(rename = "admin")]
     pub url: String,
     /// Bearer token, if the endpoint wants one.
@@ -32,15 +33,45 @@ pub struct Endpoint {
 #[derive(Debug, Clone)]
 pub struct Client {
     agent: ureq::Agent,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// An agent with `tls` (its CA and client certificate) for `https://` URLs.
+/// Without it an `https://` URL fails: nothing is trusted by default.
+pub fn agent(builder: ureq::AgentBuilder, tls: Option<&Arc<rustls::ClientConfig>>) -> ureq::Agent {
+    match tls.cloned().or_else(no_trust) {
+        Some(t) => builder.tls_config(t).build(),
+        None => builder.build(),
+    }
+}
+
+/// A TLS client configuration that trusts no certificate: an `https://`
+/// endpoint without a configured CA fails its handshake, by name. (`None`
+/// only if ring lacked the default protocol versions, which it does not.)
+fn no_trust() -> Option<Arc<rustls::ClientConfig>> {
+    #[allow(deprecated)] // ring: see tls::provider
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    Some(Arc::new(config))
 }
 
 impl Client {
-    /// A client whose every request gives up after `timeout`.
+    /// A client whose every request gives up after `timeout` (plain HTTP;
+    /// `https://` endpoints need [`Client::with_tls`]).
     pub fn new(timeout: Duration) -> Self {
+        Client::with_tls(timeout, None)
+    }
+
+    /// A client for `http://` and, with `tls`, `https://` endpoints.
+    pub fn with_tls(timeout: Duration, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+        let builder = ureq::AgentBuilder::new().timeout(timeout.max(Duration::from_millis(1)));
         Client {
-            agent: ureq::AgentBuilder::new()
-                .timeout(timeout.max(Duration::from_millis(1)))
-                .build(),
+            agent: agent(builder, tls.as_ref()),
+            tls,
         }
     }
 
@@ -78,14 +109,15 @@ impl Client {
     /// waits at most `idle`, the whole answer as long as it lasts. Any
     /// other status is [`CallError::Status`] with the answer's text.
     pub fn stream(
+        &self,
         node: &Endpoint,
         path: &str,
         idle: Duration,
     ) -> Result<Box<dyn Read + Send>, CallError> {
-        let agent = ureq::AgentBuilder::new()
+        let builder = ureq::AgentBuilder::new()
             .timeout_connect(idle)
-            .timeout_read(idle)
-            .build();
+            .timeout_read(idle);
+        let agent = agent(builder, self.tls.as_ref());
         let url = format!("{}{}", node.url.trim_end_matches('/'), path);
         let mut req = agent.get(&url);
         if let Some(t) = &node.token {

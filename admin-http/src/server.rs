@@ -14,7 +14,10 @@
 //!   that closes the oldest one still waiting for its head, or is closed
 //!   itself when every one is busy;
 //! * out of file descriptors (EMFILE), the oldest idle connection is closed
-//!   and the accept retried: the endpoint never dies of it.
+//!   and the accept retried: the endpoint never dies of it;
+//! * with TLS, the handshake counts against [`Limits::header_timeout`]; a
+//!   failed one (no or a wrong client certificate, not TLS) is counted and
+//!   the connection closed before anything is read.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -32,7 +35,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::sync::Notify;
 
-use crate::auth;
+use crate::auth::{self, AdminConfig};
+use crate::tls::{self, TlsError};
 
 /// What bounds the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,9 +87,18 @@ pub struct Request {
     pub body: Vec<u8>,
     /// Who sent it.
     pub peer: SocketAddr,
+    /// The SHA-256 fingerprint of the client certificate it presented
+    /// (mutual TLS), if any.
+    pub client_cert: Option<String>,
 }
 
 impl Request {
+    /// Whether the query holds `name=value` (`key=include`) as one of its
+    /// `&`-separated pairs.
+    pub fn asks(&self, pair: &str) -> bool {
+        self.query.split('&').any(|p| p == pair)
+    }
+
     /// The body as UTF-8 text.
     pub fn text(&self) -> Result<&str, Reply> {
         std::str::from_utf8(&self.body).map_err(|_| Reply::text(400, "the body is not UTF-8 text"))
@@ -241,6 +254,9 @@ pub enum ServerError {
     /// The loopback rule refused the configuration.
     #[error("{0}")]
     Insecure(String),
+    /// The TLS settings cannot be used.
+    #[error("{0}")]
+    Tls(#[from] TlsError),
     /// The listen address cannot be bound.
     #[error("admin.listen {listen}: {source}")]
     Bind {
@@ -266,6 +282,9 @@ pub struct ServerStats {
     pub refused: AtomicU64,
     /// Accept errors (EMFILE, …).
     pub accept_errors: AtomicU64,
+    /// TLS handshakes that failed or did not finish in time (no or a
+    /// wrong client certificate, plain HTTP to an HTTPS endpoint, …).
+    pub tls_failures: AtomicU64,
 }
 
 /// Something that answers requests; any `Fn(Request) -> Reply` is one.
@@ -284,7 +303,7 @@ impl<F: Fn(Request) -> Reply + Send + Sync + 'static> Handler for F {
 #[derive(Debug)]
 pub struct Server {
     listener: std::net::TcpListener,
-    token: Option<String>,
+    live: Arc<arc_swap::ArcSwap<Live>>,
     limits: Limits,
     stats: Arc<ServerStats>,
 }
@@ -348,28 +367,83 @@ impl Conns {
     }
 }
 
+/// What a reload may change while the server runs: the token and the TLS
+/// settings (a renewed certificate, a new client CA).
+struct Live {
+    token: Option<String>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live")
+            .field("token", &self.token.as_ref().map(|_| "…"))
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl Live {
+    fn load<const P: u16>(admin: &AdminConfig<P>) -> Result<Live, ServerError> {
+        auth::check_listen(admin).map_err(ServerError::Insecure)?;
+        let tls = admin.tls.as_ref().map(tls::ServerTls::load).transpose()?;
+        Ok(Live {
+            token: admin.token.clone().filter(|t| !t.is_empty()),
+            tls: tls.map(tokio_rustls::TlsAcceptor::from),
+        })
+    }
+}
+
+/// Changes a running server's token and TLS settings (SIGHUP): what
+/// [`Server::reloader`] hands out.
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    live: Arc<arc_swap::ArcSwap<Live>>,
+    listen: SocketAddr,
+}
+
+impl Reloader {
+    /// Takes `admin`'s token and TLS files (read again: a renewed
+    /// certificate at the same path is picked up) for every connection
+    /// accepted from now on; open ones keep what they started with. A
+    /// setting that cannot be used is refused and the running ones stay;
+    /// a new `listen` needs a restart (refused, named).
+    pub fn reload<const P: u16>(&self, admin: &AdminConfig<P>) -> Result<(), ServerError> {
+        if admin.listen != self.listen {
+            return Err(ServerError::Insecure(format!(
+                "admin.listen {} -> {}: a new listen address needs a restart",
+                self.listen, admin.listen
+            )));
+        }
+        self.live.store(Arc::new(Live::load(admin)?));
+        Ok(())
+    }
+}
+
 struct Shared {
     handler: Arc<dyn Handler>,
-    token: Option<String>,
+    live: Arc<arc_swap::ArcSwap<Live>>,
     limits: Limits,
     conns: Conns,
     stats: Arc<ServerStats>,
 }
 
 impl Server {
-    /// Binds `listen`, refusing an endpoint off loopback without a token.
-    pub fn bind(
-        listen: SocketAddr,
-        token: Option<String>,
+    /// Binds `admin.listen` with its TLS settings loaded, refusing an
+    /// endpoint off loopback without a token, or without TLS unless
+    /// `insecure_plaintext` is set.
+    pub fn bind<const P: u16>(
+        admin: &AdminConfig<P>,
         limits: Limits,
     ) -> Result<Server, ServerError> {
-        auth::check_listen(listen, token.as_deref()).map_err(ServerError::Insecure)?;
+        let live = Live::load(admin)?;
+        let listen = admin.listen;
         let bind = |e| ServerError::Bind { listen, source: e };
         let listener = std::net::TcpListener::bind(listen).map_err(bind)?;
         listener.set_nonblocking(true).map_err(bind)?;
         Ok(Server {
             listener,
-            token: token.filter(|t| !t.is_empty()),
+            live: Arc::new(arc_swap::ArcSwap::from_pointee(live)),
             limits,
             stats: Arc::default(),
         })
@@ -378,6 +452,15 @@ impl Server {
     /// The bound address (a port of 0 is resolved).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.listener.local_addr().ok()
+    }
+
+    /// What changes the token and TLS settings of this server once it
+    /// runs (`None` only if the bound socket has no address).
+    pub fn reloader(&self) -> Option<Reloader> {
+        Some(Reloader {
+            live: Arc::clone(&self.live),
+            listen: self.listener.local_addr().ok()?,
+        })
     }
 
     /// The server's counters (shared with the running server).
@@ -394,7 +477,7 @@ impl Server {
             .map_err(ServerError::Runtime)?;
         let shared = Arc::new(Shared {
             handler,
-            token: self.token,
+            live: self.live,
             limits: self.limits,
             conns: Conns::default(),
             stats: self.stats,
@@ -454,35 +537,87 @@ fn accept(shared: &Arc<Shared>, stream: tokio::net::TcpStream, peer: SocketAddr)
     let (id, conn) = shared.conns.add(shared.limits.deadline);
     let shared = Arc::clone(shared);
     tokio::spawn(async move {
-        let io = TokioIo::new(stream);
-        let svc = {
-            let (shared, conn) = (Arc::clone(&shared), Arc::clone(&conn));
-            service_fn(move |req| respond(req, peer, Arc::clone(&conn), Arc::clone(&shared)))
-        };
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(shared.limits.header_timeout)
-            .max_buf_size(shared.limits.max_header_bytes.max(8192))
-            .keep_alive(false);
-        let connection = builder.serve_connection(io, svc);
-        tokio::pin!(connection);
-        loop {
-            let limit = Duration::from_millis(conn.deadline_ms.load(Ordering::Relaxed));
-            let until = tokio::time::Instant::from_std(conn.start + limit);
-            tokio::select! {
-                _ = &mut connection => break,
-                _ = tokio::time::sleep_until(until) => {
-                    // A streamed answer may have moved the deadline.
-                    if conn.deadline_ms.load(Ordering::Relaxed) <= limit.as_millis() as u64 {
-                        break;
+        let tls = shared.live.load().tls.clone();
+        match tls {
+            None => serve_connection(stream, peer, None, &conn, &shared).await,
+            Some(acceptor) => {
+                let handshake =
+                    tokio::time::timeout(shared.limits.header_timeout, acceptor.accept(stream));
+                let done = tokio::select! {
+                    done = handshake => done,
+                    _ = conn.kill.notified() => Ok(Err(std::io::ErrorKind::ConnectionAborted.into())),
+                };
+                match done {
+                    Ok(Ok(tls)) => {
+                        let cert = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(|c| tls::fingerprint(c.as_ref()));
+                        serve_connection(tls, peer, cert, &conn, &shared).await;
+                    }
+                    Ok(Err(e)) => {
+                        shared.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                        log::debug!("admin: TLS handshake with {peer}: {e}");
+                    }
+                    Err(_) => {
+                        shared.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                        log::debug!("admin: TLS handshake with {peer}: not finished in time");
                     }
                 }
-                _ = conn.kill.notified() => break,
             }
         }
         shared.conns.lock().remove(&id);
     });
+}
+
+/// Serves one connection (plain or TLS) until it ends, its deadline
+/// passes, or it is evicted.
+async fn serve_connection<S>(
+    stream: S,
+    peer: SocketAddr,
+    client_cert: Option<String>,
+    conn: &Arc<Conn>,
+    shared: &Arc<Shared>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(stream);
+    let svc = {
+        let (shared, conn) = (Arc::clone(shared), Arc::clone(conn));
+        service_fn(move |req| {
+            respond(
+                req,
+                peer,
+                client_cert.clone(),
+                Arc::clone(&conn),
+                Arc::clone(&shared),
+            )
+        })
+    };
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.limits.header_timeout)
+        .max_buf_size(shared.limits.max_header_bytes.max(8192))
+        .keep_alive(false);
+    let connection = builder.serve_connection(io, svc);
+    tokio::pin!(connection);
+    loop {
+        let limit = Duration::from_millis(conn.deadline_ms.load(Ordering::Relaxed));
+        let until = tokio::time::Instant::from_std(conn.start + limit);
+        tokio::select! {
+            _ = &mut connection => break,
+            _ = tokio::time::sleep_until(until) => {
+                // A streamed answer may have moved the deadline.
+                if conn.deadline_ms.load(Ordering::Relaxed) <= limit.as_millis() as u64 {
+                    break;
+                }
+            }
+            _ = conn.kill.notified() => break,
+        }
+    }
 }
 
 /// Whether a request of this method may change a node's state (every
@@ -492,11 +627,12 @@ fn changes_state(method: &str) -> bool {
 }
 
 /// One audit line (log target `audit`, level info) for a state-changing
-/// request: who (the peer; the token, when one is set, was checked), what
-/// (method and path), the result (status and the first line of the reply,
-/// at most 200 characters). Bodies are never logged: a table carries the
-/// hash key.
-fn audit(peer: SocketAddr, method: &str, path: &str, status: u16, said: &str) {
+/// request: who (the peer, and the SHA-256 fingerprint of its client
+/// certificate under mutual TLS; the token, when one is set, was checked),
+/// what (method and path), the result (status and the first line of the
+/// reply, at most 200 characters). Bodies are never logged: a table
+/// carries the hash key.
+fn audit(peer: SocketAddr, cert: Option<&str>, method: &str, path: &str, status: u16, said: &str) {
     let first: String = said
         .lines()
         .next()
@@ -504,7 +640,12 @@ fn audit(peer: SocketAddr, method: &str, path: &str, status: u16, said: &str) {
         .chars()
         .take(200)
         .collect();
-    log::info!(target: "audit", "{peer} {method} {path} -> {status} {first}");
+    match cert {
+        Some(c) => {
+            log::info!(target: "audit", "{peer} cert=sha256:{c} {method} {path} -> {status} {first}")
+        }
+        None => log::info!(target: "audit", "{peer} {method} {path} -> {status} {first}"),
+    }
 }
 
 type Answer = hyper::Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>;
@@ -528,15 +669,17 @@ fn answer(reply: Reply) -> Answer {
 async fn respond(
     req: hyper::Request<Incoming>,
     peer: SocketAddr,
+    client_cert: Option<String>,
     conn: Arc<Conn>,
     shared: Arc<Shared>,
 ) -> Result<Answer, Infallible> {
     conn.busy.store(true, Ordering::Relaxed);
     let auth = req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes);
-    if !auth::authorised(shared.token.as_deref(), auth) {
+    if !auth::authorised(shared.live.load().token.as_deref(), auth) {
         if changes_state(req.method().as_str()) {
             audit(
                 peer,
+                client_cert.as_deref(),
                 req.method().as_str(),
                 req.uri().path(),
                 401,
@@ -588,6 +731,7 @@ async fn respond(
         query: parts.uri.query().unwrap_or("").to_string(),
         body,
         peer,
+        client_cert: client_cert.clone(),
     };
     let handler = Arc::clone(&shared.handler);
     let method = request.method.clone();
@@ -600,7 +744,14 @@ async fn respond(
         });
     if changes_state(&method) {
         let said = String::from_utf8_lossy(&reply.body[..reply.body.len().min(512)]).into_owned();
-        audit(peer, &method, &path, reply.status, &said);
+        audit(
+            peer,
+            client_cert.as_deref(),
+            &method,
+            &path,
+            reply.status,
+            &said,
+        );
     }
     if let Some(s) = &reply.stream {
         // The connection lives until the stream's end (and a little more).

@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use admin_http::auth::AdminConfig;
 use admin_http::{Limits, Reply, Request, Server};
 
 struct Running {
@@ -24,12 +25,11 @@ impl Drop for Running {
 }
 
 fn start(token: Option<&str>, limits: Limits) -> Running {
-    let server = Server::bind(
+    let admin = AdminConfig::<0>::plain(
         "127.0.0.1:0".parse().expect("addr"),
         token.map(String::from),
-        limits,
-    )
-    .expect("bind");
+    );
+    let server = Server::bind(&admin, limits).expect("bind");
     let addr = server.local_addr().expect("addr");
     let stop = Arc::new(AtomicBool::new(false));
     let s = Arc::clone(&stop);
@@ -219,7 +219,14 @@ fn oversized_heads_and_bodies_are_refused() {
 
 #[test]
 fn the_loopback_rule() {
-    let e = Server::bind("0.0.0.0:0".parse().expect("addr"), None, Limits::default())
-        .expect_err("refused");
+    let any = "0.0.0.0:0".parse().expect("addr");
+    let e =
+        Server::bind(&AdminConfig::<0>::plain(any, None), Limits::default()).expect_err("refused");
     assert!(e.to_string().contains("admin.token is required"), "{e}");
+    let e = Server::bind(
+        &AdminConfig::<0>::plain(any, Some("t".into())),
+        Limits::default(),
+    )
+    .expect_err("refused");
+    assert!(e.to_string().starts_with("admin.tls is required"), "{e}");
 }

@@ -311,6 +311,29 @@ pub fn render(table: &AllocationTable) -> String {
     render_body(table, Some(&checksum(table)))
 }
 
+/// What `key` says in a table shown without its key.
+pub const REDACTED_KEY: &str = "redacted";
+
+/// The file text of a table as an admin endpoint shows it: with the hash
+/// key only when `with_key` (asked for, with the token), else the key's
+/// value is [`REDACTED_KEY`] — the text then does not load as a table (the
+/// key is not hex), so nothing steers by a key it was not given.
+pub fn render_for(table: &AllocationTable, with_key: bool) -> String {
+    let text = render(table);
+    if with_key {
+        return text;
+    }
+    let key_line = format!("key = {}\n", quote(&table.key().to_hex()));
+    text.replacen(
+        &key_line,
+        &format!(
+            "# The hash key is not shown: GET with ?key=include (and the admin token).\nkey = {}\n",
+            quote(REDACTED_KEY)
+        ),
+        1,
+    )
+}
+
 fn quote(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }

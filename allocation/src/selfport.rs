@@ -344,6 +344,30 @@ impl PortAllocator {
         }
     }
 
+    /// An allocator of the same address with this one's valid ports and
+    /// none in use: one more destination's (its ports are independent of
+    /// this one's — the kernel only needs the 4-tuple unique).
+    pub fn fresh(&self) -> PortAllocator {
+        let mut a = self.clone();
+        a.used.fill(0);
+        a.in_use = 0;
+        a.cursor = 0;
+        for w in 0..WORDS {
+            a.refresh(w);
+        }
+        a
+    }
+
+    /// Takes `other`'s valid set (another destination's allocator of the
+    /// same address, already retabled); ports in use here stay reserved.
+    pub fn set_valid_from(&mut self, other: &PortAllocator) {
+        self.valid.copy_from_slice(&other.valid[..]);
+        self.tm = other.tm;
+        for w in 0..WORDS {
+            self.refresh(w);
+        }
+    }
+
     #[inline(always)]
     fn refresh(&mut self, w: usize) {
         let bit = 1u64 << (w % 64);
@@ -543,8 +567,13 @@ impl SnatAllocator {
         for pool in self.pools.iter_mut() {
             let mut ports = SelfPorts::build(table, pool.addr, tm, range)?;
             if let Some((n, tm_next)) = next {
-                let after = SelfPorts::build(n, pool.addr, tm_next, range)?;
-                if after.count() > 0 {
+                // A TM `next` drains to zero keeps its current ports (see
+                // above); one still in service takes only ports valid
+                // under both, even none (an address-hash group whose SNAT
+                // address's bucket moves away, a small range): refused,
+                // never a port the next table steers elsewhere.
+                if n.buckets_of(tm_next) > 0 {
+                    let after = SelfPorts::build(n, pool.addr, tm_next, range)?;
                     ports = ports.intersect(&after)?;
                 }
             }
@@ -644,6 +673,24 @@ impl SnatAllocator {
     /// The per-address allocators.
     pub fn pools(&self) -> &[PortAllocator] {
         &self.pools
+    }
+
+    /// The same addresses and valid ports, none in use: the allocator of
+    /// one more destination ([`PortAllocator::fresh`]).
+    pub fn fresh(&self) -> SnatAllocator {
+        SnatAllocator {
+            tm: self.tm,
+            pools: self.pools.iter().map(PortAllocator::fresh).collect(),
+        }
+    }
+
+    /// Takes `other`'s valid sets (the same addresses, in order: the
+    /// destination template after a retable); ports in use stay reserved.
+    pub fn set_valid_from(&mut self, other: &SnatAllocator) {
+        self.tm = other.tm;
+        for (a, b) in self.pools.iter_mut().zip(&other.pools) {
+            a.set_valid_from(b);
+        }
     }
 }
 
@@ -829,6 +876,50 @@ mod test {
             assert_eq!(next.steer(&reply).tm, 5);
         }
         s.release(held.0, held.1).expect("release");
+    }
+
+    /// A TM still in service whose ports on an address are none under the
+    /// next table (a small range: its buckets there all moved) gets no
+    /// port in the transition — refused — never one of the running
+    /// table's that the next steers elsewhere. Only a TM the next table
+    /// drains to zero keeps its current ports.
+    #[test]
+    fn a_tm_in_service_with_no_port_under_both_tables_gets_none() {
+        let t = uniform(8);
+        let next = t
+            .rebalance(0, &Profile::Rayleigh { sigma: None })
+            .expect("rebalance")
+            .table;
+        let a = ip("10.1.0.1");
+        let tm = 5;
+        assert!(next.buckets_of(tm) > 0);
+        let range = (1024u16..60000)
+            .map(|lo| PortRange { lo, hi: lo + 3 })
+            .find(|&r| {
+                let now = SelfPorts::build(&t, a, tm, r).expect("ports");
+                let after = SelfPorts::build(&next, a, tm, r).expect("ports");
+                now.count() > 0 && after.count() == 0
+            })
+            .expect("a range whose ports all move");
+        let mut s = SnatAllocator::new(&t, tm, &[a], range).expect("snat");
+        s.retable(&t, tm, Some((&next, tm)), range)
+            .expect("retable");
+        assert!(s.allocate(80).is_err(), "no port valid under both tables");
+        // Drained to zero, it keeps its current ports.
+        let drained = t
+            .rebalance_to_targets(
+                0,
+                &t.targets_excluding(0, &Profile::Uniform, &[tm])
+                    .expect("targets"),
+                None,
+            )
+            .expect("drain")
+            .table;
+        s.retable(&t, tm, Some((&drained, tm)), range)
+            .expect("retable");
+        let (_, p) = s.allocate(80).expect("its current port");
+        let reply = Flow::with_ports(proto::TCP, ip("198.51.100.1"), 80, a, p);
+        assert_eq!(t.steer(&reply).tm, tm);
     }
 
     #[test]

@@ -298,7 +298,7 @@ impl TmTransition {
 }
 
 /// A self-source port another TM holds: `["addr", port]` on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct HeldPort(pub IpAddr, pub u16);
 
 /// `POST /transition/prepare` to a TM.

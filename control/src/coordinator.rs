@@ -181,9 +181,15 @@ enum Phase {
     Prepare {
         pos: usize,
     },
+    /// The moving ports of the prepared TMs not asked yet, before the
+    /// joiner at `pos` (or, `pos` past the end, after the last one).
     Held {
         pos: usize,
-        member: usize,
+    },
+    /// A joiner prepared again with the whole held list: one prepared
+    /// before another joiner whose open connections hold ports it gets.
+    Rejoin {
+        i: usize,
     },
     Switch {
         i: usize,
@@ -292,7 +298,10 @@ pub struct Push {
     /// skipped prepare may have been carried out (best effort).
     commit_list: Vec<(NodeId, bool)>,
     rollback_list: Vec<NodeId>,
-    held_done: bool,
+    /// TMs whose moving ports are in `held`.
+    asked: Vec<usize>,
+    /// Each prepared joiner and how many held ports it was given.
+    joined: Vec<(usize, usize)>,
     /// Reswitch: the switch is done, the open is next.
     reopen_only: bool,
     /// Why the push stopped with the cluster switched.
@@ -402,7 +411,8 @@ impl Push {
             not_rolled_back: Vec::new(),
             commit_list: Vec::new(),
             rollback_list: Vec::new(),
-            held_done: false,
+            asked: Vec::new(),
+            joined: Vec::new(),
             reopen_only: false,
             stopped: None,
             unknown_tms: Vec::new(),
@@ -461,11 +471,20 @@ impl Push {
         match self.phase.clone() {
             Phase::Prepare { pos } => {
                 let Some(&t) = self.order.get(pos) else {
-                    self.phase = Phase::Switch { i: 0 };
+                    // Two joiners or more: the last ones' open connections
+                    // (a drained TM readmitted while its pinned flows
+                    // live) hold ports the earlier ones were given.
+                    if self.joined.len() > 1 && self.unasked().is_some() {
+                        self.phase = Phase::Held { pos };
+                    } else if let Some(i) = self.rejoin_from(0) {
+                        self.phase = Phase::Rejoin { i };
+                    } else {
+                        self.phase = Phase::Switch { i: 0 };
+                    }
                     return self.step(now);
                 };
-                if self.joining[t] && self.held_needed(pos) {
-                    self.phase = Phase::Held { pos, member: 0 };
+                if self.joining[t] && self.unasked().is_some() {
+                    self.phase = Phase::Held { pos };
                     return self.step(now);
                 }
                 let held = self.joining[t].then(|| self.held.clone());
@@ -476,9 +495,20 @@ impl Push {
                 };
                 self.call(NodeId::Tm(t), Call::Prepare(req))
             }
-            Phase::Held { member, .. } => {
-                let m = self.prepared[member];
-                self.call(NodeId::Tm(m), Call::HeldPorts)
+            Phase::Held { pos } => match self.unasked() {
+                Some(m) => self.call(NodeId::Tm(m), Call::HeldPorts),
+                None => {
+                    self.phase = Phase::Prepare { pos };
+                    self.step(now)
+                }
+            },
+            Phase::Rejoin { i } => {
+                let (t, _) = self.joined[i];
+                let req = PrepareRequest {
+                    table: self.body.clone(),
+                    held: Some(self.held.clone()),
+                };
+                self.call(NodeId::Tm(t), Call::Prepare(req))
             }
             Phase::Switch { i } => {
                 if i == self.spec.distributors.len() {
@@ -651,11 +681,21 @@ impl Push {
         }
     }
 
-    /// Before the first joiner: the held ports of every prepared member.
-    fn held_needed(&self, pos: usize) -> bool {
-        Some(pos) == self.order.iter().position(|&t| self.joining[t])
-            && !self.prepared.is_empty()
-            && !self.held_done
+    /// A prepared TM whose moving ports are not in `held` yet: asked
+    /// before each joiner (the members before the first, each joiner
+    /// before the next) so no joiner takes a port another TM's open
+    /// connection holds.
+    fn unasked(&self) -> Option<usize> {
+        self.prepared
+            .iter()
+            .copied()
+            .find(|t| !self.asked.contains(t))
+    }
+
+    /// The first prepared joiner from `i` on given fewer held ports than
+    /// there are now.
+    fn rejoin_from(&self, i: usize) -> Option<usize> {
+        (i..self.joined.len()).find(|&k| self.joined[k].1 < self.held.len())
     }
 
     fn end_of_round(&mut self, now: Duration, total: u64, unknown: Vec<String>) -> Step {
@@ -824,6 +864,9 @@ impl Push {
                         };
                         self.say(format!("prepare  {name:<12} ok ({detail})"));
                         self.prepared.push(t);
+                        if self.joining[t] {
+                            self.joined.push((t, self.held.len()));
+                        }
                         self.phase = Phase::Prepare { pos: pos + 1 };
                     }
                     Err(e) if self.idle_both[t] => {
@@ -847,18 +890,29 @@ impl Push {
                     }
                 }
             }
-            Phase::Held { pos, member } => match result {
+            Phase::Rejoin { i } => match self.prepared_answer(result) {
+                Ok(_) => {
+                    self.say(format!(
+                        "prepare  {name:<12} ok (joining again; {} ports held by the others)",
+                        self.held.len()
+                    ));
+                    self.joined[i].1 = self.held.len();
+                    self.phase = match self.rejoin_from(i + 1) {
+                        Some(k) => Phase::Rejoin { i: k },
+                        None => Phase::Switch { i: 0 },
+                    };
+                }
+                Err(e) => self.start_rollback(format!("{name}: prepare: {e}")),
+            },
+            Phase::Held { pos } => match result {
                 Ok(Answer::Held(list)) => {
-                    self.held.extend(list);
-                    if member + 1 < self.prepared.len() {
-                        self.phase = Phase::Held {
-                            pos,
-                            member: member + 1,
-                        };
-                    } else {
-                        self.held_done = true;
-                        self.phase = Phase::Prepare { pos };
+                    if let Some(m) = self.unasked() {
+                        self.asked.push(m);
                     }
+                    self.held.extend(list);
+                    self.held.sort_unstable();
+                    self.held.dedup();
+                    self.phase = Phase::Held { pos };
                 }
                 Ok(other) => self.start_rollback(format!(
                     "{name}: GET /transition/ports: not a list of ports ({other:?})"

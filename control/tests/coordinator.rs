@@ -63,6 +63,8 @@ struct Node {
     /// The pins a distributor was last given, the held ports a TM was.
     pins: Option<Vec<TmPins>>,
     held: Option<Vec<HeldPort>>,
+    /// The held ports a joining TM was last prepared with.
+    prepared_held: Option<Vec<HeldPort>>,
     /// A distributor restarted while switched to this table (stdd's
     /// transition marker): it drops what it cannot place until pins come
     /// with an open, or a commit or an abort.
@@ -93,6 +95,7 @@ impl Fake {
             polls: 0,
             pins: None,
             held: None,
+            prepared_held: None,
             recovering: None,
             failed: Vec::new(),
         };
@@ -174,19 +177,27 @@ impl Fake {
         let conflict = |s: &str| Err(CallError::Status(409, s.into()));
         let n = self.node(id);
         match (id, call) {
-            (NodeId::Tm(_), Call::Prepare(_)) => match &n.other {
-                Some(t) if t == to => Ok(Answer::Tm(Self::tm_state(n))),
+            (NodeId::Tm(_), Call::Prepare(req)) => match &n.other {
+                Some(t) if t == to => {
+                    // tmd: a joiner prepared again takes the longer list.
+                    if req.held.is_some() {
+                        n.prepared_held = req.held.clone();
+                    }
+                    Ok(Answer::Tm(Self::tm_state(n)))
+                }
                 Some(_) => conflict("another transition is prepared"),
                 None if n.table == *to => Ok(Answer::Tm(Self::tm_state(n))),
                 None => {
                     n.other = Some(to.clone());
+                    n.prepared_held = req.held.clone();
                     n.polls = 0;
                     Ok(Answer::Tm(Self::tm_state(n)))
                 }
             },
-            (NodeId::Tm(_), Call::HeldPorts) => Ok(Answer::Held(vec![HeldPort(
+            // Each TM's open connections hold a port of its own.
+            (NodeId::Tm(i), Call::HeldPorts) => Ok(Answer::Held(vec![HeldPort(
                 "10.20.0.100".parse().expect("ip"),
-                4242,
+                4242 + i as u16,
             )])),
             (NodeId::Tm(_), Call::TmState) => Ok(Answer::Tm(Self::tm_state(n))),
             (NodeId::Tm(i), Call::Pins) => Ok(Answer::Pins(TmPins {
@@ -987,4 +998,45 @@ fn a_tm_whose_pins_cannot_be_read_stops_the_push_before_open_or_commit() {
         "{:?}",
         s.warnings
     );
+}
+
+/// Two TMs join at once (a drained TM readmitted while its pinned flows
+/// still hold ports, and a new one): each is prepared with the ports every
+/// other TM's open connections hold — the members' and the other
+/// joiner's, whichever was prepared first (the first one again, once the
+/// second's are known). Before, the second joiner could take a port the
+/// first one's pinned UDP session still held toward the same server (found
+/// by the simulator).
+#[test]
+fn two_joiners_are_each_prepared_with_the_others_ports() {
+    let base = table(4, Profile::Uniform);
+    let from = base
+        .rebalance_to_targets(0, &[0, 0, 4096], None)
+        .expect("only tm2")
+        .table;
+    let to = from
+        .rebalance_to_targets(0, &[1366, 1365, 1365], None)
+        .expect("all three")
+        .table;
+    let mut fake = Fake::new(&TableId::of(&from), vec![0, 0, 0]);
+    let mut push = Push::new(spec(false), &from, &to).expect("push");
+    let out = fake.run(&mut push);
+    assert!(matches!(out, Outcome::Committed(_)), "{out:?}");
+    for (i, t) in fake.tms.iter().enumerate().take(2) {
+        let held = t.prepared_held.as_ref().expect("prepared as a joiner");
+        let mut ports: Vec<u16> = held.iter().map(|h| h.1).collect();
+        ports.sort_unstable();
+        let others: Vec<u16> = (0..3)
+            .filter(|&j| j != i)
+            .map(|j| 4242 + j as u16)
+            .collect();
+        for p in others {
+            assert!(
+                ports.contains(&p),
+                "tm{i} held {ports:?}, not {p}: {:?}",
+                fake.said
+            );
+        }
+    }
+    check_ending(&fake, &out, &TableId::of(&from), &TableId::of(&to));
 }

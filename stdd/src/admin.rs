@@ -53,6 +53,9 @@ pub struct AdminState {
     pub workers: Vec<Arc<WorkerShared>>,
     /// Table swaps so far (PUT /table and reloads).
     pub swaps: AtomicU64,
+    /// Configuration reloads (SIGHUP) taken so far: the failover prober
+    /// reads its TLS files again after each.
+    pub reloads: AtomicU64,
     /// TM liveness and failover state.
     pub failover: crate::failover::FailoverState,
     /// The in-kernel steering (afxdp with `workers.xdp_steer`), whose maps
@@ -136,24 +139,24 @@ pub fn handle(req: &Request, state: &AdminState) -> Reply {
                 )
             }
         }
-        ("GET", "/table") => Reply::text(200, allocation::file::render(state.plan.load().table())),
+        ("GET", "/table") => table_reply(req, state.plan.load().table()),
         ("GET", "/table/previous") => match state.plan.load().previous() {
-            Some(p) => Reply::text(200, allocation::file::render(p)),
+            Some(p) => table_reply(req, p),
             None => Reply::text(404, "no transition is switched: no previous table"),
         },
         ("GET", "/table/operator") => match state.plan.load().derivation() {
-            Some((t, _, _)) => Reply::text(200, allocation::file::render(t)),
+            Some((t, _, _)) => table_reply(req, t),
             None => Reply::text(404, "not failed over: GET /table is the operator's table"),
         },
         ("GET", "/table/operator/previous") => match state.plan.load().derivation() {
-            Some((_, Some(p), _)) => Reply::text(200, allocation::file::render(p)),
+            Some((_, Some(p), _)) => table_reply(req, p),
             _ => Reply::text(
                 404,
                 "not failed over while switched: GET /table/previous is the operator's previous table",
             ),
         },
         ("GET", "/table/recovering") => match state.plan.load().recovery() {
-            Some((_, switched, _)) => Reply::text(200, allocation::file::render(switched)),
+            Some((_, switched, _)) => table_reply(req, switched),
             None => Reply::text(404, "not recovering: no table a restart interrupted"),
         },
         ("PUT", "/table") => put_table(req, state),
@@ -161,7 +164,7 @@ pub fn handle(req: &Request, state: &AdminState) -> Reply {
             Ok(c) => Reply::json(200, &crate::history::list(&c.table)),
             Err(_) => Reply::text(500, "configuration lock poisoned"),
         },
-        ("GET", p) if p.starts_with("/table/history/") => table_from_history(state, p),
+        ("GET", p) if p.starts_with("/table/history/") => table_from_history(req, state, p),
         ("GET", "/transition") => Reply::json(200, &transition_state(state)),
         ("POST", "/transition/switch") => switch(req, state),
         ("POST", "/transition/open") => open(req, state),
@@ -278,8 +281,18 @@ fn capture(req: &Request, state: &AdminState) -> Reply {
     }
 }
 
+/// A table as its file, the hash key redacted unless the request asks
+/// `?key=include` (it carried the token: every request on an endpoint
+/// with one does).
+fn table_reply(req: &Request, table: &AllocationTable) -> Reply {
+    Reply::text(
+        200,
+        allocation::file::render_for(table, req.asks("key=include")),
+    )
+}
+
 /// GET /table/history/VERSION: that committed table, as its file.
-fn table_from_history(state: &AdminState, path: &str) -> Reply {
+fn table_from_history(req: &Request, state: &AdminState, path: &str) -> Reply {
     let Some(v) = path
         .strip_prefix("/table/history/")
         .and_then(|v| v.parse::<u64>().ok())
@@ -290,7 +303,7 @@ fn table_from_history(state: &AdminState, path: &str) -> Reply {
         return Reply::text(500, "configuration lock poisoned");
     };
     match crate::history::load(&c.table, v) {
-        Some(t) => Reply::text(200, allocation::file::render(&t)),
+        Some(t) => table_reply(req, &t),
         None => Reply::text(
             404,
             format!(
@@ -988,6 +1001,32 @@ fn metrics(state: &AdminState) -> Result<String, prometheus::Error> {
         r.register(Box::new(frames))?;
         r.register(Box::new(sessions))?;
         r.register(Box::new(armed))?;
+    }
+    if let Some(st) = &state.server {
+        let conns = IntCounterVec::new(
+            Opts::new(
+                "std_admin_connections_total",
+                "Admin endpoint connections by outcome",
+            ),
+            &["outcome"],
+        )?;
+        for (outcome, n) in [
+            ("accepted", &st.accepted),
+            ("shed_idle", &st.shed_idle),
+            ("refused", &st.refused),
+            ("accept_error", &st.accept_errors),
+        ] {
+            conns
+                .with_label_values(&[outcome])
+                .inc_by(n.load(Ordering::Relaxed));
+        }
+        let tls = IntCounter::new(
+            "std_admin_tls_failures_total",
+            "Admin TLS handshakes that failed (no or a wrong client certificate, plain HTTP, too slow)",
+        )?;
+        tls.inc_by(st.tls_failures.load(Ordering::Relaxed));
+        r.register(Box::new(conns))?;
+        r.register(Box::new(tls))?;
     }
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.gather(), &mut out)?;

@@ -44,6 +44,10 @@ pub fn check(path: &Path) -> cli_common::cli::CheckOutcome {
     if let Some(p) = cli_common::secret::readable_by_all(&cfg.table, "the hash key") {
         problems.push(format!("table {p}"));
     }
+    problems.extend(cfg.admin.problems());
+    if let Err(e) = cfg.failover.tls.load("failover.tls") {
+        problems.push(e.to_string());
+    }
     let live = matches!(
         cfg.backend,
         BackendKind::Pcap | BackendKind::Afpacket | BackendKind::Afxdp | BackendKind::Netmap

@@ -403,12 +403,22 @@ impl DistributorConfig {
                     format!("TM id {} is on no port", t.id),
                 ));
             }
-            if !t.health.starts_with("http://") {
+            if t.health.starts_with("https://") {
+                if self.failover.tls.ca.is_none() {
+                    return Err(invalid(
+                        format!("failover.tm[{i}].health"),
+                        "is https:// but failover.tls.ca is not set (nothing is trusted by default)",
+                    ));
+                }
+            } else if !t.health.starts_with("http://") {
                 return Err(invalid(
                     format!("failover.tm[{i}].health"),
-                    "must be an http:// URL",
+                    "must be an http:// or https:// URL",
                 ));
             }
+        }
+        if let Err(e) = self.failover.tls.load("failover.tls") {
+            return Err(invalid("failover.tls", e.to_string()));
         }
         if self.failover.misses == 0 || self.failover.interval_ms == 0 {
             return Err(invalid(
@@ -428,8 +438,8 @@ impl DistributorConfig {
         if self.workers.batch == 0 || self.workers.batch > 4096 {
             return Err(invalid("workers.batch", "must be 1 to 4096"));
         }
-        if let Some(why) = self.admin.insecure() {
-            return Err(invalid("admin.token", why));
+        if let Some((key, why)) = self.admin.insecure() {
+            return Err(invalid(key, why));
         }
         if self.fragments.hold_slot_bytes < 64 || self.fragments.hold_slot_bytes > 65_535 {
             return Err(invalid("fragments.hold_slot_bytes", "must be 64 to 65535"));
@@ -569,6 +579,7 @@ listen = "127.0.0.1:9180"
             &[
                 ("STD_ADMIN__LISTEN", "0.0.0.0:9181"),
                 ("STD_ADMIN__TOKEN", "s3cret"),
+                ("STD_ADMIN__INSECURE_PLAINTEXT", "true"),
                 ("STD_WORKERS__BATCH", "128"),
                 ("STD_TABLE", "/srv/std/other.toml"),
                 ("std_role", "back"),
@@ -651,13 +662,16 @@ listen = "127.0.0.1:9180"
         // The afpacket backend takes one worker per CPU listed.
         let af = GOOD.replace("backend = \"pcap\"", "backend = \"afpacket\"");
         assert!(load(&format!("{af}\n[workers]\ncpus = [0, 1]\n")).is_ok());
-        assert!(load(
-            &GOOD
-                .replace("0.0.0.0", "x")
-                .replace("127.0.0.1:9180", "0.0.0.0:9180")
-                .replace("[admin]", "[admin]\ntoken = \"s3cret\"")
-        )
-        .is_ok());
+        // Off loopback: a token, and TLS or plain HTTP said out loud.
+        let off = GOOD
+            .replace("0.0.0.0", "x")
+            .replace("127.0.0.1:9180", "0.0.0.0:9180")
+            .replace("[admin]", "[admin]\ntoken = \"s3cret\"");
+        assert_eq!(field_of(load(&off)), "admin.tls");
+        assert!(load(&off.replace("[admin]", "[admin]\ninsecure_plaintext = true")).is_ok());
+        let tls =
+            "\n[admin.tls]\ncert = \"/etc/std/tls/fd.pem\"\nkey = \"/etc/std/tls/fd-key.pem\"\n";
+        assert!(load(&format!("{off}{tls}")).is_ok());
         let unknown = field_of(load(
             &GOOD.replace("backend = \"pcap\"", "backend = \"pcap\"\ncolour = 1"),
         ));

@@ -47,6 +47,9 @@ pub struct FailoverConfig {
     /// The TMs to probe (none: no automatic failover).
     #[serde(rename = "tm")]
     pub tms: Vec<TmHealth>,
+    /// What the probes trust and present to `https://` health URLs
+    /// (`[failover.tls]`: `ca`, and `cert`/`key` for TMs demanding one).
+    pub tls: admin_http::tls::ClientTls,
 }
 
 impl Default for FailoverConfig {
@@ -57,6 +60,7 @@ impl Default for FailoverConfig {
             timeout_ms: 250,
             startup_grace_ms: 10_000,
             tms: Vec::new(),
+            tls: admin_http::tls::ClientTls::default(),
         }
     }
 }
@@ -135,7 +139,14 @@ pub fn run(state: &AdminState, stop: &AtomicBool) {
     let mut grace = Duration::from_millis(cfg.startup_grace_ms);
     let mut interval = Duration::from_millis(cfg.interval_ms.max(10));
     let mut next = Instant::now();
+    let mut reloads = state.reloads.load(Ordering::Relaxed);
     while !stop.load(Ordering::Relaxed) {
+        // A reload may have renewed the TLS files at the same paths.
+        let now_reloads = state.reloads.load(Ordering::Relaxed);
+        if now_reloads != reloads {
+            reloads = now_reloads;
+            agent = agent_for(&cfg);
+        }
         // What the configuration says now (a SIGHUP may have changed it):
         // a TM probed before and still listed keeps its count of misses
         // and its last answer; one added starts as up.
@@ -216,9 +227,14 @@ pub fn run(state: &AdminState, stop: &AtomicBool) {
 }
 
 fn agent_for(cfg: &FailoverConfig) -> ureq::Agent {
-    ureq::AgentBuilder::new()
-        .timeout(Duration::from_millis(cfg.timeout_ms.max(1)))
-        .build()
+    // The configuration's check loaded the same files: a failure here is
+    // one changed since, and HTTPS probes then fail (by name, logged).
+    let tls = cfg.tls.load("failover.tls").unwrap_or_else(|e| {
+        log::error!("failover: {e}: https:// probes will fail");
+        None
+    });
+    let builder = ureq::AgentBuilder::new().timeout(Duration::from_millis(cfg.timeout_ms.max(1)));
+    admin_http::client::agent(builder, tls.as_ref())
 }
 
 /// Declares TM `id` failed and installs the failover table for every failed TM.

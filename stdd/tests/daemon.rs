@@ -123,7 +123,18 @@ fn stdd_runs_serves_admin_swaps_tables_and_stops_on_sigterm() {
     );
     assert_eq!(metric(&m, "std_drops_total"), 0);
 
+    // The table without its hash key unless asked for it (with the token).
     let (code, body) = http(admin, "GET", "/table", Some(TOKEN), "");
+    assert_eq!(
+        (code, body.trim_end()),
+        (200, allocation::file::render_for(&t, false).trim_end())
+    );
+    assert!(!body.contains(&t.key().to_hex()), "{body}");
+    assert!(
+        allocation::file::parse(&body).is_err(),
+        "a redacted table loads"
+    );
+    let (code, body) = http(admin, "GET", "/table?key=include", Some(TOKEN), "");
     assert_eq!(
         (code, body.trim_end()),
         (200, allocation::file::render(&t).trim_end())
@@ -293,7 +304,7 @@ fn stdd_runs_serves_admin_swaps_tables_and_stops_on_sigterm() {
     let m = http(admin, "GET", "/metrics", Some(TOKEN), "").1;
     assert_eq!(metric(&m, "std_table_version"), 3);
     assert_eq!(metric(&m, "std_transition_switched"), 0);
-    let (code, body) = http(admin, "GET", "/table", Some(TOKEN), "");
+    let (code, body) = http(admin, "GET", "/table?key=include", Some(TOKEN), "");
     assert_eq!((code, body.trim_end()), (200, v3_text.trim_end()));
     // The history keeps every table installed, newest first: what
     // `stdctl rollback` puts back.
@@ -306,7 +317,13 @@ fn stdd_runs_serves_admin_swaps_tables_and_stops_on_sigterm() {
         "{body}"
     );
     assert_eq!(kept[1], control::TableId::of(&next));
-    let (code, body) = http(admin, "GET", "/table/history/2", Some(TOKEN), "");
+    let (code, body) = http(
+        admin,
+        "GET",
+        "/table/history/2?key=include",
+        Some(TOKEN),
+        "",
+    );
     assert_eq!(
         (code, body.trim_end()),
         (200, allocation::file::render(&next).trim_end())
@@ -504,7 +521,7 @@ fn a_tm_that_stops_answering_is_failed_over_and_only_a_new_table_readmits_it() {
     assert!(detection < Duration::from_secs(2), "{detection:?}");
     let t = table();
     let failover = t.failover(&[2]).expect("failover").table;
-    let (code, body) = http(admin, "GET", "/table", Some(TOKEN), "");
+    let (code, body) = http(admin, "GET", "/table?key=include", Some(TOKEN), "");
     assert_eq!(
         (code, body.trim_end()),
         (200, allocation::file::render(&failover).trim_end())
@@ -526,7 +543,9 @@ fn a_tm_that_stops_answering_is_failed_over_and_only_a_new_table_readmits_it() {
     wait_for("second failover", || metric(&m(), "std_failed_tms") == 2);
     let both = t.failover(&[0, 2]).expect("failover").table;
     assert_eq!(
-        http(admin, "GET", "/table", Some(TOKEN), "").1.trim_end(),
+        http(admin, "GET", "/table?key=include", Some(TOKEN), "")
+            .1
+            .trim_end(),
         allocation::file::render(&both).trim_end()
     );
     up[0].store(true, Ordering::Relaxed);
@@ -569,7 +588,9 @@ fn a_tm_that_stops_answering_is_failed_over_and_only_a_new_table_readmits_it() {
         metric(&m(), "std_failovers_total") == 4 && metric(&m(), "std_failed_tms") == 1
     });
     assert_eq!(
-        http(admin, "GET", "/table", Some(TOKEN), "").1.trim_end(),
+        http(admin, "GET", "/table?key=include", Some(TOKEN), "")
+            .1
+            .trim_end(),
         allocation::file::render(&stale.failover(&[1]).expect("failover").table).trim_end()
     );
 }
@@ -605,7 +626,7 @@ fn a_tm_outside_the_default_group_is_failed_over_too() {
         t.counts(0),
         "the default group is untouched"
     );
-    let (code, body) = http(admin, "GET", "/table", Some(TOKEN), "");
+    let (code, body) = http(admin, "GET", "/table?key=include", Some(TOKEN), "");
     assert_eq!(
         (code, body.trim_end()),
         (200, allocation::file::render(&failover).trim_end())
@@ -635,6 +656,15 @@ fn fed_flows() -> Vec<Flow> {
 
 fn owner(t: &AllocationTable, f: &Flow) -> u32 {
     t.tms()[usize::from(t.steer(f).tm)].id
+}
+
+/// Sends SIGHUP to the daemon (a reload).
+fn sighup(d: &Daemon) {
+    assert!(Command::new("kill")
+        .args(["-HUP", &d.child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success());
 }
 
 fn kill(d: Daemon) {
@@ -835,7 +865,7 @@ fn a_tm_failing_mid_transition_fails_over_both_tables_and_the_transition_carries
             (to_id.clone(), Some(from_id.clone()), vec![2])
         );
         assert!(st.runs(&to_id));
-        let (code, body) = http(admin, "GET", "/table", Some(TOKEN), "");
+        let (code, body) = http(admin, "GET", "/table?key=include", Some(TOKEN), "");
         assert_eq!(
             (code, body.trim_end()),
             (200, allocation::file::render(&derived).trim_end())
@@ -845,7 +875,13 @@ fn a_tm_failing_mid_transition_fails_over_both_tables_and_the_transition_carries
             ("/table/operator", &to),
             ("/table/operator/previous", &from),
         ] {
-            let (code, body) = http(admin, "GET", path, Some(TOKEN), "");
+            let (code, body) = http(
+                admin,
+                "GET",
+                &format!("{path}?key=include"),
+                Some(TOKEN),
+                "",
+            );
             assert_eq!(
                 (code, body.trim_end()),
                 (200, allocation::file::render(want).trim_end()),
@@ -859,7 +895,7 @@ fn a_tm_failing_mid_transition_fails_over_both_tables_and_the_transition_carries
             let (code, body) = http(admin, "POST", "/transition/abort", Some(TOKEN), &by_name);
             assert_eq!(code, 200, "{body}");
             assert!(body.contains(&from_id.checksum), "{body}");
-            let (_, body) = http(admin, "GET", "/table", Some(TOKEN), "");
+            let (_, body) = http(admin, "GET", "/table?key=include", Some(TOKEN), "");
             assert_eq!(
                 body.trim_end(),
                 allocation::file::render(&derived_prev).trim_end()
@@ -996,9 +1032,8 @@ fn a_capture_is_armed_on_demand_one_at_a_time_and_bad_requests_are_refused_by_na
 #[test]
 fn check_config_passes_a_sound_configuration_and_names_every_problem_of_another() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("stdd-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let _cleanup = Dir(dir.clone());
+    let scratch = testkit::Scratch::new("stdd-check");
+    let dir = scratch.path().to_path_buf();
     let check = || {
         Command::new(env!("CARGO_BIN_EXE_stdd"))
             .args(["check-config", "--config"])
@@ -1060,13 +1095,6 @@ fn check_config_passes_a_sound_configuration_and_names_every_problem_of_another(
     );
 }
 
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn state_changing_requests_are_audited_with_who_what_and_the_result() {
     let dir = std::env::temp_dir().join(format!("stdd-audit-{}", std::process::id()));
@@ -1093,7 +1121,10 @@ fn state_changing_requests_are_audited_with_who_what_and_the_result() {
         http(admin, "POST", "/transition/abort", Some(TOKEN), "").0,
         200
     );
-    assert_eq!(http(admin, "GET", "/table", Some(TOKEN), "").0, 200);
+    assert_eq!(
+        http(admin, "GET", "/table?key=include", Some(TOKEN), "").0,
+        200
+    );
     let _ = d.child.kill();
     let _ = d.child.wait();
     let mut err = String::new();
@@ -1134,13 +1165,7 @@ fn sighup_reloads_the_failover_section_probing_what_it_now_lists() {
     });
     let m = || http(admin, "GET", "/metrics", Some(TOKEN), "").1;
     assert!(!m().contains("std_tm_up{"), "no TM probed");
-    let hup = || {
-        assert!(Command::new("kill")
-            .args(["-HUP", &d.child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success());
-    };
+    let hup = || sighup(&d);
     // A reload adds probes of four TMs, all answering.
     let (up, extra) = failover_probes(4);
     let cfg = dir.join("stdd.toml");
@@ -1163,4 +1188,94 @@ fn sighup_reloads_the_failover_section_probing_what_it_now_lists() {
     wait_for("TM 1 failed over", || metric(&m(), "std_failed_tms") == 1);
     assert_eq!(metric(&m(), "std_failovers_total"), 1);
     assert_eq!(metric(&m(), "std_tm_up"), 3);
+}
+
+/// SIGHUP reads the admin endpoint's token and TLS files again: a renewed
+/// certificate at the same paths (here from another CA) and a new token
+/// take effect for new connections; a key that does not load refuses the
+/// whole reload and the running settings stay. Mutual TLS throughout: the
+/// audit line names the client certificate.
+#[test]
+fn sighup_renews_the_admin_certificate_and_token() {
+    use admin_http::client::{Client, Endpoint};
+    use admin_http::tls::ClientTls;
+    let scratch = testkit::Scratch::new("stdd-tls-reload");
+    let dir = scratch.path().to_path_buf();
+    let admin = free_port();
+    let one = testkit::pki::Ca::new(&dir, "one");
+    let node = one.server(&dir, "node", &["127.0.0.1"]);
+    let operator = one.client(&dir, "operator");
+    let extra = format!(
+        "\n[admin.tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n",
+        node.cert.display(),
+        node.key.display(),
+        one.pem.display()
+    );
+    let d = start_with(&dir, admin, &extra);
+    let trusting = |ca: &Path| {
+        let tls = ClientTls {
+            ca: Some(ca.to_path_buf()),
+            cert: Some(operator.cert.clone()),
+            key: Some(operator.key.clone()),
+        };
+        Client::with_tls(Duration::from_secs(2), tls.load("tls").expect("client"))
+    };
+    let endpoint = |token: &str| Endpoint {
+        name: "stdd".into(),
+        url: format!("https://127.0.0.1:{admin}"),
+        token: Some(token.into()),
+    };
+    let healthz = |c: &Client, token: &str| c.request(&endpoint(token), "GET", "/healthz", None);
+    wait_for("healthz over HTTPS", || {
+        matches!(healthz(&trusting(&one.pem), TOKEN), Ok((200, _)))
+    });
+    let hup = || sighup(&d);
+    // Renewed: a certificate from CA "two" at the same paths, a new token.
+    let two = testkit::pki::Ca::new(&dir, "two");
+    two.server(&dir, "node", &["127.0.0.1"]);
+    let cfg = dir.join("stdd.toml");
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(&cfg, text.replace(TOKEN, "n3w-t0ken")).expect("config");
+    hup();
+    wait_for("the renewed certificate served", || {
+        matches!(healthz(&trusting(&two.pem), "n3w-t0ken"), Ok((200, _)))
+    });
+    let old = healthz(&trusting(&one.pem), "n3w-t0ken").expect_err("old CA");
+    assert!(old.to_string().contains("UnknownIssuer"), "{old}");
+    assert_eq!(
+        healthz(&trusting(&two.pem), TOKEN).expect("answered").0,
+        401,
+        "the old token still accepted"
+    );
+    // A key that does not load: the reload is refused, the settings stay.
+    std::fs::write(&node.key, "not a key\n").expect("key");
+    hup();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(matches!(
+        healthz(&trusting(&two.pem), "n3w-t0ken"),
+        Ok((200, _))
+    ));
+    // A state-changing request: audited with the certificate's fingerprint.
+    let said = trusting(&two.pem)
+        .request(&endpoint("n3w-t0ken"), "POST", "/transition/abort", None)
+        .expect("answered");
+    let mut d = d;
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    let mut stderr = String::new();
+    if let Some(mut e) = d.child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    assert!(
+        stderr.contains("SIGHUP: reload refused") && stderr.contains("admin.tls.key"),
+        "{stderr}"
+    );
+    let fingerprint = admin_http::tls::fingerprint(&operator.der);
+    assert!(
+        stderr.contains(&format!(
+            "cert=sha256:{fingerprint} POST /transition/abort -> {}",
+            said.0
+        )),
+        "{stderr}"
+    );
 }

@@ -113,11 +113,25 @@ fn a_nested_key_is_overridden_by_std_section_and_key() {
     );
     assert!(err.contains("admin.token"), "{err}");
     assert!(err.contains("192.0.2.1:9180"), "{err}");
+    // With a token: TLS is still wanted, or plain HTTP said out loud.
     let o = replay(
         &dir.0,
         &[
             ("STD_ADMIN__LISTEN", "192.0.2.1:9180"),
             ("STD_ADMIN__TOKEN", "s3cret"),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.code() == Some(1) && err.contains("admin.tls: required"),
+        "{err}"
+    );
+    let o = replay(
+        &dir.0,
+        &[
+            ("STD_ADMIN__LISTEN", "192.0.2.1:9180"),
+            ("STD_ADMIN__TOKEN", "s3cret"),
+            ("STD_ADMIN__INSECURE_PLAINTEXT", "true"),
         ],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

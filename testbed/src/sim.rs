@@ -241,6 +241,9 @@ enum End {
     Broken(&'static str),
 }
 
+/// A lease as the port checks see it: (protocol, SNAT address, port, TM id, server endpoint).
+type HeldLease = (u8, IpAddr, u16, u32, (IpAddr, u16));
+
 /// A scenario in progress.
 #[derive(Debug)]
 pub struct Sim {
@@ -257,9 +260,11 @@ pub struct Sim {
     flows: Vec<Option<FlowSt>>,
     free: Vec<usize>,
     keys: FnvHashMap<Key, usize>,
-    /// (protocol, SNAT address, port, TM id) of every lease held: a TM
-    /// handed one twice is a collision, whatever the servers.
-    held: fnv::FnvHashSet<(u8, IpAddr, u16, u32)>,
+    /// (protocol, SNAT address, port, TM id, server) of every lease held:
+    /// a TM handed one twice toward the same server is a collision (ports
+    /// are leased per server endpoint: toward two servers they may be
+    /// shared — the 4-tuples differ).
+    held: fnv::FnvHashSet<HeldLease>,
     arrived: u64,
     next_event: usize,
     pending: Vec<Event>,
@@ -1040,7 +1045,8 @@ impl Sim {
             Key::Server(protocol, lease.addr, lease.port, server.0, server.1),
             slot,
         );
-        self.held.insert((protocol, lease.addr, lease.port, tm));
+        self.held
+            .insert((protocol, lease.addr, lease.port, tm, server));
         if let Some(Some(f)) = self.flows.get_mut(slot) {
             f.lease = Some(lease);
             f.lease_tm = tm;
@@ -1078,7 +1084,7 @@ impl Sim {
         if self
             .keys
             .contains_key(&Key::Server(protocol, addr, port, server.0, server.1))
-            || self.held.contains(&(protocol, addr, port, tm))
+            || self.held.contains(&(protocol, addr, port, tm, server))
         {
             self.report.checks.port_collision += 1;
         }
@@ -1339,7 +1345,7 @@ impl Sim {
         if let Some(l) = &f.lease {
             self.keys
                 .remove(&Key::Server(p, l.addr, l.port, f.server.0, f.server.1));
-            self.held.remove(&(p, l.addr, l.port, f.lease_tm));
+            self.held.remove(&(p, l.addr, l.port, f.lease_tm, f.server));
         }
         if f.kept {
             self.keys.remove(&Key::Server(
@@ -1440,7 +1446,7 @@ impl Sim {
                 // stay out: the profile spreads over the others.
                 let (mut next, mut optimum) = (self.table.clone(), 0);
                 for g in 0..next.groups().len() {
-                    let targets = next.targets_excluding(g, &p, &self.failed_indexes(None))?;
+                    let targets = next.targets_excluding(g, &p, &self.out_of_service(g, None))?;
                     let change = next.rebalance_to_targets(g, &targets, Some(p.clone()))?;
                     optimum += change.optimum;
                     next = change.table;
@@ -1452,10 +1458,12 @@ impl Sim {
                 let Some(k) = self.table.tm_index_by_id(id) else {
                     return Err(bad(format!("TM {id} cannot be drained: not in the table")));
                 };
-                let mut out = self.failed_indexes(None);
-                out.push(k);
-                // Within its own group.
                 let g = self.table.tms()[usize::from(k)].group;
+                let mut out = self.out_of_service(g, None);
+                if !out.contains(&k) {
+                    out.push(k);
+                }
+                // Within its own group.
                 let profile = self.table.groups()[g].profile.clone();
                 let targets = self.table.targets_excluding(g, &profile, &out)?;
                 let change = self.table.rebalance_to_targets(g, &targets, None)?;
@@ -1498,7 +1506,7 @@ impl Sim {
                 let profile = self.table.groups()[g].profile.clone();
                 let targets =
                     self.table
-                        .targets_excluding(g, &profile, &self.failed_indexes(Some(id)))?;
+                        .targets_excluding(g, &profile, &self.out_of_service(g, Some(id)))?;
                 let change = self.table.rebalance_to_targets(g, &targets, None)?;
                 let idx = index_of(&change.table, id)?;
                 let snat = Arc::new(Snat::new(
@@ -1623,6 +1631,22 @@ impl Sim {
             .collect()
     }
 
+    /// The members of group `g` a change leaves out, as stdctl's drain,
+    /// readmit and rebalance do (`tools::cluster::out_of_service`): the
+    /// failed TMs and those with no bucket (failed over, drained), but
+    /// `except` (the TM being readmitted).
+    fn out_of_service(&self, g: usize, except: Option<u32>) -> Vec<TmIndex> {
+        let counts = self.table.counts(g);
+        let mut out = self.failed_indexes(except);
+        for m in self.table.members(g) {
+            let id = self.table.tms()[usize::from(m)].id;
+            if counts[usize::from(m)] == 0 && Some(id) != except && !out.contains(&m) {
+                out.push(m);
+            }
+        }
+        out
+    }
+
     /// Installs `next` everywhere at once (a plain swap, or a failover).
     fn install(&mut self, next: AllocationTable) -> Result<(), SimError> {
         // As stdd's PUT /table and failover do: the pins in force carry
@@ -1632,7 +1656,14 @@ impl Sim {
             let (list, cap) = pins_but(&d.plan, &dead);
             d.plan = plan(next.clone())?.with_pins(list, cap);
         }
-        for t in self.tms.iter().filter(|t| t.alive) {
+        // A TM the table does not list (one a push is adding, when another
+        // fails meanwhile: the failover table comes from the operator's)
+        // refuses it and keeps its own, as tmd's PUT /table does.
+        for t in self
+            .tms
+            .iter()
+            .filter(|t| t.alive && next.tm_index_by_id(t.id).is_some())
+        {
             t.snat.retable(&next, None)?;
             set_tables(&t.tables, &next, None);
         }
@@ -2015,6 +2046,10 @@ impl Sim {
                             }
                             self.tms[k].prepared = true;
                             set_tables(&self.tms[k].tables, &self.table, Some(&next));
+                        } else if let (true, Some(h)) = (t.prepared, &req.held) {
+                            // A joiner prepared again, as tmd takes it.
+                            let held: Vec<(IpAddr, u16)> = h.iter().map(|p| (p.0, p.1)).collect();
+                            snat.rejoin(&next, &held)?;
                         }
                     }
                     Call::HeldPorts => {
@@ -2058,9 +2093,14 @@ impl Sim {
                     Call::Abort(_) => {
                         let aborted = t.prepared;
                         if aborted {
-                            snat.retable(&self.table, None)?;
+                            // A joining TM the running table does not list
+                            // (a failover replaced it mid-push) keeps what
+                            // it has: no bucket steers to it.
+                            if self.table.tm_index_by_id(id).is_some() {
+                                snat.retable(&self.table, None)?;
+                                set_tables(&self.tms[k].tables, &self.table, None);
+                            }
                             self.tms[k].prepared = false;
-                            set_tables(&self.tms[k].tables, &self.table, None);
                         }
                         return Ok(Ok(Answer::Aborted(AbortAnswer {
                             table: TableId::of(if self.tms[k].committed {

@@ -751,3 +751,99 @@ fn found_a_udp_session_on_a_returning_tms_buckets_stays_whole() {
     let r = simulate(sc).expect("simulate");
     check(&r).expect("properties");
 }
+
+/// Found by `every_scenario_keeps_flows_whole`: a TM fails while a push
+/// adds a TM. The failover table (from the operator's, which does not list
+/// the TM being added yet) reached the joining TM too, and its allocator
+/// refused it — the simulation stopped with "TM id 2 is not in the table".
+/// tmd refuses a table that does not list it and keeps its own; so does
+/// the simulated TM now, and every property holds.
+#[test]
+fn a_tm_failing_while_a_push_adds_one_keeps_every_property() {
+    let sc = Scenario {
+        seed: 550_273_438_425_518,
+        tms: 2,
+        udp_share: 0.0,
+        fragment_share: 0.0,
+        icmp_share: 0.0,
+        events: vec![
+            Timed {
+                at: 0.372_062_166_413_219_15,
+                what: Event::FailTm(0),
+            },
+            Timed {
+                at: 0.369_021_309_008_896_74,
+                what: Event::AddTm,
+            },
+        ],
+        ..small(1500)
+    };
+    let r = simulate(sc).expect("simulate");
+    check(&r).expect("properties");
+}
+
+/// Found by `every_scenario_keeps_flows_whole`: a TM fails and returns, a
+/// second is drained, and the operator rolls back to the table before the
+/// drain — a push that readmits the drained TM, refused or carried out,
+/// never an error of the simulation.
+#[test]
+fn a_rollback_of_a_drain_after_a_failover_and_return_keeps_every_property() {
+    let sc = Scenario {
+        seed: 0,
+        tms: 3,
+        udp_share: 0.0,
+        fragment_share: 0.0,
+        icmp_share: 0.0,
+        events: vec![
+            Timed {
+                at: 0.1,
+                what: Event::FailTm(1),
+            },
+            Timed {
+                at: 0.55,
+                what: Event::ReturnTm(1),
+            },
+            Timed {
+                at: 0.855_431_722_891_377_8,
+                what: Event::DrainTm(2),
+            },
+            Timed {
+                at: 0.715_436_205_648_927_3,
+                what: Event::Rollback,
+            },
+        ],
+        ..small(1500)
+    };
+    let r = simulate(sc).expect("simulate");
+    check(&r).expect("properties");
+}
+
+/// Found by `every_scenario_keeps_flows_whole`: a rebalance with a
+/// source-affinity group (DNAT-only TMs) beside the endpoint-hash one,
+/// client ports above the servers'.
+#[test]
+fn a_rebalance_beside_a_source_affinity_group_keeps_every_port_home() {
+    let sc = Scenario {
+        seed: 15_852_557_494_659_788_573,
+        tms: 4,
+        profile: Profile::Rayleigh { sigma: None },
+        family: Family::V6,
+        ports: PortPattern::Strided(1),
+        udp_share: 0.0,
+        fragment_share: 0.0,
+        icmp_share: 0.0,
+        high_port_share: 0.186_641_608_356_976_9,
+        events: vec![Timed {
+            at: 0.1,
+            what: Event::Rebalance(Profile::Uniform),
+        }],
+        partition: Some(Partition {
+            rules: vec![PARTITION_RULES[1].parse_rule()],
+            tms: vec![1, 3],
+            source_affinity: Some([32, 128]),
+        }),
+        ..small(1500)
+    };
+    let r = simulate(sc).expect("simulate");
+    check(&r).expect("properties");
+}

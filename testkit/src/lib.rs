@@ -1,4 +1,6 @@
-//! Test support shared by the crates' tests (a dev-dependency only): table and TM fixtures ([`tm`], [`uniform`], [`table`]), a minimal HTTP/1.1 client for admin endpoints ([`http`]), a free port, a bounded wait, and a metric read from Prometheus text.
+//! Test support shared by the crates' tests (a dev-dependency only): table and TM fixtures ([`tm`], [`uniform`], [`table`]), a minimal HTTP/1.1 client for admin endpoints ([`http`]), a free port, a scratch directory, a bounded wait, a metric read from Prometheus text, and test certificates ([`pki`]).
+
+pub mod pki;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -89,6 +91,32 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// A fresh scratch directory (`$TMPDIR/NAME-PID`, emptied first), removed
+/// with everything in it when dropped.
+#[derive(Debug)]
+pub struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    /// Makes (or empties) the directory for `name`.
+    pub fn new(name: &str) -> Scratch {
+        let d = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("scratch directory");
+        Scratch(d)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Waits up to 20 s for `ok`, every 50 ms; panics naming `what` after.

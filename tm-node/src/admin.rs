@@ -85,7 +85,10 @@ pub fn handle(req: &Request, state: &AdminState) -> Reply {
             200,
             format!("ok: table version {}", state.tables.current().version()),
         ),
-        ("GET", "/table") => Reply::text(200, allocation::file::render(&state.tables.current())),
+        ("GET", "/table") => Reply::text(
+            200,
+            allocation::file::render_for(&state.tables.current(), req.asks("key=include")),
+        ),
         ("PUT", "/table") => put_table(req, state),
         ("GET", "/transition") => Reply::json(200, &transition_state(state)),
         ("GET", "/persistence") => Reply::json(200, &persistence(state)),
@@ -366,6 +369,26 @@ fn prepare(req: &Request, state: &AdminState) -> Reply {
         let prepared = TableId::of(n);
         drop(next);
         if prepared == wanted {
+            // A joiner prepared again (another joiner's open ports
+            // learnt, or a push resumed): it adds the list to what it
+            // keeps out (`Snat::rejoin`); ports it leased stay its own.
+            if let Some(h) = request
+                .held
+                .as_ref()
+                .filter(|_| state.snat.joins_from(&running))
+            {
+                let h: Vec<(std::net::IpAddr, u16)> =
+                    h.iter().map(|&HeldPort(a, p)| (a, p)).collect();
+                if let Err(e) = state.snat.rejoin(&table, &h) {
+                    return Reply::text(400, format!("table rejected: {e}"));
+                }
+                log::info!(
+                    "transition prepared again: version {} → {} (joining; {} ports held by others)",
+                    running.version(),
+                    table.version(),
+                    h.len()
+                );
+            }
             return Reply::json(200, &transition_state(state));
         }
         if let Err(r) = same_version_other_table("prepared", &prepared, &wanted) {
@@ -622,6 +645,7 @@ fn metrics(state: &AdminState) -> Result<Reply, prometheus::Error> {
             ("no_server", &s.refused_no_server),
             ("no_port", &s.refused_ports),
             ("connect_failed", &s.connect_failed),
+            ("descriptors", &s.refused_fds),
         ] {
             refused
                 .with_label_values(&[&vs.name, reason])
@@ -737,6 +761,66 @@ fn metrics(state: &AdminState) -> Result<Reply, prometheus::Error> {
     ] {
         r.register(c)?;
     }
+    // The descriptor budget (one per process: every virtual server shares it).
+    if let Some(fds) = state.servers.first().map(|v| &v.fds) {
+        let d = IntGaugeVec::new(
+            Opts::new(
+                "tmd_descriptors",
+                "File descriptors connections may hold (budget) and hold (used)",
+            ),
+            &["state"],
+        )?;
+        d.with_label_values(&["budget"]).set(fds.max() as i64);
+        d.with_label_values(&["used"]).set(fds.used() as i64);
+        r.register(Box::new(d))?;
+    }
+    let accept_errors = IntCounterVec::new(
+        Opts::new(
+            "tmd_accept_errors_total",
+            "Accepts that failed, per virtual server",
+        ),
+        &["vs"],
+    )?;
+    for vs in &state.servers {
+        accept_errors
+            .with_label_values(&[&vs.name])
+            .inc_by(vs.stats.accept_errors.load(Relaxed));
+    }
+    r.register(Box::new(accept_errors))?;
+    // The zero-copy relay: bytes spliced, the pipes it holds, pipes not had.
+    let spliced = IntCounterVec::new(
+        Opts::new(
+            "tmd_spliced_bytes_total",
+            "Bytes relayed by splice(2) (never copied to user space), per virtual server; part of tmd_bytes_total",
+        ),
+        &["vs"],
+    )?;
+    for vs in &state.servers {
+        spliced
+            .with_label_values(&[&vs.name])
+            .inc_by(vs.stats.bytes_spliced.load(Relaxed));
+    }
+    r.register(Box::new(spliced))?;
+    let pipes = IntGauge::new(
+        "tmd_relay_pipes",
+        "Pipes the splicing relay holds (in use and pooled, two descriptors each, from the budget)",
+    )?;
+    pipes.set(crate::relay::PIPES_OPEN.load(Relaxed) as i64);
+    r.register(Box::new(pipes))?;
+    let no_pipe = IntCounterVec::new(
+        Opts::new(
+            "tmd_relay_pipes_refused_total",
+            "Splices done by copy instead: the descriptor budget was spent (budget) or pipe2 failed (error)",
+        ),
+        &["reason"],
+    )?;
+    no_pipe
+        .with_label_values(&["budget"])
+        .inc_by(crate::relay::PIPES_REFUSED.load(Relaxed));
+    no_pipe
+        .with_label_values(&["error"])
+        .inc_by(crate::relay::PIPE_ERRORS.load(Relaxed));
+    r.register(Box::new(no_pipe))?;
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.gather(), &mut out)?;
     Ok(Reply::metrics(String::from_utf8_lossy(&out).into_owned()))

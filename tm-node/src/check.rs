@@ -84,6 +84,7 @@ pub fn check(path: &Path) -> cli_common::cli::CheckOutcome {
     if let Some(p) = cli_common::secret::readable_by_all(&cfg.table, "the hash key") {
         problems.push(format!("table {p}"));
     }
+    problems.extend(cfg.admin.problems());
     if problems.is_empty() {
         Ok(summary)
     } else {

@@ -117,6 +117,10 @@ pub struct VirtualServerConfig {
     /// server's reply steers back to this node; a self-source port otherwise.
     #[serde(default)]
     pub dnat_only: bool,
+    /// Splice (zero-copy, splice(2) through a pipe) each direction once it
+    /// moves full buffers; false: always copy through user space.
+    #[serde(default = "yes")]
+    pub splice: bool,
 }
 
 /// A buddy group (seed 003): virtual servers whose pools share physical
@@ -182,6 +186,9 @@ fn connect_ms() -> u64 {
 }
 fn idle_ms() -> u64 {
     DEFAULT_IDLE_TIMEOUT_MS
+}
+fn yes() -> bool {
+    true
 }
 fn drain_ms() -> u64 {
     DEFAULT_DRAIN_MS
@@ -440,8 +447,8 @@ impl NodeConfig {
 
     /// Checks what types cannot.
     pub fn validated(self) -> Result<Self, ConfigError> {
-        if let Some(why) = self.admin.insecure() {
-            return Err(invalid("admin.token", why));
+        if let Some((key, why)) = self.admin.insecure() {
+            return Err(invalid(key, why));
         }
         if self.workers.is_some_and(|w| w == 0 || w > 1024) {
             return Err(invalid("workers", "must be 1 to 1024"));
@@ -658,6 +665,7 @@ mod test {
                 ("TMD_WORKERS", "4"),
                 ("TMD_ADMIN__LISTEN", "0.0.0.0:9191"),
                 ("TMD_ADMIN__TOKEN", "s3cret"),
+                ("TMD_ADMIN__INSECURE_PLAINTEXT", "true"),
                 ("TMD_DRAIN_TIMEOUT_MS", "500"),
                 ("STD_WORKERS", "ignored: stdd's"),
             ],

@@ -5,16 +5,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 use crate::balance::{Balancer, Candidate, Method};
+use crate::relay::{relay, relay_from, RelayOptions};
 use crate::snat::{self, ConnectError, Snat};
-
-/// Relay buffer per direction.
-pub const RELAY_BUFFER: usize = 64 * 1024;
 
 /// A pool of real servers and its balancing state.
 #[derive(Debug)]
@@ -190,6 +187,10 @@ pub struct VsStats {
     pub refused_ports: AtomicU64,
     /// The server connection failed or timed out.
     pub connect_failed: AtomicU64,
+    /// Refused: the process's descriptor budget is spent (`crate::fds`).
+    pub refused_fds: AtomicU64,
+    /// Accepts that failed (out of descriptors, …).
+    pub accept_errors: AtomicU64,
     /// Buddy link: connections sent to the leader's host.
     pub followed: AtomicU64,
     /// Buddy link: connections whose leader's host had no usable server here.
@@ -202,6 +203,8 @@ pub struct VsStats {
     pub bytes_up: AtomicU64,
     /// Bytes from servers to clients.
     pub bytes_down: AtomicU64,
+    /// Of those bytes (both ways), the ones spliced (never in user space).
+    pub bytes_spliced: AtomicU64,
 }
 
 /// One TCP virtual server.
@@ -219,6 +222,8 @@ pub struct VirtualServer {
     pub connect_timeout: Duration,
     /// Idle timeout (no byte in either direction).
     pub idle_timeout: Duration,
+    /// Splice directions that move full buffers (`crate::relay`).
+    pub splice: bool,
     /// Its persistence domain (its own, or its buddy group's), if configured.
     pub persistence: Option<Arc<crate::persist::Domain>>,
     /// The leader it follows (a buddy link), if any.
@@ -227,8 +232,29 @@ pub struct VirtualServer {
     pub dnat_only: Option<Arc<crate::tables::Tables>>,
     /// The node's tables, where open connections are registered.
     pub tables: Arc<crate::tables::Tables>,
+    /// The process's descriptor budget (shared by every virtual server).
+    pub fds: Arc<crate::fds::FdBudget>,
     /// Counters.
     pub stats: VsStats,
+}
+
+impl VirtualServer {
+    /// How its relays move bytes.
+    fn relay_options(&self) -> RelayOptions {
+        RelayOptions {
+            idle: self.idle_timeout,
+            splice: self.splice.then(|| Arc::clone(&self.fds)),
+        }
+    }
+
+    /// Counts what a relay moved.
+    fn account(&self, m: crate::relay::Moved) {
+        self.stats.bytes_up.fetch_add(m.up, Ordering::Relaxed);
+        self.stats.bytes_down.fetch_add(m.down, Ordering::Relaxed);
+        self.stats
+            .bytes_spliced
+            .fetch_add(m.spliced, Ordering::Relaxed);
+    }
 }
 
 /// Connects to `server` from the client's own address and port (DNAT-only):
@@ -266,22 +292,198 @@ pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     };
     sock.set_reuseaddr(true)?;
     sock.set_reuseport(true)?;
+    // Accepted connections inherit TCP_NODELAY (Linux): one system call
+    // less per connection.
+    sock.set_nodelay(true)?;
     sock.bind(addr)?;
     sock.listen(1024)
 }
 
-/// Accepts connections until `stop` turns true; each is handled on its own task.
-pub async fn serve(vs: Arc<VirtualServer>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+/// A worker is handed a connection another accepted only when it serves
+/// at least this many fewer than the accepting one — and a quarter of the
+/// accepting one's count: a hand-off wakes another thread, so the counts'
+/// coming and going under many short connections is left alone
+/// (measured: handing off at any difference of 2 cost 5–10 % of the new
+/// connections per second on one core).
+pub const HAND_OFF_SLACK: u64 = 2;
+
+/// The worker runtimes accepted connections are spread over: each one's
+/// handle and how many connections it serves now. SO_REUSEPORT spreads by
+/// a hash of the addresses, not by load, so a few long connections can
+/// pile on one worker; a connection accepted on a worker that serves
+/// `HAND_OFF_SLACK` more than the least loaded is handed to that one (its
+/// socket registers there: no system call more).
+#[derive(Debug)]
+pub struct Workers {
+    handles: std::sync::OnceLock<Vec<tokio::runtime::Handle>>,
+    active: Vec<AtomicU64>,
+}
+
+impl Workers {
+    /// `n` workers (at least one), none started yet.
+    pub fn new(n: usize) -> Self {
+        Workers {
+            handles: std::sync::OnceLock::new(),
+            active: (0..n.max(1)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Once every worker's runtime is up: their handles, in worker order.
+    /// False (nothing handed off, ever) if the count is wrong or they were
+    /// set before.
+    pub fn set_handles(&self, handles: Vec<tokio::runtime::Handle>) -> bool {
+        handles.len() == self.active.len() && self.handles.set(handles).is_ok()
+    }
+
+    /// Counts a connection accepted on worker `me` on the worker that is
+    /// to serve it (`pick`) until the guard drops.
+    fn take(self: &Arc<Self>, me: usize) -> Serving {
+        let w = self.pick(me);
+        if let Some(a) = self.active.get(w) {
+            a.fetch_add(1, Ordering::Relaxed);
+        }
+        Serving(Arc::clone(self), w)
+    }
+
+    /// Connections worker `w` serves now.
+    pub fn serving(&self, w: usize) -> u64 {
+        self.active.get(w).map_or(0, |a| a.load(Ordering::Relaxed))
+    }
+
+    /// The worker to serve a connection accepted on worker `me`: `me`,
+    /// unless the least loaded serves `HAND_OFF_SLACK` fewer (or the
+    /// handles are not set yet).
+    pub fn pick(&self, me: usize) -> usize {
+        if self.handles.get().is_none() {
+            return me;
+        }
+        let mine = self.serving(me);
+        let (mut best, mut least) = (me, mine);
+        for (i, a) in self.active.iter().enumerate() {
+            let n = a.load(Ordering::Relaxed);
+            if n < least {
+                (best, least) = (i, n);
+            }
+        }
+        if mine - least >= HAND_OFF_SLACK.max(mine / 4) {
+            best
+        } else {
+            me
+        }
+    }
+}
+
+/// A connection counted on its worker until dropped.
+struct Serving(Arc<Workers>, usize);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if let Some(a) = self.0.active.get(self.1) {
+            a.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// `listener` registered with this runtime for readiness. `AsyncFd::new`
+/// is deprecated because a caller could close the descriptor while it is
+/// registered; here the AsyncFd owns the listener, nothing else can close
+/// it, and dropping the AsyncFd deregisters before the listener closes.
+#[allow(deprecated)]
+fn register_listener(
+    listener: std::net::TcpListener,
+) -> std::io::Result<AsyncFd<std::net::TcpListener>> {
+    AsyncFd::with_interest(listener, tokio::io::Interest::READABLE)
+}
+
+/// One accept4(2) on `listener`: the new socket (non-blocking, close-on-
+/// exec, not yet registered with any runtime) and its peer.
+async fn accept(
+    listener: &AsyncFd<std::net::TcpListener>,
+) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    use rustix::net::SocketFlags;
+    loop {
+        let mut ready = listener.readable().await?;
+        match ready.try_io(|l| {
+            rustix::net::acceptfrom_with(l.get_ref(), SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)
+                .map_err(std::io::Error::from)
+        }) {
+            Ok(Ok((fd, Some(addr)))) => {
+                if let Ok(peer) = SocketAddr::try_from(addr) {
+                    return Ok((std::net::TcpStream::from(fd), peer));
+                } // not an IP peer: closed
+            }
+            Ok(Ok((_, None))) => {} // no peer address: closed
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {} // would block: the readiness is cleared
+        }
+    }
+}
+
+/// Accepts connections until `stop` turns true; each is handled on its own
+/// task, on this worker (`me`) or the least-loaded one (`Workers`). A
+/// failed accept (out of descriptors despite the budget: another
+/// process's, the system's) is counted and backs off, 10 ms doubling to
+/// 1 s; it is logged once a second with how many failed since, while every
+/// open connection goes on being served.
+pub async fn serve(
+    vs: Arc<VirtualServer>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    workers: Arc<Workers>,
+    me: usize,
+) {
+    // The address clients reach: the listener's, unless it is a wildcard
+    // (then each connection's own, one getsockname each).
+    let local = listener
+        .local_addr()
+        .ok()
+        .filter(|a| !a.ip().is_unspecified());
+    // Accepted by hand (accept4), so that a connection registers with the
+    // runtime of the worker that serves it.
+    let listener = match listener.into_std().and_then(register_listener) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("{}: the listener: {e}", vs.name);
+            return;
+        }
+    };
+    let mut backoff = Duration::ZERO;
+    let mut failed_since_log = 0u64;
+    let mut last_log: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
-            r = listener.accept() => match r {
+            r = accept(&listener) => match r {
                 Ok((client, peer)) => {
+                    backoff = Duration::ZERO;
                     let vs = Arc::clone(&vs);
-                    tokio::spawn(async move { handle(vs, client, peer).await });
+                    let serving = workers.take(me);
+                    let w = serving.1;
+                    let task = async move {
+                        let _serving = serving;
+                        // Registered with the runtime that runs this task.
+                        match TcpStream::from_std(client) {
+                            Ok(client) => handle(vs, client, peer, local).await,
+                            Err(e) => log::warn!("{}: {peer}: registering the connection: {e}", vs.name),
+                        }
+                    };
+                    match workers.handles.get().and_then(|h| h.get(w)) {
+                        Some(h) if w != me => drop(h.spawn(task)),
+                        _ => drop(tokio::spawn(task)),
+                    }
                 }
                 Err(e) => {
-                    log::warn!("{}: accept: {e}", vs.name);
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    vs.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    failed_since_log += 1;
+                    if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        log::warn!("{}: accept: {e} ({failed_since_log} failed accepts since the last line)", vs.name);
+                        failed_since_log = 0;
+                        last_log = Some(std::time::Instant::now());
+                    }
+                    backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => break,
+                    }
                 }
             },
             _ = stop.changed() => break,
@@ -289,8 +491,18 @@ pub async fn serve(vs: Arc<VirtualServer>, listener: TcpListener, mut stop: watc
     }
 }
 
-async fn handle(vs: Arc<VirtualServer>, client: TcpStream, peer: SocketAddr) {
+async fn handle(
+    vs: Arc<VirtualServer>,
+    client: TcpStream,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+) {
     let st = &vs.stats;
+    // Two descriptors: the client's (already open) and the server's.
+    let Some(_fds) = vs.fds.take(2) else {
+        st.refused_fds.fetch_add(1, Ordering::Relaxed);
+        return; // closed at once: the client sees it, nothing stalls
+    };
     if st.active.fetch_add(1, Ordering::AcqRel) >= vs.max_connections {
         st.active.fetch_sub(1, Ordering::AcqRel);
         st.refused_limit.fetch_add(1, Ordering::Relaxed);
@@ -299,7 +511,7 @@ async fn handle(vs: Arc<VirtualServer>, client: TcpStream, peer: SocketAddr) {
     let done = |vs: &VirtualServer| {
         vs.stats.active.fetch_sub(1, Ordering::AcqRel);
     };
-    let local = client.local_addr().unwrap_or(peer);
+    let local = local.unwrap_or_else(|| client.local_addr().unwrap_or(peer));
     let open = vs.tables.open(peer, local);
     open.idle(vs.idle_timeout);
     let now = std::time::Instant::now();
@@ -369,9 +581,7 @@ async fn handle(vs: Arc<VirtualServer>, client: TcpStream, peer: SocketAddr) {
                     open.connected(server, peer);
                     st.dnat_kept.fetch_add(1, Ordering::Relaxed);
                     st.total.fetch_add(1, Ordering::Relaxed);
-                    let (up, down) = relay(client, upstream, vs.idle_timeout).await;
-                    st.bytes_up.fetch_add(up, Ordering::Relaxed);
-                    st.bytes_down.fetch_add(down, Ordering::Relaxed);
+                    vs.account(relay(client, upstream, &vs.relay_options()).await);
                     vs.pool.release(i);
                     if let Some(a) = bound {
                         a.end(peer.ip(), std::time::Instant::now());
@@ -387,7 +597,11 @@ async fn handle(vs: Arc<VirtualServer>, client: TcpStream, peer: SocketAddr) {
         }
         st.dnat_fallback.fetch_add(1, Ordering::Relaxed);
     }
-    match snat::connect(&vs.snat, server, vs.connect_timeout).await {
+    // The client's first bytes, if they are here already (a request sent
+    // right after the handshake usually is): sent with the connect.
+    let mut first = Vec::with_capacity(crate::relay::RELAY_BUFFER);
+    let _ = rustix::io::read(&client, rustix::buffer::spare_capacity(&mut first));
+    match snat::connect_first(&vs.snat, server, vs.connect_timeout, &first).await {
         Err(e) => {
             match e {
                 ConnectError::Exhausted(_)
@@ -402,14 +616,15 @@ async fn handle(vs: Arc<VirtualServer>, client: TcpStream, peer: SocketAddr) {
             }
             log::warn!("{}: refusing {peer}: {e}", vs.name);
         }
-        Ok((upstream, lease)) => {
+        Ok((upstream, lease, sent)) => {
             open.connected(server, SocketAddr::new(lease.addr, lease.port));
             st.total.fetch_add(1, Ordering::Relaxed);
-            let _ = client.set_nodelay(true);
-            let _ = upstream.set_nodelay(true);
-            let (up, down) = relay(client, upstream, vs.idle_timeout).await;
-            st.bytes_up.fetch_add(up, Ordering::Relaxed);
-            st.bytes_down.fetch_add(down, Ordering::Relaxed);
+            // TCP_NODELAY: the server's set before the connect, the
+            // client's inherited from the listener.
+            first.drain(..sent);
+            let mut m = relay_from(client, upstream, &vs.relay_options(), first).await;
+            m.up += sent as u64;
+            vs.account(m);
             drop(lease);
         }
     }
@@ -420,48 +635,37 @@ async fn handle(vs: Arc<VirtualServer>, client: TcpStream, peer: SocketAddr) {
     done(&vs);
 }
 
-/// Copies both ways until both sides have closed (half-closes passed on),
-/// an error, or `idle` without a byte. Returns (client → server, server → client) bytes.
-pub async fn relay(a: TcpStream, b: TcpStream, idle: Duration) -> (u64, u64) {
-    let (mut ar, mut aw) = a.into_split();
-    let (mut br, mut bw) = b.into_split();
-    let mut abuf = vec![0u8; RELAY_BUFFER];
-    let mut bbuf = vec![0u8; RELAY_BUFFER];
-    let (mut a_open, mut b_open) = (true, true);
-    let (mut up, mut down) = (0u64, 0u64);
-    let mut deadline = Instant::now() + idle;
-    while a_open || b_open {
-        tokio::select! {
-            r = ar.read(&mut abuf), if a_open => match r {
-                Ok(0) => {
-                    a_open = false;
-                    let _ = bw.shutdown().await;
-                }
-                Ok(n) => {
-                    if bw.write_all(&abuf[..n]).await.is_err() {
-                        break;
-                    }
-                    up += n as u64;
-                    deadline = Instant::now() + idle;
-                }
-                Err(_) => break,
-            },
-            r = br.read(&mut bbuf), if b_open => match r {
-                Ok(0) => {
-                    b_open = false;
-                    let _ = aw.shutdown().await;
-                }
-                Ok(n) => {
-                    if aw.write_all(&bbuf[..n]).await.is_err() {
-                        break;
-                    }
-                    down += n as u64;
-                    deadline = Instant::now() + idle;
-                }
-                Err(_) => break,
-            },
-            _ = tokio::time::sleep_until(deadline) => break,
-        }
+#[cfg(test)]
+mod workers_test {
+    use super::*;
+
+    #[test]
+    fn a_connection_goes_to_the_least_loaded_worker_only_past_the_slack() {
+        let w = Arc::new(Workers::new(3));
+        assert_eq!(w.pick(0), 0, "no handles yet: where accepted");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        assert!(
+            !w.set_handles(vec![rt.handle().clone()]),
+            "a wrong count is refused"
+        );
+        assert!(w.set_handles(vec![rt.handle().clone(); 3]));
+        assert!(!w.set_handles(vec![rt.handle().clone(); 3]), "set once");
+        w.active[0].store(5, Ordering::Relaxed);
+        w.active[1].store(4, Ordering::Relaxed);
+        w.active[2].store(3, Ordering::Relaxed);
+        assert_eq!(w.pick(0), 2, "5 against 3: handed off");
+        assert_eq!(w.pick(1), 1, "4 against 3: within the slack, kept");
+        assert_eq!(w.pick(2), 2);
+        w.active[0].store(25, Ordering::Relaxed);
+        w.active[2].store(20, Ordering::Relaxed);
+        w.active[1].store(30, Ordering::Relaxed);
+        assert_eq!(w.pick(0), 0, "25 against 20: less than a quarter, kept");
+        assert_eq!(w.pick(1), 2, "30 against 20: handed off");
+        let s = w.take(1);
+        assert_eq!((s.1, w.serving(2)), (2, 21), "counted where it is served");
+        drop(s);
+        assert_eq!(w.serving(2), 20, "a connection's end is counted");
     }
-    (up, down)
 }

@@ -35,6 +35,26 @@ struct Session {
     last: Arc<Mutex<Instant>>,
     reader: tokio::task::JoinHandle<()>,
     _lease: Lease,
+    /// The descriptor its socket holds of the budget.
+    _fds: crate::fds::FdGuard,
+}
+
+/// A UDP socket bound to `local` with SO_REUSEADDR: a self-source port is
+/// leased per server, so sessions toward different servers may share it
+/// (each socket is connected to its server: the kernel delivers a datagram
+/// to the socket whose 4-tuple it matches).
+fn bind_shared(local: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let domain = if local.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let sock = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&local.into())?;
+    UdpSocket::from_std(sock.into())
 }
 
 /// Binds a UDP socket to a leased self-source port and connects it to `server`.
@@ -44,7 +64,7 @@ async fn connect_udp(
 ) -> Result<(UdpSocket, Lease), ConnectError> {
     for _ in 0..MAX_PORT_RETRIES {
         let lease = vs.snat.lease(server, allocation::rules::proto::UDP)?;
-        let sock = match UdpSocket::bind(SocketAddr::new(lease.addr, lease.port)).await {
+        let sock = match bind_shared(SocketAddr::new(lease.addr, lease.port)) {
             Ok(s) => s,
             Err(e)
                 if matches!(
@@ -147,6 +167,11 @@ async fn open(
         st.refused_limit.fetch_add(1, Ordering::Relaxed);
         return None;
     }
+    // One descriptor: the session's server-side socket.
+    let Some(fds) = vs.fds.take(1) else {
+        st.refused_fds.fetch_add(1, Ordering::Relaxed);
+        return None;
+    };
     let Some(i) = vs.pool.acquire(client.ip()) else {
         st.refused_no_server.fetch_add(1, Ordering::Relaxed);
         log::warn!(
@@ -237,6 +262,7 @@ async fn open(
         last,
         reader,
         _lease: lease,
+        _fds: fds,
     })
 }
 

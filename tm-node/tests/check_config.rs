@@ -1,15 +1,8 @@
 //! `tmd check-config` as a process: a sound configuration passes with a summary; a table without this TM, a readable key, ports that leave no self-source port and a table that does not parse are each one line naming the cause.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn write(dir: &Path, tm_id: u32, ports: &str) {
     std::fs::write(
@@ -33,10 +26,8 @@ fn check(dir: &Path) -> Output {
 
 #[test]
 fn check_config_passes_a_sound_configuration_and_names_each_problem() {
-    let dir = std::env::temp_dir().join(format!("tmd-check-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let _d = Dir(dir.clone());
+    let scratch = testkit::Scratch::new("tmd-check");
+    let dir = scratch.path().to_path_buf();
     let key = dir.join("table.toml");
     allocation::file::save(&key, &testkit::uniform(4)).expect("table");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
@@ -113,4 +104,32 @@ fn check_config_passes_a_sound_configuration_and_names_each_problem() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .lines()
         .any(|l| l.starts_with("tmd: table ")));
+}
+
+/// The example the tmd package ships (packaging/examples/tmd.toml), its
+/// paths pointed at a real table and real certificates: sound.
+#[test]
+fn the_shipped_example_passes_check_config() {
+    let scratch = testkit::Scratch::new("tmd-example");
+    let dir = scratch.path().to_path_buf();
+    let ca = testkit::pki::Ca::new(&dir, "cluster");
+    std::fs::copy(&ca.pem, dir.join("ca.pem")).expect("ca");
+    ca.server(&dir, "tmd", &["10.99.0.10"]);
+    let table = dir.join("table.toml");
+    allocation::file::save(&table, &testkit::uniform(2)).expect("table");
+    std::fs::set_permissions(&table, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/examples/tmd.toml"),
+    )
+    .expect("example")
+    .replace("/etc/std/tls/", &format!("{}/", dir.display()))
+    .replace("/var/lib/tmd/", &format!("{}/", dir.display()));
+    std::fs::write(dir.join("tmd.toml"), text).expect("write");
+    let out = check(&dir);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

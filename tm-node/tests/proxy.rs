@@ -2,7 +2,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -409,7 +409,7 @@ fn a_table_change_breaks_no_open_connection_and_new_ones_follow_the_new_table() 
     );
     assert_eq!(http(admin, "PUT", "/table", "format = 1").0, 400, "garbage");
     assert_eq!(
-        http(admin, "GET", "/table", "").1.trim_end(),
+        http(admin, "GET", "/table?key=include", "").1.trim_end(),
         allocation::file::render(&next).trim_end()
     );
 
@@ -780,7 +780,7 @@ fn a_transition_prepares_dual_table_ports_counts_moving_connections_and_commits(
         (control::TmPhase::Idle, control::TableId::of(&next))
     );
     assert_eq!(
-        http(admin, "GET", "/table", "").1.trim_end(),
+        http(admin, "GET", "/table?key=include", "").1.trim_end(),
         allocation::file::render(&next).trim_end()
     );
     open.write_all(b"c\n").expect("write after the commit");
@@ -1411,5 +1411,330 @@ fn a_udp_session_in_a_moved_bucket_is_reported_as_pins_and_kept_past_its_idle_ti
     assert!(ask(&client, b"still there?"));
     let again = *seen.lock().expect("lock").last().expect("seen");
     assert_eq!(again, session, "the reported session lives on");
+    stop(tmd);
+}
+
+/// SIGHUP: tmd reads its admin endpoint's token and TLS files again — a
+/// renewed certificate at the same paths (from another CA) and a new token
+/// for new connections; the old CA and the old token are refused after.
+#[test]
+fn sighup_renews_the_admin_certificate_and_token() {
+    use admin_http::client::{Client, Endpoint};
+    use admin_http::tls::ClientTls;
+    let dir = tmd_dir("tls-reload");
+    let admin = free_vip("127.0.0.1").port();
+    let vip = free_vip("127.0.0.44");
+    let one = testkit::pki::Ca::new(&dir, "one");
+    let node = one.server(&dir, "node", &["127.0.0.1"]);
+    let write = |token: &str| {
+        let cfg = format!(
+            "tm_id = {TM_ID}\ntable = \"table.toml\"\nsnat_addresses = [\"127.0.0.30\"]\n\n\
+             [[pool]]\nname = \"web\"\nservers = [{{ address = \"127.0.0.45:9\" }}]\n\n\
+             [[virtual_server]]\nname = \"web\"\nlisten = \"{vip}\"\npool = \"web\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:{admin}\"\ntoken = \"{token}\"\n\n\
+             [admin.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            node.cert.display(),
+            node.key.display()
+        );
+        std::fs::write(dir.join("tmd.toml"), cfg).expect("config");
+    };
+    write("old-t0ken");
+    let tmd = spawn_tmd(dir.clone(), admin, "warn");
+    let trusting = |ca: &Path| {
+        let tls = ClientTls {
+            ca: Some(ca.to_path_buf()),
+            cert: None,
+            key: None,
+        };
+        Client::with_tls(Duration::from_secs(2), tls.load("tls").expect("client"))
+    };
+    let healthz = |c: &Client, token: &str| {
+        let node = Endpoint {
+            name: "tmd".into(),
+            url: format!("https://127.0.0.1:{admin}"),
+            token: Some(token.into()),
+        };
+        c.request(&node, "GET", "/healthz", None)
+    };
+    testkit::wait_for("healthz over HTTPS", || {
+        matches!(healthz(&trusting(&one.pem), "old-t0ken"), Ok((200, _)))
+    });
+    let two = testkit::pki::Ca::new(&dir, "two");
+    two.server(&dir, "node", &["127.0.0.1"]);
+    write("n3w-t0ken");
+    assert!(Command::new("kill")
+        .args(["-HUP", &tmd.child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success());
+    testkit::wait_for("the renewed certificate served", || {
+        matches!(healthz(&trusting(&two.pem), "n3w-t0ken"), Ok((200, _)))
+    });
+    assert!(
+        healthz(&trusting(&one.pem), "n3w-t0ken").is_err(),
+        "the old CA still trusted"
+    );
+    assert_eq!(
+        healthz(&trusting(&two.pem), "old-t0ken")
+            .expect("answered")
+            .0,
+        401
+    );
+}
+
+/// A server that answers `ping` lines (and closes), holds a `hold`
+/// connection without ever reading again, and writes to a `blast` one
+/// without end.
+fn stubborn_server(addr: IpAddr) -> SocketAddr {
+    let l = TcpListener::bind((addr, 0)).expect("bind server");
+    let local = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for conn in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut c = conn;
+                let mut line = Vec::new();
+                let mut b = [0u8; 1];
+                while line.last() != Some(&b'\n') {
+                    match c.read(&mut b) {
+                        Ok(1) => line.push(b[0]),
+                        _ => return,
+                    }
+                }
+                match line.as_slice() {
+                    b"ping\n" => {
+                        let _ = c.write_all(b"ping\n");
+                    }
+                    b"blast\n" => {
+                        let chunk = [7u8; 65536];
+                        while c.write_all(&chunk).is_ok() {}
+                    }
+                    _ => std::thread::sleep(Duration::from_secs(60)), // holds, never reads
+                }
+            });
+        }
+    });
+    local
+}
+
+/// True once `c` is closed (EOF or reset) — false if a read waits `within`
+/// and nothing comes (the connection is still open).
+fn closed_within(c: &mut TcpStream, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    let mut buf = vec![0u8; 65536];
+    let _ = c.set_read_timeout(Some(Duration::from_millis(250)));
+    while Instant::now() < deadline {
+        match c.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // what was in flight before the close
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return true, // reset
+        }
+    }
+    false
+}
+
+/// The idle timeout counts bytes moved, not bytes offered: a server that
+/// never reads (tmd's write to it blocked) or a client that never reads
+/// (tmd's write to it blocked) is cut after `idle_timeout_ms` without
+/// progress, with its SNAT port and its slot — not held forever.
+#[test]
+fn the_idle_timeout_fires_while_a_write_is_blocked() {
+    let server = stubborn_server(ip("127.0.0.34"));
+    let vip = free_vip("127.0.0.20");
+    let tmd = start_with(
+        "blocked",
+        vip,
+        server,
+        "max_connections = 2\nidle_timeout_ms = 500",
+        "drain_timeout_ms = 1000",
+    );
+    // A server that never reads: the client writes until every buffer on
+    // the way is full, then waits.
+    let mut c = TcpStream::connect(vip).expect("connect");
+    c.write_all(b"hold\n").expect("hold");
+    c.set_write_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let chunk = [1u8; 65536];
+    let t0 = Instant::now();
+    while c.write_all(&chunk).is_ok() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the writes never blocked"
+        );
+    }
+    assert!(
+        closed_within(&mut c, Duration::from_secs(4)),
+        "a connection whose server never reads is held past the idle timeout"
+    );
+    // A client that never reads: the server writes without end.
+    let mut d = TcpStream::connect(vip).expect("connect");
+    d.write_all(b"blast\n").expect("blast");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        closed_within(&mut d, Duration::from_secs(4)),
+        "a connection whose client never reads is held past the idle timeout"
+    );
+    // Both slots free again (max_connections = 2).
+    let mut e = TcpStream::connect(vip).expect("connect");
+    let mut f = TcpStream::connect(vip).expect("connect");
+    for s in [&mut e, &mut f] {
+        s.set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        s.write_all(b"ping\n").expect("ping");
+        let mut back = [0u8; 5];
+        s.read_exact(&mut back)
+            .expect("served: the slots were freed");
+    }
+    stop(tmd);
+}
+
+/// Out of descriptors: tmd raises its soft limit to the hard one and keeps
+/// a budget below it, so clients beyond it are closed at once (counted),
+/// never left to stall in the backlog; the open connections go on; the
+/// admin endpoint answers; the log holds no flood of failed accepts. Run
+/// under a hard limit of 128 (prlimit): 32 kept, a budget of 96
+/// descriptors, 48 connections.
+#[test]
+fn out_of_descriptors_clients_are_refused_at_once_and_the_rest_keeps_working() {
+    let (server, _) = echo_server(ip("127.0.0.35"));
+    let vip = free_vip("127.0.0.21");
+    let dir = tmd_dir("nofile");
+    let admin = free_vip("127.0.0.1").port();
+    std::fs::write(
+        dir.join("tmd.toml"),
+        format!(
+            "tm_id = {TM_ID}\ntable = \"table.toml\"\nsnat_addresses = [\"127.0.0.30\"]\nworkers = 1\n\n\
+             [[pool]]\nname = \"web\"\nservers = [{{ address = \"{server}\" }}]\n\n\
+             [[virtual_server]]\nname = \"web\"\nlisten = \"{vip}\"\npool = \"web\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:{admin}\"\n"
+        ),
+    )
+    .expect("config");
+    let mut child = Command::new("prlimit")
+        .args(["--nofile=64:128", "--"])
+        .arg(env!("CARGO_BIN_EXE_tmd"))
+        .args(["run", "--config"])
+        .arg(dir.join("tmd.toml"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tmd under prlimit");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !exchange(vip) {
+        assert!(Instant::now() < deadline, "tmd did not serve");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // 100 clients that stay: the first 48 served, the others closed at once.
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..100 {
+        match held(vip) {
+            Some(c) => open.push(c),
+            None => refused += 1,
+        }
+    }
+    assert!(
+        (44..=48).contains(&open.len()) && refused == 100 - open.len(),
+        "{} served, {refused} refused",
+        open.len()
+    );
+    // The admin endpoint answers; what was refused is counted.
+    let (code, m) = testkit::http(("127.0.0.1", admin), "GET", "/metrics", None, "");
+    assert_eq!(code, 200, "{m}");
+    assert_eq!(metric(&m, "tmd_descriptors{state=\"budget\"}"), 96, "{m}");
+    assert_eq!(
+        metric(&m, "tmd_refused_total{reason=\"descriptors\",vs=\"web\"}"),
+        refused as u64,
+        "{m}"
+    );
+    // The open ones still work.
+    for c in open.iter_mut().take(5) {
+        c.write_all(b"x\n").expect("write");
+        let mut b = [0u8; 2];
+        c.read_exact(&mut b).expect("still served");
+    }
+    drop(open);
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(err.contains("file descriptors: limit 128"), "{err}");
+    assert!(
+        err.lines().filter(|l| l.contains("accept")).count() <= 3,
+        "the log floods: {err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Port exhaustion does not mark healthy servers down: the health probe
+/// that finds no self-source port toward a full server changes nothing
+/// (it is not a failure of the server), so clients beyond the ports are
+/// refused as `no_port` — never `no_server` — and the first one after a
+/// port frees up is served at once, not after `rise` probes.
+#[test]
+fn port_exhaustion_leaves_healthy_servers_up() {
+    let (server, _) = echo_server(ip("127.0.0.36"));
+    let vip = free_vip("127.0.0.22");
+    let dir = tmd_dir("exhausted");
+    let admin = free_vip("127.0.0.1").port();
+    std::fs::write(
+        dir.join("tmd.toml"),
+        format!(
+            "tm_id = {TM_ID}\ntable = \"table.toml\"\nsnat_addresses = [\"127.0.0.30\"]\nsnat_ports = \"65400-65499\"\n\n\
+             [[pool]]\nname = \"web\"\nservers = [{{ address = \"{server}\" }}]\n\
+             health = {{ kind = \"tcp\", interval_ms = 100, timeout_ms = 300, rise = 3, fall = 2 }}\n\n\
+             [[virtual_server]]\nname = \"web\"\nlisten = \"{vip}\"\npool = \"web\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:{admin}\"\n"
+        ),
+    )
+    .expect("config");
+    let tmd = spawn_tmd(dir, admin, "warn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !exchange(vip) {
+        assert!(Instant::now() < deadline, "tmd did not serve");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Every self-source port toward the server taken by a held connection.
+    let mut open = Vec::new();
+    while let Some(c) = held(vip) {
+        open.push(c);
+        assert!(open.len() <= 100, "more connections than ports");
+    }
+    assert!(!open.is_empty());
+    // Twenty probe intervals with no port left: the server stays up.
+    std::thread::sleep(Duration::from_secs(2));
+    let m = http(admin, "GET", "/metrics", "").1;
+    let up = format!("tmd_server_up{{pool=\"web\",server=\"{server}\"}}");
+    assert_eq!(
+        metric(&m, &up),
+        1,
+        "a healthy server marked down by port exhaustion: {m}"
+    );
+    assert!(held(vip).is_none(), "still full");
+    let m = http(admin, "GET", "/metrics", "").1;
+    assert_eq!(
+        metric(&m, "tmd_refused_total{reason=\"no_server\",vs=\"web\"}"),
+        0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "tmd_refused_total{reason=\"no_port\",vs=\"web\"}") >= 2,
+        "{m}"
+    );
+    // One port back: the next client is served at once.
+    drop(open.pop());
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        held(vip).is_some(),
+        "a freed port serves the next client at once"
+    );
+    drop(open);
     stop(tmd);
 }

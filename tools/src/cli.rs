@@ -19,6 +19,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Man pages and shell completions (what the package ships).
+    #[command(hide = true)]
+    Generate(cli_common::generate::GenerateArgs),
     /// Create, show, verify, compare and seal table files.
     #[command(subcommand)]
     Table(TableCmd),

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 /// A node's admin endpoint.
 pub type Node = Endpoint;
 
+/// The query that asks a node for a table with its hash key.
+pub const WITH_KEY: &str = "key=include";
+
 /// A TM: its id in the tables, and its admin endpoint.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,6 +51,13 @@ pub struct Cluster {
     /// Every TM.
     #[serde(rename = "tm")]
     pub tms: Vec<TmNode>,
+    /// What stdctl trusts and presents to `https://` endpoints (`[tls]`:
+    /// `ca`, and `cert`/`key` for endpoints demanding a client certificate).
+    #[serde(default)]
+    pub tls: admin_http::tls::ClientTls,
+    /// The loaded `[tls]` (filled by [`Cluster::load`]).
+    #[serde(skip)]
+    tls_config: Option<std::sync::Arc<admin_http::tls::ClientConfig>>,
 }
 
 fn default_drain() -> u64 {
@@ -94,20 +104,37 @@ impl Cluster {
             bail!("cluster file {}: a TM id is listed twice", path.display());
         }
         for n in c.distributors.iter().chain(c.tms.iter().map(|t| &t.node)) {
-            if !n.url.starts_with("http://") {
+            if n.url.starts_with("https://") {
+                if c.tls.ca.is_none() {
+                    bail!(
+                        "cluster file {}: node '{}': admin is https:// but [tls] ca is not set (nothing is trusted by default)",
+                        path.display(),
+                        n.name
+                    );
+                }
+            } else if !n.url.starts_with("http://") {
                 bail!(
-                    "cluster file {}: node '{}': admin must be an http:// URL, got '{}'",
+                    "cluster file {}: node '{}': admin must be an http:// or https:// URL, got '{}'",
                     path.display(),
                     n.name,
                     n.url
                 );
             }
         }
+        c.tls_config = c
+            .tls
+            .load("tls")
+            .map_err(|e| anyhow!("cluster file {}: {e}", path.display()))?;
         Ok(c)
     }
 
-    fn client(&self) -> Client {
-        Client::new(Duration::from_millis(self.timeout_ms.max(1)))
+    /// The client every command calls nodes with (the `[tls]` settings,
+    /// `timeout_ms` per request).
+    pub fn client(&self) -> Client {
+        Client::with_tls(
+            Duration::from_millis(self.timeout_ms.max(1)),
+            self.tls_config.clone(),
+        )
     }
 
     fn endpoints(&self) -> (Vec<Endpoint>, Vec<Endpoint>) {
@@ -124,9 +151,11 @@ fn node_error(node: &Endpoint, what: &str, e: CallError) -> anyhow::Error {
 }
 
 /// A node's table (`GET /table`, or `/table/previous`).
+/// A table from `path` (`/table`, `/table/previous`, …), its hash key
+/// included (endpoints show it only when asked).
 fn fetch_table(client: &Client, node: &Endpoint, path: &str) -> Result<AllocationTable> {
     let text = client
-        .ok_text(node, "GET", path, None)
+        .ok_text(node, "GET", &format!("{path}?{WITH_KEY}"), None)
         .map_err(|e| node_error(node, &format!("GET {path}"), e))?;
     file::parse(&text).map_err(|e| anyhow!("{}: GET {path}: {e}", node.name))
 }

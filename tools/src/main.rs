@@ -32,6 +32,7 @@ fn main() -> ExitCode {
 
 fn run(cmd: Command, out: &Out) -> Result<()> {
     match cmd {
+        Command::Generate(a) => cli_common::generate::generate::<Cli>(&a),
         Command::Table(TableCmd::New(a)) => table_new(a, out),
         Command::Table(TableCmd::Show { file }) => {
             let t = load(&file)?;

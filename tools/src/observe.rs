@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use admin_http::client::{Client, Endpoint};
+use admin_http::client::Endpoint;
 use allocation::{file, AllocationTable, Flow, PortRange, SelfPorts, SteerBy};
 use anyhow::{anyhow, bail, Context, Result};
 use control::api::{DistributorTransition, TmSnat};
@@ -144,7 +144,9 @@ pub fn capture(a: &CaptureArgs, out: &Out) -> Result<()> {
     );
     let path = format!("/capture?{}", q.join("&"));
     let idle = Duration::from_millis(c.timeout_ms.max(1000)) + Duration::from_secs(2);
-    let mut body = Client::stream(node, &path, idle)
+    let mut body = c
+        .client()
+        .stream(node, &path, idle)
         .map_err(|e| anyhow!("{}: GET /capture: {e}", node.name))?;
     let mut sink: Box<dyn Write> = if a.write == "-" {
         Box::new(std::io::stdout().lock())
@@ -303,9 +305,14 @@ struct AtTm {
 pub fn explain(a: &ExplainArgs, out: &Out) -> Result<()> {
     let c = Cluster::load(&a.cluster.cluster)?;
     let flow = crate::flow_arg(&a.src, &a.dst, &a.protocol)?;
-    let client = Client::new(Duration::from_millis(c.timeout_ms.max(1)));
+    let client = c.client();
     let table = |node: &Endpoint, path: &str| -> Result<Option<AllocationTable>, String> {
-        match client.request(node, "GET", path, None) {
+        match client.request(
+            node,
+            "GET",
+            &format!("{path}?{}", crate::cluster::WITH_KEY),
+            None,
+        ) {
             Ok((200, text)) => file::parse(&text)
                 .map(Some)
                 .map_err(|e| format!("GET {path}: {e}")),

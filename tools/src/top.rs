@@ -404,7 +404,7 @@ fn interval(secs: f64, flag: &str) -> Result<Duration> {
 pub fn top(a: &TopArgs, out: &Out) -> Result<()> {
     let c = Cluster::load(&a.cluster.cluster)?;
     let every = interval(a.interval, "--interval")?;
-    let client = Client::new(Duration::from_millis(c.timeout_ms.max(1)));
+    let client = c.client();
     let tty = std::io::stdout().is_terminal() && !out.json;
     let title = format!("stdctl top — {}", a.cluster.cluster.display());
     let mut prev = sample(&c, &client);
@@ -575,7 +575,7 @@ pub fn plot(a: &PlotArgs, out: &Out) -> Result<()> {
             a.interval
         );
     }
-    let client = Client::new(Duration::from_millis(c.timeout_ms.max(1)));
+    let client = c.client();
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(a.seconds);
     let mut prev = sample(&c, &client);

@@ -93,7 +93,8 @@ fn distributor(
     .expect("json");
     node(Box::new(move |url| {
         match url.split('?').next().unwrap_or("") {
-            "/table" => (200, text.clone().into_bytes()),
+            // Only asked with ?key=include does the table carry its key.
+            "/table" if url.ends_with("?key=include") => (200, text.clone().into_bytes()),
             "/transition" => (200, state.clone()),
             "/capture" => capture_answer.clone(),
             _ => (404, b"none".to_vec()),
@@ -106,7 +107,7 @@ fn tm(t: &AllocationTable, snat: TmSnat) -> String {
     let text = file::render(t);
     let body = serde_json::to_vec(&snat).expect("json");
     node(Box::new(move |url| match url {
-        "/table" => (200, text.clone().into_bytes()),
+        "/table?key=include" => (200, text.clone().into_bytes()),
         "/snat" => (200, body.clone()),
         _ => (404, b"none".to_vec()),
     }))

@@ -17,6 +17,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Man pages and shell completions (what the package ships).
+    #[command(hide = true)]
+    Generate(cli_common::generate::GenerateArgs),
     /// Run the distributor: steer frames between the configured ports until
     /// SIGTERM or SIGINT; SIGHUP reloads the configuration's steering
     /// settings and the table.
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
 fn run(cmd: Command) -> Result<()> {
     match cmd {
         Command::Run { config } => daemon::run(&config),
+        Command::Generate(a) => cli_common::generate::generate::<Cli>(&a),
         Command::CheckConfig { config } => {
             cli_common::cli::report_check("stdd", &config, stdd::check::check(&config))
         }
@@ -304,9 +308,13 @@ mod daemon {
         let shared: Vec<Arc<WorkerShared>> = (0..nworkers)
             .map(|_| Arc::new(WorkerShared::default()))
             .collect();
-        let server =
-            admin_http::Server::bind(cfg.admin.listen, cfg.admin.token.clone(), admin::limits())?;
-        log::info!("admin endpoint on http://{}", cfg.admin.listen);
+        let server = admin_http::Server::bind(&cfg.admin, admin::limits())?;
+        let admin_reloader = server.reloader();
+        log::info!(
+            "admin endpoint on {}://{}",
+            cfg.admin.scheme(),
+            cfg.admin.listen
+        );
         // The in-kernel steering of the common case (afxdp): its maps exist
         // before the admin endpoint can change the plan.
         let kernel = match cfg.backend {
@@ -364,6 +372,7 @@ mod daemon {
             plan: Arc::clone(&plan),
             workers: shared.clone(),
             swaps: AtomicU64::new(0),
+            reloads: AtomicU64::new(0),
             failover: stdd::failover::FailoverState::default(),
             server: Some(server.stats()),
         });
@@ -556,6 +565,14 @@ mod daemon {
                         {
                             log::warn!("SIGHUP: port or backend changes need a restart; steering settings and the table are reloaded");
                         }
+                        // The admin endpoint's token and TLS files (a
+                        // renewed certificate): read again, or the whole
+                        // reload is refused.
+                        if let Some(Err(e)) = admin_reloader.as_ref().map(|r| r.reload(&new_cfg.admin)) {
+                            log::error!("SIGHUP: reload refused, the running configuration stays: admin endpoint: {e}");
+                            continue;
+                        }
+                        state.reloads.fetch_add(1, Ordering::Relaxed);
                         let new_plan = new_cfg.carry_state(new_plan, &plan.load(), &[]);
                         let v = new_plan.table().version();
                         state.failover.installed(new_plan.table());

@@ -21,7 +21,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve the configured virtual servers until SIGTERM or SIGINT, then drain.
+    /// Man pages and shell completions (what the package ships).
+    #[command(hide = true)]
+    Generate(cli_common::generate::GenerateArgs),
+    /// Serve the configured virtual servers until SIGTERM or SIGINT, then
+    /// drain; SIGHUP reloads the admin endpoint's token and TLS files.
     Run {
         /// Configuration file (TOML; TMD_* environment variables override keys).
         #[arg(long)]
@@ -44,11 +48,43 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run { config } => run(&config),
+        Command::Generate(a) => cli_common::generate::generate::<Cli>(&a),
         Command::CheckConfig { config } => {
             cli_common::cli::report_check("tmd", &config, tm_node::check::check(&config))
         }
     };
     cli_common::cli::finish("tmd", result)
+}
+
+/// SIGHUP: the admin endpoint's token and TLS files are read again (a
+/// renewed certificate); everything else in the file needs a restart
+/// (SIGTERM drains), and a change there is said.
+fn reload_admin(
+    path: &Path,
+    running: &NodeConfig,
+    reloader: Option<&admin_http::server::Reloader>,
+) {
+    let cfg = match NodeConfig::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("SIGHUP: reload refused, the running configuration stays: {e:#}");
+            return;
+        }
+    };
+    match reloader.map(|r| r.reload(&cfg.admin)) {
+        Some(Err(e)) => {
+            log::error!(
+                "SIGHUP: reload refused, the running configuration stays: admin endpoint: {e}"
+            );
+            return;
+        }
+        _ => log::info!("SIGHUP: admin endpoint's token and TLS files reloaded"),
+    }
+    let mut rest = cfg.clone();
+    rest.admin = running.admin.clone();
+    if rest != *running {
+        log::warn!("SIGHUP: only the admin endpoint's token and TLS are reloaded: the other changes need a restart");
+    }
 }
 
 fn run(path: &Path) -> Result<()> {
@@ -128,6 +164,16 @@ fn run(path: &Path) -> Result<()> {
         }))
     };
     let tables = Arc::new(tm_node::tables::Tables::new(cfg.tm_id, table));
+    // Descriptors: the soft limit raised to the hard one; what connections
+    // may hold of it (the rest kept for listeners, probes, admin).
+    let limit = tm_node::fds::raise_limit().context("raising the file-descriptor limit")?;
+    let fds = Arc::new(tm_node::fds::FdBudget::new(limit));
+    log::info!(
+        "file descriptors: limit {limit} (the soft limit raised to the hard one): {} for connections, about {} proxied TCP connections at once ({} kept for listeners, probes and the admin endpoint)",
+        fds.max(),
+        fds.max() / 2,
+        tm_node::fds::reserved(limit)
+    );
     // Virtual servers are shared by every worker thread (atomics and one lock per connection).
     let mut servers = Vec::new();
     for v in &cfg.virtual_servers {
@@ -143,6 +189,7 @@ fn run(path: &Path) -> Result<()> {
             max_connections: v.max_connections,
             connect_timeout: Duration::from_millis(v.connect_timeout_ms),
             idle_timeout: Duration::from_millis(v.idle_timeout_ms),
+            splice: v.splice,
             persistence: domains
                 .iter()
                 .find(|d| d.members.contains(&v.name))
@@ -150,6 +197,7 @@ fn run(path: &Path) -> Result<()> {
             follows: follow(&v.name)?,
             dnat_only: v.dnat_only.then(|| Arc::clone(&tables)),
             tables: Arc::clone(&tables),
+            fds: Arc::clone(&fds),
             stats: VsStats::default(),
         }));
     }
@@ -168,14 +216,19 @@ fn run(path: &Path) -> Result<()> {
     // One single-threaded runtime per worker, each with its own SO_REUSEPORT
     // listener per TCP virtual server: the kernel spreads connections, and a
     // connection's tasks never wake on another thread.
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    // Connections go to the least-loaded worker when the kernel's hash
+    // piles them on one (`proxy::Workers`).
+    let spread = Arc::new(tm_node::proxy::Workers::new(workers));
+    let (ready_tx, ready_rx) =
+        std::sync::mpsc::channel::<Result<(usize, tokio::runtime::Handle), String>>();
     let mut worker_threads = Vec::new();
     for w in 0..workers {
-        let (tcp, stop_rx, mut exit_rx, ready_tx) = (
+        let (tcp, stop_rx, mut exit_rx, ready_tx, spread) = (
             tcp.clone(),
             stop_rx.clone(),
             exit_rx.clone(),
             ready_tx.clone(),
+            Arc::clone(&spread),
         );
         worker_threads.push(
             std::thread::Builder::new()
@@ -191,11 +244,18 @@ fn run(path: &Path) -> Result<()> {
                             return;
                         }
                     };
+                    let handle = rt.handle().clone();
                     rt.block_on(async move {
                         for (vs, addr) in tcp {
                             match tm_node::proxy::reuseport_listener(addr) {
                                 Ok(l) => {
-                                    tokio::spawn(proxy::serve(vs, l, stop_rx.clone()));
+                                    tokio::spawn(proxy::serve(
+                                        vs,
+                                        l,
+                                        stop_rx.clone(),
+                                        Arc::clone(&spread),
+                                        w,
+                                    ));
                                 }
                                 Err(e) => {
                                     let _ = ready_tx.send(Err(format!(
@@ -206,7 +266,7 @@ fn run(path: &Path) -> Result<()> {
                                 }
                             }
                         }
-                        let _ = ready_tx.send(Ok(()));
+                        let _ = ready_tx.send(Ok((w, handle)));
                         let _ = exit_rx.changed().await;
                     });
                 })?,
@@ -214,12 +274,17 @@ fn run(path: &Path) -> Result<()> {
     }
     drop(ready_tx);
     let mut startup: Result<()> = Ok(());
+    let mut handles = Vec::new();
     for _ in 0..workers {
         match ready_rx.recv() {
-            Ok(Ok(())) => {}
+            Ok(Ok(h)) => handles.push(h),
             Ok(Err(e)) => startup = Err(anyhow!(e)),
             Err(_) => startup = Err(anyhow!("a worker thread ended during startup")),
         }
+    }
+    handles.sort_by_key(|(w, _)| *w);
+    if startup.is_ok() && !spread.set_handles(handles.into_iter().map(|(_, h)| h).collect()) {
+        log::warn!("connections stay on the worker that accepts them (the worker runtimes are not all known)");
     }
     if let Err(e) = startup {
         let _ = exit_tx.send(true);
@@ -257,7 +322,8 @@ fn run(path: &Path) -> Result<()> {
             }
         }
         let admin_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let server = admin_http::Server::bind(cfg.admin.listen, cfg.admin.token.clone(), tm_node::admin::limits())?;
+        let server = admin_http::Server::bind(&cfg.admin, tm_node::admin::limits())?;
+        let admin_reloader = server.reloader();
         let admin_state = Arc::new(tm_node::admin::AdminState {
             tm_id: cfg.tm_id,
             tables: Arc::clone(&tables),
@@ -275,11 +341,15 @@ fn run(path: &Path) -> Result<()> {
                 }
             })?
         };
-        log::info!("admin endpoint on http://{}", cfg.admin.listen);
+        log::info!("admin endpoint on {}://{}", cfg.admin.scheme(), cfg.admin.listen);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("signal handler")?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("signal handler")?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+                _ = hup.recv() => reload_admin(path, &cfg, admin_reloader.as_ref()),
+            }
         }
         log::info!("stopping: no new connections; draining for at most {} ms", cfg.drain_timeout_ms);
         let _ = stop_tx.send(true);
