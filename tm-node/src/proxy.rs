@@ -260,17 +260,21 @@ impl VirtualServer {
 /// Connects to `server` from the client's own address and port (DNAT-only):
 /// IP_TRANSPARENT lets the socket bind an address this host does not own
 /// (it needs CAP_NET_ADMIN; without it only local addresses bind, and the
-/// caller falls back). IPv4.
+/// caller falls back). IPv4 (IP_TRANSPARENT) and IPv6 (IPV6_TRANSPARENT).
 async fn connect_transparent(
     client: SocketAddr,
     server: SocketAddr,
     timeout: Duration,
 ) -> std::io::Result<TcpStream> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    let sock = Socket::new(Domain::for_address(client), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
-    if let Err(e) = sock.set_ip_transparent(true) {
-        log::debug!("IP_TRANSPARENT: {e}");
+    let transparent = match client {
+        SocketAddr::V4(_) => sock.set_ip_transparent_v4(true),
+        SocketAddr::V6(_) => sock.set_ip_transparent_v6(true),
+    };
+    if let Err(e) = transparent {
+        log::debug!("IP(V6)_TRANSPARENT: {e}");
     }
     sock.set_nonblocking(true)?;
     sock.bind(&client.into())?;

@@ -63,7 +63,7 @@ pub async fn connect_first(
             }
             return Err(failed(e));
         }
-        sock.set_nodelay(true).map_err(failed)?;
+        sock.set_tcp_nodelay(true).map_err(failed)?;
         match sock.connect(&server.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INPROGRESS.raw_os_error()) => {}
