@@ -267,7 +267,11 @@ async fn connect_transparent(
     timeout: Duration,
 ) -> std::io::Result<TcpStream> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let sock = Socket::new(Domain::for_address(client), Type::STREAM, Some(Protocol::TCP))?;
+    let sock = Socket::new(
+        Domain::for_address(client),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
     sock.set_reuse_address(true)?;
     let transparent = match client {
         SocketAddr::V4(_) => sock.set_ip_transparent_v4(true),
