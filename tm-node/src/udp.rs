@@ -32,6 +32,9 @@ struct Session {
     id: u64,
     upstream: Arc<UdpSocket>,
     server: usize,
+    /// The server's address: every datagram is sent to it by name (see
+    /// [`Session`]'s use in `serve`), not on the socket's cached route.
+    to: SocketAddr,
     last: Arc<Mutex<Instant>>,
     reader: tokio::task::JoinHandle<()>,
     _lease: Lease,
@@ -122,7 +125,14 @@ pub async fn serve(vs: Arc<VirtualServer>, socket: UdpSocket, mut stop: watch::R
                     },
                 };
                 *s.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-                match s.upstream.send(&buf[..n]).await {
+                // Addressed, though the socket is connected: a connected
+                // UDP socket keeps the route it was connected with, and a
+                // TM reaching its servers over several next hops (ECMP,
+                // parallel back distributors) would send a session's
+                // datagrams into a next hop that has failed until it comes
+                // back; addressed, each takes the route lookup's live
+                // choice (same socket, same port, no extra system call).
+                match s.upstream.send_to(&buf[..n], s.to).await {
                     Ok(_) => {
                         vs.stats.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
                     }
@@ -259,6 +269,7 @@ async fn open(
         id,
         upstream,
         server: i,
+        to: server,
         last,
         reader,
         _lease: lease,
