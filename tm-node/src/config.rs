@@ -472,6 +472,23 @@ impl NodeConfig {
                     "a pool needs at least one server",
                 ));
             }
+            // A connection to a server leaves from a SNAT address of the
+            // server's family (DNAT-only falls back to one too).
+            if let Some(s) = p.servers.iter().find(|s| {
+                !self
+                    .snat_addresses
+                    .iter()
+                    .any(|a| a.is_ipv4() == s.address.is_ipv4())
+            }) {
+                return Err(invalid(
+                    format!("pool[{i}].servers"),
+                    format!(
+                        "server {} is {}, and snat_addresses has no address of that family: every connection to it would be refused",
+                        s.address,
+                        if s.address.is_ipv4() { "IPv4" } else { "IPv6" }
+                    ),
+                ));
+            }
             if let Some(h) = &p.health {
                 if h.interval_ms == 0 || h.timeout_ms == 0 || h.rise == 0 || h.fall == 0 {
                     return Err(invalid(
@@ -638,6 +655,21 @@ mod test {
                 Ok(_) => panic!("accepted: {why}"),
             }
         }
+    }
+
+    #[test]
+    fn a_pool_server_needs_a_snat_address_of_its_family() {
+        let v6 = GOOD.replace("192.0.2.10:80", "[2001:db8::10]:80");
+        match load_env(&v6, &[]) {
+            Err(e) => assert!(
+                e.to_string().contains("pool[0].servers")
+                    && e.to_string().contains("[2001:db8::10]:80 is IPv6"),
+                "{e}"
+            ),
+            Ok(_) => panic!("an IPv6 server without an IPv6 SNAT address was accepted"),
+        }
+        let dual = v6.replace("[\"10.1.0.1\"]", "[\"10.1.0.1\", \"2001:db8::1\"]");
+        assert!(load_env(&dual, &[]).is_ok());
     }
 
     #[test]
