@@ -32,9 +32,6 @@ struct Session {
     id: u64,
     upstream: Arc<UdpSocket>,
     server: usize,
-    /// The server's address: every datagram is sent to it by name (see
-    /// [`Session`]'s use in `serve`), not on the socket's cached route.
-    to: SocketAddr,
     last: Arc<Mutex<Instant>>,
     reader: tokio::task::JoinHandle<()>,
     _lease: Lease,
@@ -132,7 +129,7 @@ pub async fn serve(vs: Arc<VirtualServer>, socket: UdpSocket, mut stop: watch::R
                 // datagrams into a next hop that has failed until it comes
                 // back; addressed, each takes the route lookup's live
                 // choice (same socket, same port, no extra system call).
-                match s.upstream.send_to(&buf[..n], s.to).await {
+                match s.upstream.send_to(&buf[..n], vs.pool.servers[s.server]).await {
                     Ok(_) => {
                         vs.stats.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
                     }
@@ -269,7 +266,6 @@ async fn open(
         id,
         upstream,
         server: i,
-        to: server,
         last,
         reader,
         _lease: lease,
